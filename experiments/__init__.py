@@ -1,0 +1,1 @@
+"""experiments: runnable studies, the Countdown task, the model organism (SFT, RL) and the `forksight` CLI."""

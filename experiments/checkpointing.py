@@ -1,0 +1,104 @@
+"""Atomic, resumable training state for the organism trainers (SFT and RL).
+
+Layout under a run directory `DIR`:
+
+    DIR/state/step-000500/{model.safetensors, optimizer.pt, progress.json}
+    DIR/state/latest.json          -> {"step": 500, "dir": "step-000500"}   (replaced atomically)
+
+A step directory is written completely under a temporary name and renamed into place; only then
+is `latest.json` replaced, so an interruption at any moment leaves the previous state intact.
+Weights are fp32 safetensors; the optimizer state is a tensor-only dict saved with `torch.save`
+and loaded with `weights_only=True`. Final HF checkpoints are published with `publish_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write JSON to `path` via a temporary file and `os.replace` (never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_state(run_dir: str | Path, step: int, model, optimizer, progress: dict, keep: int = 1) -> Path:
+    """Save model + optimizer + progress for `step` and point `latest.json` at it."""
+    state = Path(run_dir) / "state"
+    state.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:06d}"
+    tmp = Path(tempfile.mkdtemp(dir=state, prefix=f".{name}."))
+    try:
+        sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+        save_file(_untie(sd), str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "progress.json").write_text(json.dumps({**progress, "step": step}, indent=2))
+        final = state / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_json_atomic(state / "latest.json", {"step": step, "dir": name})
+    for old in sorted(state.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_state(run_dir: str | Path, model, optimizer) -> dict | None:
+    """Restore the latest state into `model` and `optimizer`; returns its progress, or None."""
+    latest = Path(run_dir) / "state" / "latest.json"
+    if not latest.is_file():
+        return None
+    pointer = json.loads(latest.read_text())
+    d = latest.parent / pointer["dir"]
+    sd = load_file(str(d / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if unexpected or any(not _is_tied(k) for k in missing):
+        raise ValueError(
+            f"training state in {d} does not match this model (missing {missing}, unexpected "
+            f"{unexpected}): the run directory belongs to a different config; use a new --out"
+        )
+    optimizer.load_state_dict(torch.load(d / "optimizer.pt", weights_only=True))
+    return json.loads((d / "progress.json").read_text())
+
+
+def publish_dir(build, dest: str | Path) -> None:
+    """Create the files of a directory with `build(tmp_dir)`, then move each into `dest` with
+    `os.replace` (each file appears whole; the directory is never left half-written)."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest, prefix=".publish."))
+    try:
+        build(tmp)
+        for f in tmp.iterdir():
+            os.replace(f, dest / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _is_tied(key: str) -> bool:
+    return key == "lm_head.weight"
+
+
+def _untie(sd: dict) -> dict:
+    # safetensors refuses shared storage; the tied lm_head is rebuilt from the embedding on load
+    return {k: v for k, v in sd.items() if not _is_tied(k)}

@@ -1,0 +1,151 @@
+"""The `forksight` command line. Library code raises; only this module prints.
+
+    forksight organism sft --out DIR          train the base organism (SFT), then evaluate it
+    forksight organism rl --base DIR --intervention none|entropy-bonus|clip-cov|kl-cov|forks-only --out DIR
+    forksight eval --model DIR [--model DIR]  held-out metrics.json + pass@k plot
+
+Every subcommand ends by printing one JSON line of its headline numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from experiments.cli_args import add_config_args, config_from_args
+from experiments.evaluation import EvalConfig, evaluate_checkpoint
+from experiments.grpo import GRPOConfig
+from experiments.grpo_loss import LossConfig
+from experiments.organism import ORGANISMS_DIR
+from experiments.sft import SFTConfig
+
+HEADLINE_KEYS = ("pass_at_1", "pass_at_64", "distinct_correct_mean", "planning_entropy_mean", "execution_entropy_mean")
+
+
+def _check_writable(out: str | Path) -> Path:
+    out = Path(out)
+    probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not os.access(probe, os.W_OK):
+        raise PermissionError(f"--out {str(out)!r} is not writable (checked {str(probe)!r}); choose another directory")
+    return out
+
+
+def _headline(metrics: dict) -> dict:
+    return {k: metrics[k] for k in HEADLINE_KEYS if k in metrics}
+
+
+def _organism_metrics(out: str, eval_samples: int, seed: int, device: str, **extra) -> dict:
+    """Evaluate the checkpoint just written to `out` and save `out/metrics.json`."""
+    from experiments.checkpointing import write_json_atomic
+
+    metrics: dict = {}
+    if eval_samples:
+        metrics = evaluate_checkpoint(out, EvalConfig(n=eval_samples, seed=seed, device=device))
+    metrics.update(command="forksight " + " ".join(map(shlex.quote, sys.argv[1:])), **extra)
+    write_json_atomic(Path(out) / "metrics.json", metrics)
+    return metrics
+
+
+def cmd_sft(args: argparse.Namespace) -> dict:
+    from experiments.sft import train_sft
+
+    cfg = config_from_args(SFTConfig, args)
+    _check_writable(cfg.out)
+    summary = train_sft(cfg)
+    metrics = _organism_metrics(
+        cfg.out, cfg.eval_samples, cfg.seed, cfg.device,
+        train_seconds=summary["train_seconds"], train_steps=summary["steps"],
+        train_loss_last=summary["loss_last"], train_seed=cfg.seed, sft_config=asdict(cfg),
+    )
+    return {"out": cfg.out, "train_seconds": summary["train_seconds"], **_headline(metrics)}
+
+
+def cmd_rl(args: argparse.Namespace) -> dict:
+    from experiments.grpo import load_policy, train_grpo
+
+    cfg = config_from_args(GRPOConfig, args)
+    loss_cfg = config_from_args(LossConfig, args)
+    _check_writable(cfg.out)
+    load_policy(cfg.base, "cpu")  # a bad --base fails here, before any work
+    summary = train_grpo(cfg, loss_cfg)
+    metrics = _organism_metrics(
+        cfg.out, cfg.final_eval_samples, cfg.seed, cfg.device,
+        train_seconds=summary["train_seconds"], train_steps=summary["steps"], train_seed=cfg.seed,
+        intervention=loss_cfg.intervention, rl_config=asdict(cfg), loss_config=asdict(loss_cfg),
+    )
+    return {"out": cfg.out, "intervention": loss_cfg.intervention, "train_seconds": summary["train_seconds"],
+            **_headline(metrics)}
+
+
+def cmd_eval(args: argparse.Namespace) -> dict:
+    from experiments.checkpointing import write_json_atomic
+    from probe.diversity import crossover_k
+    from probe.evaluate import plot_pass_at_k
+
+    cfg = config_from_args(EvalConfig, args)
+    out = _check_writable(args.out)
+    models = args.model or [str(ORGANISMS_DIR / "base")]
+    names = _names(models)
+    results = {name: evaluate_checkpoint(path, cfg) for name, path in zip(names, models)}
+    out.mkdir(parents=True, exist_ok=True)
+    plot_pass_at_k(results, out / "pass_at_k.png")
+    if len(results) == 1:
+        record = {**next(iter(results.values())), "model": models[0]}
+        write_json_atomic(out / "metrics.json", record)
+        return {"out": str(out), **_headline(record)}
+    first = names[0]
+    crossovers = {
+        f"{other}_overtakes_{first}": crossover_k(results[first]["pass_at_k"], results[other]["pass_at_k"])
+        for other in names[1:]
+    }
+    record = {"models": dict(zip(names, models)), "metrics": results, "crossover_k": crossovers}
+    write_json_atomic(out / "metrics.json", record)
+    return {"out": str(out), "crossover_k": crossovers, **{n: _headline(m) for n, m in results.items()}}
+
+
+def _names(paths: list[str]) -> list[str]:
+    names = [Path(p).name or str(p) for p in paths]
+    return names if len(set(names)) == len(names) else [f"{i}:{n}" for i, n in enumerate(names)]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="forksight", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    organism = sub.add_parser("organism", help="train the Countdown model organism").add_subparsers(
+        dest="stage", required=True
+    )
+    sft = organism.add_parser("sft", help="SFT the base organism on diverse solutions, then evaluate it")
+    add_config_args(sft, SFTConfig)
+    sft.set_defaults(func=cmd_sft)
+    rl = organism.add_parser("rl", help="GRPO from a base organism, with an optional entropy intervention")
+    add_config_args(rl, GRPOConfig)
+    add_config_args(rl, LossConfig)
+    rl.set_defaults(func=cmd_rl)
+
+    ev = sub.add_parser("eval", help="held-out metrics and pass@k curves of one or more checkpoints")
+    ev.add_argument("--model", action="append", help="checkpoint directory (repeat to compare; default: shipped base)")
+    ev.add_argument("--out", required=True, help="output directory for metrics.json and pass_at_k.png")
+    add_config_args(ev, EvalConfig)
+    ev.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.func(args)
+    except (ValueError, FileNotFoundError, PermissionError) as e:
+        print(f"forksight {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

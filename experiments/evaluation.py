@@ -1,0 +1,76 @@
+"""Evaluating organism checkpoints on the held-out Countdown split.
+
+Thin glue: load a checkpoint (`probe.checkpoint`), check its tokenizer speaks Countdown, sample
+n branches per held-out problem with the toolkit's sampler and compute the shared metrics
+(`probe.evaluate`). The same numbers go into every `metrics.json` (base, RL, steered).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from experiments.countdown import Countdown
+from experiments.tokenizer import check_tokenizer
+from probe.checkpoint import load_causal_lm
+from probe.evaluate import evaluate
+from probe.sampler import SamplerConfig
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation of one or more checkpoints."""
+
+    n: int = 64
+    """Samples per held-out problem."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    seed: int = 0
+    """Sampling seed."""
+    problems: int = 0
+    """Use only the first N held-out problems (0 = all)."""
+    batch_size: int = 1024
+    """Rows (problem x sample) per forward pass."""
+    device: str = "auto"
+    """"auto" = cuda if available, else cpu."""
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"n={self.n} must be >= 1 sample per problem")
+        if self.problems < 0:
+            raise ValueError(f"problems={self.problems} must be >= 0 (0 = all)")
+
+
+def max_answer_tokens(task: Countdown) -> int:
+    """An upper bound on answer length in tokens (characters) plus `<eos>`."""
+    c = task.config
+    digits = len(str(c.max_value))
+    steps = c.n_numbers - 1
+    return steps * (3 * digits + 2) + (steps - 1) + 1
+
+
+def heldout_prompts(task: Countdown, limit: int = 0) -> list[str]:
+    problems = task.heldout()
+    return [p.prompt for p in (problems[:limit] if limit else problems)]
+
+
+def evaluate_model(model, tokenizer, cfg: EvalConfig, task: Countdown | None = None, **kw):
+    """Metrics dict (and branches, scored) of an in-memory model on the held-out split."""
+    task = task or Countdown()
+    check_tokenizer(tokenizer)
+    sampler = SamplerConfig(
+        n=cfg.n,
+        max_new_tokens=max_answer_tokens(task),
+        temperature=cfg.temperature,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        device=cfg.device,
+    )
+    return evaluate(model, tokenizer, heldout_prompts(task, cfg.problems), task, sampler, **kw)
+
+
+def evaluate_checkpoint(path: str | Path, cfg: EvalConfig, task: Countdown | None = None) -> dict:
+    """Metrics dict of the checkpoint directory `path` on the held-out split."""
+    model, tok = load_causal_lm(path, device=cfg.device)
+    metrics, _, _ = evaluate_model(model, tok, cfg, task)
+    return metrics

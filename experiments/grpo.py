@@ -1,0 +1,214 @@
+"""RL on the organism: GRPO with optional entropy interventions (the collapsed checkpoints).
+
+Each step: draw `prompts_per_step` training problems, sample `group_size` completions per prompt
+with the toolkit's branch sampler (`probe.sampler`, KV-cached, seeded per step), reward 1 for a
+verified answer and 0 otherwise, build a `Rollouts` batch and take `mini_batches` optimizer steps
+on it with the loss of `experiments.grpo_loss` (see there for GRPO and each intervention's paper
+mapping). The sampler and the learner share nothing but that batch.
+
+Outputs under `--out DIR`: the final HF checkpoint, `metrics.json` (held-out evaluation), a
+per-step `train_log.jsonl`, HF checkpoints every `save_every` steps under `checkpoints/`, and the
+resumable state (`experiments.checkpointing`). A run resumed from its state continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from experiments.checkpointing import load_state, publish_dir, save_state
+from experiments.countdown import Countdown
+from experiments.evaluation import heldout_prompts, max_answer_tokens
+from experiments.grpo_loss import LossConfig, Rollouts, group_advantages, grpo_loss, policy_logprobs
+from experiments.organism import ORGANISMS_DIR, save_checkpoint
+from experiments.tokenizer import check_tokenizer
+from probe.checkpoint import CheckpointError, load_causal_lm
+from probe.evaluate import score_branches
+from probe.forks import fork_mask
+from probe.sampler import Branches, SamplerConfig, sample_branches
+
+
+@dataclass
+class GRPOConfig:
+    """An RL run on the organism (the loss itself is configured by `LossConfig`)."""
+
+    base: str = str(ORGANISMS_DIR / "base")
+    """The starting checkpoint (an organism HF directory)."""
+    out: str = "runs/rl"
+    """Run directory."""
+    steps: int = 150
+    """RL steps (one rollout batch each)."""
+    prompts_per_step: int = 32
+    """Training problems per step."""
+    group_size: int = 16
+    """G: samples per problem."""
+    lr: float = 1e-4
+    """AdamW learning rate (constant)."""
+    std_normalize: bool = False
+    """Divide advantages by the group's reward std."""
+    mini_batches: int = 2
+    """Optimizer steps per rollout batch (rows split into this many mini-batches)."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clip."""
+    eval_problems: int = 64
+    """Held-out problems in the fixed per-step eval batch."""
+    eval_samples: int = 4
+    """Samples per problem in the per-step eval batch."""
+    final_eval_samples: int = 64
+    """Samples per held-out problem in the final metrics.json (0 skips it)."""
+    save_every: int = 25
+    """Save resumable state and an HF checkpoint every N steps."""
+    seed: int = 0
+    """Seeds problems, sampling and token selection."""
+    device: str = "auto"
+    """"auto" = cuda if available, else cpu."""
+
+    def __post_init__(self) -> None:
+        if self.group_size < 2:
+            raise ValueError(f"group_size={self.group_size}: GRPO needs G >= 2 samples per prompt")
+        for name in ("steps", "prompts_per_step", "mini_batches", "save_every", "eval_problems", "eval_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.prompts_per_step * self.group_size < self.mini_batches:
+            raise ValueError("fewer rollout rows than mini_batches; lower mini_batches")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr} must be > 0")
+
+
+def build_rollouts(branches: Branches, rewards, group_size: int, std_normalize: bool, pad_id: int) -> Rollouts:
+    """Prompt (left-padded) + completion per row, with old log-probs/entropies and advantages."""
+    rows, new = branches.tokens.shape
+    n = rows // len(branches.prompt_tokens)
+    width = max(map(len, branches.prompt_tokens))
+    prompt = torch.full((len(branches.prompt_tokens), width), pad_id, dtype=torch.long)
+    pmask = torch.zeros_like(prompt)
+    for i, p in enumerate(branches.prompt_tokens):
+        prompt[i, width - len(p):] = torch.tensor(p)
+        pmask[i, width - len(p):] = 1
+    dev = branches.tokens.device
+    prompt, pmask = prompt.repeat_interleave(n, 0).to(dev), pmask.repeat_interleave(n, 0).to(dev)
+    attn = torch.cat([pmask, branches.mask.long()], 1)  # (rows, width + new)
+    zeros = torch.zeros(rows, width, device=dev)
+    return Rollouts(
+        input_ids=torch.cat([prompt, branches.tokens], 1),
+        attention_mask=attn,
+        position_ids=(attn.cumsum(1) - 1).clamp(min=0),
+        answer_mask=torch.cat([torch.zeros_like(pmask, dtype=torch.bool), branches.mask], 1),
+        old_logprobs=torch.cat([zeros, branches.logprobs.float()], 1),
+        old_entropy=torch.cat([zeros, branches.entropy.float()], 1),
+        rewards=rewards.float(),
+        advantages=group_advantages(rewards.float(), group_size, std_normalize),
+    )
+
+
+def _role_means(branches: Branches, roles) -> dict:
+    ent, mask = branches.entropy.cpu(), branches.mask.cpu()
+    out = {"entropy_mean": ent[mask].mean().item()}
+    for name, code in (("planning", 0), ("execution", 1)):
+        sel = roles == code
+        out[f"{name}_entropy_mean"] = ent[sel].mean().item() if sel.any() else None
+    return out
+
+
+def load_policy(path: str, device: str):
+    """The organism checkpoint to start RL from, validated before any work."""
+    try:
+        model, tok = load_causal_lm(path, device=device)
+        check_tokenizer(tok)
+    except (CheckpointError, ValueError) as e:
+        raise ValueError(f"--base {path!r} is not an organism checkpoint: {e}") from None
+    return model, tok
+
+
+def train_grpo(cfg: GRPOConfig, loss_cfg: LossConfig, stop_after: int | None = None) -> dict:
+    """Run (or resume) GRPO; returns the run summary. `stop_after` simulates an interruption."""
+    task = Countdown()
+    model, tok = load_policy(cfg.base, cfg.device)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    progress = load_state(out, model, opt) or {"step": 0, "train_seconds": 0.0}
+    start = progress["step"]
+    log_path = out / "train_log.jsonl"
+    log = [json.loads(x) for x in log_path.read_text().splitlines()] if log_path.exists() else []
+    log = [r for r in log if r["step"] < start]
+    stream = task.train_stream(cfg.seed + 1, start=start * cfg.prompts_per_step)
+    new_tokens = max_answer_tokens(task)
+    eval_prompts = heldout_prompts(task, cfg.eval_problems)
+    t0 = time.perf_counter() - progress["train_seconds"]
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    for step in tqdm(range(start, end), initial=start, total=cfg.steps, desc=f"grpo[{loss_cfg.intervention}]"):
+        record = {"step": step, **_step(model, tok, opt, task, stream, new_tokens, cfg, loss_cfg, step)}
+        record["pass_at_1"] = _eval_pass_at_1(model, tok, task, eval_prompts, new_tokens, cfg)
+        log.append(record)
+        done = step + 1
+        if done % cfg.save_every == 0 or done == cfg.steps:
+            progress["train_seconds"] = time.perf_counter() - t0
+            save_state(out, done, model, opt, {**progress, "config": asdict(cfg)})
+            _write_log(log_path, log)
+            publish_dir(lambda d: save_checkpoint(model, tok, d), out / "checkpoints" / f"step-{done:06d}")
+    train_seconds = time.perf_counter() - t0
+    if end < cfg.steps:
+        return {"step": end, "stopped_early": True}
+    _write_log(log_path, log)
+    publish_dir(lambda d: save_checkpoint(model, tok, d), out)
+    return {"steps": cfg.steps, "train_seconds": round(train_seconds, 1), "final": log[-1]}
+
+
+def _step(model, tok, opt, task, stream, new_tokens, cfg: GRPOConfig, loss_cfg: LossConfig, step: int) -> dict:
+    problems = [next(stream)[1] for _ in range(cfg.prompts_per_step)]
+    prompts = [p.prompt for p in problems]
+    model.eval()
+    branches = sample_branches(
+        model, tok, prompts,
+        SamplerConfig(n=cfg.group_size, max_new_tokens=new_tokens, temperature=1.0,
+                      seed=cfg.seed * 1_000_003 + step, batch_size=len(prompts) * cfg.group_size,
+                      device=cfg.device),
+    )
+    scored = score_branches(branches, prompts, task, tok)
+    rewards = scored.correct.to(branches.tokens.device)
+    batch = build_rollouts(branches, rewards, cfg.group_size, cfg.std_normalize, tok.pad_token_id)
+    forks = fork_mask(batch.old_entropy, batch.answer_mask, loss_cfg.fork_rho)
+    gen = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
+    order = torch.randperm(rewards.numel(), generator=gen).to(rewards.device)
+    model.train()
+    stats: list[dict] = []
+    for rows in order.chunk(cfg.mini_batches):
+        mb = batch.select(rows)
+        logp, ent = policy_logprobs(model, mb)
+        loss, s = grpo_loss(logp, ent, mb, loss_cfg, generator=gen, forks=forks[rows])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        opt.step()
+        stats.append(s)
+    model.eval()
+    mean = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+    return {
+        "reward_mean": rewards.float().mean().item(),
+        **_role_means(branches, scored.roles),
+        "intervened_frac": mean["intervened_frac"],
+        "ratio_clipped_frac": mean["ratio_clipped_frac"],
+        "loss": mean["loss"],
+    }
+
+
+def _eval_pass_at_1(model, tok, task, prompts, new_tokens, cfg: GRPOConfig) -> float:
+    """Mean correctness on the fixed eval batch (same problems and seed every step)."""
+    branches = sample_branches(
+        model, tok, prompts,
+        SamplerConfig(n=cfg.eval_samples, max_new_tokens=new_tokens, temperature=1.0, seed=cfg.seed,
+                      batch_size=len(prompts) * cfg.eval_samples, device=cfg.device),
+    )
+    return score_branches(branches, prompts, task, tok).correct.float().mean().item()
+
+
+def _write_log(path: Path, log: list[dict]) -> None:
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in log))
+    tmp.replace(path)

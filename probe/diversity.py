@@ -1,0 +1,219 @@
+"""Diversity metrics over sampled branches: pass@k, distinct correct answers, coverage, bootstrap CIs.
+
+What it is: pure functions on tensors of per-sample correctness and per-problem answer keys. No
+model, no tokenizer, no task: `probe.evaluate` turns sampled branches into these inputs.
+
+What it is not: a sampler or a scorer. Nothing here knows how a completion was produced or
+checked.
+
+Where it departs from the papers:
+- `pass_at_k` is the unbiased estimator of Chen et al. (2021), 1 - C(n-c, k) / C(n, k), computed
+  as the product 1 - prod_{i=n-c+1}^{n} (1 - k/i) as in their reference code, in float64 and in
+  log space for the vectorised form, so it stays exact to ~1e-12 for n in the thousands.
+- A problem counts as *solved at k* when its pass@k estimate is >= a threshold (0.5 by default:
+  "more likely than not within k tries"). With k = n that is simply "some sample is correct",
+  which is the default (`k=None`) and what Yue et al. (2025) call coverage.
+- Confidence intervals are percentile bootstraps over *problems* (samples of one problem are not
+  independent draws of the metric), seeded, with `n_boot` replicates.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+
+def check_k(k: int, n: int) -> int:
+    """Return k as an int if it is a budget in 1..n (n = samples per problem), else raise."""
+    if isinstance(k, bool) or not hasattr(k, "__index__"):
+        raise TypeError(f"k={k!r} must be an int in 1..{n}")
+    k = operator.index(k)
+    if k > n:
+        raise ValueError(f"k={k} > n={n} samples per problem; sample more or lower k")
+    if k < 1:
+        raise ValueError(f"k={k} < 1; pass@k needs at least one draw (use k in 1..{n})")
+    return k
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k for one problem: 1 - C(n-c, k) / C(n, k).
+
+    n: samples drawn, c: how many were correct (0 <= c <= n), k: budget (1 <= k <= n).
+    Returns the probability that a uniformly random k-subset of the n samples holds a correct one.
+    """
+    if n < 1:
+        raise ValueError(f"n={n} samples; need at least 1")
+    if not 0 <= c <= n:
+        raise ValueError(f"c={c} correct out of n={n}; need 0 <= c <= n")
+    check_k(k, n)
+    if n - c < k:  # every k-subset contains a correct sample
+        return 1.0
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):
+        prod *= 1.0 - k / i
+    return 1.0 - prod
+
+
+def pass_at_k_per_problem(
+    counts: Int[Tensor, " problems"], n: int, k: int
+) -> Float[Tensor, " problems"]:
+    """Vectorised unbiased pass@k: one float64 value per problem.
+
+    counts: correct samples per problem (each in 0..n); n: samples per problem; k: 1..n.
+    """
+    check_k(k, n)
+    counts = torch.as_tensor(counts).long()
+    if counts.numel() and (counts.min() < 0 or counts.max() > n):
+        raise ValueError(f"correct counts must lie in 0..n={n}; got {counts.min()}..{counts.max()}")
+    i = torch.arange(1, n + 1, dtype=torch.float64)  # (n,)
+    # log(1 - k/i) for i > k; i <= k makes the product 0 (a correct sample is always drawn)
+    logs = torch.where(i > k, torch.log1p(-k / i.clamp(min=k + 1)), -torch.inf)  # (n,)
+    suffix = torch.flip(torch.cumsum(torch.flip(logs, [0]), 0), [0])  # suffix[j] = sum_{i>j} logs
+    suffix = torch.cat([suffix, torch.zeros(1, dtype=torch.float64)])  # (n+1,), empty sum at n
+    return -torch.expm1(suffix[n - counts])  # 1 - prod_{i=n-c+1}^{n} (1 - k/i)
+
+
+def _counts_and_n(
+    correct: Bool[Tensor, "problems n"] | Int[Tensor, " problems"], n: int | None
+) -> tuple[Tensor, int]:
+    correct = torch.as_tensor(correct)
+    if correct.dtype == torch.bool:
+        if correct.ndim != 2:
+            raise ValueError(
+                f"boolean `correct` must be (problems, n); got shape {tuple(correct.shape)}"
+            )
+        if n is not None and n != correct.shape[1]:
+            raise ValueError(f"n={n} disagrees with correct.shape[1]={correct.shape[1]}; drop n")
+        counts, n = correct.sum(1), correct.shape[1]
+    else:
+        if correct.ndim != 1 or n is None:
+            raise ValueError("integer `correct` is per-problem counts (problems,) and needs n=")
+        counts = correct
+    if counts.numel() == 0:
+        raise ValueError("no problems: pass@k over an empty set is undefined")
+    return counts.long(), int(n)
+
+
+def pass_at_k_curve(
+    correct: Bool[Tensor, "problems n"] | Int[Tensor, " problems"],
+    ks: Iterable[int] | None = None,
+    *,
+    n: int | None = None,
+) -> dict[int, float]:
+    """Mean unbiased pass@k over problems, for each k in `ks` (default: every k in 1..n).
+
+    correct: either a (problems, n) bool matrix of per-sample correctness, or per-problem counts of
+    correct samples (problems,) together with `n=`. Raises if any k is outside 1..n.
+    """
+    counts, n = _counts_and_n(correct, n)
+    ks = range(1, n + 1) if ks is None else [check_k(k, n) for k in ks]
+    return {k: pass_at_k_per_problem(counts, n, k).mean().item() for k in ks}
+
+
+def distinct_correct(keys: Sequence[Sequence[Hashable | None]]) -> Int[Tensor, " problems"]:
+    """Distinct valid answers per problem.
+
+    keys: per problem, one canonical key per sample, None for an invalid sample (the task's
+    `canonical` contract). Equal keys are one solution. Returns int64 counts (problems,).
+    """
+    return torch.tensor([len({k for k in row if k is not None}) for row in keys], dtype=torch.long)
+
+
+def solved_coverage(
+    correct_a: Bool[Tensor, "problems n_a"],
+    correct_b: Bool[Tensor, "problems n_b"],
+    *,
+    k: int | None = None,
+    threshold: float = 0.5,
+) -> dict[str, int | float | None]:
+    """Compare which problems two models solve.
+
+    A problem is solved at k when its unbiased pass@k is >= `threshold` (in (0, 1]). The default
+    k=None means k = each model's own n, i.e. solved iff any sample is correct (the threshold is
+    then irrelevant). Returns counts `solved_a`, `solved_b`, `both`, `only_a`, `only_b`, the
+    `jaccard` index both / (a or b) (NaN when neither model solves anything), `k` and `threshold`.
+    """
+    correct_a, correct_b = torch.as_tensor(correct_a), torch.as_tensor(correct_b)
+    if correct_a.ndim != 2 or correct_b.ndim != 2 or correct_a.shape[0] != correct_b.shape[0]:
+        raise ValueError(
+            f"need (problems, n) bool matrices over the same problems; got shapes "
+            f"{tuple(correct_a.shape)} and {tuple(correct_b.shape)}"
+        )
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold={threshold} must be in (0, 1]")
+
+    def solved(correct: Tensor) -> Tensor:
+        if k is None:
+            return correct.any(1)
+        return pass_at_k_per_problem(correct.sum(1), correct.shape[1], k) >= threshold
+
+    sa, sb = solved(correct_a), solved(correct_b)
+    both, union = int((sa & sb).sum()), int((sa | sb).sum())
+    return {
+        "k": k,
+        "threshold": threshold,
+        "solved_a": int(sa.sum()),
+        "solved_b": int(sb.sum()),
+        "both": both,
+        "only_a": int((sa & ~sb).sum()),
+        "only_b": int((sb & ~sa).sum()),
+        "jaccard": both / union if union else math.nan,
+    }
+
+
+def crossover_k(
+    curve_a: Mapping[int | str, float], curve_b: Mapping[int | str, float]
+) -> int | None:
+    """Smallest k at which curve b catches up with curve a after being strictly below it.
+
+    Typical use: a = the RL model (ahead at small k), b = the base model; the result is where the
+    base overtakes (or ties) the RL model. Only ks present in both curves are compared, in
+    increasing order. Keys may be ints or strings (as read back from JSON). Returns None when b is
+    never below a (no crossover: b leads from the start) or never catches up.
+    """
+    a = {int(k): float(v) for k, v in curve_a.items()}
+    b = {int(k): float(v) for k, v in curve_b.items()}
+    below = False
+    for k in sorted(a.keys() & b.keys()):
+        if b[k] < a[k]:
+            below = True
+        elif below:
+            return k
+    return None
+
+
+def bootstrap_ci(
+    per_problem: Float[Tensor, "problems ..."],
+    statistic: Callable[[Tensor], Tensor | float] | None = None,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap (1 - alpha) interval of `statistic` over problems.
+
+    per_problem: one row per problem (any trailing shape). Each replicate resamples rows with
+    replacement (torch generator seeded by `seed`, so results are reproducible) and applies
+    `statistic` (a tensor -> scalar; default: the mean of all entries, vectorised). Returns
+    (lo, hi) in the statistic's units.
+    """
+    x = torch.as_tensor(per_problem).double()
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise ValueError(f"need at least one problem; got shape {tuple(x.shape)}")
+    if n_boot < 1:
+        raise ValueError(f"n_boot={n_boot} must be >= 1 (1000 is usual)")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha={alpha} must be in (0, 1); 0.05 gives a 95% interval")
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(x.shape[0], (n_boot, x.shape[0]), generator=g)  # (n_boot, problems)
+    if statistic is None:
+        stats = x[idx].flatten(1).mean(1)  # (n_boot,)
+    else:
+        stats = torch.tensor([float(statistic(x[row])) for row in idx], dtype=torch.float64)
+    q = torch.tensor([alpha / 2, 1 - alpha / 2], dtype=torch.float64)
+    lo, hi = torch.quantile(stats, q).tolist()
+    return lo, hi

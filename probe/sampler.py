@@ -1,0 +1,332 @@
+"""Branch sampler: n samples per prompt from any Hugging Face causal LM, batched and KV-cached.
+
+What it is: the toolkit's measuring instrument and the RL trainer's rollout source. Rows are
+(prompt i, sample j), prompt-major (row = i * n + j). Each batch of rows prefills every unique
+prompt once (left-padded, `position_ids = cumsum(mask) - 1`), expands the `DynamicCache` to the
+rows, then decodes one token per step until every row has emitted eos or `max_new_tokens`. Rows
+that finished are dropped from the forward batch once a quarter of it has finished.
+
+Exactness: the randomness of row (i, j) at step t is one uniform from `probe.rng`, a pure
+function of (seed, prompt key, j, t), turned into a token by inverse-CDF sampling (float64 CDF).
+So a prompt sampled alone with `prompt_keys=[5]` equals row block 5 of a batched run, and the same
+config gives the same samples bit for bit. (Float matmuls may differ in the last bit between batch
+shapes; a token flips only if a uniform lands within ~1e-7 of a CDF boundary.)
+
+Distributions: logits (float32) / temperature -> top-k -> top-p -> log_softmax. `logprobs` and
+`entropy` are of that filtered distribution, the one actually sampled from. Temperature 0 is
+greedy (argmax); `logprobs` and `entropy` are then those of the temperature-1 distribution (with
+top-k / top-p as configured), since the point mass actually used has entropy 0. Top-k keeps ties
+with the k-th logit; top-p keeps the smallest prefix (by descending prob) whose mass reaches p.
+
+Interventions, one entry point: `intervention(state)` is called once per `sample_branches` call
+with a mutable `SamplingState`; the context manager it returns is entered once around every
+forward pass of every batch (prompt and each generated token) and exited in `finally`. The sampler
+updates `state` before each forward. During the prompt phase the forward batch has one item per
+unique prompt, shared by its n samples, so `state.row_ids` is -1 there (see `SamplingState`).
+
+    @contextmanager
+    def steer(state, v=torch.randn(64), layer=1):          # add v to layer 1's output,
+        def hook(mod, args, out):                          # only while generating
+            return out + v if state.phase == "generate" else out
+        handle = model.model.layers[layer].register_forward_hook(hook)
+        try: yield
+        finally: handle.remove()
+    branches = sample_branches(model, tok, prompts, SamplerConfig(n=8), intervention=steer)
+
+What it is not: beam search, speculative decoding, stop strings, repetition penalties, or a
+continuous-batching server. One eos id (the tokenizer's); padding uses `pad_token_id` (else eos).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from transformers import DynamicCache
+
+from probe.rng import counter_uniforms
+
+
+class NonFiniteLogitsError(RuntimeError):
+    """The model produced NaN or inf logits: never sampled, always raised."""
+
+
+@dataclass
+class SamplerConfig:
+    """How to sample; every field is validated on construction."""
+
+    n: int = 1
+    """Samples per prompt (>= 1)."""
+    max_new_tokens: int = 32
+    """Tokens generated per row at most (>= 1); `Branches.tokens` has this many columns."""
+    temperature: float = 1.0
+    """Softmax temperature (>= 0); 0 means greedy argmax."""
+    top_p: float = 1.0
+    """Nucleus mass in (0, 1]; 1 turns it off."""
+    top_k: int = 0
+    """Keep the k most likely tokens (>= 0); 0 turns it off."""
+    seed: int = 0
+    """Seed of the counter-based RNG (0 <= seed < 2**63)."""
+    batch_size: int = 512
+    """Rows (prompt x sample) per forward pass (>= 1)."""
+    device: str = "auto"
+    """"auto" (cuda if available, else cpu), or a torch device string; the model must be there."""
+
+    def __post_init__(self):
+        def check(name, ok, allowed, fix):
+            if not ok:
+                raise ValueError(f"SamplerConfig.{name}={getattr(self, name)!r} is invalid: "
+                                 f"allowed {allowed}. Fix: {fix}.")
+        int_ = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+        num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        check("n", int_(self.n) and self.n >= 1, "an int >= 1", "ask for at least one sample")
+        check("max_new_tokens", int_(self.max_new_tokens) and self.max_new_tokens >= 1,
+              "an int >= 1", "generate at least one token")
+        check("temperature", num(self.temperature) and 0 <= self.temperature < float("inf"),
+              "a finite float >= 0 (0 = greedy)", "use 0 for greedy, 1 for the model's distribution")
+        check("top_p", num(self.top_p) and 0 < self.top_p <= 1, "a float in (0, 1]",
+              "use 1.0 to turn top-p off")
+        check("top_k", int_(self.top_k) and self.top_k >= 0, "an int >= 0", "use 0 to turn top-k off")
+        check("seed", int_(self.seed) and 0 <= self.seed < 2**63, "an int in [0, 2**63)",
+              "pass a non-negative int seed")
+        check("batch_size", int_(self.batch_size) and self.batch_size >= 1, "an int >= 1",
+              "use e.g. 512 rows per forward pass")
+        check("device", isinstance(self.device, str) and bool(self.device),
+              '"auto" or a torch device string such as "cpu" or "cuda:0"', 'use "auto"')
+
+
+@dataclass
+class Branches:
+    """Samples as a plain batch, rows prompt-major (row = i * n + j), on the sampler's device."""
+
+    prompt_index: Int[Tensor, " rows"]
+    sample_index: Int[Tensor, " rows"]
+    tokens: Int[Tensor, "rows new"]
+    """Generated ids; `pad_token_id` after the row finished. `new == cfg.max_new_tokens`."""
+    mask: Bool[Tensor, "rows new"]
+    """True on real generated tokens (the eos token included)."""
+    logprobs: Float[Tensor, "rows new"]
+    """Log-prob of the token under the sampling distribution; 0 where masked."""
+    entropy: Float[Tensor, "rows new"]
+    """Entropy (nats) of the sampling distribution at that step; 0 where masked."""
+    finish_reason: list[str]
+    """"eos" or "length" per row."""
+    prompt_tokens: list[list[int]]
+    """The prompts as token ids (unpadded), one per prompt (not per row)."""
+
+
+@dataclass
+class SamplingState:
+    """What an intervention can read; updated by the sampler before every forward pass.
+
+    The forward batch holds `batch` items: rows while generating; during the prompt phase one item
+    per unique prompt of the current row batch (its prefill is shared by the prompt's samples).
+    """
+
+    step: int = -1
+    """-1 during the prefill (the forward reads the prompt); else t: the forward reads generated
+    token t (its activations are token t's) and yields the logits of token t + 1."""
+    phase: str = "prompt"
+    """"prompt" (prefill) or "generate"."""
+    row_ids: Int[Tensor, " batch"] = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    """Global row id (i * n + j) of each batch item; -1 in the prompt phase (item = a prompt)."""
+    prompt_index: Int[Tensor, " batch"] = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    """Prompt index of each batch item (valid in both phases)."""
+    active: Bool[Tensor, " batch"] = field(default_factory=lambda: torch.empty(0, dtype=torch.bool))
+    """True for items still generating (always True in the prompt phase)."""
+    tokens: Int[Tensor, "batch step"] = field(default_factory=lambda: torch.empty(0, 0, dtype=torch.long))
+    """Tokens generated so far by each item, the one being read included (`step + 1` columns)."""
+    position_ids: Int[Tensor, "batch seq"] = field(default_factory=lambda: torch.empty(0, 0, dtype=torch.long))
+    """Position ids of the tokens this forward consumes (left padding: pads sit at 0)."""
+
+
+def filtered_logprobs(
+    logits: Float[Tensor, "batch vocab"], temperature: float, top_k: int, top_p: float
+) -> Float[Tensor, "batch vocab"]:
+    """Log-probs (float32) of the sampling distribution: / temperature (0 -> 1), top-k, top-p;
+    removed tokens get -inf."""
+    x = logits.float()
+    if temperature not in (0, 1):
+        x = x / temperature
+    if 0 < top_k < x.shape[-1]:
+        kth = torch.topk(x, top_k, dim=-1).values[:, -1:]  # [batch, 1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if top_p < 1:
+        sorted_x, order = torch.sort(x, dim=-1, descending=True, stable=True)
+        p = sorted_x.softmax(-1)
+        drop_sorted = (p.cumsum(-1) - p) >= top_p  # mass strictly before the token already >= p
+        x = x.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    return x.log_softmax(-1)
+
+
+def _pad_left(prompts: list[list[int]], pad: int, device) -> tuple[Tensor, Tensor]:
+    """[p, L] ids and attention mask, left-padded to the longest prompt."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[r, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _as_token_lists(tokenizer, prompts, vocab: int) -> list[list[int]]:
+    if isinstance(prompts, (str, bytes)) or len(prompts) == 0:
+        raise ValueError(f"prompts={prompts!r} is invalid: allowed a non-empty list of strings or of "
+                         "token-id lists. Fix: wrap a single prompt in a list: [prompt].")
+    if all(isinstance(p, str) for p in prompts):
+        out = [list(ids) for ids in tokenizer(list(prompts))["input_ids"]]
+    elif all(not isinstance(p, str) for p in prompts):
+        out = [[int(t) for t in p] for p in prompts]
+    else:
+        raise ValueError("prompts mixes strings and token-id lists. Fix: pass one kind only.")
+    for i, p in enumerate(out):
+        if not p:
+            raise ValueError(f"prompt {i} ({prompts[i]!r}) has no tokens: allowed at least one "
+                             "token. Fix: drop it or add text (e.g. a BOS token).")
+        if min(p) < 0 or max(p) >= vocab:
+            raise ValueError(f"prompt {i} has token ids outside [0, {vocab}) (min {min(p)}, "
+                             f"max {max(p)}). Fix: tokenize it with this model's tokenizer.")
+    return out
+
+
+def _special_ids(tokenizer) -> tuple[int, int]:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if not isinstance(eos, int):
+        raise ValueError(f"tokenizer.eos_token_id={eos!r}: the sampler needs one int eos id to know "
+                         "when a row ends. Fix: set tokenizer.eos_token = '<your eos token>'.")
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return eos, (pad if isinstance(pad, int) else eos)
+
+
+def _resolve_device(model, cfg: SamplerConfig) -> torch.device:
+    want = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    want, have = torch.device(want), next(model.parameters()).device
+    if want.type != have.type or (want.index is not None and want.index != have.index):
+        raise ValueError(f"SamplerConfig.device={cfg.device!r} resolves to {want} but the model is on "
+                         f"{have}. Fix: model.to('{want}') or SamplerConfig(device='{have}').")
+    return have
+
+
+def sample_branches(
+    model,
+    tokenizer,
+    prompts: Sequence[str] | Sequence[Sequence[int]],
+    cfg: SamplerConfig,
+    intervention: Callable[[SamplingState], AbstractContextManager] | None = None,
+    prompt_keys: Sequence[int] | None = None,
+) -> Branches:
+    """Sample `cfg.n` continuations of each prompt; returns `Branches` with `len(prompts) * n` rows.
+
+    `prompts`: strings (tokenized with `tokenizer(...)`, its special tokens included) or token-id
+    lists. `prompt_keys`: the RNG key of each prompt (default: its index), so that a prompt sampled
+    alone with its key reproduces its rows of a larger run. Raises `NonFiniteLogitsError` naming
+    prompt index(es) and step when any active row's logits contain NaN or inf.
+    """
+    ids = _as_token_lists(tokenizer, prompts, model.get_input_embeddings().num_embeddings)
+    keys = list(range(len(ids))) if prompt_keys is None else [int(k) for k in prompt_keys]
+    if len(keys) != len(ids):
+        raise ValueError(f"prompt_keys has {len(keys)} keys for {len(ids)} prompts. Fix: one key per "
+                         "prompt, or prompt_keys=None.")
+    eos, pad = _special_ids(tokenizer)
+    dev = _resolve_device(model, cfg)
+    params = inspect.signature(type(model).forward).parameters
+    fwd = ("cache" if "cache" in params else "past_key_values",  # renamed in transformers 5.x
+           {"use_cache": True, **({"logits_to_keep": 1} if "logits_to_keep" in params else {})})
+    rows, n, steps = len(ids) * cfg.n, cfg.n, cfg.max_new_tokens
+    out_tok = torch.full((rows, steps), pad, dtype=torch.long, device=dev)
+    out_mask = torch.zeros((rows, steps), dtype=torch.bool, device=dev)
+    out_lp = torch.zeros((rows, steps), dtype=torch.float32, device=dev)
+    out_ent = torch.zeros((rows, steps), dtype=torch.float32, device=dev)
+    key_t = torch.tensor(keys, dtype=torch.long, device=dev)
+    state = SamplingState()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), (intervention(state) if intervention else nullcontext()):
+            for r0 in range(0, rows, cfg.batch_size):
+                row_ids = torch.arange(r0, min(r0 + cfg.batch_size, rows), device=dev)
+                _run_batch(model, fwd, ids, key_t, row_ids, cfg, eos, pad, state,
+                           intervention is not None, (out_tok, out_mask, out_lp, out_ent))
+    finally:
+        model.train(was_training)
+    eos_hit = ((out_tok == eos) & out_mask).any(-1).tolist()
+    all_rows = torch.arange(rows, device=dev)
+    return Branches(all_rows // n, all_rows % n, out_tok, out_mask, out_lp, out_ent,
+                    ["eos" if e else "length" for e in eos_hit], ids)
+
+
+def _run_batch(model, fwd, ids, key_t, row_ids, cfg, eos, pad, state, track, outs) -> None:
+    """Prefill the unique prompts of `row_ids`, expand to rows, decode; write into `outs`."""
+    out_tok, out_mask, out_lp, out_ent = outs
+    n, steps, dev = cfg.n, cfg.max_new_tokens, row_ids.device
+    p_row = row_ids // n  # [B] prompt index per row
+    p0, p1 = int(p_row[0]), int(p_row[-1]) + 1
+    inp, attn = _pad_left(ids[p0:p1], pad, dev)  # [P, L]
+    pos = (attn.cumsum(-1) - 1).clamp_min(0)  # [P, L]
+    cache = DynamicCache(config=model.config)
+    fwd = {fwd[0]: cache, **fwd[1]}
+    if track:
+        state.step, state.phase, state.position_ids = -1, "prompt", pos
+        state.row_ids = torch.full((p1 - p0,), -1, dtype=torch.long, device=dev)
+        state.prompt_index = torch.arange(p0, p1, device=dev)
+        state.active = torch.ones(p1 - p0, dtype=torch.bool, device=dev)
+        state.tokens = torch.empty(p1 - p0, 0, dtype=torch.long, device=dev)
+    logits = model(input_ids=inp, attention_mask=attn, position_ids=pos, **fwd).logits[:, -1]
+    sel = p_row - p0  # [B] which prefilled prompt each row continues
+    if p1 - p0 != len(row_ids):
+        cache.batch_select_indices(sel)
+        logits = logits[sel]
+    width = attn.shape[1]
+    attn = torch.cat([attn[sel], attn.new_ones(len(row_ids), steps)], dim=1)  # [B, L + steps]
+    next_pos = pos[sel, -1:] + 1  # [B, 1]
+    uniforms = None
+    if cfg.temperature > 0:
+        uniforms = counter_uniforms(cfg.seed, key_t[p_row], row_ids % n, steps)  # [B, steps]
+    loc = row_ids  # global rows of the current forward batch (shrinks when rows are dropped)
+    active = torch.ones(len(row_ids), dtype=torch.bool, device=dev)
+    for t in range(steps):
+        logp = filtered_logprobs(logits, cfg.temperature, cfg.top_k, cfg.top_p)  # [b, V]
+        prob = logp.exp()  # [b, V]
+        if uniforms is None:
+            tok = logits.argmax(-1)
+        else:  # inverse CDF: first token whose cumulative mass exceeds u * total (< total)
+            cdf = prob.double().cumsum(-1)  # [b, V]
+            total = cdf[:, -1:]
+            u = torch.minimum(uniforms[:, t, None] * total, torch.nextafter(total, total.new_zeros(())))
+            tok = torch.searchsorted(cdf, u, right=True).squeeze(-1)  # [b]
+        bad = ~torch.isfinite(logits).all(-1) & active  # [b]
+        lp = logp.gather(-1, tok[:, None].clamp_max(logp.shape[-1] - 1)).squeeze(-1)
+        ent = -torch.where(prob > 0, prob * logp, 0.0).sum(-1)
+        out_tok[loc, t] = torch.where(active, tok, pad)
+        out_mask[loc, t] = active
+        out_lp[loc, t] = torch.where(active, lp, 0.0)
+        out_ent[loc, t] = torch.where(active, ent, 0.0)
+        active = active & (tok != eos)
+        any_bad, n_active = torch.stack([bad.any().long(), active.sum()]).tolist()
+        if any_bad:
+            prompts = sorted(set((loc[bad] // n).tolist()))
+            raise NonFiniteLogitsError(
+                f"non-finite logits (NaN or inf) for prompt index(es) {prompts} at step {t} "
+                f"(sampling generated token {t})"
+                f"(rows {loc[bad].tolist()[:8]}). Nothing was sampled from them. Fix: check the "
+                "model dtype (fp16 overflow), the weights, and any intervention hook.")
+        if n_active == 0 or t == steps - 1:
+            break
+        if 4 * n_active <= 3 * len(loc):  # drop finished rows from the forward batch
+            keep = active.nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            loc, active, tok, attn, next_pos = loc[keep], active[keep], tok[keep], attn[keep], next_pos[keep]
+            if uniforms is not None:
+                uniforms = uniforms[keep]
+        if track:
+            state.step, state.phase, state.position_ids = t, "generate", next_pos + t
+            state.row_ids, state.prompt_index, state.active = loc, loc // n, active
+            state.tokens = out_tok[loc, : t + 1]
+        logits = model(input_ids=tok[:, None], attention_mask=attn[:, : width + t + 1],
+                       position_ids=next_pos + t, **fwd).logits[:, -1]

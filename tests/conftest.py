@@ -1,0 +1,58 @@
+"""Shared pytest fixtures. Each section belongs to a concept; add yours in its own section."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# --- tiny random HF causal LMs and an in-memory tokenizer (probe.sampler; reusable) ----------------
+# No downloads: configs are built here, weights are random under a fixed torch seed.
+
+TINY_VOCAB = 64
+TINY_SPECIALS = ["<pad>", "<eos>", "<unk>"]  # ids 0, 1, 2; words "w3".."w63" after them
+
+
+def _tiny_config(arch: str):
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=TINY_VOCAB, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    if arch == "qwen2":
+        return Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, intermediate_size=64,
+                           max_position_embeddings=128, **common)
+    if arch == "llama":
+        return LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, intermediate_size=64,
+                           max_position_embeddings=128, **common)
+    if arch == "gpt2":
+        return GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, **common)
+    raise ValueError(f"arch={arch!r}: allowed 'qwen2', 'llama', 'gpt2'")
+
+
+@pytest.fixture
+def tiny_lm():
+    """Factory: `tiny_lm(arch="qwen2", seed=0)` -> a fresh random causal LM in eval mode (fp32, cpu)."""
+    from transformers import AutoModelForCausalLM
+
+    def build(arch: str = "qwen2", seed: int = 0):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(_tiny_config(arch), attn_implementation="sdpa")
+        return model.eval()
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A WordLevel tokenizer over "w3".."w63" plus <pad>=0, <eos>=1, <unk>=2; splits on spaces."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(TINY_SPECIALS)}
+    vocab |= {f"w{i}": i for i in range(len(TINY_SPECIALS), TINY_VOCAB)}
+    core = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>")

@@ -1,0 +1,179 @@
+"""GRPO learner against hand-worked tensors, and the trainer's reproducibility and resume."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from experiments.grpo import GRPOConfig, build_rollouts, train_grpo
+from experiments.grpo_loss import (
+    LossConfig,
+    Rollouts,
+    clip_cov_select,
+    group_advantages,
+    grpo_loss,
+    kl_cov_select,
+    token_covariance,
+)
+from experiments.organism import ORGANISMS_DIR
+from probe.sampler import Branches
+
+BASE = ORGANISMS_DIR / "base"
+
+
+def test_group_advantages_by_hand():
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    adv = group_advantages(r, 4)
+    assert torch.allclose(adv, torch.tensor([0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0]))
+    std = group_advantages(r, 4, std_normalize=True)
+    s = math.sqrt(0.75 * 0.25)  # population std of [1, 0, 0, 0]
+    assert torch.allclose(std[:4], torch.tensor([0.75, -0.25, -0.25, -0.25]) / (s + 1e-6))
+    assert torch.equal(std[4:], torch.zeros(4)), "a group with equal rewards carries no signal"
+    with pytest.raises(ValueError, match="G >= 2"):
+        group_advantages(r, 1)
+
+
+def _batch(logp_old, adv, mask, entropy=None):
+    rows, seq = logp_old.shape
+    return Rollouts(
+        input_ids=torch.zeros(rows, seq, dtype=torch.long),
+        attention_mask=torch.ones(rows, seq, dtype=torch.long),
+        position_ids=torch.arange(seq).expand(rows, seq),
+        answer_mask=mask,
+        old_logprobs=logp_old,
+        old_entropy=entropy if entropy is not None else torch.zeros(rows, seq),
+        rewards=torch.zeros(rows),
+        advantages=adv,
+    )
+
+
+def test_vanilla_loss_is_token_normalised_policy_gradient():
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    old = torch.log(torch.tensor([[0.5, 0.5, 1.0], [0.25, 1.0, 1.0]]))
+    new = old.clone().requires_grad_(True)
+    adv = torch.tensor([1.0, -2.0])
+    loss, _ = grpo_loss(new, torch.zeros(2, 3), _batch(old, adv, mask), LossConfig())
+    # ratio = 1 everywhere: loss = -(1 + 1 - 2) / 3 tokens
+    assert loss.item() == pytest.approx(0.0)
+    loss.backward()
+    want = torch.tensor([[-1 / 3, -1 / 3, 0.0], [2 / 3, 0.0, 0.0]])
+    assert torch.allclose(new.grad, want), "d loss / d logp must be -A / n_tokens on answer tokens only"
+
+
+def test_ratio_clipping_stops_the_gradient_past_epsilon():
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    old = torch.zeros(1, 2)
+    new = torch.tensor([[math.log(1.5), math.log(0.9)]], requires_grad=True)
+    loss, stats = grpo_loss(new, torch.zeros(1, 2), _batch(old, torch.tensor([1.0]), mask), LossConfig())
+    loss.backward()
+    # token 0: ratio 1.5 > 1.2 with A > 0 -> clipped, no gradient; token 1: ratio 0.9 inside
+    assert new.grad[0, 0] == 0 and new.grad[0, 1] == pytest.approx(-0.9 / 2)
+    assert stats["ratio_clipped_frac"] == pytest.approx(0.5)
+
+
+def test_token_covariance_and_cov_selections_by_hand():
+    mask = torch.tensor([[True, True], [True, False]])
+    logp = torch.tensor([[-1.0, -3.0], [-2.0, 0.0]])
+    adv = torch.tensor([1.0, -2.0])
+    cov = token_covariance(logp, adv, mask)
+    # mean logp over masked = -2; mean A over masked tokens = (1 + 1 - 2) / 3 = 0
+    assert torch.allclose(cov, torch.tensor([[1.0, -1.0], [0.0, 0.0]]))
+    kl = kl_cov_select(cov, mask, LossConfig(intervention="kl-cov", kl_cov_ratio=0.34))
+    assert kl.tolist() == [[True, False], [False, False]], "KL-Cov takes the highest-covariance token"
+    cfg = LossConfig(intervention="clip-cov", clip_cov_ratio=0.34, clip_cov_low=0.5, clip_cov_high=5)
+    cc = clip_cov_select(cov, mask, cfg, torch.Generator().manual_seed(0))
+    assert cc.tolist() == [[True, False], [False, False]], "Clip-Cov draws only from [low, high] covariance"
+
+
+def test_interventions_change_the_gradient_where_they_should():
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    old = torch.log(torch.full((2, 3), 0.5))
+    adv = torch.tensor([1.0, -1.0])
+    ent = torch.tensor([[0.1, 0.9, 0.2], [0.3, 0.05, 0.8]])
+    batch = _batch(old, adv, mask, entropy=ent)
+
+    def grad(cfg, logp=None):
+        new = (old if logp is None else logp).clone().requires_grad_(True)
+        loss, stats = grpo_loss(new, torch.zeros(2, 3), batch, cfg)
+        loss.backward()
+        return new.grad, stats
+
+    g_forks, s = grad(LossConfig(intervention="forks-only", fork_rho=0.33))  # ceil(0.33 * 6) = 2 forks
+    assert (g_forks != 0).tolist() == [[False, True, False], [False, False, True]], "gradient only on top-entropy tokens"
+    assert s["intervened_frac"] == pytest.approx(2 / 6)
+    g_cc, _ = grad(LossConfig(intervention="clip-cov", clip_cov_ratio=0.2, clip_cov_low=-1, clip_cov_high=1))
+    assert (g_cc == 0).sum() == 1, "Clip-Cov detaches exactly ratio * n_tokens tokens"
+    moved = old + torch.tensor([[0.1, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    g_kl, _ = grad(LossConfig(intervention="kl-cov", kl_cov_ratio=0.17, kl_cov_coef=1.0), logp=moved)
+    g_none, _ = grad(LossConfig(), logp=moved)
+    assert not torch.allclose(g_kl, g_none), "KL-Cov must add a penalty once the policy moved"
+    ent_new = torch.ones(2, 3, requires_grad=True)
+    loss, _ = grpo_loss(old.clone().requires_grad_(True), ent_new, batch, LossConfig(intervention="entropy-bonus", entropy_coef=0.5))
+    loss.backward()
+    assert torch.allclose(ent_new.grad, torch.full((2, 3), -0.5 / 6)), "entropy bonus pushes entropy up"
+
+
+def test_build_rollouts_aligns_prompt_and_completion():
+    b = Branches(
+        prompt_index=torch.tensor([0, 0, 1, 1]),
+        sample_index=torch.tensor([0, 1, 0, 1]),
+        tokens=torch.tensor([[7, 8, 1], [9, 1, 0], [7, 1, 0], [8, 8, 8]]),
+        mask=torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 0], [1, 1, 1]], dtype=torch.bool),
+        logprobs=-torch.ones(4, 3),
+        entropy=torch.ones(4, 3),
+        finish_reason=["eos", "eos", "eos", "length"],
+        prompt_tokens=[[5, 6, 7], [5]],
+    )
+    r = build_rollouts(b, torch.tensor([1.0, 0.0, 0.0, 0.0]), 2, False, pad_id=0)
+    assert r.input_ids[0].tolist() == [5, 6, 7, 7, 8, 1]
+    assert r.input_ids[2].tolist() == [0, 0, 5, 7, 1, 0]
+    assert r.attention_mask[2].tolist() == [0, 0, 1, 1, 1, 0]
+    assert r.position_ids[2].tolist()[2:5] == [0, 1, 2], "left padding must not shift positions"
+    assert r.answer_mask[1].tolist() == [False, False, False, True, True, False]
+    assert r.advantages.tolist() == [0.5, -0.5, 0.0, 0.0]
+
+
+def test_bad_rl_configs_fail_before_work(tmp_path):
+    with pytest.raises(ValueError, match="G >= 2"):
+        GRPOConfig(group_size=1)
+    with pytest.raises(ValueError, match="unknown intervention"):
+        LossConfig(intervention="entropy-magic")
+    with pytest.raises(ValueError, match="not an organism checkpoint"):
+        train_grpo(GRPOConfig(base=str(tmp_path), out=str(tmp_path / "o")), LossConfig())
+
+
+def _tiny(out, **kw):
+    base = dict(base=str(BASE), out=str(out), steps=4, prompts_per_step=4, group_size=4, lr=1e-4,
+                mini_batches=2, eval_problems=4, eval_samples=2, final_eval_samples=0, save_every=2,
+                device="cpu")
+    return GRPOConfig(**{**base, **kw})
+
+
+@pytest.mark.slow
+def test_rl_is_bit_reproducible_and_resume_equals_uninterrupted(tmp_path):
+    loss = LossConfig(intervention="clip-cov")
+    train_grpo(_tiny(tmp_path / "a"), loss)
+    train_grpo(_tiny(tmp_path / "b"), loss)
+    train_grpo(_tiny(tmp_path / "c"), loss, stop_after=3)  # killed after step 3: last save at 2
+    train_grpo(_tiny(tmp_path / "c"), loss)
+    a = load_file(str(tmp_path / "a" / "model.safetensors"))
+    for other in ("b", "c"):
+        o = load_file(str(tmp_path / other / "model.safetensors"))
+        for k in a:
+            assert torch.equal(a[k], o[k]), f"run {other}: {k} differs (seeded RL must be exact)"
+    log_a = (tmp_path / "a" / "train_log.jsonl").read_text()
+    assert log_a == (tmp_path / "c" / "train_log.jsonl").read_text(), "resumed log must equal the uninterrupted one"
+    assert [json.loads(x)["step"] for x in log_a.splitlines()] == [0, 1, 2, 3]
+
+
+@pytest.mark.slow
+def test_a_few_rl_steps_raise_reward(tmp_path):
+    cfg = _tiny(tmp_path / "r", steps=12, prompts_per_step=16, group_size=8, lr=3e-4, eval_problems=32,
+                eval_samples=8, save_every=100)
+    train_grpo(cfg, LossConfig())
+    log = [json.loads(x) for x in (tmp_path / "r" / "train_log.jsonl").read_text().splitlines()]
+    first = sum(r["reward_mean"] for r in log[:3]) / 3
+    last = sum(r["reward_mean"] for r in log[-3:]) / 3
+    assert last > first, f"reward did not rise: {first:.3f} -> {last:.3f}"
