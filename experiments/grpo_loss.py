@@ -50,10 +50,10 @@ class Rollouts:
     """Log-prob of each generated token under the sampling policy; 0 elsewhere."""
     old_entropy: Float[Tensor, "rows seq"]
     """Entropy (nats) of the sampling policy where each token was drawn; 0 elsewhere."""
-    rewards: Float[Tensor, rows]
-    advantages: Float[Tensor, rows]
+    rewards: Float[Tensor, " rows"]
+    advantages: Float[Tensor, " rows"]
 
-    def select(self, rows: Int[Tensor, k]) -> Rollouts:
+    def select(self, rows: Int[Tensor, " k"]) -> Rollouts:
         return Rollouts(**{k: v[rows] for k, v in self.__dict__.items()})
 
 
@@ -91,8 +91,8 @@ class LossConfig:
 
 
 def group_advantages(
-    rewards: Float[Tensor, rows], group_size: int, std_normalize: bool = False, eps: float = 1e-6
-) -> Float[Tensor, rows]:
+    rewards: Float[Tensor, " rows"], group_size: int, std_normalize: bool = False, eps: float = 1e-6
+) -> Float[Tensor, " rows"]:
     """Reward minus its group's mean (rows are prompt-major groups of `group_size`);
     divided by the group's std (unbiased=False) + eps when `std_normalize`."""
     if group_size < 2:
@@ -107,7 +107,7 @@ def group_advantages(
 
 
 def token_covariance(
-    logprobs: Float[Tensor, "rows seq"], advantages: Float[Tensor, rows], mask: Bool[Tensor, "rows seq"]
+    logprobs: Float[Tensor, "rows seq"], advantages: Float[Tensor, " rows"], mask: Bool[Tensor, "rows seq"]
 ) -> Float[Tensor, "rows seq"]:
     """cov_t = (logp_t - mean logp) * (A_t - mean A), means over the masked tokens; 0 off-mask."""
     adv = advantages[:, None].expand_as(logprobs)
