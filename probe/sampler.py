@@ -313,8 +313,8 @@ def _run_batch(model, fwd, ids, key_t, row_ids, cfg, eos, pad, state, track, out
             prompts = sorted(set((loc[bad] // n).tolist()))
             raise NonFiniteLogitsError(
                 f"non-finite logits (NaN or inf) for prompt index(es) {prompts} at step {t} "
-                f"(sampling generated token {t})"
-                f"(rows {loc[bad].tolist()[:8]}). Nothing was sampled from them. Fix: check the "
+                f"(generated token {t}; rows {loc[bad].tolist()[:8]}). Nothing was sampled from "
+                "them. Fix: check the "
                 "model dtype (fp16 overflow), the weights, and any intervention hook.")
         if n_active == 0 or t == steps - 1:
             break

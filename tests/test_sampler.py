@@ -30,17 +30,19 @@ def completion(b: Branches, row: int) -> list[int]:
     return b.tokens[row][b.mask[row]].tolist()
 
 
-def greedy_uncached(model, prompt: list[int], steps: int) -> list[int]:
+def greedy_uncached(model, prompt: list[int], steps: int, with_logprobs: bool = False):
     """The slow reference: full forward over the whole sequence at every step, no cache."""
-    seq, out = list(prompt), []
+    seq, out, logprobs = list(prompt), [], []
     with torch.no_grad():
         for _ in range(steps):
-            nxt = int(model(torch.tensor([seq]), use_cache=False).logits[0, -1].argmax())
+            logp = model(torch.tensor([seq]), use_cache=False).logits[0, -1].log_softmax(-1)
+            nxt = int(logp.argmax())
             out.append(nxt)
+            logprobs.append(float(logp[nxt]))
             seq.append(nxt)
             if nxt == EOS:
                 break
-    return out
+    return (out, torch.tensor(logprobs)) if with_logprobs else out
 
 
 def boost_eos(model, bias: float):
@@ -78,9 +80,11 @@ def test_cached_greedy_equals_uncached(tiny_lm, tiny_tokenizer, arch):
     model = boost_eos(tiny_lm(arch), 0.5)
     b = sample_branches(model, tiny_tokenizer, PROMPTS, SamplerConfig(max_new_tokens=12, temperature=0))
     for i, p in enumerate(b.prompt_tokens):
-        assert completion(b, i) == greedy_uncached(model, p, 12), (
-            f"{arch} prompt {i}: KV-cached greedy differs from full recomputation; the cache, "
-            "positions or padding mask is wrong, so every measurement built on samples is too")
+        ref, ref_logprobs = greedy_uncached(model, p, 12, with_logprobs=True)
+        why = (f"{arch} prompt {i}: KV-cached greedy differs from full recomputation; the cache, "
+               "positions or padding mask is wrong, so every measurement built on samples is too")
+        assert completion(b, i) == ref, why
+        torch.testing.assert_close(b.logprobs[i][b.mask[i]], ref_logprobs, atol=1e-5, rtol=0, msg=why)
 
 
 def test_steered_cached_equals_steered_uncached(tiny_lm, tiny_tokenizer):
@@ -144,12 +148,14 @@ def test_hook_removed_when_generation_raises(tiny_lm, tiny_tokenizer):
         return out
 
     model.model.layers[0].register_forward_hook(boom)
+    model.train()
     vec = torch.zeros(32)
     with pytest.raises(RuntimeError, match="injected failure"):
         sample_branches(model, tiny_tokenizer, PROMPTS, SamplerConfig(max_new_tokens=8),
                         intervention=lambda s: add_to_layer(model, s, vec))
     assert not model.model.layers[1]._forward_hooks, (
         "the intervention's hook survived an exception: later runs would be silently steered")
+    assert model.training, "the model's train/eval mode must be restored after an exception"
 
 
 def test_state_seen_by_intervention(tiny_lm, tiny_tokenizer):

@@ -1,0 +1,170 @@
+"""Hooked pairs: the hook-site table, nnsight on tiny random HF models of several families, the
+TransformerLens backend against nnsight on the organism, and the errors a bad pair must raise."""
+
+import pytest
+import torch
+
+from probe.entropy import pair_stats, token_stats, trajectories_from_branches
+from probe.hooks import FAMILIES, MODEL_TYPES, SITES, HookSiteError, resolve_hook
+from probe.pair import ContextLengthError, PairMismatchError, load_pair, wrap
+from probe.sampler import SamplerConfig, sample_branches
+
+ALL_SITES = [t for t in SITES if "{L}" in t]
+
+
+def _extra_config(arch: str):
+    """Tiny configs of families the shared `tiny_lm` fixture does not build."""
+    from transformers import GPTNeoXConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    common = dict(vocab_size=64, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    llama_like = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=64, max_position_embeddings=128, **common)
+    return {
+        "mistral": lambda: MistralConfig(**llama_like),
+        "qwen3": lambda: Qwen3Config(head_dim=8, **llama_like),
+        "gpt_neox": lambda: GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                          intermediate_size=64, max_position_embeddings=128, **common),
+        "qwen2_wide": lambda: Qwen2Config(**{**llama_like, "hidden_size": 64}),
+        "qwen2_deep": lambda: Qwen2Config(**{**llama_like, "num_hidden_layers": 3}),
+        "qwen2_wide_deep": lambda: Qwen2Config(**{**llama_like, "hidden_size": 64, "num_hidden_layers": 3}),
+    }[arch]()
+
+
+def _build(arch, tiny_lm, seed=0):
+    from transformers import AutoModelForCausalLM
+
+    if arch in ("qwen2", "llama", "gpt2"):
+        return tiny_lm(arch, seed)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(_extra_config(arch), attn_implementation="sdpa").eval()
+
+
+def test_table_resolves_every_family_and_unknown_sites_list_the_valid_ones(tiny_lm):
+    qwen, gpt2 = tiny_lm("qwen2"), tiny_lm("gpt2")
+    assert resolve_hook("blocks.1.hook_resid_post", qwen).module_path == "model.layers.1"
+    assert resolve_hook("blocks.1.hook_resid_post", gpt2).module_path == "transformer.h.1"
+    assert resolve_hook("blocks.0.hook_attn_out", gpt2).module_path == "transformer.h.0.attn"
+    ln = resolve_hook("ln_final.hook_normalized", qwen)
+    assert (ln.module_path, ln.layer, ln.post) == ("model.norm", None, "undo_affine")
+    for family in set(MODEL_TYPES.values()):
+        assert set(FAMILIES[family]) == {c for c, _, _ in SITES.values()}, f"{family} lacks a component"
+    with pytest.raises(HookSiteError, match=r"unknown hook site 'blocks.0.hook_resid_mid'.*blocks.\{L\}.hook_resid_post \(L in 0..1\)"):
+        resolve_hook("blocks.0.hook_resid_mid", qwen)
+    with pytest.raises(HookSiteError, match="layer 2 is out of range for a 2-layer model"):
+        resolve_hook("blocks.2.hook_resid_post", qwen)
+    qwen.config.model_type = "mamba"
+    with pytest.raises(HookSiteError, match="model_type='mamba'; supported"):
+        resolve_hook("blocks.0.hook_resid_post", qwen)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "mistral", "qwen3", "gpt_neox"])
+def test_nnsight_sites_equal_hf_hidden_states_on_tiny_random_models(arch, tiny_lm, tiny_tokenizer):
+    hf = _build(arch, tiny_lm)
+    model = wrap(hf, tiny_tokenizer, backend="nnsight", device="cpu")
+    assert model.backend == "nnsight" and model.n_layers == 2 and model.d_model == 32
+    ids = torch.randint(3, 64, (3, 9), generator=torch.Generator().manual_seed(0))
+    names = [t.replace("{L}", str(L)) for L in (0, 1) for t in ALL_SITES] + ["ln_final.hook_normalized"]
+    with torch.inference_mode():
+        logits, acts = model.run_with_sites(ids, names[::-1])  # any order in, execution order inside
+        ref = hf(ids, output_hidden_states=True)
+    assert torch.allclose(logits, ref.logits, atol=1e-5), "nnsight logits must equal the HF forward"
+    hs = ref.hidden_states  # embeddings, block 0 out, ..., final (normed)
+    for L in (0, 1):
+        assert torch.allclose(acts[f"blocks.{L}.hook_resid_pre"], hs[L], atol=1e-5), f"{arch} resid_pre {L}"
+        parts = acts[f"blocks.{L}.hook_resid_pre"] + acts[f"blocks.{L}.hook_attn_out"] + acts[f"blocks.{L}.hook_mlp_out"]
+        assert torch.allclose(parts, acts[f"blocks.{L}.hook_resid_post"], atol=1e-5), \
+            f"{arch} block {L}: resid_pre + attn_out + mlp_out must equal resid_post"
+    assert torch.allclose(acts["blocks.0.hook_resid_post"], hs[1], atol=1e-5)
+    x = acts["blocks.1.hook_resid_post"]
+    if arch in ("gpt2", "gpt_neox"):
+        eps = getattr(hf.config, "layer_norm_epsilon", getattr(hf.config, "layer_norm_eps", 1e-5))
+        want = (x - x.mean(-1, keepdim=True)) / (x.var(-1, unbiased=False, keepdim=True) + eps).sqrt()
+    else:
+        want = x / (x.pow(2).mean(-1, keepdim=True) + hf.config.rms_norm_eps).sqrt()
+    with torch.no_grad():  # random weights can be ~0; give the norm a well-conditioned affine map
+        norm = hf.get_submodule(resolve_hook("ln_final.hook_normalized", hf).module_path)
+        norm.weight.copy_(torch.linspace(0.5, 1.5, 32))
+        _, acts = model.run_with_sites(ids, ["ln_final.hook_normalized"])
+    assert torch.allclose(acts["ln_final.hook_normalized"], want, atol=1e-4), \
+        "ln_final.hook_normalized must be the normalised input before the affine weight (TL's definition)"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_teacher_forced_entropy_equals_the_samplers_and_padding_changes_nothing(arch, tiny_lm, tiny_tokenizer):
+    hf = tiny_lm(arch)
+    branches = sample_branches(hf, tiny_tokenizer, [[5, 6, 7], [9, 10]], SamplerConfig(n=3, max_new_tokens=6, device="cpu"))
+    traj = trajectories_from_branches(branches, pad_id=0)
+    pair = load_pair((hf, tiny_tokenizer), (tiny_lm(arch, seed=1), tiny_tokenizer), backend="nnsight", device="cpu")
+    stats = pair_stats(pair, traj, batch_size=2, resid_layers=[0, 1])
+    assert torch.allclose(stats.h_base[stats.mask], branches.entropy[branches.mask], atol=1e-4), \
+        "teacher-forced entropy at token t must equal the entropy the sampler drew token t from"
+    assert torch.allclose(stats.lp_base[stats.mask], branches.logprobs[branches.mask], atol=1e-4)
+    assert (stats.kl_base_rl[stats.mask] > 0).all() and stats.resid[1].shape == (int(stats.mask.sum()), 32)
+    for r in range(traj.tokens.shape[0]):  # batched + padded == one row alone
+        n = int(traj.attention_mask[r].sum())
+        h, _ = token_stats(pair.base, traj.tokens[r : r + 1, :n], None, traj.answer_mask[r : r + 1, :n])
+        assert torch.allclose(h[0], stats.h_base[r, :n], atol=1e-5), f"row {r}: padding changed entropies"
+    _, resid = pair.rl.run_with_resid(traj.tokens[:1], [1])
+    pred = traj.answer_mask[0].nonzero().squeeze(1) - 1  # the positions predicting the answer tokens
+    assert torch.allclose(resid[1][0, pred], stats.resid[1][: len(pred)], atol=1e-5), \
+        "detector features are the residual at the position predicting each answer token"
+
+
+def test_mismatched_pairs_name_what_differs(tiny_lm, tiny_tokenizer):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    base = (tiny_lm("qwen2"), tiny_tokenizer)
+    with pytest.raises(PairMismatchError, match="d_model: 32 .* vs 64"):
+        load_pair(base, (_build("qwen2_wide", tiny_lm), tiny_tokenizer), backend="nnsight", device="cpu")
+    with pytest.raises(PairMismatchError, match="n_layers: 2 .* vs 3"):
+        load_pair(base, (_build("qwen2_deep", tiny_lm), tiny_tokenizer), backend="nnsight", device="cpu")
+    vocab = dict(tiny_tokenizer.get_vocab())
+    vocab["w3"], vocab["w4"] = vocab["w4"], vocab["w3"]  # same size, two ids swapped
+    swapped = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<unk>")),
+                                      eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    with pytest.raises(PairMismatchError, match="token->id maps differ on 2 token.*'w3': 3 vs 4"):
+        load_pair(base, (tiny_lm("qwen2"), swapped), backend="nnsight", device="cpu")
+    with pytest.raises(PairMismatchError, match="d_model: 32 .* vs 64.*n_layers: 2 .* vs 3"):
+        load_pair(base, (_build("qwen2_wide_deep", tiny_lm), tiny_tokenizer), backend="nnsight", device="cpu")
+    with pytest.raises(ValueError, match="backend='jax'"):
+        load_pair(base, base, backend="jax")
+
+
+def test_too_long_trajectories_are_a_clear_error(tiny_lm, tiny_tokenizer):
+    model = wrap(tiny_lm("gpt2"), tiny_tokenizer, backend="nnsight", device="cpu")
+    with pytest.raises(ContextLengthError, match="129 tokens are longer than the context .*n_ctx=128"):
+        model.logits(torch.ones(1, 129, dtype=torch.long))
+    with pytest.raises(ContextLengthError, match="allowed at most 128"):
+        token_stats(model, torch.ones(2, 200, dtype=torch.long))
+
+
+@pytest.mark.slow
+def test_transformer_lens_and_nnsight_agree_on_the_organism(tmp_path):
+    """TransformerLens import and conversion take ~7 s, hence slow."""
+    from experiments.organism import OrganismConfig, build_organism, save_checkpoint
+
+    for name, seed in (("base", 0), ("rl", 1)):
+        m, tok = build_organism(OrganismConfig(depth=2), seed=seed)
+        save_checkpoint(m, tok, tmp_path / name)
+    tl = load_pair(tmp_path / "base", tmp_path / "rl", backend="auto", device="cpu")
+    nn = load_pair(tmp_path / "base", tmp_path / "rl", backend="nnsight", device="cpu")
+    assert tl.base.backend == "transformer_lens" and nn.base.backend == "nnsight"
+    prompts = ["3,5,12|24:", "1,2,3|6:", "4,4,9|7:"]
+    branches = sample_branches(nn.base.hf, nn.base.tokenizer, prompts, SamplerConfig(n=4, max_new_tokens=12, device="cpu"))
+    traj = trajectories_from_branches(branches, pad_id=0)
+    a, b = pair_stats(tl, traj, resid_layers=[0, 1]), pair_stats(nn, traj, resid_layers=[0, 1])
+    for f in ("h_base", "h_rl", "lp_base", "kl_base_rl", "kl_rl_base"):
+        assert torch.allclose(getattr(a, f), getattr(b, f), atol=1e-4), f"{f}: TL and nnsight disagree"
+    assert all(torch.allclose(a.resid[L], b.resid[L], atol=1e-4) for L in (0, 1))
+    names = [t.replace("{L}", str(L)) for L in (0, 1) for t in ALL_SITES] + ["ln_final.hook_normalized"]
+    with torch.inference_mode():
+        lt, at = tl.rl.run_with_sites(traj.tokens, names, traj.attention_mask)
+        ln, an = nn.rl.run_with_sites(traj.tokens, names, traj.attention_mask)
+    real = traj.attention_mask
+    assert torch.allclose(lt[real], ln[real], atol=1e-4)
+    for n in names:
+        assert torch.allclose(at[n][real], an[n][real], atol=1e-4), f"{n}: backends disagree on the same name"
+    with pytest.raises(PairMismatchError, match="backend: 'transformer_lens'.* vs 'nnsight'"):
+        load_pair(tl.base, nn.rl)
