@@ -3,6 +3,7 @@
     forksight organism sft --out DIR          train the base organism (SFT), then evaluate it
     forksight organism rl --base DIR --intervention none|entropy-bonus|clip-cov|kl-cov|forks-only --out DIR
     forksight eval --model DIR [--model DIR]  held-out metrics.json + pass@k plot
+    forksight probe --base DIR --rl DIR --out DIR   entropy, forks, fork detector, entropy law
 
 Every subcommand ends by printing one JSON line of its headline numbers.
 """
@@ -18,6 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from experiments.cli_args import add_config_args, config_from_args
+from experiments.countdown import Countdown
 from experiments.evaluation import EvalConfig, evaluate_checkpoint
 from experiments.grpo import GRPOConfig
 from experiments.grpo_loss import LossConfig
@@ -61,6 +63,7 @@ def cmd_sft(args: argparse.Namespace) -> dict:
         cfg.out, cfg.eval_samples, cfg.seed, cfg.device,
         train_seconds=summary["train_seconds"], train_steps=summary["steps"],
         train_loss_last=summary["loss_last"], train_seed=cfg.seed, sft_config=asdict(cfg),
+        task_config=asdict(Countdown().config), heldout_solution_histogram=Countdown().solution_histogram(),
     )
     return {"out": cfg.out, "train_seconds": summary["train_seconds"], **_headline(metrics)}
 
@@ -127,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(rl, GRPOConfig)
     add_config_args(rl, LossConfig)
     rl.set_defaults(func=cmd_rl)
+
+    from experiments import probe_study
+
+    probe_study.register(sub)
 
     ev = sub.add_parser("eval", help="held-out metrics and pass@k curves of one or more checkpoints")
     ev.add_argument("--model", action="append", help="checkpoint directory (repeat to compare; default: shipped base)")

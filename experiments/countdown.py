@@ -260,6 +260,11 @@ class Countdown:
             yield i, p, rng
             i += 1
 
+    def solution_histogram(self) -> dict[str, int]:
+        """How many held-out problems have 1, 2, ..., 9, and >= 10 distinct solutions."""
+        counts = [min(len(self.solutions(p)), 10) for p in self.heldout()]
+        return {(f"{k}" if k < 10 else ">=10"): counts.count(k) for k in range(1, 11)}
+
     def sample_solution(self, problem: Problem, rng: random.Random) -> str:
         """A uniformly random valid solution (over canonical trees), as answer text."""
         sols = self.solutions(problem)

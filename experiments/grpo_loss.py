@@ -28,10 +28,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from probe.entropy import entropy_and_logprob
 from probe.forks import fork_mask
 
 INTERVENTIONS = ("none", "entropy-bonus", "clip-cov", "kl-cov", "forks-only")
@@ -150,12 +150,9 @@ def policy_logprobs(
     that predicted it, aligned with `batch.input_ids` (position 0 gets 0)."""
     logits = model(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
-    ).logits[:, :-1].float()  # (rows, seq-1, vocab): position s predicts token s+1
-    logp_all = F.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
-    ent = -(logp_all.exp() * logp_all).sum(-1)
-    pad = torch.zeros_like(logp[:, :1])
-    return torch.cat([pad, logp], 1), torch.cat([pad, ent], 1)
+    ).logits
+    entropy, logp = entropy_and_logprob(logits, batch.input_ids)
+    return logp, entropy
 
 
 def grpo_loss(

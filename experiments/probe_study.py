@@ -14,7 +14,9 @@ model (`probe.sampler`, temperature 1), teacher-forces both models on both sets 
 
 Forks are taken per batch = per sampling source, under each model's own entropies. The detector
 pools both sources; its label is "base fork", its feature the RL model's residual at the position
-predicting the token, and the split is by problem (all trajectories of a problem on one side).
+predicting the token, and the split is by problem (all trajectories of a problem on one side). A
+token-identity baseline (the same probe on the input embedding of the predicting token) says how
+much of the AUROC the current token alone explains.
 """
 
 from __future__ import annotations
@@ -81,6 +83,8 @@ class ProbeConfig:
     """Fraction of problems held out to score the fork detector."""
     fit_fraction: float = 0.5
     """Law extrapolation: fit on this first fraction of the log, predict the rest."""
+    law_reward_key: str = "reward_mean"
+    """Log key used as R in the law (pass_at_1, held-out accuracy, is closer to the paper's R)."""
     n_examples: int = 6
     """Trajectories shown in the entropy heat-map."""
 
@@ -149,12 +153,12 @@ def _law(cfg: ProbeConfig, out: Path) -> dict:
     log = Path(cfg.train_log) if cfg.train_log else Path(cfg.rl) / "train_log.jsonl"
     if not cfg.train_log and not log.is_file():
         return {"available": False, "reason": f"no --train-log given and {log} does not exist"}
-    h, r = read_train_log(log)
+    h, r = read_train_log(log, reward_key=cfg.law_reward_key)
     fit = fit_entropy_law(h, r)
     extra = extrapolation_error(h, r, cfg.fit_fraction)
     early = fit_entropy_law(h[: extra["n_fit"]], r[: extra["n_fit"]])
     plot_law_fit(h, r, fit, out / "law_fit.png", n_fit=extra["n_fit"], early_fit=early)
-    return {"available": True, "train_log": str(log), "n_steps": len(h), **fit.to_dict(),
+    return {"available": True, "train_log": str(log), "reward_key": cfg.law_reward_key, "n_steps": len(h), **fit.to_dict(),
             "extrapolation": extra, "plot": "law_fit.png"}
 
 
@@ -182,6 +186,9 @@ def _pad_id(tok) -> int:
 def run_probe(cfg: ProbeConfig) -> dict:
     """Run the whole probe; writes metrics.json, the detector and the plots into `cfg.out`."""
     t0 = time.time()
+    if cfg.train_log and not Path(cfg.train_log).is_file():  # fail before any sampling
+        raise FileNotFoundError(f"--train-log {cfg.train_log!r} does not exist; pass the RL run's "
+                                "train_log.jsonl, or leave it empty to use RL_DIR/train_log.jsonl if present")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     pair: Pair = load_pair(cfg.base, cfg.rl, backend=cfg.backend, device=cfg.device)
@@ -199,7 +206,7 @@ def run_probe(cfg: ProbeConfig) -> dict:
                      "n_problems": len(prompts), "n_samples": cfg.samples, "temperature": 1.0,
                      "seed": cfg.seed, "rho": cfg.rho}
     resid: dict[int, list] = {x: [] for x in layers}
-    labels, groups, hists, thresholds = [], [], {"base": [], "rl": []}, {}
+    labels, groups, hists, thresholds, pred_tokens = [], [], {"base": [], "rl": []}, {}, []
     for src, model in pair.items():
         branches: Branches = sample_branches(model.hf, tok, prompts, sampler)
         scored = score_branches(branches, prompts, task, tok)
@@ -213,6 +220,7 @@ def run_probe(cfg: ProbeConfig) -> dict:
         for x in layers:
             resid[x].append(stats.resid[x])
         labels.append(forks["base"][stats.mask])
+        pred_tokens.append(traj.tokens[:, :-1][stats.mask[:, 1:]])  # token at each predicting position
         groups.append(traj.prompt_index[:, None].expand_as(stats.mask)[stats.mask])
         for name in hists:
             hists[name].append((stats.h_base if name == "base" else stats.h_rl)[stats.mask])
@@ -227,6 +235,12 @@ def run_probe(cfg: ProbeConfig) -> dict:
     det.save(out / "fork_detector.safetensors")
     metrics["detector"] = {**det.meta["report"], "path": "fork_detector.safetensors", "feature": det.meta["feature"],
                            "label": det.meta["label"], "hook_site": det.meta["hook_site"]}
+    # Baseline: what token identity alone predicts (same split), so the layers' AUROC has a floor to beat.
+    emb = pair.rl.hf.get_input_embeddings().weight.detach().float().cpu()[torch.cat(pred_tokens)]
+    base_det = ForkDetector.fit({0: emb}, torch.cat(labels), torch.cat(groups), test_fraction=cfg.test_fraction, seed=cfg.seed)
+    metrics["detector"]["token_baseline"] = {
+        **base_det.meta["report"]["layers"]["0"],
+        "feature": "RL input embedding of the token at the predicting position (identity only, no context)"}
     pooled = {k: torch.cat(v) for k, v in hists.items()}
     plot_entropy_histograms(pooled, out / "entropy_hist.png", thresholds)
     metrics["law"] = _law(cfg, out)
@@ -250,6 +264,7 @@ def headline(metrics: dict) -> dict:
         "entropy_change_share_on_base_forks": on_base["entropy_change"]["share_on_base_forks"],
         "detector_best_layer": det["best_layer"], "detector_auroc": best["auroc_test"],
         "detector_auroc_control": best["auroc_control"],
+        "detector_auroc_token_baseline": det["token_baseline"]["auroc_test"],
         "law_ceiling": metrics["law"].get("ceiling"),
     }
 

@@ -38,7 +38,7 @@ class SFTConfig:
     """Run directory: the final HF checkpoint, metrics.json and resumable state."""
     depth: int = 4
     """Organism size knob (see OrganismConfig)."""
-    steps: int = 4000
+    steps: int = 3500
     """Optimizer steps."""
     batch_size: int = 128
     """Problems per step (one sampled solution each)."""

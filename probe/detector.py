@@ -16,6 +16,9 @@ points are still represented: the exploration is latent rather than gone. The sa
   reading structure, not memorising.
 - `auroc`: exact, from average ranks (ties count 1/2), equal to the pairwise definition.
 
+No paper defines this detector: it is the toolkit's test of whether collapse is latent. Forks
+(the labels) follow `probe.forks` (top-rho base entropy per batch, after arXiv:2506.01939).
+
 What it is not: a causal claim (a probe reads, it does not show the model uses the direction), or
 a nonlinear probe.
 """

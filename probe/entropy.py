@@ -11,6 +11,11 @@ has no predicting position, so it can never be an answer token.
 - logprob: log p(token t | tokens < t).
 - KL(p || q) = sum_v p_v (log p_v - log q_v), per token, both directions for the pair.
 
+Departure from Wang et al. 2025 (arXiv:2506.01939): the paper reads token entropy off the policy
+while it generates; here both models are teacher-forced on the *same* tokens (sampled from either
+model), so base and RL entropies, log-probs and KLs are compared position by position. On the
+sampling model's own trajectories the two coincide (tested against `Branches.entropy`).
+
 What it is not: sampling (`probe.sampler`) or forks (`probe.forks`). Values outside the answer
 mask are 0. Residuals for the fork detector are gathered in the same forward pass of the RL model
 (`pair_stats(..., resid_layers=...)`), at the predicting position of each answer token, and kept
@@ -93,8 +98,12 @@ def _check_masks(tokens: Tensor, attention_mask: Tensor | None, answer_mask: Ten
     return attention_mask, answer_mask
 
 
-def _entropy_logprob(logits: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
-    """Stats aligned to tokens: column t from logits[:, t - 1]; column 0 is 0."""
+def entropy_and_logprob(
+    logits: Float[Tensor, "rows pos vocab"], tokens: Int[Tensor, "rows pos"]
+) -> tuple[Float[Tensor, "rows pos"], Float[Tensor, "rows pos"]]:
+    """Entropy (nats, temperature 1) and log-prob of each token, aligned to `tokens`: column t
+    comes from `logits[:, t - 1]` (the distribution that predicts token t); column 0 is 0.
+    Differentiable (the RL learner uses it with gradients)."""
     logp = logits[:, :-1].float().log_softmax(-1)  # [b, T-1, V]
     p = logp.exp()
     ent = -torch.where(p > 0, p * logp, 0.0).sum(-1)  # [b, T-1]
@@ -133,7 +142,7 @@ def token_stats(
         for r0 in range(0, tokens.shape[0], batch_size):
             sl = slice(r0, r0 + batch_size)
             logits = model.logits(tokens[sl], attention_mask[sl])
-            e, l_ = _entropy_logprob(logits, tokens[sl].to(logits.device))
+            e, l_ = entropy_and_logprob(logits, tokens[sl].to(logits.device))
             ent[sl], lp[sl] = e.cpu(), l_.cpu()
     return torch.where(answer_mask, ent, 0.0), torch.where(answer_mask, lp, 0.0)
 
@@ -180,7 +189,7 @@ def pair_stats(
             lb = pair.base.logits(tok, attn)  # [b, T, V]
             lr, acts = pair.rl.run_with_resid(tok, list(resid_layers), attn, site=resid_site)
             tok = tok.to(lb.device)
-            (hb, pb), (hr, pr) = _entropy_logprob(lb, tok), _entropy_logprob(lr.to(lb.device), tok)
+            (hb, pb), (hr, pr) = entropy_and_logprob(lb, tok), entropy_and_logprob(lr.to(lb.device), tok)
             kbr, krb = kl(lb[:, :-1], lr[:, :-1].to(lb.device)), kl(lr[:, :-1].to(lb.device), lb[:, :-1])
             zero = kbr.new_zeros(kbr.shape[0], 1)
             for k, v in zip(out, (hb, hr, pb, pr, torch.cat([zero, kbr], 1), torch.cat([zero, krb], 1))):

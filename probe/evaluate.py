@@ -22,10 +22,8 @@ Conventions where DESIGN.md is silent:
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -228,13 +226,11 @@ def plot_pass_at_k(curves: Mapping[str, Mapping[str, Any]], path: str | os.PathL
     overtakes another (`crossover_k`), the k is marked and labelled. The PNG is written atomically
     (temporary file in the same directory, then `os.replace`). Returns the figure.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from probe.plots import new_figure, save_figure_atomic
 
     if not curves:
         raise ValueError("no curves to plot; pass {model name: metrics dict}")
-    fig = Figure(figsize=(6, 4), dpi=120)
-    FigureCanvasAgg(fig)  # Agg without touching pyplot's global backend
+    fig = new_figure(6, 4)
     ax = fig.add_subplot()
     points: dict[str, dict[int, float]] = {}
     for name, metrics in curves.items():
@@ -265,14 +261,5 @@ def plot_pass_at_k(curves: Mapping[str, Mapping[str, Any]], path: str | os.PathL
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_figure_atomic(fig, path)
     return fig

@@ -5,7 +5,7 @@ What it is: `HookedModel`, a thin wrapper over a TransformerLens `HookedTransfor
 for both; `load_pair(base, rl)`, which loads two of them and refuses pairs that cannot be compared
 token by token (`check_compatible`); and the context-length check every forward pass runs.
 
-What it is not: entropy or forks (see `probe.entropy`, `probe.forks`), or generation. Sampling
+No paper is implemented here. What it is not: entropy or forks (see `probe.entropy`, `probe.forks`), or generation. Sampling
 uses the Hugging Face model underneath (`HookedModel.hf`, for `probe.sampler.sample_branches`):
 with the TransformerLens backend that is a second copy of the weights, fine for organisms; use
 nnsight for large pairs.

@@ -83,9 +83,9 @@ def test_fork_overlap_and_entropy_change_share_by_hand():
 
 
 def test_role_split_by_hand():
-    P, E, O = ROLE_CODES["planning"], ROLE_CODES["execution"], ROLE_CODES["other"]
+    P, E, OTHER = ROLE_CODES["planning"], ROLE_CODES["execution"], ROLE_CODES["other"]
     entropy = torch.tensor([[2.0, 0.1, 1.0, 0.3, 7.0]])
-    roles = torch.tensor([[P, E, P, E, O]])
+    roles = torch.tensor([[P, E, P, E, OTHER]])
     mask = torch.tensor([[1, 1, 1, 1, 0]], dtype=torch.bool)
     forks = torch.tensor([[1, 0, 0, 1, 0]], dtype=torch.bool)
     s = role_split(entropy, mask, roles, forks)

@@ -55,6 +55,7 @@ def test_run_probe_writes_metrics_plots_and_a_loadable_detector(organism_pair, t
     assert set(det["layers"]) == {"0", "1"} and all(
         v["auroc_test"] is not None and v["auroc_control"] is not None for v in det["layers"].values()
     ), "every layer needs a held-out AUROC and its control"
+    assert det["token_baseline"]["auroc_test"] is not None, "the token-identity floor must be reported"
     law = metrics["law"]
     assert law["available"] and law["a"] == pytest.approx(0.2) and law["b"] == pytest.approx(0.9)
     assert law["ceiling"] == pytest.approx(0.7) and law["extrapolation"]["mae"] < 1e-9
