@@ -41,13 +41,13 @@ class GRPOConfig:
     """The starting checkpoint (an organism HF directory)."""
     out: str = "runs/rl"
     """Run directory."""
-    steps: int = 150
+    steps: int = 250
     """RL steps (one rollout batch each)."""
     prompts_per_step: int = 32
     """Training problems per step."""
     group_size: int = 16
     """G: samples per problem."""
-    lr: float = 1e-4
+    lr: float = 2e-4
     """AdamW learning rate (constant)."""
     std_normalize: bool = False
     """Divide advantages by the group's reward std."""

@@ -56,3 +56,24 @@ def tiny_tokenizer():
     core.pre_tokenizer = WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<pad>",
                                    unk_token="<unk>")
+
+
+# --- steering: tiny models whose sampled rows end at different steps (steering/, patching) ----------
+
+@pytest.fixture
+def eos_lm(tiny_lm):
+    """Factory: `eos_lm(seed=0)` -> `tiny_lm("qwen2", seed)` with a 30x sharper head and an eos bias
+    (+2 logits), so entropies vary across tokens and rows finish at different steps (the sampler
+    then drops finished rows). TransformerLens cannot convert it (the head has a bias)."""
+
+    def build(seed: int = 0):
+        model = tiny_lm("qwen2", seed)
+        head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+        with torch.no_grad():
+            head.weight.copy_(model.lm_head.weight * 30)
+            head.bias.zero_()
+            head.bias[model.config.eos_token_id] = 2.0
+        model.lm_head = head
+        return model.eval()
+
+    return build

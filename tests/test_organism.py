@@ -103,11 +103,3 @@ def test_shipped_base_gives_the_same_logits_through_every_backend():
     _assert_backends_agree(BASE)
 
 
-def test_shipped_base_meets_its_targets():
-    m = json.loads((BASE / "metrics.json").read_text())
-    assert m["n_samples"] == 64 and m["temperature"] == 1.0
-    assert m["pass_at_1"] >= 0.5, m["pass_at_1"]
-    assert m["pass_at_64"] >= 0.9, m["pass_at_64"]
-    assert m["distinct_correct_mean"] >= 2.5, m["distinct_correct_mean"]
-    assert m["planning_entropy_mean"] > m["execution_entropy_mean"]
-    assert m["train_seconds"] <= 20 * 60

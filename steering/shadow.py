@@ -1,0 +1,134 @@
+"""A shadow model: a second Hugging Face causal LM fed exactly what the sampler feeds the steered one.
+
+What it is: the machinery behind every intervention that needs the *other* model of the pair on
+the same prefix, while `probe.sampler.sample_branches` drives the steered model: the `disagree` and
+`base_entropy` gates of `steering.apply` and cross-model patching (`steering.patching`). Before
+each forward pass of the steered model, `Shadow.step` runs the shadow model on the same
+`input_ids` / `attention_mask` / `position_ids`, with its own `DynamicCache` kept in step with
+the sampler's: a new cache at each prefill, expanded from prompts to rows (prompt-major) after it,
+and shrunk whenever the sampler drops finished rows (read from `SamplingState.row_ids`). It
+captures the shadow's activations at the requested sites and returns its next-token logits.
+
+Outside the sampler (no `SamplingState`), a forward pass that carries no KV cache is shadowed by
+one full forward of the shadow model on the same inputs (teacher forcing); one that carries a cache
+is refused, since the shadow has no way to know the prefix.
+
+Cost: one forward of the shadow model per forward of the steered one, and a second KV cache.
+What it is not: a generic multi-model runner; both models must share the tokenizer (check with
+`probe.pair.check_compatible`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from transformers import DynamicCache
+
+from probe.hooks import resolve_hook
+from probe.sampler import SamplingState
+
+
+class ShadowError(RuntimeError):
+    """The shadow model cannot follow the steered model's forward pass."""
+
+
+def hf_of(model: Any) -> Any:
+    """The Hugging Face model under a HF model, a `probe.pair.HookedModel` or an nnsight model."""
+    for attr in ("hf", "_module"):
+        inner = getattr(model, attr, None)
+        if inner is not None and hasattr(inner, "config"):
+            return inner
+    if isinstance(model, torch.nn.Module) and hasattr(getattr(model, "config", None), "model_type"):
+        return model
+    raise TypeError(f"{type(model).__name__} is not a Hugging Face causal LM (or a HookedModel / nnsight "
+                    "model around one); the shadow (base) model must be one")
+
+
+def cache_kw(hf: Any) -> tuple[str, dict[str, Any]]:
+    """The name of `hf.forward`'s KV-cache argument and the extra kwargs of a cached step."""
+    params = inspect.signature(type(hf).forward).parameters
+    return ("cache" if "cache" in params else "past_key_values",  # renamed in transformers 5.x
+            {"use_cache": True, **({"logits_to_keep": 1} if "logits_to_keep" in params else {})})
+
+
+def forward_inputs(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor | None, Tensor | None, Any]:
+    """(input_ids, attention_mask, position_ids, cache) of a HF forward call."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None:
+        raise ShadowError("the steered forward pass has no input_ids (inputs_embeds?); the shadow needs token ids")
+    cache = kwargs.get("past_key_values", kwargs.get("cache"))
+    return ids, kwargs.get("attention_mask"), kwargs.get("position_ids"), cache
+
+
+class Shadow:
+    """Runs `model` in step with the sampler; `acts[name]` holds its last captured activations."""
+
+    def __init__(self, model: Any, sites: tuple[str, ...] = ()):
+        self.hf = hf_of(model)
+        self.sites = [resolve_hook(s, self.hf) for s in sites]
+        self.acts: dict[str, Float[Tensor, "batch seq d_model"]] = {}
+        self._cache_kw, self._extra = cache_kw(self.hf)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the cache (the next step must be a prefill)."""
+        self.cache, self.keys, self.keys_are_prompts, self.acts = None, None, True, {}
+
+    def register(self) -> list:
+        """Capture hooks on the shadow's sites; the caller removes the returned handles."""
+        handles = []
+        for h in self.sites:
+            module = self.hf.get_submodule(h.module_path)
+
+            def grab(x, name=h.name):
+                self.acts[name] = x
+
+            if h.port == "input":
+                handles.append(module.register_forward_pre_hook(lambda m, a, kw, g=grab: g(a[0] if a else kw["hidden_states"]),
+                                                                with_kwargs=True))
+            else:
+                handles.append(module.register_forward_hook(lambda m, a, o, g=grab: g(o[0] if isinstance(o, tuple) else o)))
+        return handles
+
+    def _align(self, state: SamplingState) -> None:
+        """Make the shadow cache's batch items the sampler's current ones (`state.row_ids`)."""
+        want = state.prompt_index if self.keys_are_prompts else state.row_ids
+        sel = torch.searchsorted(self.keys, want)  # keys are ascending (prompt index / row id)
+        if (sel >= len(self.keys)).any() or not torch.equal(self.keys[sel.clamp_max(len(self.keys) - 1)], want):
+            raise ShadowError(f"shadow cache holds items {self.keys.tolist()[:8]} but the sampler's batch is "
+                              f"{want.tolist()[:8]}: out of step. Fix: use one Shadow per sample_branches call.")
+        if len(sel) != len(self.keys) or not torch.equal(sel, torch.arange(len(sel), device=sel.device)):
+            self.cache.batch_select_indices(sel)
+        self.keys, self.keys_are_prompts = state.row_ids.clone(), False
+
+    @torch.inference_mode()
+    def step(self, state: SamplingState | None, args: tuple, kwargs: dict) -> Float[Tensor, "batch seq vocab"]:
+        """Run the shadow on the inputs of the steered forward pass; returns its logits (float32):
+        the last position only inside the sampler, every position outside it."""
+        ids, attn, pos, cache = forward_inputs(args, kwargs)
+        dev = next(self.hf.parameters()).device
+        move = lambda t: None if t is None else t.to(dev)  # noqa: E731
+        self.acts = {}
+        if state is None:
+            if cache is not None and cache.get_seq_length() > 0:
+                raise ShadowError("the steered forward pass continues a KV cache the shadow has not seen. Fix: "
+                                  "shadowed interventions run inside sample_branches, or on full sequences.")
+            if pos is None and attn is not None:
+                pos = (attn.long().cumsum(-1) - 1).clamp_min(0)
+            return self.hf(input_ids=move(ids), attention_mask=move(attn), position_ids=move(pos),
+                           use_cache=False).logits.float()
+        if state.phase == "prompt":
+            self.cache = DynamicCache(config=self.hf.config)
+            self.keys, self.keys_are_prompts = state.prompt_index.clone(), True
+        elif self.cache is None:
+            raise ShadowError("the sampler is generating but the shadow never saw the prompt. Fix: enter "
+                              "the intervention before sample_branches starts (pass it as intervention=).")
+        else:
+            self._align(state)
+        out = self.hf(input_ids=move(ids), attention_mask=move(attn), position_ids=move(pos),
+                      **{self._cache_kw: self.cache}, **self._extra)
+        return out.logits[:, -1:].float()

@@ -1,0 +1,70 @@
+"""Where interventions attach: hook sites on every supported model object.
+
+What it is: `targets(model)` lists the module trees a model object runs on (a HF causal LM, a
+`probe.pair.HookedModel` (its HF model, plus its TransformerLens model for that backend), an
+nnsight `TransformersModel` (its HF module), a TransformerLens `HookedTransformer`), and
+`on_site` registers a read-or-replace hook at a `probe.hooks` name on one of them: the resolved HF
+module's input / output (first element of a tuple) or the TransformerLens hook point.
+`site_order` gives the forward-execution order of a name without a model.
+
+What it is not: the name table itself (`probe.hooks`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from probe.hooks import SITES, HookSiteError, resolve_hook
+from probe.pair import HookedModel
+
+
+def site_order(name: str) -> tuple[int, int]:
+    """Forward-execution order (layer, position in `probe.hooks.SITES`) of an activation name."""
+    for i, t in enumerate(SITES):
+        m = re.fullmatch(re.escape(t).replace(r"\{L\}", r"(\d+)"), name)
+        if m:
+            return (int(m.group(1)) if m.groups() else 1 << 30, i)
+    raise HookSiteError(f"unknown hook site {name!r}; valid templates: {list(SITES)}")
+
+
+def targets(model: Any) -> list[tuple[str, Any]]:
+    """[("hf", hf_model) | ("tl", hooked_transformer)]: every module tree `model` runs on."""
+    if isinstance(model, HookedModel):
+        return [("hf", model.hf)] + ([("tl", model.model)] if model.backend == "transformer_lens" else [])
+    if isinstance(model, torch.nn.Module) and hasattr(getattr(model, "config", None), "model_type"):
+        return [("hf", model)]
+    if hasattr(model, "hook_dict") and hasattr(model, "cfg"):
+        return [("tl", model)]
+    inner = getattr(model, "_module", None)  # nnsight TransformersModel
+    if isinstance(inner, torch.nn.Module) and hasattr(getattr(inner, "config", None), "model_type"):
+        return [("hf", inner)]
+    raise TypeError(f"cannot steer a {type(model).__name__}: pass a HF causal LM, a probe.pair.HookedModel, "
+                    "an nnsight TransformersModel or a TransformerLens HookedTransformer")
+
+
+def on_site(kind: str, model: Any, name: str, fn: Callable[[Tensor], Tensor | None]):
+    """Register `fn(activation) -> replacement or None` at site `name`; returns the handle."""
+    if kind == "tl":
+        if name not in model.hook_dict:
+            raise HookSiteError(f"TransformerLens model has no hook point {name!r}")
+        return model.hook_dict[name].register_forward_hook(lambda m, a, out: fn(out))
+    r = resolve_hook(name, model)
+    module = model.get_submodule(r.module_path)
+    if r.port == "input":
+        def pre(m, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            y = fn(x)
+            if y is None:
+                return None
+            return ((y, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": y})
+        return module.register_forward_pre_hook(pre, with_kwargs=True)
+
+    def post(m, args, out):
+        y = fn(out[0] if isinstance(out, tuple) else out)
+        return None if y is None else ((y, *out[1:]) if isinstance(out, tuple) else y)
+    return module.register_forward_hook(post)
