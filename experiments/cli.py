@@ -102,10 +102,10 @@ def cmd_eval(args: argparse.Namespace) -> dict:
         write_json_atomic(out / "metrics.json", record)
         return {"out": str(out), **_headline(record)}
     first = names[0]
-    crossovers = {
-        f"{other}_overtakes_{first}": crossover_k(results[first]["pass_at_k"], results[other]["pass_at_k"])
-        for other in names[1:]
-    }
+    crossovers = {}
+    for other in names[1:]:  # both directions: where `b` overtakes `a` after trailing it
+        for a, b in ((first, other), (other, first)):
+            crossovers[f"{b}_overtakes_{a}"] = crossover_k(results[a]["pass_at_k"], results[b]["pass_at_k"])
     record = {"models": dict(zip(names, models)), "metrics": results, "crossover_k": crossovers}
     write_json_atomic(out / "metrics.json", record)
     return {"out": str(out), "crossover_k": crossovers, **{n: _headline(m) for n, m in results.items()}}

@@ -13,6 +13,7 @@ resumable state (`experiments.checkpointing`). A run resumed from its state cont
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -47,6 +48,8 @@ class GRPOConfig:
     """Training problems per step."""
     group_size: int = 16
     """G: samples per problem."""
+    problem_pool: int = 0
+    """0 = a fresh stream of training problems; N = cycle through the first N (an overfitting check)."""
     lr: float = 2e-4
     """AdamW learning rate (constant)."""
     std_normalize: bool = False
@@ -71,6 +74,8 @@ class GRPOConfig:
     def __post_init__(self) -> None:
         if self.group_size < 2:
             raise ValueError(f"group_size={self.group_size}: GRPO needs G >= 2 samples per prompt")
+        if self.problem_pool < 0:
+            raise ValueError(f"problem_pool={self.problem_pool} must be >= 0 (0 = fresh problems)")
         for name in ("steps", "prompts_per_step", "mini_batches", "save_every", "eval_problems", "eval_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -106,6 +111,15 @@ def build_rollouts(branches: Branches, rewards, group_size: int, std_normalize: 
     )
 
 
+def training_problems(task: Countdown, cfg: GRPOConfig, start: int):
+    """Problem `start`, `start + 1`, ... of the training stream (or of the cycled pool)."""
+    if cfg.problem_pool:
+        stream = task.train_stream(cfg.seed + 1)
+        pool = [next(stream)[1] for _ in range(cfg.problem_pool)]
+        return (pool[i % len(pool)] for i in itertools.count(start))
+    return (p for _, p, _ in task.train_stream(cfg.seed + 1, start=start))
+
+
 def _role_means(branches: Branches, roles) -> dict:
     ent, mask = branches.entropy.cpu(), branches.mask.cpu()
     out = {"entropy_mean": ent[mask].mean().item()}
@@ -137,7 +151,7 @@ def train_grpo(cfg: GRPOConfig, loss_cfg: LossConfig, stop_after: int | None = N
     log_path = out / "train_log.jsonl"
     log = [json.loads(x) for x in log_path.read_text().splitlines()] if log_path.exists() else []
     log = [r for r in log if r["step"] < start]
-    stream = task.train_stream(cfg.seed + 1, start=start * cfg.prompts_per_step)
+    stream = training_problems(task, cfg, start=start * cfg.prompts_per_step)
     new_tokens = max_answer_tokens(task)
     eval_prompts = heldout_prompts(task, cfg.eval_problems)
     t0 = time.perf_counter() - progress["train_seconds"]
@@ -161,7 +175,7 @@ def train_grpo(cfg: GRPOConfig, loss_cfg: LossConfig, stop_after: int | None = N
 
 
 def _step(model, tok, opt, task, stream, new_tokens, cfg: GRPOConfig, loss_cfg: LossConfig, step: int) -> dict:
-    problems = [next(stream)[1] for _ in range(cfg.prompts_per_step)]
+    problems = [next(stream) for _ in range(cfg.prompts_per_step)]
     prompts = [p.prompt for p in problems]
     model.eval()
     branches = sample_branches(

@@ -60,7 +60,7 @@ class ProbeConfig:
     rl: str = str(ORGANISMS_DIR / "rl-none")
     """RL-trained checkpoint directory (trained from the base)."""
     train_log: str = ""
-    """RL training log (JSONL with entropy_mean, reward_mean); "" = RL_DIR/train_log.jsonl if present."""
+    """RL training log (JSONL with entropy_mean and the law_reward_key); "" = RL_DIR/train_log.jsonl if present."""
     out: str = "runs/probe"
     """Output directory (metrics.json, plots, fork_detector.safetensors)."""
     n_problems: int = 64
@@ -83,8 +83,9 @@ class ProbeConfig:
     """Fraction of problems held out to score the fork detector."""
     fit_fraction: float = 0.5
     """Law extrapolation: fit on this first fraction of the log, predict the rest."""
-    law_reward_key: str = "reward_mean"
-    """Log key used as R in the law (pass_at_1, held-out accuracy, is closer to the paper's R)."""
+    law_reward_key: str = "pass_at_1"
+    """Log key used as R in the law: pass_at_1 (accuracy on the fixed held-out eval batch, the
+    paper's R); reward_mean (training reward) is noisier, since each step draws new problems."""
     n_examples: int = 6
     """Trajectories shown in the entropy heat-map."""
 

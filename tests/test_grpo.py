@@ -170,10 +170,11 @@ def test_rl_is_bit_reproducible_and_resume_equals_uninterrupted(tmp_path):
 
 @pytest.mark.slow
 def test_a_few_rl_steps_raise_reward(tmp_path):
-    cfg = _tiny(tmp_path / "r", steps=12, prompts_per_step=16, group_size=8, lr=3e-4, eval_problems=32,
-                eval_samples=8, save_every=100)
+    # a fixed pool of 16 problems, all of them in every step: reward is comparable across steps
+    cfg = _tiny(tmp_path / "r", steps=10, prompts_per_step=16, group_size=8, lr=5e-4, problem_pool=16,
+                eval_problems=4, eval_samples=2, save_every=100)
     train_grpo(cfg, LossConfig())
     log = [json.loads(x) for x in (tmp_path / "r" / "train_log.jsonl").read_text().splitlines()]
     first = sum(r["reward_mean"] for r in log[:3]) / 3
     last = sum(r["reward_mean"] for r in log[-3:]) / 3
-    assert last > first, f"reward did not rise: {first:.3f} -> {last:.3f}"
+    assert last > first + 0.03, f"reward did not rise on a fixed problem pool: {first:.3f} -> {last:.3f}"

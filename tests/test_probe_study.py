@@ -21,7 +21,8 @@ def organism_pair(tmp_path_factory):
     with open(root / "rl" / "train_log.jsonl", "w") as f:
         for step in range(30):
             h = 1.2 * math.exp(-step / 10)
-            f.write(json.dumps({"step": step, "entropy_mean": h, "reward_mean": -0.2 * math.exp(h) + 0.9}) + "\n")
+            r = -0.2 * math.exp(h) + 0.9
+            f.write(json.dumps({"step": step, "entropy_mean": h, "reward_mean": r, "pass_at_1": r}) + "\n")
     return root
 
 
