@@ -4,6 +4,7 @@
     forksight organism rl --base DIR --intervention none|entropy-bonus|clip-cov|kl-cov|forks-only --out DIR
     forksight eval --model DIR [--model DIR]  held-out metrics.json + pass@k plot
     forksight probe --base DIR --rl DIR --out DIR   entropy, forks, fork detector, entropy law
+    forksight sae train --out DIR / forksight sae diff --out DIR   SAE features RL pruned at forks
 
 Every subcommand ends by printing one JSON line of its headline numbers.
 """
@@ -131,9 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(rl, LossConfig)
     rl.set_defaults(func=cmd_rl)
 
-    from experiments import probe_study
+    from experiments import probe_study, sae_study
 
     probe_study.register(sub)
+    sae_study.register(sub)
 
     ev = sub.add_parser("eval", help="held-out metrics and pass@k curves of one or more checkpoints")
     ev.add_argument("--model", action="append", help="checkpoint directory (repeat to compare; default: shipped base)")

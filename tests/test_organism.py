@@ -1,6 +1,5 @@
 """The organism: tokenizer round-trips, safe checkpoint loading, backends agree on the shipped base."""
 
-import json
 
 import pytest
 import torch

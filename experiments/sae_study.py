@@ -1,0 +1,327 @@
+"""`forksight sae train` and `forksight sae diff`: SAE features that RL pruned at forks.
+
+`sae train` samples the base organism on *training-distribution* Countdown problems (the
+`Countdown.train_stream`, never the held-out split; optionally a fraction sampled from the RL model
+instead, `--rl-mix`), collects the residual at one site on every real token, trains a sae-lens SAE
+on it (`probe.sae.train_sae`) and scores it on held-out trajectories of the base model (and of the
+RL model when `--rl` is set). It writes `OUT/sae/` (sae-lens format), `metrics.json`,
+`sae_training.png` and `feature_density.png`.
+
+`sae diff` samples one model (default: base) on held-out problems, teacher-forces both models on
+those same trajectories (`probe.entropy.pair_stats`), takes the base model's forks (top-rho answer
+tokens by base entropy), encodes both models' residuals at the positions predicting each answer
+token, and ranks pruned / amplified features (`probe.features`) with their top-activating contexts
+and decoder logit effects. The same diff over non-fork answer tokens is the control: a pruning that
+is specific to forks shows a larger |score| there than off forks. It writes `metrics.json`,
+`fork_frequencies.png` and `top_features.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from experiments.checkpointing import write_json_atomic
+from experiments.cli_args import add_config_args, config_from_args
+from experiments.countdown import Countdown
+from experiments.evaluation import heldout_prompts, max_answer_tokens
+from experiments.organism import ORGANISMS_DIR
+from experiments.tokenizer import check_tokenizer
+from probe.checkpoint import load_causal_lm, resolve_device
+from probe.entropy import Trajectories, trajectories_from_branches
+from probe.evaluate import score_branches
+from probe.features import DiffResult, feature_records, fork_feature_diff
+from probe.forks import fork_threshold
+from probe.hooks import resolve_hook, site_name
+from probe.pair import BACKENDS, RESID_POST, HookedModel, Pair, load_pair, wrap
+from probe.sae import (
+    ARCHITECTURES,
+    SAESpec,
+    check_sae,
+    collect_activations,
+    load_sae,
+    save_sae,
+    train_sae,
+)
+from probe.sae_plots import (
+    plot_feature_density,
+    plot_fork_frequencies,
+    plot_sae_training,
+    plot_top_features,
+)
+from probe.sae_quality import reconstruction_stats, sae_quality
+from probe.sampler import SamplerConfig, sample_branches
+
+FVU_TARGET, L0_TARGET = 0.2, 32
+RESULTS_DIR = Path(__file__).resolve().parent / "results" / "sae"  # the shipped SAE and its diff
+
+
+@dataclass
+class SAETrainConfig:
+    """Train an SAE on the base organism's residual stream (training-distribution problems)."""
+
+    base: str = str(ORGANISMS_DIR / "base")
+    """Checkpoint whose activations the SAE learns."""
+    rl: str = str(ORGANISMS_DIR / "rl-none")
+    """RL checkpoint, for --rl-mix and for scoring the SAE on RL trajectories ("" = none)."""
+    out: str = "runs/sae"
+    """Output directory (sae/, metrics.json, plots)."""
+    layer: int = 2
+    """Block whose output is learned (2: best fork-detector AUROC of `forksight probe` on the shipped pair)."""
+    site: str = RESID_POST
+    """Hook-site template ({L} = layer)."""
+    architecture: str = "topk"
+    """"topk" or "standard" (ReLU + L1)."""
+    d_sae: int = 512
+    """Number of features."""
+    k: int = 16
+    """Active features per token (topk)."""
+    l1_coefficient: float = 5.0
+    """L1 penalty (standard)."""
+    lr: float = 4e-4
+    """Adam learning rate."""
+    train_samples: int = 2_000_000
+    """Activations seen in training (with repetition)."""
+    sae_batch_size: int = 1024
+    """Activations per SAE step."""
+    n_train_problems: int = 1024
+    """Training-stream problems sampled for activations."""
+    samples: int = 8
+    """Completions per problem."""
+    rl_mix: float = 0.0
+    """Fraction of the training problems whose completions come from the RL model."""
+    problem_seed: int = 7
+    """Seed of the training-problem stream."""
+    n_eval_problems: int = 128
+    """Held-out problems for the quality metrics."""
+    eval_samples: int = 8
+    """Completions per held-out problem."""
+    backend: str = "auto"
+    """"auto", "transformer_lens" or "nnsight"."""
+    device: str = "auto"
+    """"auto" = cuda if available, else cpu (models and SAE)."""
+    seed: int = 0
+    """Sampling and SAE seed."""
+    batch_size: int = 256
+    """Trajectories per model forward pass."""
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture={self.architecture!r}; allowed {ARCHITECTURES}")
+        if not 0 <= self.rl_mix <= 1:
+            raise ValueError(f"rl_mix={self.rl_mix} must be in [0, 1] (fraction of problems sampled from RL)")
+        if self.rl_mix > 0 and not self.rl:
+            raise ValueError(f"rl_mix={self.rl_mix} needs an RL checkpoint; pass --rl DIR or --rl-mix 0")
+        if self.backend not in ("auto", *BACKENDS):
+            raise ValueError(f"backend={self.backend!r}; allowed 'auto', {', '.join(map(repr, BACKENDS))}")
+        for name in ("n_train_problems", "samples", "n_eval_problems", "eval_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+
+    def spec(self) -> SAESpec:
+        return SAESpec(self.architecture, self.d_sae, self.k, self.l1_coefficient, self.lr, self.train_samples,
+                       self.sae_batch_size, seed=self.seed, device=str(resolve_device(self.device)))
+
+
+@dataclass
+class SAEDiffConfig:
+    """Rank SAE features RL pruned / amplified at base-model forks on held-out problems."""
+
+    base: str = str(ORGANISMS_DIR / "base")
+    """Base checkpoint."""
+    rl: str = str(ORGANISMS_DIR / "rl-none")
+    """RL checkpoint (trained from the base)."""
+    sae: str = str(RESULTS_DIR / "sae")
+    """SAE directory (sae-lens format, hook site in its metadata); default: the shipped one."""
+    out: str = "runs/sae/diff"
+    """Output directory (metrics.json, plots)."""
+    n_problems: int = 128
+    """Held-out problems (the first N of the fixed split)."""
+    samples: int = 8
+    """Completions per problem."""
+    sample_from: str = "base"
+    """Which model samples the shared trajectories: "base" or "rl"."""
+    rho: float = 0.2
+    """Fork fraction (top-rho answer tokens by base entropy)."""
+    min_freq: float = 0.02
+    """A ranked feature must fire on >= this fraction of forks (base for pruned, RL for amplified)."""
+    top: int = 10
+    """Features listed per direction."""
+    n_contexts: int = 5
+    """Top-activating contexts per listed feature."""
+    context_window: int = 24
+    """Tokens shown per context."""
+    through_final_norm: bool = True
+    """Logit effects through the final norm's weight (else straight into the unembedding)."""
+    backend: str = "auto"
+    """"auto", "transformer_lens" or "nnsight"."""
+    device: str = "auto"
+    """"auto" = cuda if available, else cpu."""
+    seed: int = 0
+    """Sampling seed."""
+    batch_size: int = 256
+    """Trajectories per forward pass."""
+
+    def __post_init__(self) -> None:
+        if self.sample_from not in ("base", "rl"):
+            raise ValueError(f"sample_from={self.sample_from!r}; allowed 'base', 'rl'")
+        if not 0 < self.rho <= 1:
+            raise ValueError(f"rho={self.rho} must be in (0, 1]; 0.2 selects the top 20% of tokens")
+        if not 0 <= self.min_freq <= 1:
+            raise ValueError(f"min_freq={self.min_freq} must be in [0, 1]")
+        if self.backend not in ("auto", *BACKENDS):
+            raise ValueError(f"backend={self.backend!r}; allowed 'auto', {', '.join(map(repr, BACKENDS))}")
+        for name in ("n_problems", "samples", "top", "n_contexts", "context_window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+
+
+def sample_trajectories(model: HookedModel, prompts: list[str], samples: int, seed: int,
+                        batch_size: int) -> tuple[Trajectories, float]:
+    """`samples` completions per prompt (temperature 1) as role-labelled trajectories, and the pass rate."""
+    task, tok = Countdown(), model.tokenizer
+    cfg = SamplerConfig(n=samples, max_new_tokens=max_answer_tokens(task), temperature=1.0, seed=seed,
+                        batch_size=max(batch_size, 1), device=str(model.device))
+    branches = sample_branches(model.hf, tok, prompts, cfg)
+    scored = score_branches(branches, prompts, task, tok)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return trajectories_from_branches(branches, scored.roles, pad_id=pad), scored.correct.float().mean().item()
+
+
+def run_sae_train(cfg: SAETrainConfig) -> dict:
+    """Collect activations, train, save and score an SAE; writes everything into `cfg.out`."""
+    t0, out = time.time(), Path(cfg.out)
+    if cfg.rl:
+        pair = load_pair(cfg.base, cfg.rl, backend=cfg.backend, device=cfg.device)
+        models = dict(pair.items())
+    else:
+        hf, tok = load_causal_lm(cfg.base, device="cpu")
+        models = {"base": wrap(hf, tok, cfg.backend, cfg.device, cfg.base)}
+    check_tokenizer(models["base"].tokenizer)
+    hook_name = site_name(cfg.site, cfg.layer)
+    for m in models.values():
+        resolve_hook(hook_name, m)  # a bad --layer / --site fails before any work
+    stream = Countdown().train_stream(cfg.problem_seed)
+    prompts = [next(stream)[1].prompt for _ in range(cfg.n_train_problems)]
+    n_rl = round(cfg.rl_mix * len(prompts))
+    acts, n_traj = [], 0
+    for src, part in (("base", prompts[n_rl:]), ("rl", prompts[:n_rl])):
+        if part:
+            traj, _ = sample_trajectories(models[src], part, cfg.samples, cfg.seed, cfg.batch_size)
+            attn = traj.attention_mask
+            acts.append(collect_activations(models[src], traj.tokens, attn, attn, hook_name, cfg.batch_size))
+            n_traj += traj.tokens.shape[0]
+    x = torch.cat(acts)
+    t_collect = time.time()
+    sae, history = train_sae(x, hook_name, cfg.spec(), model_name=cfg.base)
+    t_train = time.time() - t_collect
+    save_sae(sae, out / "sae")
+    heldout = heldout_prompts(Countdown(), cfg.n_eval_problems)
+    quality, freqs, ntok = {}, {}, {}
+    for name, m in models.items():
+        traj, pass_rate = sample_trajectories(m, heldout, cfg.eval_samples, cfg.seed, cfg.batch_size)
+        q, freqs[name] = sae_quality(sae, m, traj.tokens, traj.attention_mask, traj.answer_mask, hook_name, cfg.batch_size)
+        quality[name] = {**q, "pass_rate": pass_rate, "n_trajectories": int(traj.tokens.shape[0])}
+        ntok[name] = q["n_tokens"]
+    plot_sae_training(history, out / "sae_training.png")
+    plot_feature_density(freqs, out / "feature_density.png", ntok)
+    base_q = quality["base"]
+    metrics = {
+        "sae": "sae", "hook_name": hook_name, "architecture": cfg.architecture, "d_in": int(sae.cfg.d_in),
+        "d_sae": int(sae.cfg.d_sae), "k": cfg.k if cfg.architecture == "topk" else None,
+        **{k: base_q[k] for k in ("l0", "fvu", "dead_fraction", "ce_loss_increase", "ce_loss_recovered")},
+        "target": {"fvu_max": FVU_TARGET, "l0_max": L0_TARGET,
+                   "met": base_q["fvu"] <= FVU_TARGET and base_q["l0"] <= L0_TARGET},
+        "quality": quality,
+        "quality_note": "held-out problems; l0/fvu/dead over every real token, losses over answer tokens",
+        "train": {"n_activations": int(x.shape[0]), "n_trajectories": n_traj, "n_problems": len(prompts),
+                  "n_problems_from_rl": n_rl, "problems": f"Countdown.train_stream(seed={cfg.problem_seed})",
+                  "positions": "every real token (prompt and completion)", "steps": cfg.spec().steps,
+                  "seconds": t_train, "history": history},
+        "plots": ["sae_training.png", "feature_density.png"],
+        "seconds": time.time() - t0, "config": asdict(cfg),
+    }
+    write_json_atomic(out / "metrics.json", metrics)
+    return metrics
+
+
+def compute_diff(cfg: SAEDiffConfig, pair: Pair, sae) -> DiffResult:
+    """Sample held-out trajectories (`cfg.sample_from`), then `probe.features.fork_feature_diff`."""
+    check_sae(sae, pair.base)
+    check_sae(sae, pair.rl)
+    sampler = pair.base if cfg.sample_from == "base" else pair.rl
+    traj, pass_rate = sample_trajectories(sampler, heldout_prompts(Countdown(), cfg.n_problems), cfg.samples,
+                                          cfg.seed, cfg.batch_size)
+    res = fork_feature_diff(pair, sae, traj, cfg.rho, cfg.min_freq, cfg.batch_size)
+    res.pass_rate = pass_rate
+    return res
+
+
+def run_sae_diff(cfg: SAEDiffConfig) -> dict:
+    """The feature diff at base forks; writes metrics.json and the plots into `cfg.out`."""
+    t0, out = time.time(), Path(cfg.out)
+    sae = load_sae(cfg.sae, device=str(resolve_device(cfg.device)))  # a bad --sae fails before any work
+    pair = load_pair(cfg.base, cfg.rl, backend=cfg.backend, device=cfg.device)
+    check_tokenizer(pair.base.tokenizer)
+    res = compute_diff(cfg, pair, sae)
+    lists = feature_records(res, sae, pair.base.hf, pair.base.tokenizer, cfg.top, cfg.n_contexts,
+                            cfg.context_window, cfg.through_final_norm)
+    diff, ctrl, elig = res.diff, res.control, res.diff.freq_base >= cfg.min_freq
+    recon = {n: {"all_answer": reconstruction_stats(sae, r)[0], "forks": reconstruction_stats(sae, r[res.at_fork])[0]}
+             for n, r in res.resid.items()}
+    shown = {d: [f["feature"] for f in v] for d, v in lists.items()}
+    plot_fork_frequencies(diff, shown["pruned"], shown["amplified"], out / "fork_frequencies.png")
+    plot_top_features(diff, shown["pruned"], shown["amplified"], out / "top_features.png")
+    metrics = {
+        "base": cfg.base, "rl": cfg.rl, "sae": cfg.sae, "hook_name": res.hook_name,
+        "sae_architecture": sae.cfg.architecture(), "d_sae": int(sae.cfg.d_sae),
+        "n_problems": cfg.n_problems, "n_samples": cfg.samples, "sample_from": cfg.sample_from,
+        "pass_rate": res.pass_rate, "temperature": 1.0, "seed": cfg.seed, "rho": cfg.rho,
+        "n_answer_tokens": int(res.at_fork.numel()), "n_forks": int(res.at_fork.sum()),
+        "fork_threshold_base": fork_threshold(res.stats.h_base, res.stats.mask, cfg.rho),
+        "reconstruction": recon,
+        "summary": {
+            "min_freq": cfg.min_freq, "n_features_active_at_base_forks": int(elig.sum()),
+            "n_lower_in_rl": len(res.ranked["pruned"]), "n_higher_in_rl": len(res.ranked["amplified"]),
+            "n_pruned_3x": int(((diff.score <= -0.5) & elig).sum()),
+            "n_fully_pruned": int(((diff.freq_rl == 0) & elig).sum()),
+            "n_amplified_3x": int(((diff.score >= 0.5) & (diff.freq_rl >= cfg.min_freq)).sum()),
+            "mean_abs_score_forks": diff.score[elig].abs().mean().item() if elig.any() else None,
+            "mean_abs_score_non_forks": ctrl.score[elig].abs().mean().item() if elig.any() else None,
+        },
+        "score": "(mean_rl - mean_base) / (mean_rl + mean_base) at base forks; -1 = silent in RL",
+        "logit_effect": "unit decoder direction x unembedding" + (" through the final norm weight" if cfg.through_final_norm
+                                                                 else "") + ", centred over the vocabulary; direct path only",
+        **lists,
+        "plots": ["fork_frequencies.png", "top_features.png"], "seconds": time.time() - t0, "config": asdict(cfg),
+    }
+    write_json_atomic(out / "metrics.json", metrics)
+    return metrics
+
+
+def cmd_sae_train(args: argparse.Namespace) -> dict:
+    m = run_sae_train(config_from_args(SAETrainConfig, args))
+    return {"out": m["config"]["out"], "hook_name": m["hook_name"], "l0": m["l0"], "fvu": m["fvu"],
+            "dead_fraction": m["dead_fraction"], "ce_loss_increase": m["ce_loss_increase"], "target_met": m["target"]["met"]}
+
+
+def cmd_sae_diff(args: argparse.Namespace) -> dict:
+    m = run_sae_diff(config_from_args(SAEDiffConfig, args))
+    return {"out": m["config"]["out"], "n_forks": m["n_forks"], **{k: m["summary"][k] for k in ("n_pruned_3x", "n_fully_pruned", "n_amplified_3x")},
+            "top_pruned": [f["feature"] for f in m["pruned"][:5]], "top_amplified": [f["feature"] for f in m["amplified"][:5]]}
+
+
+def register(subparsers) -> None:
+    """Add `sae train` and `sae diff` to the `forksight` CLI."""
+    sae = subparsers.add_parser("sae", help="SAEs on the residual stream and the features RL pruned at forks")
+    stages = sae.add_subparsers(dest="stage", required=True)
+    train = stages.add_parser("train", help="train an SAE (sae-lens) on base-model activations and score it")
+    add_config_args(train, SAETrainConfig)
+    train.set_defaults(func=cmd_sae_train)
+    diff = stages.add_parser("diff", help="pruned / amplified SAE features at base forks, base vs RL")
+    add_config_args(diff, SAEDiffConfig)
+    diff.set_defaults(func=cmd_sae_diff)
