@@ -13,8 +13,9 @@ Everything here is a pure function of tensors, tested against hand-worked exampl
   cov_t = (logp_t - mean logp) * (A_t - mean A) over the mini-batch's answer tokens; among tokens
   with cov in [cov_low, cov_high], a random `clip_cov_ratio` fraction has its policy-gradient
   term detached. Departure: the paper's ratio (2e-4) assumes millions of tokens per batch; our
-  batches hold thousands, so the default ratio is larger, and at least one token is clipped when
-  any candidate exists.
+  batches hold thousands, so the default ratio is larger (0.01, tuned on the organism: 0.004 kept
+  45% of the planning entropy vanilla GRPO loses, 0.01 kept 76%, 0.05 kept all of it but lost
+  the pass@1 gain), and at least one token is clipped when any candidate exists.
 - `kl-cov` (same paper, Alg. KL-Cov): the top `kl_cov_ratio` fraction of tokens by cov get
   `kl_cov_coef * |logp - logp_old|` added to their (unclipped) policy-gradient loss, as in the
   authors' verl implementation. It only bites once the policy moves off the sampling policy, i.e.
@@ -67,7 +68,7 @@ class LossConfig:
     """PPO ratio clip (epsilon)."""
     entropy_coef: float = 0.02
     """entropy-bonus: weight of the entropy term."""
-    clip_cov_ratio: float = 0.05
+    clip_cov_ratio: float = 0.01
     """clip-cov: fraction of answer tokens (drawn among the candidates) whose gradient is detached."""
     clip_cov_low: float = 0.5
     """clip-cov: lower covariance bound of the candidates."""

@@ -17,7 +17,7 @@ def _metrics(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", [BASE, RL], ids=["base", "rl-none"])
+@pytest.mark.parametrize("path", [BASE, RL, ORGANISMS_DIR / "rl-clip-cov"], ids=["base", "rl-none", "rl-clip-cov"])
 def test_shipped_metrics_are_reproduced_from_the_weights(path):
     shipped = _metrics(path)
     fresh = evaluate_checkpoint(path, EvalConfig(n=shipped["n_samples"], seed=shipped["seed"], device="cpu"))
@@ -45,3 +45,12 @@ def test_vanilla_grpo_collapses_the_base():
     assert [r["step"] for r in log] == list(range(len(log)))
     assert {"reward_mean", "pass_at_1", "entropy_mean", "planning_entropy_mean", "execution_entropy_mean",
             "intervened_frac"} <= log[0].keys()
+
+
+def test_the_preserving_variant_keeps_half_the_lost_planning_entropy():
+    base, none, cc = _metrics(BASE), _metrics(RL), _metrics(ORGANISMS_DIR / "rl-clip-cov")
+    h_base, h_none, h_cc = (m["planning_entropy_mean"] for m in (base, none, cc))
+    assert h_cc - h_none >= 0.5 * (h_base - h_none), "clip-cov must keep half of what vanilla lost"
+    assert abs(cc["pass_at_1"] - none["pass_at_1"]) <= 0.05, "at a pass@1 within 0.05 of vanilla"
+    assert cc["rl_config"]["steps"] == none["rl_config"]["steps"], "after the same number of steps"
+    assert cc["train_seconds"] <= 20 * 60

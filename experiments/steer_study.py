@@ -1,0 +1,271 @@
+"""`forksight steer derive | apply | sweep`: steering the collapsed RL organism back toward breadth.
+
+`steer derive` samples the base organism on *training-distribution* Countdown problems (never the
+held-out split), teacher-forces both models on those trajectories (`steering.collect`), takes the
+base model's forks (top-rho answer tokens by base entropy) and writes one `SteeringVector` file:
+difference of means (global, per answer position, per token role), PCA of the differences, or the
+SAE decoder rows of the features RL pruned (weights = mean_base - mean_rl of each feature at forks,
+from `forksight sae diff`). Fork thresholds of both models on those trajectories go to its config.
+
+`steer apply` evaluates one vector file on the RL model at one (coef, gate, temperature) with the
+held-out metrics of `experiments.evaluation` (same sampler, same seed, same metrics.json keys).
+
+`steer sweep` (see `experiments.steer_sweep`) runs the grid, the baselines and the patching curve.
+
+Gates the study uses (`steering.gates`): `always`; `entropy` (the RL model's own next-token entropy
+above its fork threshold); `planning` (Countdown: the next token starts an operand or operator,
+`after_tokens` of the operators, `;` and the prompt's `:`); `detector` (the shipped fork detector).
+Role-conditioned vectors guess the next token's role from the prefix (`countdown_role`): after `=`
+until `;` the next token is a result digit (execution), otherwise planning.
+
+Departures: normalisation "none" throughout (diff of means: coef 1 moves the RL mean onto the base
+mean at forks; PCA: the mean difference's projection; SAE: the weighted decoder sum), so
+coefficients are comparable across methods.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from experiments.cli_args import add_config_args, config_from_args
+from experiments.countdown import Countdown
+from experiments.evaluation import heldout_prompts, max_answer_tokens
+from experiments.organism import ORGANISMS_DIR
+from experiments.sae_study import sample_trajectories
+from experiments.tokenizer import check_tokenizer
+from probe.checkpoint import load_causal_lm
+from probe.detector import ForkDetector
+from probe.evaluate import diversity_metrics, score_branches
+from probe.forks import fork_threshold
+from probe.pair import load_pair
+from probe.sae import load_sae
+from probe.sampler import SamplerConfig, sample_branches
+from steering import SteeringVector, after_tokens, collect, diff_of_means_vector, fork_tokens, pca_vector, sae_vector
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = ("dom-global", "dom-position", "dom-role", "pca", "sae")
+STUDY_GATES = ("always", "entropy", "planning", "detector")
+
+
+@dataclass
+class DeriveConfig:
+    """Derive one steering vector from the base / RL pair at base forks (training problems)."""
+
+    base: str = str(ORGANISMS_DIR / "base")
+    """Base checkpoint."""
+    rl: str = str(ORGANISMS_DIR / "rl-none")
+    """RL checkpoint (trained from the base)."""
+    out: str = "runs/steer/vector.safetensors"
+    """Output vector file (safetensors)."""
+    method: str = "dom-global"
+    """One of dom-global, dom-position, dom-role, pca, sae."""
+    layers: tuple[int, ...] = (2,)
+    """Layers (blocks.{L}.hook_resid_post) the vector steers."""
+    n_problems: int = 256
+    """Training-stream problems sampled from the base model."""
+    samples: int = 8
+    """Completions per problem."""
+    problem_seed: int = 11
+    """Seed of the training-problem stream (the held-out split is never used)."""
+    rho: float = 0.2
+    """Fork fraction (top-rho answer tokens by base entropy)."""
+    n_positions: int = 8
+    """Answer-position buckets of dom-position (the last pools all later positions)."""
+    sae: str = str(RESULTS / "sae" / "sae")
+    """SAE directory (method sae)."""
+    sae_diff: str = str(RESULTS / "sae" / "diff" / "metrics.json")
+    """`forksight sae diff` metrics.json listing the pruned features (method sae)."""
+    n_features: int = 10
+    """Pruned features summed (method sae)."""
+    seed: int = 0
+    """Sampling seed."""
+    batch_size: int = 256
+    """Trajectories per forward pass."""
+    device: str = "cpu"
+    """Torch device."""
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r}; allowed {METHODS}")
+        if not self.layers:
+            raise ValueError("layers is empty; pass e.g. --layers 2")
+        if not 0 < self.rho <= 1:
+            raise ValueError(f"rho={self.rho} must be in (0, 1]")
+
+
+def derive_vectors(cfg: DeriveConfig, methods: tuple[str, ...] | None = None) -> dict[str, SteeringVector]:
+    """One `SteeringVector` per method (all of `cfg.layers`) from a single collection of residuals."""
+    methods = methods or (cfg.method,)
+    pair = load_pair(cfg.base, cfg.rl, device=cfg.device)
+    check_tokenizer(pair.base.tokenizer)
+    stream = Countdown().train_stream(cfg.problem_seed)
+    prompts = [next(stream)[1].prompt for _ in range(cfg.n_problems)]
+    traj, _ = sample_trajectories(pair.base, prompts, cfg.samples, cfg.seed, cfg.batch_size)
+    res = collect(pair, traj, cfg.layers, batch_size=cfg.batch_size)
+    sel = fork_tokens(res.stats, cfg.rho)
+    st = res.stats
+    info = {"fork_threshold_base": fork_threshold(st.h_base, st.mask, cfg.rho),
+            "fork_threshold_rl": fork_threshold(st.h_rl, st.mask, cfg.rho), "rho": cfg.rho,
+            "problems": f"Countdown.train_stream(seed={cfg.problem_seed})[:{cfg.n_problems}]",
+            "n_trajectories": int(traj.tokens.shape[0]), "sampled_from": "base"}
+    kw = dict(source_models={"base": cfg.base, "rl": cfg.rl}, positions="base forks", normalisation="none")
+    out = {}
+    for m in methods:
+        if m.startswith("dom-"):
+            out[m] = diff_of_means_vector(res, sel, conditioning=m[4:], n_positions=cfg.n_positions,
+                                          seed=cfg.seed, config=info, **kw)
+        elif m == "pca":
+            out[m] = pca_vector(res, sel, config=info, **kw)
+        else:
+            out[m] = _sae_vector(cfg, info, kw)
+    return out
+
+
+def _sae_vector(cfg: DeriveConfig, info: dict, kw: dict) -> SteeringVector:
+    sae = load_sae(cfg.sae)
+    diff = json.loads(Path(cfg.sae_diff).read_text())
+    feats = diff["pruned"][: cfg.n_features]
+    layer = int(diff["hook_name"].split(".")[1])
+    if layer not in cfg.layers:
+        raise ValueError(f"the SAE reads layer {layer} ({diff['hook_name']}); --layers {cfg.layers} lacks it. "
+                         f"Fix: --layers {layer}")
+    weights = [f["mean_base"] - f["mean_rl"] for f in feats]
+    return sae_vector(sae.W_dec, [f["feature"] for f in feats], layer, weights=weights,
+                      config={**info, "sae": cfg.sae, "sae_diff": cfg.sae_diff}, **kw)
+
+
+def one_layer(vec: SteeringVector, layer: int) -> SteeringVector:
+    """`vec` restricted to `layer`."""
+    if layer not in vec.directions:
+        raise ValueError(f"vector has layers {vec.layers}, not {layer}")
+    cents = None if vec.centroids is None else {layer: vec.centroids[layer]}
+    return dataclasses.replace(vec, directions={layer: vec.directions[layer]}, centroids=cents)
+
+
+def run_derive(cfg: DeriveConfig) -> dict:
+    vec = derive_vectors(cfg)[cfg.method]
+    path = vec.save(cfg.out)
+    return {"out": str(path), "method": cfg.method, "layers": vec.layers,
+            "norms": {str(k): vec.rows(k).norm(dim=-1).tolist() for k in vec.layers},
+            "fork_threshold_rl": vec.config.get("fork_threshold_rl")}
+
+
+def countdown_role(tok):
+    """Condition for role vectors: 1 (execution) after `=` until `;`, else 0 (planning)."""
+    eq, semi = tok.convert_tokens_to_ids("="), tok.convert_tokens_to_ids(";")
+
+    def cond(tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.shape[1] == 0:
+            return torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
+        ar = torch.arange(tokens.shape[1], device=tokens.device)
+        last = lambda t: torch.where(tokens == t, ar, -1).max(1).values  # noqa: E731
+        return (last(eq) > last(semi)).long()
+
+    return cond
+
+
+def gate_kwargs(gate: str, tok, vec_config: dict, detector: str, threshold: float | None = None) -> dict:
+    """Keyword arguments of `SteeringVector.apply` / `steering.patch` for a study gate."""
+    if gate == "always":
+        return {"gate": "always"}
+    if gate == "entropy":
+        thr = vec_config.get("fork_threshold_rl") if threshold is None else threshold
+        return {"gate": "entropy", "threshold": float(thr)}
+    if gate == "planning":
+        return {"gate": "planning", "planning": after_tokens(tok.convert_tokens_to_ids(list("+-*/;:")))}
+    if gate == "detector":
+        return {"gate": "detector", "detector": ForkDetector.load(detector)}
+    raise ValueError(f"gate={gate!r}; allowed {STUDY_GATES}")
+
+
+def evaluate_cell(model, tok, prompts: list[str], n: int, temperature: float, seed: int, batch_size: int,
+                  intervention=None, task: Countdown | None = None) -> dict:
+    """Held-out metrics (DESIGN.md keys) of `model` sampled with `intervention` (None = plain)."""
+    task = task or Countdown()
+    sampler = SamplerConfig(n=n, max_new_tokens=max_answer_tokens(task), temperature=temperature, seed=seed,
+                            batch_size=batch_size, device=str(next(model.parameters()).device))
+    branches = sample_branches(model, tok, prompts, sampler, intervention=intervention)
+    scored = score_branches(branches, prompts, task, tok)
+    return diversity_metrics(branches, scored, prompts, task, temperature=temperature, seed=seed, n_boot=200)
+
+
+def steer_intervention(model, tok, vec: SteeringVector, coef: float, gate: str, detector: str):
+    kw = gate_kwargs(gate, tok, vec.config, detector)
+    if vec.conditioning == "role":
+        kw["condition"] = countdown_role(tok)
+    return vec.apply(model, coef=coef, **kw)
+
+
+@dataclass
+class ApplyConfig:
+    """Evaluate one steering vector on the RL model (held-out split)."""
+
+    vector: str = "runs/steer/vector.safetensors"
+    """Steering vector file."""
+    rl: str = str(ORGANISMS_DIR / "rl-none")
+    """Model to steer."""
+    coef: float = 1.0
+    """Coefficient (normalisation 'none': 1 = the base-minus-RL mean at forks)."""
+    gate: str = "always"
+    """always, entropy (RL fork threshold from the vector's config), planning or detector."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    detector: str = str(RESULTS / "probe" / "fork_detector.safetensors")
+    """Fork detector (gate detector)."""
+    problems: int = 0
+    """First N held-out problems (0 = all)."""
+    n: int = 64
+    """Samples per problem."""
+    seed: int = 0
+    """Sampling seed."""
+    batch_size: int = 1024
+    """Rows per forward pass."""
+    out: str = ""
+    """metrics.json path ("" = do not write)."""
+
+    def __post_init__(self) -> None:
+        if self.gate not in STUDY_GATES:
+            raise ValueError(f"gate={self.gate!r}; allowed {STUDY_GATES}")
+
+
+def run_apply(cfg: ApplyConfig) -> dict:
+    from experiments.checkpointing import write_json_atomic
+
+    vec = SteeringVector.load(cfg.vector)
+    model, tok = load_causal_lm(cfg.rl, device="cpu")
+    steer = steer_intervention(model, tok, vec, cfg.coef, cfg.gate, cfg.detector)
+    m = evaluate_cell(model, tok, heldout_prompts(Countdown(), cfg.problems), cfg.n, cfg.temperature, cfg.seed,
+                      cfg.batch_size, steer)
+    m["config"] = asdict(cfg)
+    if cfg.out:
+        write_json_atomic(cfg.out, m)
+    return m
+
+
+def cmd_derive(args: argparse.Namespace) -> dict:
+    return run_derive(config_from_args(DeriveConfig, args))
+
+
+def cmd_apply(args: argparse.Namespace) -> dict:
+    m = run_apply(config_from_args(ApplyConfig, args))
+    return {k: m[k] for k in ("pass_at_1", "pass_at_64", "distinct_correct_mean", "fork_entropy_mean") if k in m}
+
+
+def register(subparsers) -> None:
+    """Add `steer derive`, `steer apply` and `steer sweep` to the `forksight` CLI."""
+    from experiments.steer_sweep import SweepConfig, cmd_sweep
+
+    steer = subparsers.add_parser("steer", help="steering vectors: derive, apply, sweep (with baselines)")
+    stages = steer.add_subparsers(dest="stage", required=True)
+    for name, cls, fn, help_ in (("derive", DeriveConfig, cmd_derive, "write a SteeringVector from the pair"),
+                                 ("apply", ApplyConfig, cmd_apply, "held-out metrics of one steered cell"),
+                                 ("sweep", SweepConfig, cmd_sweep, "grid + baselines + patching curve")):
+        p = stages.add_parser(name, help=help_)
+        add_config_args(p, cls)
+        p.set_defaults(func=fn)
