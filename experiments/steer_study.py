@@ -46,7 +46,15 @@ from probe.forks import fork_threshold
 from probe.pair import load_pair
 from probe.sae import load_sae
 from probe.sampler import SamplerConfig, sample_branches
-from steering import SteeringVector, after_tokens, collect, diff_of_means_vector, fork_tokens, pca_vector, sae_vector
+from steering import (
+    SteeringVector,
+    after_tokens,
+    collect,
+    diff_of_means_vector,
+    fork_tokens,
+    pca_vector,
+    sae_vector,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("dom-global", "dom-position", "dom-role", "pca", "sae")

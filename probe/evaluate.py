@@ -243,18 +243,12 @@ def plot_pass_at_k(curves: Mapping[str, Mapping[str, Any]], path: str | os.PathL
         if all(k in band for k in ks):
             lo, hi = ([band[k][i] for k in ks] for i in (0, 1))
             ax.fill_between(ks, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
-    for a, pa in points.items():
-        for b, pb in points.items():
-            k = crossover_k(pa, pb) if a != b else None
-            if k is not None:
-                ax.axvline(k, color="gray", ls=":", lw=1)
-                ax.annotate(
-                    f"{b} overtakes {a}\nat k={k}",
-                    (k, pb[k]),
-                    xytext=(4, -24),
-                    textcoords="offset points",
-                    fontsize=7,
-                )
+    crossings = [(a, b, crossover_k(pa, pb)) for a, pa in points.items() for b, pb in points.items() if a != b]
+    crossings = [(a, b, k) for a, b, k in crossings if k is not None]
+    for i, (a, b, k) in enumerate(crossings):  # stacked labels so several crossings stay legible
+        ax.axvline(k, color="gray", ls=":", lw=1)
+        ax.annotate(f"{b} overtakes {a} at k={k}", (k, points[b][k]), xytext=(6, -18 - 11 * i),
+                    textcoords="offset points", fontsize=7)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("k (samples)")
     ax.set_ylabel("pass@k")
