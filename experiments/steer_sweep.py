@@ -128,6 +128,10 @@ def select_best(rows: list[dict], rl: dict, tol: float) -> dict | None:
     return max(ok, key=lambda r: r["restoration_distinct"], default=None)
 
 
+def _score(r: dict) -> float:
+    return -float("inf") if r.get("restoration_distinct") is None else r["restoration_distinct"]
+
+
 class Sweep:
     """The cell cache: rows by id, read back from `sweep.json`, written after every new cell."""
 
@@ -213,12 +217,12 @@ def run_sweep(cfg: SweepConfig) -> dict:
                     layer=layer, coef=a, gate="base_entropy", rl_alone=False)
     screen = [r for r in sw.table() if r["stage"] == S]
     rl_s = next(r for r in screen if r["kind"] == "rl")
-    steer = sorted((r for r in screen if r["kind"] == "steer" and r["restoration_distinct"] is not None),
-                   key=lambda r: (r["pass_at_1"] >= rl_s["pass_at_1"] - cfg.pass_at_1_tolerance, r["restoration_distinct"]),
+    steer = sorted((r for r in screen if r["kind"] == "steer"),
+                   key=lambda r: (r["pass_at_1"] >= rl_s["pass_at_1"] - cfg.pass_at_1_tolerance, _score(r)),
                    reverse=True)[: cfg.confirm]
     patches = [r for r in screen if r["kind"] == "patch"]
     best_patch_s = select_best([{**r, "kind": "steer", "rl_alone": True} for r in patches], rl_s, cfg.pass_at_1_tolerance) \
-        or max(patches, key=lambda r: r["restoration_distinct"] or -1e9)
+        or max(patches, key=_score)
     F = "full"
     sw.cell(F, "base", sw.base, rl_alone=False)
     rl_f = sw.cell(F, "rl")
@@ -230,7 +234,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
             threshold=thr_base), layer=best_patch_s["layer"], coef=best_patch_s["coef"], gate="base_entropy", rl_alone=False)
     full = [r for r in sw.table() if r["stage"] == F]
     best = select_best(full, rl_f, cfg.pass_at_1_tolerance)
-    anchor = best or max((r for r in full if r["kind"] == "steer"), key=lambda r: r["restoration_distinct"])
+    anchor = best or max((r for r in full if r["kind"] == "steer"), key=_score)
     temps = [r for r in screen if r["kind"] == "temperature"]
     t_match = min(temps, key=lambda r: abs((r["fork_entropy_mean"] or 0) - (anchor["fork_entropy_mean"] or 0)))
     sw.cell(F, "temperature", temperature=t_match["temperature"])
