@@ -25,6 +25,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/forksight eval --out $(OUT)
 
+# One torch thread per test process: the models are tiny, and two processes with two threads each
+# on a 2-core machine (the notebook kernel, a training in the background) thrash badly.
+test test-fast: export OMP_NUM_THREADS := 1
+
 test: $(STAMP)
 	$(PY) -m pytest -q
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+# One intra-op thread per test process (also set by `make test`): the test models are tiny, and
+# oversubscribed threads on a 2-core machine cost far more than they give.
+torch.set_num_threads(1)
+
 # --- tiny random HF causal LMs and an in-memory tokenizer (probe.sampler; reusable) ----------------
 # No downloads: configs are built here, weights are random under a fixed torch seed.
 
