@@ -5,6 +5,7 @@
     forksight eval --model DIR [--model DIR]  held-out metrics.json + pass@k plot
     forksight probe --base DIR --rl DIR --out DIR   entropy, forks, fork detector, entropy law
     forksight sae train --out DIR / forksight sae diff --out DIR   SAE features RL pruned at forks
+    forksight steer derive | apply | sweep    steering vectors, held-out evaluation, sweep with baselines
 
 Every subcommand ends by printing one JSON line of its headline numbers.
 """
@@ -132,10 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(rl, LossConfig)
     rl.set_defaults(func=cmd_rl)
 
-    from experiments import probe_study, sae_study
+    from experiments import probe_study, sae_study, steer_study
 
     probe_study.register(sub)
     sae_study.register(sub)
+    steer_study.register(sub)
 
     ev = sub.add_parser("eval", help="held-out metrics and pass@k curves of one or more checkpoints")
     ev.add_argument("--model", action="append", help="checkpoint directory (repeat to compare; default: shipped base)")

@@ -37,7 +37,7 @@ def plot_pareto(rows: list[dict], path: str | Path) -> None:
         ax.set_xlabel("pass@1")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        if i == 0:
+        if i == 0 and ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     n = rows[0]["n_problems"] if rows else 0
     fig.suptitle(f"steering sweep, screening split ({n} held-out problems x 64 samples)", fontsize=9)

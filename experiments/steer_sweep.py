@@ -60,13 +60,13 @@ class SweepConfig:
     """Entropy-preserving RL checkpoint, a baseline row if the directory exists."""
     out: str = str(RESULTS / "steer-sweep")
     """Output directory (metrics.json, sweep.csv, sweep.json, plots, vectors/)."""
-    methods: tuple[str, ...] = ("dom-global", "dom-position", "dom-role", "pca", "sae")
+    methods: tuple[str, ...] = ("dom-position", "dom-global")
     """Vector methods (steer_study.METHODS); sae has only the SAE's layer."""
-    layers: tuple[int, ...] = (1, 2, 3)
+    layers: tuple[int, ...] = (2, 3)
     """Steered layers."""
-    coefs: tuple[float, ...] = (0.5, 1.0, 2.0)
+    coefs: tuple[float, ...] = (0.5, 1.0)
     """Coefficients (normalisation 'none': 1 = the mean base-minus-RL difference at forks)."""
-    gates: tuple[str, ...] = ("always", "entropy", "planning")
+    gates: tuple[str, ...] = ("always", "planning")
     """Gates (steer_study.STUDY_GATES)."""
     steer_temperatures: tuple[float, ...] = (1.0,)
     """Sampling temperatures of steered cells."""
@@ -74,7 +74,7 @@ class SweepConfig:
     """Temperatures of the unsteered-RL baseline."""
     patch_layers: tuple[int, ...] = (0, 1, 2, 3)
     """Layers of the cross-model patching curve."""
-    alphas: tuple[float, ...] = (0.5, 1.0)
+    alphas: tuple[float, ...] = (1.0,)
     """Patching strengths (1 = the base residual)."""
     screen_problems: int = 128
     """Held-out problems of the screening stage."""
@@ -82,8 +82,10 @@ class SweepConfig:
     """Held-out problems of the confirm stage (0 = all)."""
     n: int = 64
     """Samples per problem."""
-    confirm: int = 3
+    confirm: int = 2
     """Screened steering cells re-evaluated on the full split."""
+    confirm_patch: bool = True
+    """Re-evaluate the best patching cell on the full split (else it is reported on the screen split)."""
     pass_at_1_tolerance: float = 0.02
     """Allowed pass@1 drop below RL for `best`."""
     derive_problems: int = 256
@@ -125,11 +127,12 @@ def select_best(rows: list[dict], rl: dict, tol: float) -> dict | None:
     """SELECTION applied to `rows` (already carrying restoration)."""
     ok = [r for r in rows if r["kind"] == "steer" and r["rl_alone"] and r["restoration_distinct"] is not None
           and r["pass_at_1"] >= rl["pass_at_1"] - tol]
-    return max(ok, key=lambda r: r["restoration_distinct"], default=None)
+    return max(ok, key=lambda r: (r["restoration_distinct"], r["id"]), default=None)
 
 
-def _score(r: dict) -> float:
-    return -float("inf") if r.get("restoration_distinct") is None else r["restoration_distinct"]
+def _score(r: dict) -> tuple[float, str]:
+    """Sort key: restoration_distinct (None lowest), ties broken by id so a resumed run picks the same cells."""
+    return (-float("inf") if r.get("restoration_distinct") is None else r["restoration_distinct"], r["id"])
 
 
 class Sweep:
@@ -203,6 +206,10 @@ def run_sweep(cfg: SweepConfig) -> dict:
         sw.cell(S, "temperature", temperature=t)
     if Path(cfg.entropy_rl).is_dir():
         sw.cell(S, "entropy_rl", load_causal_lm(cfg.entropy_rl, device="cpu")[0], rl_alone=False)
+    for layer in cfg.patch_layers:
+        for a in cfg.alphas:
+            sw.cell(S, "patch", None, lambda L=layer, a=a: patch(sw.rl, sw.base, L, a, gate="base_entropy", threshold=thr_base),
+                    layer=layer, coef=a, gate="base_entropy", rl_alone=False)
     for m, v in vecs.items():
         for layer in (x for x in cfg.layers if x in v.layers):
             vl = one_layer(v, layer)
@@ -211,18 +218,13 @@ def run_sweep(cfg: SweepConfig) -> dict:
                     for t in cfg.steer_temperatures:
                         sw.cell(S, "steer", None, lambda vl=vl, c=coef, g=gate: steer_intervention(
                             sw.rl, sw.tok, vl, c, g, cfg.detector), method=m, layer=layer, coef=coef, gate=gate, temperature=t)
-    for layer in cfg.patch_layers:
-        for a in cfg.alphas:
-            sw.cell(S, "patch", None, lambda L=layer, a=a: patch(sw.rl, sw.base, L, a, gate="base_entropy", threshold=thr_base),
-                    layer=layer, coef=a, gate="base_entropy", rl_alone=False)
     screen = [r for r in sw.table() if r["stage"] == S]
     rl_s = next(r for r in screen if r["kind"] == "rl")
     steer = sorted((r for r in screen if r["kind"] == "steer"),
                    key=lambda r: (r["pass_at_1"] >= rl_s["pass_at_1"] - cfg.pass_at_1_tolerance, _score(r)),
                    reverse=True)[: cfg.confirm]
     patches = [r for r in screen if r["kind"] == "patch"]
-    best_patch_s = select_best([{**r, "kind": "steer", "rl_alone": True} for r in patches], rl_s, cfg.pass_at_1_tolerance) \
-        or max(patches, key=_score)
+    best_patch_s = max(patches, key=_score)  # the upper bound: most restoration, whatever pass@1 costs
     F = "full"
     sw.cell(F, "base", sw.base, rl_alone=False)
     rl_f = sw.cell(F, "rl")
@@ -230,19 +232,24 @@ def run_sweep(cfg: SweepConfig) -> dict:
         vl = one_layer(vecs[r["method"]], r["layer"])
         sw.cell(F, "steer", None, lambda vl=vl, r=r: steer_intervention(sw.rl, sw.tok, vl, r["coef"], r["gate"], cfg.detector),
                 method=r["method"], layer=r["layer"], coef=r["coef"], gate=r["gate"], temperature=r["temperature"])
-    sw.cell(F, "patch", None, lambda r=best_patch_s: patch(sw.rl, sw.base, r["layer"], r["coef"], gate="base_entropy",
-            threshold=thr_base), layer=best_patch_s["layer"], coef=best_patch_s["coef"], gate="base_entropy", rl_alone=False)
+    if cfg.confirm_patch:
+        sw.cell(F, "patch", None, lambda r=best_patch_s: patch(sw.rl, sw.base, r["layer"], r["coef"], gate="base_entropy",
+                threshold=thr_base), layer=best_patch_s["layer"], coef=best_patch_s["coef"], gate="base_entropy",
+                rl_alone=False)
     full = [r for r in sw.table() if r["stage"] == F]
     best = select_best(full, rl_f, cfg.pass_at_1_tolerance)
     anchor = best or max((r for r in full if r["kind"] == "steer"), key=_score)
     temps = [r for r in screen if r["kind"] == "temperature"]
     t_match = min(temps, key=lambda r: abs((r["fork_entropy_mean"] or 0) - (anchor["fork_entropy_mean"] or 0)))
     sw.cell(F, "temperature", temperature=t_match["temperature"])
-    if Path(cfg.entropy_rl).is_dir():
-        sw.cell(F, "entropy_rl", load_causal_lm(cfg.entropy_rl, device="cpu")[0], rl_alone=False)
     table = sw.table()
     full = [r for r in table if r["stage"] == F]
-    pick = lambda kind: next((r for r in full if r["kind"] == kind), None)  # noqa: E731
+    def pick(kind: str) -> dict | None:
+        row = next((r for r in full if r["kind"] == kind), None)
+        if row is None and kind == "patch":  # not confirmed: the screened cell (restoration vs screen base / RL)
+            row = next(r for r in table if r["id"] == best_patch_s["id"])
+        return row
+
     write_table(sw.out, table)
     plot_pareto(table, sw.out / "pareto.png")
     plot_patching([r for r in table if r["stage"] == S and r["kind"] == "patch"], sw.out / "patching_curve.png")
@@ -260,6 +267,7 @@ def _brief(r: dict | None) -> dict | None:
 
 def write_metrics(cfg: SweepConfig, sw: Sweep, table, best, anchor, pick, t0) -> dict:
     rl, tb = pick("rl"), pick("temperature")
+    screen = [r for r in table if r["stage"] == "screen"]
     tol = cfg.pass_at_1_tolerance
     goal_met = best is not None and best["restoration_distinct"] >= 0.3
     beats = {k: anchor[k] - tb[k] for k in ("restoration_distinct", "restoration_pass_at_64", "pass_at_1")
@@ -270,7 +278,8 @@ def write_metrics(cfg: SweepConfig, sw: Sweep, table, best, anchor, pick, t0) ->
                              key=lambda r: (r["layer"], r["coef"]))]
     metrics = {
         "selection_rule": SELECTION.format(tol=tol),
-        "best": _brief(best) and {**_brief(best), "vector": f"vectors/{best['method']}.safetensors"},
+        "best": _brief(best) and {**_brief(best), "coefficient": best["coef"], "vector": f"vectors/{best['method']}.safetensors",
+                                  "vector_layer": best["layer"]},
         "best_note": None if best else "no steering cell met the pass@1 constraint on the full split; "
                                        "`best_unconstrained` is the highest restoration_distinct cell",
         "best_unconstrained": _brief(anchor),
@@ -280,9 +289,15 @@ def write_metrics(cfg: SweepConfig, sw: Sweep, table, best, anchor, pick, t0) ->
                                  "(screen stage), then re-evaluated on the full split"},
         "steering_minus_temperature": beats,
         "steering_beats_temperature": bool(beats.get("restoration_distinct", 0) > 0 and beats.get("pass_at_1", 0) >= -tol),
-        "entropy_preserving_rl": _brief(pick("entropy_rl")),
+        "entropy_preserving_rl": _brief(next((r for r in screen if r["kind"] == "entropy_rl"), None)),
+        "entropy_preserving_rl_note": "screen split only (its own metrics.json has the full split)",
         "patching_upper_bound": {**_brief(pick("patch")), "alpha": pick("patch")["coef"],
+                                 "split": "full" if cfg.confirm_patch else f"first {cfg.screen_problems} held-out problems",
                                  "gate": "base_entropy (base model's forks, threshold from the derive trajectories)"},
+        "temperature_screen": [_brief(r) for r in screen if r["kind"] == "temperature"],
+        "screen_best_per_method": _per_method(screen, cfg.pass_at_1_tolerance),
+        "patching_best_within_tolerance": _brief(select_best([{**r, "kind": "steer", "rl_alone": True} for r in screen
+                                                              if r["kind"] == "patch"], next(r for r in screen if r["kind"] == "rl"), tol)),
         "patching_curve": curve, "patching_curve_split": f"first {cfg.screen_problems} held-out problems",
         "n_cells": len(table), "n_cells_reused": sw.reused, "seconds": time.time() - t0,
         "tables": ["sweep.csv", "sweep.json"], "plots": ["pareto.png", "pass_at_k.png", "patching_curve.png"],
@@ -290,6 +305,17 @@ def write_metrics(cfg: SweepConfig, sw: Sweep, table, best, anchor, pick, t0) ->
     }
     write_json_atomic(sw.out / "metrics.json", metrics)
     return metrics
+
+
+def _per_method(screen: list[dict], tol: float) -> dict:
+    """Per method: the screened cell SELECTION would pick (None if no cell keeps pass@1)."""
+    rl = next(r for r in screen if r["kind"] == "rl")
+    out = {}
+    for m in sorted({r["method"] for r in screen if r["kind"] == "steer"}):
+        b = select_best([r for r in screen if r["kind"] == "steer" and r["method"] == m], rl, tol)
+        out[m] = b and {k: b[k] for k in ("layer", "coef", "gate", "pass_at_1", "restoration_distinct",
+                                          "restoration_pass_at_64")}
+    return out
 
 
 def write_table(out: Path, table: list[dict]) -> None:

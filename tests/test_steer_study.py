@@ -1,0 +1,129 @@
+"""`forksight steer derive | apply | sweep` on tiny random organisms, resume, and restoration arithmetic."""
+
+import argparse
+import csv
+import json
+
+import pytest
+
+from experiments import steer_sweep
+from experiments.steer_study import (
+    ApplyConfig,
+    DeriveConfig,
+    countdown_role,
+    register,
+    run_apply,
+    run_derive,
+)
+from experiments.steer_sweep import (
+    SweepConfig,
+    restoration,
+    run_sweep,
+    select_best,
+    with_restoration,
+)
+from steering import SteeringVector
+
+
+def test_restoration_is_the_fraction_of_the_gap_closed():
+    assert restoration(3.0, 2.0, 4.0) == pytest.approx(0.5), "halfway from RL to base is 0.5"
+    assert restoration(2.0, 2.0, 4.0) == 0.0 and restoration(4.0, 2.0, 4.0) == 1.0
+    assert restoration(1.0, 2.0, 4.0) == pytest.approx(-0.5), "worse than RL is negative, not clipped"
+    assert restoration(3.0, 2.0, 2.0) is None, "base == RL leaves restoration undefined, never a division by 0"
+    assert restoration(None, 2.0, 4.0) is None
+    row = with_restoration({"pass_at_64": 0.9, "distinct_correct_mean": 2.5},
+                           {"pass_at_64": 1.0, "distinct_correct_mean": 4.0}, {"pass_at_64": 0.8, "distinct_correct_mean": 2.0})
+    assert row["restoration_pass_at_64"] == pytest.approx(0.5) and row["restoration_distinct"] == pytest.approx(0.25)
+
+
+def test_best_is_the_most_restoring_rl_alone_cell_within_the_pass_at_1_tolerance():
+    rl = {"pass_at_1": 0.70}
+    cells = [{"kind": "steer", "rl_alone": True, "pass_at_1": 0.69, "restoration_distinct": 0.2, "id": "ok"},
+             {"kind": "steer", "rl_alone": True, "pass_at_1": 0.60, "restoration_distinct": 0.9, "id": "too costly"},
+             {"kind": "patch", "rl_alone": False, "pass_at_1": 0.70, "restoration_distinct": 0.8, "id": "needs base"},
+             {"kind": "steer", "rl_alone": True, "pass_at_1": 0.681, "restoration_distinct": 0.3, "id": "edge"}]
+    assert select_best(cells, rl, 0.02)["id"] == "edge", "pass@1 0.681 >= 0.70 - 0.02 counts; 0.60 and patching do not"
+    assert select_best(cells[1:3], rl, 0.02) is None
+
+
+def test_countdown_role_condition_says_execution_after_equals_until_semicolon():
+    class Tok:
+        def convert_tokens_to_ids(self, t):
+            return {"=": 5, ";": 6}[t]
+
+    import torch
+    cond = countdown_role(Tok())
+    toks = torch.tensor([[3, 4, 3], [3, 5, 3], [5, 3, 6], [5, 6, 5]])
+    assert cond(toks).tolist() == [0, 1, 0, 1]
+    assert cond(torch.zeros(2, 0, dtype=torch.long)).tolist() == [0, 0], "the first decision is a planning choice"
+
+
+@pytest.fixture(scope="module")
+def organism_pair(tmp_path_factory):
+    from experiments.organism import OrganismConfig, build_organism, save_checkpoint
+
+    root = tmp_path_factory.mktemp("pair")
+    for name, seed in (("base", 0), ("rl", 1)):
+        model, tok = build_organism(OrganismConfig(depth=2), seed=seed)
+        save_checkpoint(model, tok, root / name)
+    return root
+
+
+def _cfg(pair, out):
+    return SweepConfig(base=str(pair / "base"), rl=str(pair / "rl"), entropy_rl=str(pair / "none"), out=str(out),
+                       methods=("dom-global", "dom-position"), layers=(1,), coefs=(1.0,), gates=("always", "planning"),
+                       temperatures=(1.5,), patch_layers=(0, 1), alphas=(1.0,), screen_problems=3, problems=4, n=8,
+                       confirm=2, derive_problems=4)
+
+
+@pytest.mark.slow
+def test_sweep_end_to_end_and_resume_reuses_finished_cells(organism_pair, tmp_path, monkeypatch):
+    out = tmp_path / "sweep"
+    m = run_sweep(_cfg(organism_pair, out))
+    for f in ("metrics.json", "sweep.csv", "sweep.json", "pareto.png", "pass_at_k.png", "patching_curve.png",
+              "vectors/dom-global.safetensors"):
+        assert (out / f).is_file(), f"the sweep must ship {f}"
+    for k in ("best_unconstrained", "base", "rl", "temperature_baseline", "patching_upper_bound", "selection_rule"):
+        assert m[k] is not None, f"metrics.json needs {k!r}"
+    assert [(p["layer"], p["coef"]) for p in m["patching_curve"]] == [(0, 1.0), (1, 1.0)], "one curve point per (L, alpha)"
+    rows = list(csv.DictReader((out / "sweep.csv").open()))
+    # screen: base, rl, T=1.5, 2 methods x 2 gates, 2 patches; full: base, rl, 2 steer, patch, temperature
+    assert len(rows) == m["n_cells"] == 5 + 4 + 6 and m["n_cells_reused"] == 0
+    assert json.loads((out / "metrics.json").read_text())["n_cells"] == m["n_cells"]
+
+    cells = json.loads((out / "sweep.json").read_text())
+    dropped = [c["id"] for c in cells["cells"] if c["kind"] == "steer" and c["stage"] == "screen"][:2]
+    cells["cells"] = [c for c in cells["cells"] if c["id"] not in dropped]
+    (out / "sweep.json").write_text(json.dumps(cells))
+    calls = []
+    real = steer_sweep.evaluate_cell
+    monkeypatch.setattr(steer_sweep, "evaluate_cell", lambda *a, **k: calls.append(1) or real(*a, **k))
+    m2 = run_sweep(_cfg(organism_pair, out))
+    assert len(calls) == len(dropped), "a restart must evaluate only the cells missing from the partial table"
+    assert m2["n_cells_reused"] == m["n_cells"] - len(dropped) and m2["n_cells"] == m["n_cells"]
+
+
+@pytest.mark.slow
+def test_derive_and_apply_through_the_cli(organism_pair, tmp_path):
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    vec = tmp_path / "v.safetensors"
+    args = parser.parse_args(["steer", "derive", "--base", str(organism_pair / "base"), "--rl", str(organism_pair / "rl"),
+                              "--out", str(vec), "--method", "dom-role", "--layers", "1", "--n-problems", "3",
+                              "--samples", "2"])
+    assert args.func(args)["layers"] == [1]
+    v = SteeringVector.load(vec)
+    assert v.conditioning == "role" and "fork_threshold_rl" in v.config
+    m = run_apply(ApplyConfig(vector=str(vec), rl=str(organism_pair / "rl"), coef=0.0, gate="always", problems=2, n=4))
+    from experiments.countdown import Countdown
+    from experiments.evaluation import heldout_prompts
+    from experiments.steer_study import evaluate_cell
+    from probe.checkpoint import load_causal_lm
+
+    rl, tok = load_causal_lm(organism_pair / "rl", device="cpu")
+    plain = evaluate_cell(rl, tok, heldout_prompts(Countdown(), 2), 4, 1.0, 0, 1024)
+    assert m["pass_at_k"] == plain["pass_at_k"] and m["fork_entropy_mean"] == pytest.approx(plain["fork_entropy_mean"]), \
+        "coefficient 0 must sample exactly what the unsteered RL model samples"
+    with pytest.raises(ValueError, match="method"):
+        DeriveConfig(method="mean")
+    assert run_derive  # the CLI path above ran it
