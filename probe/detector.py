@@ -34,8 +34,9 @@ from typing import Any
 import torch
 from jaxtyping import Bool, Float, Int
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
+
+from probe.checkpoint import save_safetensors_atomic
 
 FORMAT = "forksight.fork_detector"
 VERSION = 1
@@ -199,14 +200,9 @@ class ForkDetector:
 
     def save(self, path: str | Path) -> Path:
         """Write safetensors (`layer{L}.w|b|mean|std`) with the JSON metadata in its header."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {f"layer{layer}.{k}": v.contiguous().cpu() for layer, p in self.params.items() for k, v in p.items()}
+        tensors = {f"layer{layer}.{k}": v for layer, p in self.params.items() for k, v in p.items()}
         header = {"format": FORMAT, "version": str(VERSION), "meta": json.dumps(self.meta)}
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(tmp), metadata=header)
-        tmp.replace(path)
-        return path
+        return save_safetensors_atomic(path, tensors, header)
 
     @classmethod
     def load(cls, path: str | Path) -> ForkDetector:

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from jaxtyping import Float
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
+from probe.checkpoint import save_safetensors_atomic
 from probe.hooks import SITES, HookSiteError, resolve_hook, site_name
 
 FORMAT = "forksight.steering_vector"
@@ -183,15 +183,10 @@ class SteeringVector:
 
     def save(self, path: str | Path) -> Path:
         """Write safetensors (`layer{L}`, `centroids.layer{L}`) with `metadata()` as JSON in the header."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {f"layer{k}": v.contiguous() for k, v in self.directions.items()}
-        tensors |= {f"centroids.layer{k}": c.contiguous() for k, c in (self.centroids or {}).items()}
+        tensors = {f"layer{k}": v for k, v in self.directions.items()}
+        tensors |= {f"centroids.layer{k}": c for k, c in (self.centroids or {}).items()}
         header = {"format": FORMAT, "version": str(self.version), "meta": json.dumps(self.metadata())}
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(tmp), metadata=header)
-        tmp.replace(path)
-        return path
+        return save_safetensors_atomic(path, tensors, header)
 
     @classmethod
     def load(cls, path: str | Path) -> SteeringVector:

@@ -81,3 +81,19 @@ def eos_lm(tiny_lm):
         return model.eval()
 
     return build
+
+
+# --- two random organisms saved as a checkpoint pair (probe / steering studies) --------------------
+
+
+@pytest.fixture(scope="session")
+def organism_pair_dirs(tmp_path_factory):
+    """A directory with `base/` and `rl/`: random depth-2 organisms (seeds 0 and 1), saved as HF
+    checkpoints with their tokenizer. Session-scoped: treat it as read-only."""
+    from experiments.organism import OrganismConfig, build_organism, save_checkpoint
+
+    root = tmp_path_factory.mktemp("pair")
+    for name, seed in (("base", 0), ("rl", 1)):
+        model, tok = build_organism(OrganismConfig(depth=2), seed=seed)
+        save_checkpoint(model, tok, root / name)
+    return root

@@ -11,13 +11,12 @@ from probe.detector import ForkDetector
 
 
 @pytest.fixture(scope="module")
-def organism_pair(tmp_path_factory):
-    from experiments.organism import OrganismConfig, build_organism, save_checkpoint
+def organism_pair(organism_pair_dirs, tmp_path_factory):
+    import shutil
 
-    root = tmp_path_factory.mktemp("pair")
-    for name, seed in (("base", 0), ("rl", 1)):
-        model, tok = build_organism(OrganismConfig(depth=2), seed=seed)
-        save_checkpoint(model, tok, root / name)
+    root = tmp_path_factory.mktemp("pair_with_log")  # a copy: the shared pair stays read-only
+    for name in ("base", "rl"):
+        shutil.copytree(organism_pair_dirs / name, root / name)
     with open(root / "rl" / "train_log.jsonl", "w") as f:
         for step in range(30):
             h = 1.2 * math.exp(-step / 10)

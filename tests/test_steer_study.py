@@ -59,14 +59,8 @@ def test_countdown_role_condition_says_execution_after_equals_until_semicolon():
 
 
 @pytest.fixture(scope="module")
-def organism_pair(tmp_path_factory):
-    from experiments.organism import OrganismConfig, build_organism, save_checkpoint
-
-    root = tmp_path_factory.mktemp("pair")
-    for name, seed in (("base", 0), ("rl", 1)):
-        model, tok = build_organism(OrganismConfig(depth=2), seed=seed)
-        save_checkpoint(model, tok, root / name)
-    return root
+def organism_pair(organism_pair_dirs):
+    return organism_pair_dirs
 
 
 def _cfg(pair, out):
