@@ -49,8 +49,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str,
         tp = hints[f.name]
         if tp is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_)
-        elif typing.get_origin(tp) is tuple:
-            parser.add_argument(flag, dest=f.name, nargs="+", default=default, help=help_)
+        elif typing.get_origin(tp) is tuple:  # tuple[T, ...]: one or more values of type T
+            parser.add_argument(flag, dest=f.name, nargs="+", type=typing.get_args(tp)[0], default=default, help=help_)
         else:
             conv = next((t for t in typing.get_args(tp) if t is not type(None)), tp) if typing.get_args(tp) else tp
             parser.add_argument(flag, dest=f.name, type=conv, default=default, help=help_)

@@ -102,3 +102,22 @@ def test_shipped_base_gives_the_same_logits_through_every_backend():
     _assert_backends_agree(BASE)
 
 
+
+
+def test_config_flags_convert_tuple_elements_to_their_type():
+    import argparse
+    from dataclasses import dataclass
+
+    from experiments.cli_args import add_config_args, config_from_args
+
+    @dataclass
+    class Cfg:
+        coefs: tuple[float, ...] = (1.0,)
+        """Coefficients."""
+        layers: tuple[int, ...] = (2,)
+        """Layers."""
+
+    parser = argparse.ArgumentParser()
+    add_config_args(parser, Cfg)
+    cfg = config_from_args(Cfg, parser.parse_args(["--coefs", "2", "3.5", "--layers", "1", "3"]))
+    assert cfg.coefs == (2.0, 3.5) and cfg.layers == (1, 3), "list flags must arrive typed, not as strings"
