@@ -13,8 +13,9 @@ from pathlib import Path
 from experiments.countdown import Countdown
 from experiments.tokenizer import check_tokenizer
 from probe.checkpoint import load_causal_lm
-from probe.evaluate import evaluate
-from probe.sampler import SamplerConfig
+from probe.entropy import Trajectories, trajectories_from_branches
+from probe.evaluate import Scored, evaluate, score_branches
+from probe.sampler import Branches, SamplerConfig, sample_branches
 
 
 @dataclass
@@ -74,3 +75,18 @@ def evaluate_checkpoint(path: str | Path, cfg: EvalConfig, task: Countdown | Non
     model, tok = load_causal_lm(path, device=cfg.device)
     metrics, _, _ = evaluate_model(model, tok, cfg, task)
     return metrics
+
+
+def sample_scored_trajectories(
+    model, tokenizer, prompts: list[str], n: int, seed: int, batch_size: int, device: str,
+    task: Countdown | None = None,
+) -> tuple[Branches, Scored, Trajectories]:
+    """`n` completions per prompt at temperature 1, scored, and as role-labelled trajectories
+    (prompt + completion, right-padded) for teacher-forced probing."""
+    task = task or Countdown()
+    cfg = SamplerConfig(n=n, max_new_tokens=max_answer_tokens(task), temperature=1.0, seed=seed,
+                        batch_size=max(batch_size, 1), device=device)
+    branches = sample_branches(model, tokenizer, prompts, cfg)
+    scored = score_branches(branches, prompts, task, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return branches, scored, trajectories_from_branches(branches, scored.roles, pad_id=pad)

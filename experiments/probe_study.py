@@ -31,12 +31,11 @@ import torch
 from experiments.checkpointing import write_json_atomic
 from experiments.cli_args import add_config_args, config_from_args
 from experiments.countdown import Countdown
-from experiments.evaluation import heldout_prompts, max_answer_tokens
+from experiments.evaluation import heldout_prompts, sample_scored_trajectories
 from experiments.organism import ORGANISMS_DIR
 from experiments.tokenizer import check_tokenizer
 from probe.detector import ForkDetector
-from probe.entropy import PairStats, Trajectories, pair_stats, trajectories_from_branches
-from probe.evaluate import score_branches
+from probe.entropy import PairStats, Trajectories, pair_stats
 from probe.forks import (
     ROLE_CODES,
     entropy_change_share_on_forks,
@@ -48,7 +47,6 @@ from probe.forks import (
 from probe.law import extrapolation_error, fit_entropy_law, read_train_log
 from probe.pair import BACKENDS, Pair, load_pair
 from probe.plots import plot_entropy_heatmap, plot_entropy_histograms, plot_law_fit
-from probe.sampler import Branches, SamplerConfig, sample_branches
 
 
 @dataclass
@@ -180,10 +178,6 @@ def _examples(tok, traj: Trajectories, stats: PairStats, forks: dict, k: int, ev
                          grid(traj.roles, -1), out / "entropy_heatmap.png")
 
 
-def _pad_id(tok) -> int:
-    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-
-
 def run_probe(cfg: ProbeConfig) -> dict:
     """Run the whole probe; writes metrics.json, the detector and the plots into `cfg.out`."""
     t0 = time.time()
@@ -201,17 +195,14 @@ def run_probe(cfg: ProbeConfig) -> dict:
         raise ValueError(f"layers {bad} are out of range; the models have layers 0..{pair.rl.n_layers - 1}")
     task = Countdown()
     prompts = heldout_prompts(task, cfg.n_problems)
-    sampler = SamplerConfig(n=cfg.samples, max_new_tokens=max_answer_tokens(task), temperature=1.0,
-                            seed=cfg.seed, batch_size=max(cfg.batch_size, 1), device=str(pair.base.device))
     metrics: dict = {"base": cfg.base, "rl": cfg.rl, "backend": pair.base.backend, "device": str(pair.base.device),
                      "n_problems": len(prompts), "n_samples": cfg.samples, "temperature": 1.0,
                      "seed": cfg.seed, "rho": cfg.rho}
     resid: dict[int, list] = {x: [] for x in layers}
     labels, groups, hists, thresholds, pred_tokens = [], [], {"base": [], "rl": []}, {}, []
     for src, model in pair.items():
-        branches: Branches = sample_branches(model.hf, tok, prompts, sampler)
-        scored = score_branches(branches, prompts, task, tok)
-        traj = trajectories_from_branches(branches, scored.roles, pad_id=_pad_id(tok))
+        branches, scored, traj = sample_scored_trajectories(model.hf, tok, prompts, cfg.samples, cfg.seed,
+                                                     cfg.batch_size, str(pair.base.device), task)
         stats = pair_stats(pair, traj, cfg.batch_size, resid_layers=layers)
         rec, forks = source_metrics(stats, traj, cfg.rho)
         own = stats.h_base if src == "base" else stats.h_rl

@@ -28,12 +28,11 @@ import torch
 from experiments.checkpointing import write_json_atomic
 from experiments.cli_args import add_config_args, config_from_args
 from experiments.countdown import Countdown
-from experiments.evaluation import heldout_prompts, max_answer_tokens
+from experiments.evaluation import heldout_prompts, sample_scored_trajectories
 from experiments.organism import ORGANISMS_DIR
 from experiments.tokenizer import check_tokenizer
 from probe.checkpoint import load_causal_lm, resolve_device
-from probe.entropy import Trajectories, trajectories_from_branches
-from probe.evaluate import score_branches
+from probe.entropy import Trajectories
 from probe.features import DiffResult, feature_records, fork_feature_diff
 from probe.forks import fork_threshold
 from probe.hooks import resolve_hook, site_name
@@ -54,7 +53,6 @@ from probe.sae_plots import (
     plot_top_features,
 )
 from probe.sae_quality import reconstruction_stats, sae_quality
-from probe.sampler import SamplerConfig, sample_branches
 
 FVU_TARGET, L0_TARGET = 0.2, 32
 RESULTS_DIR = Path(__file__).resolve().parent / "results" / "sae"  # the shipped SAE and its diff
@@ -183,13 +181,8 @@ class SAEDiffConfig:
 def sample_trajectories(model: HookedModel, prompts: list[str], samples: int, seed: int,
                         batch_size: int) -> tuple[Trajectories, float]:
     """`samples` completions per prompt (temperature 1) as role-labelled trajectories, and the pass rate."""
-    task, tok = Countdown(), model.tokenizer
-    cfg = SamplerConfig(n=samples, max_new_tokens=max_answer_tokens(task), temperature=1.0, seed=seed,
-                        batch_size=max(batch_size, 1), device=str(model.device))
-    branches = sample_branches(model.hf, tok, prompts, cfg)
-    scored = score_branches(branches, prompts, task, tok)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return trajectories_from_branches(branches, scored.roles, pad_id=pad), scored.correct.float().mean().item()
+    _, scored, traj = sample_scored_trajectories(model.hf, model.tokenizer, prompts, samples, seed, batch_size, str(model.device))
+    return traj, scored.correct.float().mean().item()
 
 
 def run_sae_train(cfg: SAETrainConfig) -> dict:

@@ -41,11 +41,11 @@ from experiments.sae_study import sample_trajectories
 from experiments.tokenizer import check_tokenizer
 from probe.checkpoint import load_causal_lm
 from probe.detector import ForkDetector
-from probe.evaluate import diversity_metrics, score_branches
+from probe.evaluate import evaluate
 from probe.forks import fork_threshold
 from probe.pair import load_pair
 from probe.sae import load_sae
-from probe.sampler import SamplerConfig, sample_branches
+from probe.sampler import SamplerConfig
 from steering import (
     SteeringVector,
     after_tokens,
@@ -198,9 +198,8 @@ def evaluate_cell(model, tok, prompts: list[str], n: int, temperature: float, se
     task = task or Countdown()
     sampler = SamplerConfig(n=n, max_new_tokens=max_answer_tokens(task), temperature=temperature, seed=seed,
                             batch_size=batch_size, device=str(next(model.parameters()).device))
-    branches = sample_branches(model, tok, prompts, sampler, intervention=intervention)
-    scored = score_branches(branches, prompts, task, tok)
-    return diversity_metrics(branches, scored, prompts, task, temperature=temperature, seed=seed, n_boot=200)
+    metrics, _, _ = evaluate(model, tok, prompts, task, sampler, intervention=intervention, n_boot=200)
+    return metrics
 
 
 def steer_intervention(model, tok, vec: SteeringVector, coef: float, gate: str, detector: str):

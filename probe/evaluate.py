@@ -205,13 +205,15 @@ def diversity_metrics(
 
 
 def evaluate(
-    model: Any, tokenizer: Any, prompts: Sequence[str], task: Task, cfg: SamplerConfig, **kw: Any
+    model: Any, tokenizer: Any, prompts: Sequence[str], task: Task, cfg: SamplerConfig,
+    intervention: Any = None, **kw: Any
 ) -> tuple[dict[str, Any], Branches, Scored]:
-    """Sample `cfg.n` branches per prompt, score them, and compute `diversity_metrics` (kw go there)."""
+    """Sample `cfg.n` branches per prompt (with the sampler's `intervention`, e.g. a steering
+    hook), score them, and compute `diversity_metrics` (kw go there)."""
     if len(prompts) == 0:
         raise ValueError("prompts is empty; pass at least one prompt")
     _check_ks(kw.get("ks"), cfg.n)  # fail before spending time on sampling
-    branches = sample_branches(model, tokenizer, list(prompts), cfg)
+    branches = sample_branches(model, tokenizer, list(prompts), cfg, intervention=intervention)
     scored = score_branches(branches, prompts, task, tokenizer)
     metrics = diversity_metrics(
         branches, scored, prompts, task, temperature=cfg.temperature, seed=cfg.seed, **kw

@@ -222,8 +222,8 @@ def test_clear_errors_for_empty_mismatched_and_too_large_k(tokenizer):
 def test_evaluate_passes_cfg_to_sampler_and_metrics(tokenizer, monkeypatch):
     calls = []
 
-    def fake_sample(model, tok, prompts, cfg):
-        calls.append((list(prompts), cfg))
+    def fake_sample(model, tok, prompts, cfg, intervention=None):
+        calls.append((list(prompts), cfg, intervention))
         return hand_branches()
 
     monkeypatch.setattr("probe.evaluate.sample_branches", fake_sample)
@@ -234,8 +234,11 @@ def test_evaluate_passes_cfg_to_sampler_and_metrics(tokenizer, monkeypatch):
     with pytest.raises(ValueError, match="prompts is empty"):
         evaluate(None, tokenizer, [], SumTask(), cfg)
     m, branches, scored = evaluate(None, tokenizer, PROMPTS, SumTask(), cfg, n_boot=20)
-    assert calls == [(PROMPTS, cfg)] and isinstance(scored, Scored)
+    assert calls == [(PROMPTS, cfg, None)] and isinstance(scored, Scored)
     assert (m["temperature"], m["seed"], m["pass_at_1"]) == (0.6, 5, pytest.approx(5 / 12))
+    hook = object()
+    evaluate(None, tokenizer, PROMPTS, SumTask(), cfg, intervention=hook, n_boot=20)
+    assert calls[-1][2] is hook, "a steering intervention must reach the sampler"
 
 
 def test_evaluate_end_to_end_with_the_real_sampler(tokenizer):
