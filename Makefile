@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/forksight eval --out $(OUT)
+	$(VENV)/bin/forksight run --out $(OUT)
 
 # One torch thread per test process: the models are tiny, and two processes with two threads each
 # on a 2-core machine (the notebook kernel, a training in the background) thrash badly.

@@ -1,5 +1,6 @@
 """The `forksight` command line. Library code raises; only this module prints.
 
+    forksight run [--quick] [--from-scratch] [--base DIR --rl DIR] --out DIR   the whole study -> report.md
     forksight organism sft --out DIR          train the base organism (SFT), then evaluate it
     forksight organism rl --base DIR --intervention none|entropy-bonus|clip-cov|kl-cov|forks-only --out DIR
     forksight eval --model DIR [--model DIR]  held-out metrics.json + pass@k plot
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 from dataclasses import asdict
@@ -31,11 +31,22 @@ from experiments.sft import SFTConfig
 HEADLINE_KEYS = ("pass_at_1", "pass_at_64", "distinct_correct_mean", "planning_entropy_mean", "execution_entropy_mean")
 
 
-def _check_writable(out: str | Path) -> Path:
+def check_writable(out: str | Path) -> Path:
+    """`out` as a Path, after proving a file can be created in it (or in its nearest existing
+    ancestor, where it will be made); raises PermissionError / NotADirectoryError naming the fix."""
+    import tempfile
+
     out = Path(out)
     probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
-    if not os.access(probe, os.W_OK):
-        raise PermissionError(f"--out {str(out)!r} is not writable (checked {str(probe)!r}); choose another directory")
+    if not probe.is_dir():
+        raise NotADirectoryError(f"--out {str(out)!r} cannot be created: {str(probe)!r} is a file, not a directory; "
+                                 "choose another directory")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise PermissionError(f"--out {str(out)!r} is not writable ({str(probe)!r}: {e.strerror}); choose another "
+                              "directory") from None
     return out
 
 
@@ -59,7 +70,7 @@ def cmd_sft(args: argparse.Namespace) -> dict:
     from experiments.sft import train_sft
 
     cfg = config_from_args(SFTConfig, args)
-    _check_writable(cfg.out)
+    check_writable(cfg.out)
     summary = train_sft(cfg)
     metrics = _organism_metrics(
         cfg.out, cfg.eval_samples, cfg.seed, cfg.device,
@@ -75,7 +86,7 @@ def cmd_rl(args: argparse.Namespace) -> dict:
 
     cfg = config_from_args(GRPOConfig, args)
     loss_cfg = config_from_args(LossConfig, args)
-    _check_writable(cfg.out)
+    check_writable(cfg.out)
     load_policy(cfg.base, "cpu")  # a bad --base fails here, before any work
     summary = train_grpo(cfg, loss_cfg)
     metrics = _organism_metrics(
@@ -93,7 +104,7 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     from probe.evaluate import plot_pass_at_k
 
     cfg = config_from_args(EvalConfig, args)
-    out = _check_writable(args.out)
+    out = check_writable(args.out)
     models = args.model or [str(ORGANISMS_DIR / "base")]
     names = _names(models)
     results = {name: evaluate_checkpoint(path, cfg) for name, path in zip(names, models)}
@@ -133,8 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(rl, LossConfig)
     rl.set_defaults(func=cmd_rl)
 
-    from experiments import probe_study, sae_study, steer_study
+    from experiments import probe_study, run_study, sae_study, steer_study
 
+    run_study.register(sub)
     probe_study.register(sub)
     sae_study.register(sub)
     steer_study.register(sub)
@@ -151,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = args.func(args)
-    except (ValueError, FileNotFoundError, PermissionError) as e:
+    except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError) as e:
         print(f"forksight {args.command}: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result))

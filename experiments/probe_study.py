@@ -38,13 +38,14 @@ from probe.detector import ForkDetector
 from probe.entropy import PairStats, Trajectories, pair_stats
 from probe.forks import (
     ROLE_CODES,
+    entropy_change_share_ci,
     entropy_change_share_on_forks,
     fork_mask,
     fork_overlap,
     fork_threshold,
     role_split,
 )
-from probe.law import extrapolation_error, fit_entropy_law, read_train_log
+from probe.law import bootstrap_law, extrapolation_error, fit_entropy_law, read_train_log
 from probe.pair import BACKENDS, Pair, load_pair
 from probe.plots import plot_entropy_heatmap, plot_entropy_histograms, plot_law_fit
 
@@ -135,6 +136,7 @@ def source_metrics(stats: PairStats, traj: Trajectories, rho: float) -> tuple[di
         "mean_delta": _mean(dh, m),
         **{f"share_on_{k}_forks{'_signed' if s else ''}": entropy_change_share_on_forks(
             stats.h_base, stats.h_rl, m, forks[k], signed=s) for k in ("base", "rl") for s in (False, True)},
+        "share_on_base_forks_ci": entropy_change_share_ci(stats.h_base, stats.h_rl, m, forks["base"], traj.prompt_index),
         "fork_token_fraction": int(forks["base"].sum()) / max(1, int(m.sum())),
     }
     nonfork = m & ~forks["base"]
@@ -158,7 +160,7 @@ def _law(cfg: ProbeConfig, out: Path) -> dict:
     early = fit_entropy_law(h[: extra["n_fit"]], r[: extra["n_fit"]])
     plot_law_fit(h, r, fit, out / "law_fit.png", n_fit=extra["n_fit"], early_fit=early)
     return {"available": True, "train_log": str(log), "reward_key": cfg.law_reward_key, "n_steps": len(h), **fit.to_dict(),
-            "extrapolation": extra, "plot": "law_fit.png"}
+            "bootstrap": bootstrap_law(h, r, n_boot=1000, seed=cfg.seed), "extrapolation": extra, "plot": "law_fit.png"}
 
 
 def _examples(tok, traj: Trajectories, stats: PairStats, forks: dict, k: int, every: int, out: Path) -> None:

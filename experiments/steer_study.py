@@ -26,7 +26,6 @@ coefficients are comparable across methods.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -57,8 +56,22 @@ from steering import (
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("dom-global", "dom-position", "dom-role", "pca", "sae")
+METHODS = ("dom-global", "dom-position", "dom-role", "dom-cluster", "pca", "sae")
 STUDY_GATES = ("always", "entropy", "planning", "detector")
+FORK_SETS = ("base", "pruned")
+
+
+def split_method(spec: str, default_forks: str = "base") -> tuple[str, str]:
+    """"dom-position:pruned" -> ("dom-position", "pruned"); no suffix -> `default_forks`."""
+    method, _, forks = spec.partition(":")
+    forks = forks or default_forks
+    if method not in METHODS:
+        raise ValueError(f"method {spec!r}: {method!r} is not one of {METHODS}")
+    if forks not in FORK_SETS:
+        raise ValueError(f"method {spec!r}: fork set {forks!r} is not one of {FORK_SETS} (e.g. dom-position:pruned)")
+    if method == "sae" and forks != "base":
+        raise ValueError(f"method {spec!r}: sae vectors come from `forksight sae diff` (base forks); drop the suffix")
+    return method, forks
 
 
 @dataclass
@@ -72,7 +85,7 @@ class DeriveConfig:
     out: str = "runs/steer/vector.safetensors"
     """Output vector file (safetensors)."""
     method: str = "dom-global"
-    """One of dom-global, dom-position, dom-role, pca, sae."""
+    """One of dom-global, dom-position, dom-role, dom-cluster, pca, sae; optionally ":pruned" (see forks)."""
     layers: tuple[int, ...] = (2,)
     """Layers (blocks.{L}.hook_resid_post) the vector steers."""
     n_problems: int = 256
@@ -82,9 +95,15 @@ class DeriveConfig:
     problem_seed: int = 11
     """Seed of the training-problem stream (the held-out split is never used)."""
     rho: float = 0.2
-    """Fork fraction (top-rho answer tokens by base entropy)."""
+    """Fork fraction (top-rho answer tokens by entropy, per model)."""
+    forks: str = "base"
+    """Tokens the vector is derived at: "base" (the base model's forks) or "pruned" (base forks where
+    the RL model does not fork: the branch points RL collapsed). A method may override it with a
+    suffix, e.g. "dom-position:pruned"."""
     n_positions: int = 8
     """Answer-position buckets of dom-position (the last pools all later positions)."""
+    n_clusters: int = 16
+    """k-means clusters of the RL residuals at the selected forks (dom-cluster)."""
     sae: str = str(RESULTS / "sae" / "sae")
     """SAE directory (method sae)."""
     sae_diff: str = str(RESULTS / "sae" / "diff" / "metrics.json")
@@ -95,12 +114,13 @@ class DeriveConfig:
     """Sampling seed."""
     batch_size: int = 256
     """Trajectories per forward pass."""
-    device: str = "cpu"
-    """Torch device."""
+    device: str = "auto"
+    """"auto" = cuda if available, else cpu."""
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method={self.method!r}; allowed {METHODS}")
+        split_method(self.method)
+        if self.forks not in FORK_SETS:
+            raise ValueError(f"forks={self.forks!r}; allowed {FORK_SETS}")
         if not self.layers:
             raise ValueError("layers is empty; pass e.g. --layers 2")
         if not 0 < self.rho <= 1:
@@ -108,7 +128,8 @@ class DeriveConfig:
 
 
 def derive_vectors(cfg: DeriveConfig, methods: tuple[str, ...] | None = None) -> dict[str, SteeringVector]:
-    """One `SteeringVector` per method (all of `cfg.layers`) from a single collection of residuals."""
+    """One `SteeringVector` per method spec ("method[:forks]", all of `cfg.layers`) from a single
+    collection of residuals."""
     methods = methods or (cfg.method,)
     pair = load_pair(cfg.base, cfg.rl, device=cfg.device)
     check_tokenizer(pair.base.tokenizer)
@@ -116,22 +137,23 @@ def derive_vectors(cfg: DeriveConfig, methods: tuple[str, ...] | None = None) ->
     prompts = [next(stream)[1].prompt for _ in range(cfg.n_problems)]
     traj, _ = sample_trajectories(pair.base, prompts, cfg.samples, cfg.seed, cfg.batch_size)
     res = collect(pair, traj, cfg.layers, batch_size=cfg.batch_size)
-    sel = fork_tokens(res.stats, cfg.rho)
     st = res.stats
     info = {"fork_threshold_base": fork_threshold(st.h_base, st.mask, cfg.rho),
             "fork_threshold_rl": fork_threshold(st.h_rl, st.mask, cfg.rho), "rho": cfg.rho,
             "problems": f"Countdown.train_stream(seed={cfg.problem_seed})[:{cfg.n_problems}]",
             "n_trajectories": int(traj.tokens.shape[0]), "sampled_from": "base"}
-    kw = dict(source_models={"base": cfg.base, "rl": cfg.rl}, positions="base forks", normalisation="none")
     out = {}
-    for m in methods:
+    for spec in methods:
+        m, forks = split_method(spec, cfg.forks)
+        sel = fork_tokens(st, cfg.rho, forks)
+        kw = dict(source_models={"base": cfg.base, "rl": cfg.rl}, positions=f"{forks} forks", normalisation="none")
         if m.startswith("dom-"):
-            out[m] = diff_of_means_vector(res, sel, conditioning=m[4:], n_positions=cfg.n_positions,
-                                          seed=cfg.seed, config=info, **kw)
+            out[spec] = diff_of_means_vector(res, sel, conditioning=m[4:], n_positions=cfg.n_positions,
+                                             n_clusters=cfg.n_clusters, seed=cfg.seed, config=info, **kw)
         elif m == "pca":
-            out[m] = pca_vector(res, sel, config=info, **kw)
+            out[spec] = pca_vector(res, sel, config=info, **kw)
         else:
-            out[m] = _sae_vector(cfg, info, kw)
+            out[spec] = _sae_vector(cfg, info, kw)
     return out
 
 
@@ -146,14 +168,6 @@ def _sae_vector(cfg: DeriveConfig, info: dict, kw: dict) -> SteeringVector:
     weights = [f["mean_base"] - f["mean_rl"] for f in feats]
     return sae_vector(sae.W_dec, [f["feature"] for f in feats], layer, weights=weights,
                       config={**info, "sae": cfg.sae, "sae_diff": cfg.sae_diff}, **kw)
-
-
-def one_layer(vec: SteeringVector, layer: int) -> SteeringVector:
-    """`vec` restricted to `layer`."""
-    if layer not in vec.directions:
-        raise ValueError(f"vector has layers {vec.layers}, not {layer}")
-    cents = None if vec.centroids is None else {layer: vec.centroids[layer]}
-    return dataclasses.replace(vec, directions={layer: vec.directions[layer]}, centroids=cents)
 
 
 def run_derive(cfg: DeriveConfig) -> dict:
@@ -198,7 +212,7 @@ def evaluate_cell(model, tok, prompts: list[str], n: int, temperature: float, se
     task = task or Countdown()
     sampler = SamplerConfig(n=n, max_new_tokens=max_answer_tokens(task), temperature=temperature, seed=seed,
                             batch_size=batch_size, device=str(next(model.parameters()).device))
-    metrics, _, _ = evaluate(model, tok, prompts, task, sampler, intervention=intervention, n_boot=200)
+    metrics, _, _ = evaluate(model, tok, prompts, task, sampler, intervention=intervention, n_boot=200, per_problem=True)
     return metrics
 
 
@@ -235,6 +249,8 @@ class ApplyConfig:
     """Rows per forward pass."""
     out: str = ""
     """metrics.json path ("" = do not write)."""
+    device: str = "auto"
+    """"auto" = cuda if available, else cpu."""
 
     def __post_init__(self) -> None:
         if self.gate not in STUDY_GATES:
@@ -245,7 +261,7 @@ def run_apply(cfg: ApplyConfig) -> dict:
     from experiments.checkpointing import write_json_atomic
 
     vec = SteeringVector.load(cfg.vector)
-    model, tok = load_causal_lm(cfg.rl, device="cpu")
+    model, tok = load_causal_lm(cfg.rl, device=cfg.device)
     steer = steer_intervention(model, tok, vec, cfg.coef, cfg.gate, cfg.detector)
     m = evaluate_cell(model, tok, heldout_prompts(Countdown(), cfg.problems), cfg.n, cfg.temperature, cfg.seed,
                       cfg.batch_size, steer)

@@ -5,11 +5,14 @@ Two stages on the held-out split, one sampling seed for every cell (common rando
    entropy-preserving RL checkpoint (if present), every steering cell (saved vectors, the RL model
    alone) and cross-model patching (RL sampling, its layer-L residual pulled toward the base's at the
    base model's forks, `base_entropy` gate at the base fork threshold) at each layer and alpha;
-2. *confirm* on the full split: base, RL, the `confirm` best screened steering cells, the
-   matched-entropy temperature cell and the best patching cell; `best` is chosen there.
+2. *confirm* on the full split, at `confirm_seeds` sampling seeds whose metrics are averaged (so the
+   winner is not picked on one draw's noise): base, RL, the `confirm` best screened steering cells of
+   this invocation's methods plus every steering cell confirmed before, the matched-entropy
+   temperature cell and the best patching cell; `best` is chosen there. `confirmed.json` holds
+   these pooled rows with their per-problem arrays (for paired bootstraps).
 
 Restoration of metric m: (m(cell) - m(RL)) / (m(base) - m(RL)), base and RL evaluated in the same run
-on the same problems. Selection rule (SELECTION): highest restoration_distinct among RL-alone
+on the same problems (pooled over the confirm seeds on the full split). Selection rule (SELECTION): highest restoration_distinct among RL-alone
 steering cells whose pass_at_1 >= RL's pass_at_1 - `pass_at_1_tolerance`. Matched entropy: the
 temperature cell whose fork_entropy_mean (entropy of the sampled distribution, at its temperature)
 is nearest the best steered cell's. Resumable: each finished cell is appended to `sweep.json`
@@ -29,20 +32,19 @@ from experiments.countdown import Countdown
 from experiments.evaluation import heldout_prompts
 from experiments.organism import ORGANISMS_DIR
 from experiments.steer_study import (
-    METHODS,
     RESULTS,
     STUDY_GATES,
     DeriveConfig,
     derive_vectors,
     evaluate_cell,
-    one_layer,
+    split_method,
     steer_intervention,
 )
 from probe.checkpoint import load_causal_lm
 from steering import SteeringVector, patch
 
 SELECTION = ("highest restoration_distinct among RL-alone steering cells (saved vector, no base model) with "
-             "pass_at_1 >= rl.pass_at_1 - {tol}, on the full held-out split")
+             "pass_at_1 >= rl.pass_at_1 - {tol}, on the full held-out split (metrics averaged over the confirm seeds)")
 COLUMNS = ("id", "stage", "kind", "method", "layer", "coef", "gate", "temperature", "n_problems", "n_samples",
            "pass_at_1", "pass_at_64", "distinct_correct_mean", "fork_entropy_mean", "planning_entropy_mean",
            "restoration_pass_at_64", "restoration_distinct", "rl_alone", "seconds")
@@ -61,9 +63,10 @@ class SweepConfig:
     out: str = str(RESULTS / "steer-sweep")
     """Output directory (metrics.json, sweep.csv, sweep.json, plots, vectors/)."""
     methods: tuple[str, ...] = ("dom-position", "dom-global")
-    """Vector methods (steer_study.METHODS); sae has only the SAE's layer."""
-    layers: tuple[int, ...] = (2, 3)
-    """Steered layers."""
+    """Vector methods (steer_study.METHODS), each optionally ":pruned" (derived at the base forks RL
+    collapsed instead of all base forks); sae has only the SAE's layer."""
+    layers: tuple[str, ...] = ("2", "3")
+    """Steered layer sets: "2" steers block 2, "0+1+2+3" steers blocks 0-3 at once (coef at each)."""
     coefs: tuple[float, ...] = (0.5, 1.0)
     """Coefficients (normalisation 'none': 1 = the mean base-minus-RL difference at forks)."""
     gates: tuple[str, ...] = ("always", "planning")
@@ -88,26 +91,77 @@ class SweepConfig:
     """Re-evaluate the best patching cell on the full split (else it is reported on the screen split)."""
     pass_at_1_tolerance: float = 0.02
     """Allowed pass@1 drop below RL for `best`."""
+    screen_tolerance: float = 0.03
+    """pass@1 drop below RL (screen split) within which screened cells are ranked first for confirmation
+    (the screen's half of the problems has a larger base-RL gap, so the full split's tolerance is too strict there)."""
     derive_problems: int = 256
     """Training-stream problems the vectors are derived from."""
     detector: str = str(RESULTS / "probe" / "fork_detector.safetensors")
     """Fork detector (gate detector)."""
+    sae: str = str(RESULTS / "sae" / "sae")
+    """SAE directory (method sae)."""
+    sae_diff: str = str(RESULTS / "sae" / "diff" / "metrics.json")
+    """`forksight sae diff` metrics.json listing the pruned features (method sae)."""
+    confirm_seeds: int = 2
+    """Sampling seeds (seed, seed + 1, ...) of every confirm-stage cell; the full split's metrics are averaged
+    over them, so `best` is not chosen on one draw's sampling noise."""
     seed: int = 0
     """Sampling seed (every cell)."""
     batch_size: int = 1024
     """Rows per forward pass."""
+    device: str = "auto"
+    """"auto" = cuda if available, else cpu (both models, sampling and derivation)."""
 
     def __post_init__(self) -> None:
         for m in self.methods:
-            if m not in METHODS:
-                raise ValueError(f"method {m!r}; allowed {METHODS}")
+            split_method(m)
+        self.layers = tuple(str(x) for x in self.layers)
+        for spec in self.layers:
+            parse_layers(spec)
         for g in self.gates:
             if g not in STUDY_GATES:
                 raise ValueError(f"gate {g!r}; allowed {STUDY_GATES}")
         if any(not 0 <= a <= 1 for a in self.alphas):
             raise ValueError(f"alphas {self.alphas} must be in [0, 1]")
-        if self.screen_problems < 1 or self.n < 1 or self.confirm < 1:
-            raise ValueError("screen_problems, n and confirm must be >= 1")
+        if self.screen_problems < 1 or self.n < 1 or self.confirm < 1 or self.confirm_seeds < 1:
+            raise ValueError("screen_problems, n, confirm and confirm_seeds must be >= 1")
+
+
+def full_stage(i: int) -> str:
+    """Stage name of the full split at sampling seed offset i ("full", "full-s1", ...)."""
+    return "full" if i == 0 else f"full-s{i}"
+
+
+POOLED = ("pass_at_1", "pass_at_64", "distinct_correct_mean", "fork_entropy_mean", "planning_entropy_mean")
+
+
+def pool(rows: list[dict]) -> dict:
+    """One row from the same cell at several seeds: metric means (pass@k per k, per-problem arrays
+    elementwise), the per-seed values under `per_seed`, and stage "full" (id of the first seed's row)."""
+    first = rows[0]
+    if len(rows) == 1:
+        return {**first, "seeds": 1}
+    mean = lambda xs: None if any(x is None for x in xs) else sum(xs) / len(xs)  # noqa: E731
+    out = {**first, **{k: mean([r.get(k) for r in rows]) for k in POOLED}, "seeds": len(rows),
+           "pass_at_k": {k: mean([r["pass_at_k"][k] for r in rows]) for k in first["pass_at_k"]},
+           "pass_at_k_ci": None, "per_seed": [{k: r.get(k) for k in ("id", *POOLED)} for r in rows]}
+    if all(r.get("per_problem") for r in rows):
+        pp = [r["per_problem"] for r in rows]
+        out["per_problem"] = {"n_correct": [mean(list(v)) for v in zip(*(p["n_correct"] for p in pp))],
+                              "distinct_correct": [mean(list(v)) for v in zip(*(p["distinct_correct"] for p in pp))],
+                              "distinct_eligible": pp[0]["distinct_eligible"]}
+    return out
+
+
+def parse_layers(spec: str) -> list[int]:
+    """"0+1+2+3" -> [0, 1, 2, 3]; "2" -> [2]."""
+    try:
+        out = [int(x) for x in str(spec).split("+")]
+    except ValueError:
+        raise ValueError(f"layer set {spec!r}: write block indices joined by '+', e.g. 2 or 0+1+2+3") from None
+    if len(set(out)) != len(out) or min(out) < 0:
+        raise ValueError(f"layer set {spec!r}: indices must be distinct and >= 0")
+    return out
 
 
 def restoration(cell: float | None, rl: float | None, base: float | None) -> float | None:
@@ -144,16 +198,22 @@ class Sweep:
         self.cfg, self.out = cfg, Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / "sweep.json"
-        self.rows: dict[str, dict] = {r["id"]: r for r in json.loads(path.read_text())["cells"]} if path.is_file() else {}
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        self.rows: dict[str, dict] = {r["id"]: r for r in old.get("cells", [])}
+        # every configuration that added cells to this cache, oldest first (cells are keyed by their own settings)
+        self.invocations = [c for c in old.get("invocations", [old["config"]] if "config" in old else []) if c != asdict(cfg)]
+        self.invocations.append(asdict(cfg))
         self.reused = len(self.rows)
-        self.rl, self.tok = load_causal_lm(cfg.rl, device="cpu")
+        self.rl, self.tok = load_causal_lm(cfg.rl, device=cfg.device)
         self._base = None
         self.prompts = {s: heldout_prompts(Countdown(), p) for s, p in (("screen", cfg.screen_problems), ("full", cfg.problems))}
+        self.full_stages = [full_stage(i) for i in range(cfg.confirm_seeds)]
+        self.prompts.update({s: self.prompts["full"] for s in self.full_stages})
 
     @property
     def base(self):
         if self._base is None:
-            self._base = load_causal_lm(self.cfg.base, device="cpu")[0]
+            self._base = load_causal_lm(self.cfg.base, device=self.cfg.device)[0]
         return self._base
 
     def cell(self, stage: str, kind: str, model=None, intervention=None, *, method="", layer=None, coef=None,
@@ -162,35 +222,60 @@ class Sweep:
         if key in self.rows:
             return self.rows[key]
         t0, c = time.time(), self.cfg
-        m = evaluate_cell(model or self.rl, self.tok, self.prompts[stage], c.n, temperature, c.seed, c.batch_size,
+        seed = c.seed + (int(stage.rpartition("-s")[2]) if stage.startswith("full-s") else 0)
+        m = evaluate_cell(model or self.rl, self.tok, self.prompts[stage], c.n, temperature, seed, c.batch_size,
                           intervention() if callable(intervention) else None)
         row = {"id": key, "stage": stage, "kind": kind, "method": method, "layer": layer, "coef": coef, "gate": gate,
                "temperature": temperature, "rl_alone": rl_alone, "seconds": time.time() - t0,
                **{k: m.get(k) for k in ("n_problems", "n_samples", "pass_at_1", "pass_at_64", "distinct_correct_mean",
-                                     "fork_entropy_mean", "planning_entropy_mean", "pass_at_k", "pass_at_k_ci")}}
+                                     "fork_entropy_mean", "planning_entropy_mean", "pass_at_k", "pass_at_k_ci",
+                                     "per_problem")}}
         self.rows[key] = row
-        write_json_atomic(self.out / "sweep.json", {"config": asdict(c), "cells": list(self.rows.values())})
+        write_json_atomic(self.out / "sweep.json", {"config": asdict(c), "invocations": self.invocations,
+                                                    "cells": list(self.rows.values())})
         return row
 
     def table(self) -> list[dict]:
         """Every row with restoration against base and RL of its own stage."""
         ref = {s: (self.rows.get(f"{s}|base||None|None||1.0"), self.rows.get(f"{s}|rl||None|None||1.0"))
-               for s in ("screen", "full")}
+               for s in {r["stage"] for r in self.rows.values()}}
         return [with_restoration(r, *ref[r["stage"]]) if all(ref[r["stage"]]) else r for r in self.rows.values()]
+
+    def confirm_cell(self, kind: str, **kw) -> dict:
+        """A full-split cell at every confirm seed, pooled (`pool`); kw as for `cell` / `steer_cell`."""
+        if kind == "steer":
+            vecs = kw.pop("vecs")
+            rows = [self.steer_cell(s, vecs, **kw) for s in self.full_stages]
+        else:
+            rows = [self.cell(s, kind, **kw) for s in self.full_stages]
+        return pool(rows)
+
+    def steer_cell(self, stage: str, vecs: dict[str, SteeringVector], method: str, layer: str, coef: float, gate: str,
+                   temperature: float) -> dict:
+        vl = vecs[method].at_layers(parse_layers(layer))
+        return self.cell(stage, "steer", None, lambda: steer_intervention(self.rl, self.tok, vl, coef, gate, self.cfg.detector),
+                         method=method, layer=layer, coef=coef, gate=gate, temperature=temperature)
+
+
+def vector_path(out: str | Path, spec: str) -> Path:
+    return Path(out) / "vectors" / f"{spec.replace(':', '-')}.safetensors"
 
 
 def vectors(cfg: SweepConfig) -> dict[str, SteeringVector]:
-    """The sweep's vectors (all its layers), derived once and saved under `out/vectors/`."""
-    vdir = Path(cfg.out) / "vectors"
-    paths = {m: vdir / f"{m}.safetensors" for m in cfg.methods}
-    if all(p.is_file() for p in paths.values()):
-        return {m: SteeringVector.load(p) for m, p in paths.items()}
-    dc = DeriveConfig(base=cfg.base, rl=cfg.rl, layers=tuple(cfg.layers), n_problems=cfg.derive_problems,
-                      seed=cfg.seed)
-    out = derive_vectors(dc, tuple(cfg.methods))
-    for m, v in out.items():
-        v.save(paths[m])
-    return out
+    """The sweep's vectors (method specs over the union of its layer sets), derived once and saved
+    under `out/vectors/`; re-derived (deterministically, so existing layers do not change) when a
+    file is missing or lacks a layer."""
+    layers = sorted({x for spec in cfg.layers for x in parse_layers(spec)})
+    paths = {m: vector_path(cfg.out, m) for m in cfg.methods}
+    have = {m: SteeringVector.load(p) for m, p in paths.items() if p.is_file()}
+    need = [m for m in cfg.methods if m not in have or (split_method(m)[0] != "sae" and not set(layers) <= set(have[m].layers))]
+    if need:
+        dc = DeriveConfig(base=cfg.base, rl=cfg.rl, layers=tuple(layers), n_problems=cfg.derive_problems, seed=cfg.seed,
+                          sae=cfg.sae, sae_diff=cfg.sae_diff, device=cfg.device)
+        for m, v in derive_vectors(dc, tuple(need)).items():
+            v.save(paths[m])
+            have[m] = v
+    return have
 
 
 def run_sweep(cfg: SweepConfig) -> dict:
@@ -205,68 +290,64 @@ def run_sweep(cfg: SweepConfig) -> dict:
     for t in cfg.temperatures:
         sw.cell(S, "temperature", temperature=t)
     if Path(cfg.entropy_rl).is_dir():
-        sw.cell(S, "entropy_rl", load_causal_lm(cfg.entropy_rl, device="cpu")[0], rl_alone=False)
+        sw.cell(S, "entropy_rl", load_causal_lm(cfg.entropy_rl, device=cfg.device)[0], rl_alone=False)
     for layer in cfg.patch_layers:
         for a in cfg.alphas:
             sw.cell(S, "patch", None, lambda L=layer, a=a: patch(sw.rl, sw.base, L, a, gate="base_entropy", threshold=thr_base),
                     layer=layer, coef=a, gate="base_entropy", rl_alone=False)
     for m, v in vecs.items():
-        for layer in (x for x in cfg.layers if x in v.layers):
-            vl = one_layer(v, layer)
+        for layer in (x for x in cfg.layers if set(parse_layers(x)) <= set(v.layers)):
             for coef in cfg.coefs:
                 for gate in cfg.gates:
                     for t in cfg.steer_temperatures:
-                        sw.cell(S, "steer", None, lambda vl=vl, c=coef, g=gate: steer_intervention(
-                            sw.rl, sw.tok, vl, c, g, cfg.detector), method=m, layer=layer, coef=coef, gate=gate, temperature=t)
+                        sw.steer_cell(S, vecs, m, layer, coef, gate, t)
     screen = [r for r in sw.table() if r["stage"] == S]
     rl_s = next(r for r in screen if r["kind"] == "rl")
-    steer = sorted((r for r in screen if r["kind"] == "steer"),
-                   key=lambda r: (r["pass_at_1"] >= rl_s["pass_at_1"] - cfg.pass_at_1_tolerance, _score(r)),
+    steer = sorted((r for r in screen if r["kind"] == "steer" and r["method"] in vecs),  # this run's methods
+                   key=lambda r: (r["pass_at_1"] >= rl_s["pass_at_1"] - cfg.screen_tolerance, _score(r)),
                    reverse=True)[: cfg.confirm]
     patches = [r for r in screen if r["kind"] == "patch"]
     best_patch_s = max(patches, key=_score)  # the upper bound: most restoration, whatever pass@1 costs
-    F = "full"
-    sw.cell(F, "base", sw.base, rl_alone=False)
-    rl_f = sw.cell(F, "rl")
-    for r in steer:
-        vl = one_layer(vecs[r["method"]], r["layer"])
-        sw.cell(F, "steer", None, lambda vl=vl, r=r: steer_intervention(sw.rl, sw.tok, vl, r["coef"], r["gate"], cfg.detector),
-                method=r["method"], layer=r["layer"], coef=r["coef"], gate=r["gate"], temperature=r["temperature"])
+    # confirm: base, RL, this run's top screened cells and every steered cell confirmed before, at each seed, pooled
+    base_p, rl_p = sw.confirm_cell("base", model=sw.base, rl_alone=False), sw.confirm_cell("rl")
+    keys = ("method", "layer", "coef", "gate", "temperature")
+    earlier = [r for r in sw.rows.values() if r["stage"] == "full" and r["kind"] == "steer" and r["method"] in vecs]
+    cands = {tuple(str(r[k]) for k in keys): r for r in [*steer, *earlier]}
+    pooled = [with_restoration(sw.confirm_cell("steer", vecs=vecs, **{k: r[k] for k in keys}), base_p, rl_p)
+              for r in cands.values()]
+    patch_p = None
     if cfg.confirm_patch:
-        sw.cell(F, "patch", None, lambda r=best_patch_s: patch(sw.rl, sw.base, r["layer"], r["coef"], gate="base_entropy",
-                threshold=thr_base), layer=best_patch_s["layer"], coef=best_patch_s["coef"], gate="base_entropy",
-                rl_alone=False)
-    full = [r for r in sw.table() if r["stage"] == F]
-    best = select_best(full, rl_f, cfg.pass_at_1_tolerance)
-    anchor = best or max((r for r in full if r["kind"] == "steer"), key=_score)
+        r = best_patch_s
+        patch_p = with_restoration(sw.confirm_cell(
+            "patch", intervention=lambda: patch(sw.rl, sw.base, r["layer"], r["coef"], gate="base_entropy", threshold=thr_base),
+            layer=r["layer"], coef=r["coef"], gate="base_entropy", rl_alone=False), base_p, rl_p)
+    best = select_best(pooled, rl_p, cfg.pass_at_1_tolerance)
+    anchor = best or max(pooled, key=_score)
     temps = [r for r in screen if r["kind"] == "temperature"]
     t_match = min(temps, key=lambda r: abs((r["fork_entropy_mean"] or 0) - (anchor["fork_entropy_mean"] or 0)))
-    sw.cell(F, "temperature", temperature=t_match["temperature"])
+    temp_p = with_restoration(sw.confirm_cell("temperature", temperature=t_match["temperature"]), base_p, rl_p)
     table = sw.table()
-    full = [r for r in table if r["stage"] == F]
-    def pick(kind: str) -> dict | None:
-        row = next((r for r in full if r["kind"] == kind), None)
-        if row is None and kind == "patch":  # not confirmed: the screened cell (restoration vs screen base / RL)
-            row = next(r for r in table if r["id"] == best_patch_s["id"])
-        return row
-
+    confirmed = {"base": base_p, "rl": rl_p, "temperature": temp_p, "steer": pooled, "best": best, "anchor": anchor,
+                 "patch": patch_p or next(r for r in table if r["id"] == best_patch_s["id"]),
+                 "seed0": {k: sw.rows[f"full|{k}||None|None||1.0"] for k in ("base", "rl")}}
+    write_json_atomic(sw.out / "confirmed.json", confirmed)
     write_table(sw.out, table)
     plot_pareto(table, sw.out / "pareto.png")
     plot_patching([r for r in table if r["stage"] == S and r["kind"] == "patch"], sw.out / "patching_curve.png")
-    plot_pass_at_k_best({"base": pick("base"), "rl": pick("rl"), "steered (best)": anchor,
-                         f"rl T={t_match['temperature']}": pick("temperature")}, sw.out / "pass_at_k.png")
-    return write_metrics(cfg, sw, table, best, anchor, pick, t0)
+    plot_pass_at_k_best({"base": base_p, "rl": rl_p, "steered (best)": anchor,
+                         f"rl T={t_match['temperature']}": temp_p}, sw.out / "pass_at_k.png")
+    return write_metrics(cfg, sw, table, confirmed, t0)
 
 
 def _brief(r: dict | None) -> dict | None:
     keep = ("method", "layer", "coef", "gate", "temperature", "pass_at_1", "pass_at_64", "distinct_correct_mean",
             "fork_entropy_mean", "planning_entropy_mean", "restoration_pass_at_64", "restoration_distinct",
-            "n_problems", "n_samples", "pass_at_k", "id")
-    return None if r is None else {k: r.get(k) for k in keep}
+            "n_problems", "n_samples", "pass_at_k", "id", "seeds", "per_seed")
+    return None if r is None else {k: r.get(k) for k in keep if k in r}
 
 
-def write_metrics(cfg: SweepConfig, sw: Sweep, table, best, anchor, pick, t0) -> dict:
-    rl, tb = pick("rl"), pick("temperature")
+def write_metrics(cfg: SweepConfig, sw: Sweep, table, confirmed: dict, t0) -> dict:
+    rl, tb, best, anchor, pt = (confirmed[k] for k in ("rl", "temperature", "best", "anchor", "patch"))
     screen = [r for r in table if r["stage"] == "screen"]
     tol = cfg.pass_at_1_tolerance
     goal_met = best is not None and best["restoration_distinct"] >= 0.3
@@ -278,20 +359,24 @@ def write_metrics(cfg: SweepConfig, sw: Sweep, table, best, anchor, pick, t0) ->
                              key=lambda r: (r["layer"], r["coef"]))]
     metrics = {
         "selection_rule": SELECTION.format(tol=tol),
-        "best": _brief(best) and {**_brief(best), "coefficient": best["coef"], "vector": f"vectors/{best['method']}.safetensors",
-                                  "vector_layer": best["layer"]},
+        "best": _brief(best) and {**_brief(best), "coefficient": best["coef"],
+                                  "vector": str(vector_path(".", best["method"])), "layers": parse_layers(best["layer"])},
+        "confirm_seeds": [cfg.seed + i for i in range(cfg.confirm_seeds)],
+        "confirm_note": "full-split metrics (base, RL, confirmed cells, baselines) are means over the confirm seeds; "
+                        "restoration uses the pooled base and RL; `per_seed` lists each seed's values",
         "best_note": None if best else "no steering cell met the pass@1 constraint on the full split; "
                                        "`best_unconstrained` is the highest restoration_distinct cell",
         "best_unconstrained": _brief(anchor),
         "goal": {"restoration_distinct_min": 0.3, "pass_at_1_min": rl["pass_at_1"] - tol, "met": goal_met},
-        "base": _brief(pick("base")), "rl": _brief(rl),
+        "base": _brief(confirmed["base"]), "rl": _brief(rl),
+        "confirmed": [_brief(r) for r in sorted(confirmed["steer"], key=_score, reverse=True)],
         "temperature_baseline": {**_brief(tb), "matched_on": "fork_entropy_mean nearest the best steered cell's "
                                  "(screen stage), then re-evaluated on the full split"},
         "steering_minus_temperature": beats,
         "steering_beats_temperature": bool(beats.get("restoration_distinct", 0) > 0 and beats.get("pass_at_1", 0) >= -tol),
         "entropy_preserving_rl": _brief(next((r for r in screen if r["kind"] == "entropy_rl"), None)),
         "entropy_preserving_rl_note": "screen split only (its own metrics.json has the full split)",
-        "patching_upper_bound": {**_brief(pick("patch")), "alpha": pick("patch")["coef"],
+        "patching_upper_bound": {**_brief(pt), "alpha": pt["coef"],
                                  "split": "full" if cfg.confirm_patch else f"first {cfg.screen_problems} held-out problems",
                                  "gate": "base_entropy (base model's forks, threshold from the derive trajectories)"},
         "temperature_screen": [_brief(r) for r in screen if r["kind"] == "temperature"],
@@ -300,7 +385,7 @@ def write_metrics(cfg: SweepConfig, sw: Sweep, table, best, anchor, pick, t0) ->
                                                               if r["kind"] == "patch"], next(r for r in screen if r["kind"] == "rl"), tol)),
         "patching_curve": curve, "patching_curve_split": f"first {cfg.screen_problems} held-out problems",
         "n_cells": len(table), "n_cells_reused": sw.reused, "seconds": time.time() - t0,
-        "tables": ["sweep.csv", "sweep.json"], "plots": ["pareto.png", "pass_at_k.png", "patching_curve.png"],
+        "tables": ["sweep.csv", "sweep.json", "confirmed.json"], "plots": ["pareto.png", "pass_at_k.png", "patching_curve.png"],
         "config": asdict(cfg),
     }
     write_json_atomic(sw.out / "metrics.json", metrics)

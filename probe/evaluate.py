@@ -155,12 +155,15 @@ def diversity_metrics(
     n_boot: int = 1000,
     seed: int = 0,
     temperature: float | None = None,
+    per_problem: bool = False,
 ) -> dict[str, Any]:
     """The shared metrics.json record for one model (DESIGN.md names; JSON-ready values).
 
     ks: pass@k budgets (default 1, 2, 4, ... <= n plus n); each must be in 1..n. rho: fork
     fraction. n_boot, seed: percentile bootstrap over problems for the `*_ci` entries ([lo, hi],
-    95%). temperature, seed: recorded as given (pass the sampler's).
+    95%). temperature, seed: recorded as given (pass the sampler's). per_problem: also return
+    `per_problem` = {"n_correct", "distinct_correct", "distinct_eligible"}, one entry per problem in
+    prompt order (for paired bootstraps between models evaluated on the same problems).
     """
     n = _check_layout(branches, prompts)
     n_prompts, rows = len(prompts), len(scored.completions)
@@ -201,6 +204,9 @@ def diversity_metrics(
     out["fork_entropy_mean"] = _mean_or_none(entropy, fork_mask(entropy, mask, rho))
     out["fraction_finished_eos"] = sum(f == "eos" for f in branches.finish_reason) / rows
     out.update(n_problems=n_prompts, n_samples=n, temperature=temperature, seed=seed)
+    if per_problem:
+        out["per_problem"] = {"n_correct": counts.tolist(), "distinct_correct": distinct.tolist(),
+                              "distinct_eligible": eligible.tolist()}
     return out
 
 

@@ -27,6 +27,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from probe.diversity import bootstrap_ci
 from probe.task import ROLES
 
 ROLE_CODES: dict[str, int] = {r: i for i, r in enumerate(ROLES)}  # = probe.evaluate.ROLE_CODE
@@ -116,6 +117,29 @@ def entropy_change_share_on_forks(
         dh = dh.abs()
     total = dh.sum().item()
     return (dh * (forks & mask)).sum().item() / total if total != 0 else None
+
+
+def entropy_change_share_ci(
+    h_base: Float[Tensor, "rows pos"],
+    h_rl: Float[Tensor, "rows pos"],
+    mask: Bool[Tensor, "rows pos"],
+    forks: Bool[Tensor, "rows pos"],
+    groups: Int[Tensor, " rows"],
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> tuple[float, float] | None:
+    """95% percentile-bootstrap interval of the unsigned `entropy_change_share_on_forks`, resampling
+    groups of rows (e.g. the problem each trajectory answers) with the forks held fixed. None when
+    no entropy changed."""
+    _same_shape(h_base=h_base, h_rl=h_rl, mask=mask, forks=forks)
+    dh = ((h_rl.double() - h_base.double()) * mask).abs()  # (rows, pos)
+    per_row = torch.stack([(dh * (forks & mask)).sum(1), dh.sum(1)], 1)  # (rows, 2): on forks, all
+    g = torch.as_tensor(groups).long().cpu()
+    per_group = torch.zeros(int(g.max()) + 1, 2, dtype=torch.float64).index_add_(0, g, per_row.cpu())
+    per_group = per_group[per_group[:, 1] > 0]
+    if per_group.shape[0] == 0:
+        return None
+    return bootstrap_ci(per_group, lambda x: x[:, 0].sum() / x[:, 1].sum(), n_boot=n_boot, seed=seed)
 
 
 def role_split(

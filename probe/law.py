@@ -97,18 +97,47 @@ def extrapolation_error(
     }
 
 
-def read_train_log(
-    path: str | Path, entropy_key: str = "entropy_mean", reward_key: str = "reward_mean"
-) -> tuple[Float[Tensor, " n"], Float[Tensor, " n"]]:
-    """(entropy, reward) per logged step from a JSONL training log, in file order.
+def bootstrap_law(
+    entropy: Float[Tensor, " n"], reward: Float[Tensor, " n"], n_boot: int = 1000, alpha: float = 0.05, seed: int = 0
+) -> dict:
+    """Percentile bootstrap over logged steps (resampled with replacement) of the law's a, b, R^2
+    and ceiling: {"a": [lo, hi], "b": ..., "r2": ..., "ceiling": ..., "n_boot", "n_failed"}.
 
-    Lines without both keys (e.g. evaluation records) are skipped; fewer than 3 usable lines is an
-    error that lists the keys the log does have.
+    Replicates whose resample has a single distinct entropy (no fit) are dropped and counted in
+    `n_failed`; so are R^2 values of replicates with constant reward.
+    """
+    h, r = _as_1d("entropy", entropy), _as_1d("reward", reward)
+    if n_boot < 1:
+        raise ValueError(f"n_boot={n_boot} must be >= 1 (1000 is usual)")
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(h.numel(), (n_boot, h.numel()), generator=g)
+    vals: dict[str, list[float]] = {"a": [], "b": [], "r2": [], "ceiling": []}
+    failed = 0
+    for row in idx:
+        try:
+            fit = fit_entropy_law(h[row], r[row])
+        except ValueError:
+            failed += 1
+            continue
+        for k, v in (("a", fit.a), ("b", fit.b), ("r2", fit.r2), ("ceiling", fit.ceiling)):
+            if v is not None:
+                vals[k].append(v)
+    q = torch.tensor([alpha / 2, 1 - alpha / 2], dtype=torch.float64)
+    out = {k: torch.quantile(torch.tensor(v, dtype=torch.float64), q).tolist() if v else None for k, v in vals.items()}
+    return {**out, "n_boot": n_boot, "n_failed": failed, "alpha": alpha}
+
+
+def read_log_keys(path: str | Path, keys: tuple[str, ...], min_rows: int = 3) -> dict[str, Float[Tensor, " n"]]:
+    """Per logged step, the values of `keys` from a JSONL training log, in file order.
+
+    Lines lacking any of the keys (e.g. evaluation records) are skipped; fewer than `min_rows`
+    usable lines is an error that lists the keys the log does have.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"training log {str(path)!r} does not exist; pass the RL run's train_log.jsonl")
-    hs, rs, seen = [], [], set()
+    rows: list[list[float]] = []
+    seen: set = set()
     for i, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -119,10 +148,18 @@ def read_train_log(
         if not isinstance(rec, dict):
             raise ValueError(f"{path}:{i} is {type(rec).__name__}, not a JSON object")
         seen |= set(rec)
-        if rec.get(entropy_key) is not None and rec.get(reward_key) is not None:
-            hs.append(float(rec[entropy_key]))
-            rs.append(float(rec[reward_key]))
-    if len(hs) < 3:
-        raise ValueError(f"{path} has {len(hs)} line(s) with both {entropy_key!r} and {reward_key!r} "
-                         f"(need >= 3); keys present: {sorted(seen)}")
-    return torch.tensor(hs, dtype=torch.float64), torch.tensor(rs, dtype=torch.float64)
+        if all(rec.get(k) is not None for k in keys):
+            rows.append([float(rec[k]) for k in keys])
+    if len(rows) < min_rows:
+        raise ValueError(f"{path} has {len(rows)} line(s) with all of {list(keys)} (need >= {min_rows}); "
+                         f"keys present: {sorted(seen)}")
+    cols = torch.tensor(rows, dtype=torch.float64).T
+    return dict(zip(keys, cols))
+
+
+def read_train_log(
+    path: str | Path, entropy_key: str = "entropy_mean", reward_key: str = "reward_mean"
+) -> tuple[Float[Tensor, " n"], Float[Tensor, " n"]]:
+    """(entropy, reward) per logged step from a JSONL training log, in file order (`read_log_keys`)."""
+    cols = read_log_keys(path, (entropy_key, reward_key))
+    return cols[entropy_key], cols[reward_key]

@@ -156,3 +156,21 @@ def plot_law_fit(
     ax.grid(alpha=0.3)
     save_figure_atomic(fig, path)
     return fig
+
+
+def plot_role_entropy(series: dict[str, Float[Tensor, " n"]], path: str | os.PathLike) -> Figure:
+    """Mean entropy per training step for each token role (name -> one value per logged step, nats),
+    one panel per role on its own y scale (execution entropy is orders of magnitude smaller)."""
+    if not series:
+        raise ValueError("no series to plot; pass {role name: per-step entropies}")
+    fig = new_figure(4 * len(series), 3.4)
+    for i, (name, v) in enumerate(series.items()):
+        ax = fig.add_subplot(1, len(series), i + 1)
+        y = torch.as_tensor(v).double()
+        ax.plot(range(len(y)), y.numpy(), lw=1, color=f"C{i}")
+        ax.set_title(f"{name} tokens", fontsize=9)
+        ax.set_xlabel("RL step")
+        ax.set_ylabel("mean entropy (nats)")
+        ax.grid(alpha=0.3)
+    save_figure_atomic(fig, path)
+    return fig

@@ -90,9 +90,11 @@ def collect(pair: Pair, traj: Trajectories, layers: Sequence[int], site: str = R
 
 def fork_tokens(stats: PairStats, rho: float = 0.2, which: str = "base") -> Bool[Tensor, " n"]:
     """Per answer token (order of `stats.mask`): is it a fork of `which` model ("base", "rl",
-    "either", "both"), forks taken per batch by `probe.forks.fork_mask`."""
+    "either", "both", or "pruned": a base fork where the RL model does not fork, a branch point RL
+    collapsed), forks taken per batch by `probe.forks.fork_mask`."""
     f = {k: fork_mask(h, stats.mask, rho)[stats.mask] for k, h in (("base", stats.h_base), ("rl", stats.h_rl))}
-    choices = {"base": f["base"], "rl": f["rl"], "either": f["base"] | f["rl"], "both": f["base"] & f["rl"]}
+    choices = {"base": f["base"], "rl": f["rl"], "either": f["base"] | f["rl"], "both": f["base"] & f["rl"],
+               "pruned": f["base"] & ~f["rl"]}
     if which not in choices:
         raise ValueError(f"which={which!r}: allowed {sorted(choices)}")
     return choices[which]

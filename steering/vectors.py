@@ -17,8 +17,10 @@ Sign convention of the derived vectors: base minus RL, so `+coef` pushes the RL 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,6 +142,16 @@ class SteeringVector:
     def site(self, layer: int) -> str:
         """The activation name at `layer`, e.g. "blocks.3.hook_resid_post"."""
         return site_name(self.hook_site, layer)
+
+    def at_layers(self, layers: Sequence[int]) -> SteeringVector:
+        """This vector restricted to `layers` (a subset of `self.layers`), provenance kept."""
+        layers = [int(x) for x in layers]
+        missing = [x for x in layers if x not in self.directions]
+        if not layers or missing:
+            raise ValueError(f"layers {layers}: the vector has directions at {self.layers} only"
+                             f"{f' (missing {missing})' if missing else ''}. Fix: pick layers from {self.layers}")
+        cents = None if self.centroids is None else {x: self.centroids[x] for x in layers}
+        return dataclasses.replace(self, directions={x: self.directions[x] for x in layers}, centroids=cents)
 
     def rows(self, layer: int) -> Float[Tensor, "n_cond d_model"]:
         """Directions at `layer` as `[n_conditions, d_model]` (global vectors: one row)."""

@@ -161,6 +161,8 @@ def test_diversity_metrics_equals_hand_computed_values(tokenizer):
     assert m["fraction_finished_eos"] == 0.75
     assert (m["n_problems"], m["n_samples"], m["temperature"], m["seed"]) == (3, 4, 0.7, 11)
     json.dumps(m, allow_nan=False)  # metrics.json must be strict JSON
+    pp = diversity_metrics(branches, scored, PROMPTS, task, n_boot=200, seed=11, per_problem=True)["per_problem"]
+    assert pp == {"n_correct": [3, 2, 0], "distinct_correct": [2, 1, 0], "distinct_eligible": [True, False, True]}
 
 
 def test_distinct_correct_falls_back_to_all_problems_when_task_cannot_count(tokenizer):

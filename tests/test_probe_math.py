@@ -8,8 +8,20 @@ import torch
 
 from probe.detector import ForkDetector, auroc, split_groups
 from probe.entropy import kl, token_stats
-from probe.forks import ROLE_CODES, entropy_change_share_on_forks, fork_overlap, role_split
-from probe.law import extrapolation_error, fit_entropy_law, read_train_log
+from probe.forks import (
+    ROLE_CODES,
+    entropy_change_share_ci,
+    entropy_change_share_on_forks,
+    fork_overlap,
+    role_split,
+)
+from probe.law import (
+    bootstrap_law,
+    extrapolation_error,
+    fit_entropy_law,
+    read_log_keys,
+    read_train_log,
+)
 from probe.pair import ContextLengthError, HookedModel
 
 # --- entropy / logprob / KL -----------------------------------------------------------------------
@@ -193,3 +205,44 @@ def test_read_train_log_skips_other_records_and_names_missing_keys(tmp_path):
         read_train_log(log)
     with pytest.raises(FileNotFoundError):
         read_train_log(tmp_path / "missing.jsonl")
+
+
+def test_bootstrap_law_brackets_the_generating_coefficients():
+    g = torch.Generator().manual_seed(0)
+    h = torch.linspace(0.05, 0.6, 120, dtype=torch.float64)
+    r = -0.8 * h.exp() + 1.7 + 0.01 * torch.randn(120, generator=g, dtype=torch.float64)
+    boot = bootstrap_law(h, r, n_boot=300, seed=1)
+    fit = fit_entropy_law(h, r)
+    assert boot["a"][0] < fit.a < boot["a"][1] and boot["b"][0] < fit.b < boot["b"][1]
+    # the interval's half-width matches ordinary least squares' 1.96 standard errors of the slope
+    x = h.exp()
+    resid = r - fit.predict(h)
+    se = (resid.pow(2).sum() / (len(h) - 2)).sqrt() / (x - x.mean()).pow(2).sum().sqrt()
+    half = (boot["a"][1] - boot["a"][0]) / 2
+    assert 0.7 < half / (1.96 * se.item()) < 1.4
+    assert boot["r2"][0] > 0.9 and boot["n_failed"] == 0
+    assert bootstrap_law(h, r, n_boot=300, seed=1) == boot, "seeded"
+    flat = bootstrap_law(torch.tensor([0.1, 0.1, 0.1, 0.2]), torch.tensor([1.0, 2.0, 3.0, 4.0]), n_boot=200)
+    assert flat["n_failed"] > 0, "resamples with one distinct entropy cannot be fitted and are counted"
+
+
+def test_entropy_change_share_ci_resamples_problems_around_the_point_estimate():
+    g = torch.Generator().manual_seed(0)
+    hb, hr = torch.rand(40, 6, generator=g), torch.rand(40, 6, generator=g)
+    mask = torch.ones(40, 6, dtype=torch.bool)
+    forks = torch.zeros(40, 6, dtype=torch.bool)
+    forks[:, 0] = True
+    groups = torch.arange(40) // 4  # 10 problems x 4 trajectories
+    point = entropy_change_share_on_forks(hb, hr, mask, forks)
+    lo, hi = entropy_change_share_ci(hb, hr, mask, forks, groups, n_boot=500)
+    assert lo < point < hi and 0 <= lo and hi <= 1
+    assert entropy_change_share_ci(hb, hb, mask, forks, groups) is None, "no change, no share"
+
+
+def test_read_log_keys_returns_columns_and_names_missing_keys(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text("\n".join(json.dumps({"a": i, "b": 2 * i}) for i in range(4)) + '\n{"a": 9}\n')
+    cols = read_log_keys(log, ("a", "b"))
+    assert cols["b"].tolist() == [0.0, 2.0, 4.0, 6.0], "lines lacking a key are skipped"
+    with pytest.raises(ValueError, match="keys present: \\['a', 'b'\\]"):
+        read_log_keys(log, ("a", "c"))

@@ -81,8 +81,14 @@ def test_sweep_end_to_end_and_resume_reuses_finished_cells(organism_pair, tmp_pa
         assert m[k] is not None, f"metrics.json needs {k!r}"
     assert [(p["layer"], p["coef"]) for p in m["patching_curve"]] == [(0, 1.0), (1, 1.0)], "one curve point per (L, alpha)"
     rows = list(csv.DictReader((out / "sweep.csv").open()))
-    # screen: base, rl, T=1.5, 2 methods x 2 gates, 2 patches; full: base, rl, 2 steer, patch, temperature
-    assert len(rows) == m["n_cells"] == 5 + 4 + 6 and m["n_cells_reused"] == 0
+    # screen: base, rl, T=1.5, 2 methods x 2 gates, 2 patches; full: base, rl, 2 steer, patch, temperature at 2 seeds
+    assert len(rows) == m["n_cells"] == 5 + 4 + 6 * 2 and m["n_cells_reused"] == 0
+    # confirmed metrics are the mean over the two seeds' full-split cells, which differ (other sampling noise)
+    top = m["confirmed"][0]
+    assert len(top["per_seed"]) == 2 and top["per_seed"][0]["id"].startswith("full|")
+    assert top["pass_at_1"] == pytest.approx(sum(s["pass_at_1"] for s in top["per_seed"]) / 2)
+    by_id = {r["id"]: r for r in rows}
+    assert all(float(by_id[s["id"]]["pass_at_1"]) == pytest.approx(s["pass_at_1"]) for s in top["per_seed"])
     assert json.loads((out / "metrics.json").read_text())["n_cells"] == m["n_cells"]
 
     cells = json.loads((out / "sweep.json").read_text())
@@ -121,3 +127,53 @@ def test_derive_and_apply_through_the_cli(organism_pair, tmp_path):
     with pytest.raises(ValueError, match="method"):
         DeriveConfig(method="mean")
     assert run_derive  # the CLI path above ran it
+
+
+def test_layer_sets_parse_and_reject_bad_specs():
+    from experiments.steer_sweep import parse_layers
+
+    assert parse_layers("0+1+2+3") == [0, 1, 2, 3] and parse_layers(2) == [2]
+    for bad in ("1,2", "1+1", "-1"):
+        with pytest.raises(ValueError, match="layer set"):
+            parse_layers(bad)
+
+
+def test_pool_averages_seeds_and_per_problem_arrays():
+    from experiments.steer_sweep import pool
+
+    rows = [{"id": f"full{s}|x", "pass_at_1": p, "pass_at_64": 0.9, "distinct_correct_mean": d, "fork_entropy_mean": 0.1,
+             "planning_entropy_mean": 0.2, "pass_at_k": {"1": p}, "per_problem": {
+                 "n_correct": [c, 0], "distinct_correct": [d, 1], "distinct_eligible": [True, False]}}
+            for s, p, d, c in ((0, 0.5, 2.0, 4), (1, 0.7, 3.0, 6))]
+    out = pool(rows)
+    assert out["pass_at_1"] == pytest.approx(0.6) and out["distinct_correct_mean"] == pytest.approx(2.5)
+    assert out["pass_at_k"]["1"] == pytest.approx(0.6) and out["seeds"] == 2 and out["id"] == "full0|x"
+    assert out["per_problem"]["n_correct"] == [5.0, 0.0] and out["per_problem"]["distinct_correct"] == [2.5, 1.0]
+    assert [s["pass_at_1"] for s in out["per_seed"]] == [0.5, 0.7]
+
+
+def test_shipped_sweep_best_is_recomputable_from_its_raw_cells_and_its_vector_fits_the_rl_model():
+    """experiments/results/steer-sweep: `best` must follow from the per-seed cells in sweep.json."""
+    from experiments.organism import ORGANISMS_DIR
+    from experiments.steer_sweep import parse_layers, select_best, with_restoration
+    from probe.checkpoint import load_causal_lm
+
+    out = steer_sweep.RESULTS / "steer-sweep"
+    m = json.loads((out / "metrics.json").read_text())
+    cells = {c["id"]: c for c in json.loads((out / "sweep.json").read_text())["cells"]}
+    for k in ("best", "base", "rl", "temperature_baseline", "patching_upper_bound", "patching_curve"):
+        assert m[k], f"metrics.json needs {k!r}"
+
+    def pooled(row):  # the mean over the confirm seeds, from the raw per-seed cells
+        seeds = [cells[s["id"]] for s in row["per_seed"]]
+        return {k: sum(c[k] for c in seeds) / len(seeds) for k in ("pass_at_1", "pass_at_64", "distinct_correct_mean")}
+
+    base, rl = pooled(m["base"]), pooled(m["rl"])
+    rows = [with_restoration({**r, **pooled(r), "kind": "steer", "rl_alone": True}, base, rl) for r in m["confirmed"]]
+    best = select_best(rows, rl, m["config"]["pass_at_1_tolerance"])
+    assert best["id"] == m["best"]["id"]
+    assert best["restoration_distinct"] == pytest.approx(m["best"]["restoration_distinct"])
+    assert m["best"]["pass_at_1"] >= rl["pass_at_1"] - m["config"]["pass_at_1_tolerance"]
+    assert m["goal"]["met"] == (m["best"]["restoration_distinct"] >= 0.3)
+    vec = SteeringVector.load(out / m["best"]["vector"]).at_layers(parse_layers(m["best"]["layer"]))
+    vec.check_model(load_causal_lm(ORGANISMS_DIR / "rl-none", device="cpu")[0])

@@ -2,6 +2,7 @@
 they do not fit a model."""
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -106,3 +107,25 @@ def test_wrong_width_vector_is_a_clear_error(tiny_lm, tiny_tokenizer, backend):
             intermediate_size=64, max_position_embeddings=128, vocab_size=64))
         with pytest.raises(SteeringError, match=r"hidden_size differ \(32 vs 64\)"):
             patch(hf, wide_base, layers=0, alpha=0.5)
+
+
+def test_at_layers_keeps_provenance_and_rejects_missing_layers():
+    vec = SteeringVector({0: torch.ones(8), 2: torch.zeros(8), 3: torch.full((8,), 2.0)}, method="custom",
+                         config={"k": 1})
+    sub = vec.at_layers([3, 0])
+    assert sub.layers == [0, 3] and torch.equal(sub.directions[3], vec.directions[3])
+    assert (sub.method, sub.config) == (vec.method, vec.config)
+    with pytest.raises(ValueError, match=r"missing \[1\]"):
+        vec.at_layers([0, 1])
+
+
+def test_pruned_forks_are_base_forks_the_rl_model_does_not_fork_at():
+    from probe.entropy import PairStats
+
+    h_base = torch.tensor([[3.0, 2.0, 1.0, 0.0, 0.5]])
+    h_rl = torch.tensor([[3.0, 0.0, 1.0, 0.0, 2.0]])
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    stats = PairStats(**{f.name: None for f in dataclasses.fields(PairStats)} | {"h_base": h_base, "h_rl": h_rl, "mask": mask})
+    base, rl, pruned = (fork_tokens(stats, rho=0.4, which=w) for w in ("base", "rl", "pruned"))
+    assert base.tolist() == [True, True, False, False, False] and rl.tolist() == [True, False, False, False, True]
+    assert pruned.tolist() == [False, True, False, False, False]

@@ -1,0 +1,319 @@
+"""The five claims `forksight run` tests, each with an effect size, a 95% bootstrap interval and a
+status computed from the data by a stated rule ("holds", "fails" or "inconclusive").
+
+Inputs are the stage outputs of `experiments.run_study` (plain dicts read back from JSON), so a
+claim can be recomputed from a finished run directory without sampling again.
+
+- C1 `claim_law`: performance saturates as entropy falls. R = -a exp(H) + b fit to the RL log;
+  effect R^2, interval by resampling logged steps. Holds: a > 0 (its whole interval) and R^2 >= 0.5.
+  Fails: a < 0 (whole interval) or R^2's upper bound < 0.2. Otherwise inconclusive.
+- C2 `claim_forks`: a minority of tokens are forks and RL changes entropy mostly there. Effect: the
+  share of |H_rl - H_base| on the base model's forks (top `rho` of answer tokens by base entropy),
+  interval by resampling problems. Holds: lower bound > 0.5. Fails: upper bound < 0.5.
+- C3 `claim_roles`: planning and execution entropy follow different trajectories during RL. Effect:
+  log(H_last / H_first) of planning tokens minus that of execution tokens (first / last `window`
+  of the logged steps), interval by resampling steps within each window. Holds: the interval
+  excludes 0. Fails: the interval lies inside +-0.1 (the same relative change within 10%).
+- C4 `claim_breadth`: RL gains pass@1 and loses breadth. Effect: distinct correct solutions per
+  problem, RL minus base (paired over problems). Holds: the pass@1 gain's lower bound > 0, the
+  distinct change's upper bound < 0, and pass@k at the largest k is no better for RL (its change's
+  upper bound < 0) or the base overtakes RL at some k. Fails: pass@1 falls (upper bound < 0) or
+  distinct-correct rises (lower bound > 0).
+- C5 `claim_recovery`: the lost breadth is latent and recoverable. Effect: restoration of
+  distinct-correct, (steered - RL) / (base - RL), of the best steered cell that runs the RL model
+  alone with pass@1 within the tolerance, interval by resampling problems. Holds: its lower bound
+  > 0 and the fork detector reads the base model's forks off the RL residual better than token
+  identity does (AUROC above the token baseline). Fails: neither the best steered cell nor
+  cross-model patching restores more than 0.1 (upper bound, point estimate). Otherwise inconclusive.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from probe.diversity import bootstrap_ci, crossover_k
+from probe.law import read_log_keys
+
+STATUSES = ("holds", "fails", "inconclusive")
+N_BOOT = 1000
+
+
+@dataclass
+class Claim:
+    """One tested claim: what it says, its effect size with interval, and the computed status."""
+
+    id: str
+    statement: str
+    status: str
+    """"holds", "fails" or "inconclusive", from `rule` applied to the numbers below."""
+    effect: dict[str, Any]
+    """{"name", "value", "ci" ([lo, hi], 95% percentile bootstrap), "units", "resampled"}."""
+    rule: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+    reason: str = ""
+    """Why the status came out as it did, in words (with the numbers that decided it)."""
+    figures: list[str] = field(default_factory=list)
+    """Figure paths relative to the run directory."""
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"status {self.status!r}; allowed {STATUSES}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _effect(name: str, value: float | None, ci: Sequence[float] | None, units: str, resampled: str) -> dict:
+    return {"name": name, "value": value, "ci": None if ci is None else [float(ci[0]), float(ci[1])],
+            "units": units, "resampled": resampled}
+
+
+def _fmt(x: float | None, nd: int = 3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+
+
+def paired_ci(columns: Sequence[Sequence[float]], statistic: Callable[[torch.Tensor], Any], seed: int = 0,
+              n_boot: int = N_BOOT) -> tuple[float, float]:
+    """Bootstrap interval of `statistic` over problems, resampling rows of the stacked columns
+    (one column per model, one row per problem) together so the comparison stays paired."""
+    x = torch.tensor(list(zip(*columns)), dtype=torch.float64)
+    return bootstrap_ci(x, statistic, n_boot=n_boot, seed=seed)
+
+
+# --- C1 ------------------------------------------------------------------------------------------
+def claim_law(law: dict | None) -> Claim:
+    """C1 from the probe's `law` record (`forksight probe` metrics.json, with its bootstrap)."""
+    rule = ("holds: a > 0 over its whole 95% interval and R^2 >= 0.5; fails: a < 0 over its whole interval or "
+            "R^2's upper bound < 0.2; else inconclusive")
+    statement = "Performance saturates as entropy falls: R = -a*exp(H) + b fits the RL training log."
+    if not law or not law.get("available"):
+        why = (law or {}).get("reason", "no law fit was run")
+        return Claim("C1", statement, "inconclusive", _effect("R^2 of the law fit", None, None, "", "logged RL steps"),
+                     rule, {}, f"no RL training log: {why}")
+    boot = law["bootstrap"]
+    a_ci, r2_ci = boot["a"], boot["r2"]
+    r2 = law["r2"]
+    if a_ci and a_ci[0] > 0 and r2 is not None and r2 >= 0.5:
+        status, why = "holds", f"a in [{_fmt(a_ci[0])}, {_fmt(a_ci[1])}] > 0 and R^2 = {_fmt(r2)} >= 0.5"
+    elif (a_ci and a_ci[1] < 0) or (r2_ci and r2_ci[1] < 0.2):
+        status, why = "fails", f"a in [{_fmt(a_ci[0])}, {_fmt(a_ci[1])}], R^2 interval [{_fmt(r2_ci[0])}, {_fmt(r2_ci[1])}]"
+    else:
+        status, why = "inconclusive", f"a in [{_fmt(a_ci[0])}, {_fmt(a_ci[1])}], R^2 = {_fmt(r2)}"
+    ev = {k: law.get(k) for k in ("a", "b", "r2", "ceiling", "n_steps", "reward_key")}
+    ev.update(a_ci=a_ci, b_ci=boot["b"], ceiling_ci=boot["ceiling"],
+              extrapolation_mae=(law.get("extrapolation") or {}).get("mae"))
+    return Claim("C1", statement, status, _effect("R^2 of the law fit", r2, r2_ci, "fraction of variance", "logged RL steps"),
+                 rule, ev, why)
+
+
+# --- C2 ------------------------------------------------------------------------------------------
+def claim_forks(on_base: dict, rho: float) -> Claim:
+    """C2 from the probe's `on_base_samples` record (both models teacher-forced on base samples)."""
+    rule = ("holds: the lower bound of the share of |dH| on base forks > 0.5 (forks are the top rho of tokens); "
+            "fails: its upper bound < 0.5; else inconclusive")
+    ec, ov = on_base["entropy_change"], on_base["fork_overlap"]
+    share, ci = ec["share_on_base_forks"], ec.get("share_on_base_forks_ci")
+    if share is None or ci is None:
+        status, why = "inconclusive", "no entropy change between the models on these trajectories"
+    elif ci[0] > 0.5:
+        status, why = "holds", f"{_fmt(ec['fork_token_fraction'])} of tokens carry {_fmt(share)} of |dH| (interval [{_fmt(ci[0])}, {_fmt(ci[1])}])"
+    elif ci[1] < 0.5:
+        status, why = "fails", f"forks carry only {_fmt(share)} of |dH| (upper bound {_fmt(ci[1])} < 0.5)"
+    else:
+        status, why = "inconclusive", f"share {_fmt(share)}, interval [{_fmt(ci[0])}, {_fmt(ci[1])}] straddles 0.5"
+    roles = on_base["models"]["base"].get("roles", {})
+    ev = {"rho": rho, "fork_token_fraction": ec["fork_token_fraction"], "share_on_rl_forks": ec["share_on_rl_forks"],
+          "share_on_base_forks_signed": ec["share_on_base_forks_signed"], "fork_jaccard": ov["jaccard"],
+          "base_forks_that_are_rl_forks": ov["base_forks_that_are_rl_forks"],
+          "fork_share_by_role": {r: v.get("fork_share") for r, v in roles.items()} if roles else None,
+          "entropy_mean": {m: on_base["models"][m]["entropy_mean"] for m in ("base", "rl")}}
+    return Claim("C2", "A minority (~20%) of tokens are forks, and RL changes entropy mostly there.", status,
+                 _effect("share of |H_rl - H_base| on base forks", share, ci, "fraction", "problems"), rule, ev, why)
+
+
+# --- C3 ------------------------------------------------------------------------------------------
+def claim_roles(train_log: str | None, window: float = 0.1, seed: int = 0) -> Claim:
+    """C3 from the RL training log's `planning_entropy_mean` / `execution_entropy_mean` per step."""
+    rule = ("effect = log(H_last/H_first) of planning minus execution tokens (first/last windows of the log); "
+            "holds: its 95% interval excludes 0; fails: the interval lies within +-0.1; else inconclusive")
+    statement = "Planning-token and execution-token entropy follow different trajectories during RL."
+    name = "log change of planning entropy minus that of execution entropy"
+    if not train_log:
+        return Claim("C3", statement, "inconclusive", _effect(name, None, None, "log ratio", "logged steps"), rule, {},
+                     "no RL training log with per-role entropies")
+    cols = read_log_keys(train_log, ("planning_entropy_mean", "execution_entropy_mean"), min_rows=4)
+    plan, exe = cols["planning_entropy_mean"], cols["execution_entropy_mean"]
+    n = plan.numel()
+    w = max(2, int(round(window * n)))
+    w = min(w, n // 2)
+    g = torch.Generator().manual_seed(seed)
+
+    def change(v: torch.Tensor, i0: torch.Tensor, i1: torch.Tensor) -> torch.Tensor:
+        first, last = v[:w][i0].mean(-1), v[n - w:][i1].mean(-1)
+        return (last.clamp_min(1e-12) / first.clamp_min(1e-12)).log()
+
+    whole = torch.arange(w)
+    d_plan, d_exe = change(plan, whole, whole).item(), change(exe, whole, whole).item()
+    i0, i1 = torch.randint(w, (N_BOOT, w), generator=g), torch.randint(w, (N_BOOT, w), generator=g)
+    boot = change(plan, i0, i1) - change(exe, i0, i1)
+    ci = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    effect = d_plan - d_exe
+    if ci[0] > 0 or ci[1] < 0:
+        status, why = "holds", (f"planning entropy x{math.exp(d_plan):.2f}, execution x{math.exp(d_exe):.2f} "
+                                f"(difference of log changes {_fmt(effect)}, interval [{_fmt(ci[0])}, {_fmt(ci[1])}])")
+    elif -0.1 <= ci[0] and ci[1] <= 0.1:
+        status, why = "fails", f"both roles change alike (interval [{_fmt(ci[0])}, {_fmt(ci[1])}] within +-0.1)"
+    else:
+        status, why = "inconclusive", f"interval [{_fmt(ci[0])}, {_fmt(ci[1])}] includes 0"
+    ev = {"n_steps": n, "window_steps": w,
+          "planning": {"first": plan[:w].mean().item(), "last": plan[n - w:].mean().item(), "log_change": d_plan},
+          "execution": {"first": exe[:w].mean().item(), "last": exe[n - w:].mean().item(), "log_change": d_exe}}
+    return Claim("C3", statement, status, _effect(name, effect, ci, "log ratio", "logged steps within each window"),
+                 rule, ev, why)
+
+
+# --- C4 ------------------------------------------------------------------------------------------
+def _pp(m: dict) -> dict[str, list]:
+    if "per_problem" not in m:
+        raise KeyError("metrics lack 'per_problem'; evaluate with diversity_metrics(..., per_problem=True)")
+    return m["per_problem"]
+
+
+def claim_breadth(base: dict, rl: dict, seed: int = 0) -> Claim:
+    """C4 from held-out metrics of base and RL on the same problems (with `per_problem`)."""
+    rule = ("holds: pass@1 gain lower bound > 0, distinct-correct change upper bound < 0, and pass@k at the largest k "
+            "no better for RL (upper bound < 0) or the base overtakes RL at some k; fails: pass@1 falls (upper bound "
+            "< 0) or distinct-correct rises (lower bound > 0); else inconclusive")
+    pb, pr = _pp(base), _pp(rl)
+    n = int(base["n_samples"])
+    if len(pb["n_correct"]) != len(pr["n_correct"]) or n != int(rl["n_samples"]):
+        raise ValueError("base and RL were evaluated on different problems or sample counts; re-run the eval stage")
+    p1 = ([c / n for c in pb["n_correct"]], [c / n for c in pr["n_correct"]])
+    pk = ([float(c > 0) for c in pb["n_correct"]], [float(c > 0) for c in pr["n_correct"]])
+    elig = [i for i, e in enumerate(pb["distinct_eligible"]) if e]
+    dc = ([pb["distinct_correct"][i] for i in elig], [pr["distinct_correct"][i] for i in elig])
+    diff = lambda x: (x[:, 1] - x[:, 0]).mean()  # noqa: E731  RL minus base
+    gain, gain_ci = sum(p1[1]) / len(p1[1]) - sum(p1[0]) / len(p1[0]), paired_ci(p1, diff, seed)
+    d_pk, d_pk_ci = sum(pk[1]) / len(pk[1]) - sum(pk[0]) / len(pk[0]), paired_ci(pk, diff, seed)
+    d_dc, d_dc_ci = (sum(dc[1]) - sum(dc[0])) / max(1, len(elig)), paired_ci(dc, diff, seed) if elig else (None, None)
+    cross = crossover_k(rl["pass_at_k"], base["pass_at_k"])  # base overtakes RL after trailing it
+    if gain_ci[0] > 0 and d_dc_ci[1] is not None and d_dc_ci[1] < 0 and (d_pk_ci[1] < 0 or cross is not None):
+        status = "holds"
+        why = (f"pass@1 +{_fmt(gain)} [{_fmt(gain_ci[0])}, {_fmt(gain_ci[1])}], distinct-correct {_fmt(d_dc, 2)} "
+               f"[{_fmt(d_dc_ci[0], 2)}, {_fmt(d_dc_ci[1], 2)}], pass@{n} {_fmt(d_pk)}, base overtakes RL at k={cross}")
+    elif gain_ci[1] < 0 or (d_dc_ci[0] is not None and d_dc_ci[0] > 0):
+        status, why = "fails", f"pass@1 change {_fmt(gain)} [{_fmt(gain_ci[0])}, {_fmt(gain_ci[1])}], distinct change {_fmt(d_dc, 2)}"
+    else:
+        status, why = "inconclusive", f"pass@1 change {_fmt(gain)} [{_fmt(gain_ci[0])}, {_fmt(gain_ci[1])}], distinct change {_fmt(d_dc, 2)}, pass@{n} change {_fmt(d_pk)}"
+    ev = {"pass_at_1": {"base": base["pass_at_1"], "rl": rl["pass_at_1"], "gain": gain, "gain_ci": list(gain_ci)},
+          f"pass_at_{n}": {"base": base["pass_at_k"][str(n)], "rl": rl["pass_at_k"][str(n)], "change": d_pk,
+                           "change_ci": list(d_pk_ci)},
+          "distinct_correct_mean": {"base": base["distinct_correct_mean"], "rl": rl["distinct_correct_mean"],
+                                    "relative_change": d_dc / base["distinct_correct_mean"] if base["distinct_correct_mean"] else None},
+          "crossover_k_base_overtakes_rl": cross, "n_problems": len(pb["n_correct"]), "n_samples": n,
+          "n_problems_distinct": len(elig)}
+    return Claim("C4", "The collapsed policy gains pass@1 but loses breadth: distinct-correct falls, and at large k "
+                 "pass@k approaches or falls below the base.", status,
+                 _effect("distinct correct solutions per problem, RL minus base", d_dc, d_dc_ci, "solutions", "problems"),
+                 rule, ev, why)
+
+
+# --- C5 ------------------------------------------------------------------------------------------
+def restoration_ci(cell: dict, base: dict, rl: dict, seed: int = 0) -> tuple[float | None, list | None]:
+    """Restoration of distinct-correct, (cell - RL) / (base - RL), with its problem-bootstrap interval."""
+    pc, pb, pr = _pp(cell), _pp(base), _pp(rl)
+    elig = [i for i, e in enumerate(pb["distinct_eligible"]) if e]
+    if not elig or not (len(pc["distinct_correct"]) == len(pb["distinct_correct"]) == len(pr["distinct_correct"])):
+        return None, None
+    cols = [[p["distinct_correct"][i] for i in elig] for p in (pc, pb, pr)]
+
+    def ratio(x: torch.Tensor) -> float:
+        den = (x[:, 1] - x[:, 2]).mean()
+        return float("nan") if den == 0 else ((x[:, 0] - x[:, 2]).mean() / den).item()
+
+    x = torch.tensor(list(zip(*cols)), dtype=torch.float64)
+    point = ratio(x)
+    lo, hi = paired_ci(cols, ratio, seed)
+    return (None if math.isnan(point) else point), [lo, hi]
+
+
+def pass_at_1_change_ci(cell: dict, rl: dict, seed: int = 0) -> tuple[float, list]:
+    """pass@1 of `cell` minus RL's, paired over problems, with its interval."""
+    n = int(cell["n_samples"])
+    cols = ([c / n for c in _pp(cell)["n_correct"]], [c / n for c in _pp(rl)["n_correct"]])
+    return cell["pass_at_1"] - rl["pass_at_1"], list(paired_ci(cols, lambda x: (x[:, 0] - x[:, 1]).mean(), seed))
+
+
+def claim_recovery(steer: dict, rows: dict[str, dict], detector: dict | None, variants: dict[str, dict],
+                   tolerance: float, seed: int = 0, variants_ref: tuple[dict, dict] | None = None) -> Claim:
+    """C5 from the steering sweep (`metrics.json` + its confirmed full-split rows by role: base, rl,
+    best, temperature, patch), the probe's fork detector and the entropy-preserving RL variants'
+    metrics (each with `per_problem`, on the same problems; their restoration is measured against
+    `variants_ref` = (base, RL) sampled like them, default `rows`' base and RL)."""
+    rule = ("holds: the best RL-alone steered cell with pass@1 >= RL - tolerance restores distinct-correct with a "
+            "lower bound > 0, and the fork detector's AUROC on the RL residual beats the token-identity baseline; "
+            "fails: neither that cell (upper bound) nor cross-model patching (point) restores more than 0.1; "
+            "else inconclusive")
+    base, rl = rows["base"], rows["rl"]
+    best = rows.get("best")
+    r_best, r_ci = restoration_ci(best, base, rl, seed) if best else (None, None)
+    d1, d1_ci = pass_at_1_change_ci(best, rl, seed) if best else (None, None)
+    patch = rows.get("patch")
+    if patch and "per_problem" in patch and len(_pp(patch)["n_correct"]) == len(_pp(base)["n_correct"]):
+        r_patch = restoration_ci(patch, base, rl, seed)[0]
+    else:  # screened only: the sweep's own restoration (against the screen split's base and RL)
+        r_patch = (steer.get("patching_upper_bound") or {}).get("restoration_distinct")
+    temp = rows.get("temperature")
+    r_temp = restoration_ci(temp, base, rl, seed) if temp else (None, None)
+    det_auc = det_tok = None
+    if detector:
+        det_auc = detector["layers"][str(detector["best_layer"])]["auroc_test"]
+        det_tok = (detector.get("token_baseline") or {}).get("auroc_test")
+    latent = det_auc is not None and (det_tok is None or det_auc > det_tok)
+    if best is not None and r_ci is not None and r_ci[0] > 0 and latent:
+        status = "holds"
+        why = (f"steering the RL model alone restores {_fmt(r_best, 2)} of the distinct-correct gap "
+               f"[{_fmt(r_ci[0], 2)}, {_fmt(r_ci[1], 2)}] at pass@1 {d1:+.3f}; detector AUROC {_fmt(det_auc)} vs token "
+               f"baseline {_fmt(det_tok)}")
+    elif (r_ci is None or r_ci[1] <= 0.1) and (r_patch is None or r_patch <= 0.1):
+        status, why = "fails", f"best steered restoration {_fmt(r_best)}, patching {_fmt(r_patch)}: nothing comes back"
+    else:
+        status = "inconclusive"
+        why = ("no steered cell kept pass@1 within the tolerance" if best is None else
+               f"restoration {_fmt(r_best, 2)} [{_fmt(r_ci[0] if r_ci else None, 2)}, {_fmt(r_ci[1] if r_ci else None, 2)}], "
+               f"detector AUROC {_fmt(det_auc)} vs token baseline {_fmt(det_tok)}")
+    curve = steer.get("patching_curve") or []
+    peak = max(curve, key=lambda r: r["restoration_distinct"] if r["restoration_distinct"] is not None else -1e9,
+               default=None)
+    var_ev = {}
+    vb, vr = variants_ref or (base, rl)
+    for name, m in variants.items():
+        rv = restoration_ci(m, vb, vr, seed)
+        var_ev[name] = {"pass_at_1": m["pass_at_1"], "pass_at_1_minus_rl": m["pass_at_1"] - vr["pass_at_1"],
+                        "distinct_correct_mean": m["distinct_correct_mean"], "restoration_distinct": rv[0],
+                        "restoration_distinct_ci": rv[1], "planning_entropy_mean": m.get("planning_entropy_mean")}
+    ev = {
+        "best": None if best is None else {k: best.get(k) for k in ("method", "layer", "coef", "gate", "temperature",
+                                                                    "pass_at_1", "distinct_correct_mean",
+                                                                    "restoration_pass_at_64")},
+        "best_pass_at_1_minus_rl": d1, "best_pass_at_1_minus_rl_ci": d1_ci, "pass_at_1_tolerance": tolerance,
+        "goal_restoration_0.3_met": bool(r_best is not None and r_best >= 0.3),
+        "temperature_baseline": None if temp is None else {
+            "temperature": temp["temperature"], "pass_at_1_minus_rl": temp["pass_at_1"] - rl["pass_at_1"],
+            "restoration_distinct": r_temp[0], "restoration_distinct_ci": r_temp[1]},
+        "steering_beats_temperature": steer.get("steering_beats_temperature"),
+        "patching_upper_bound_restoration": r_patch,
+        "patching_curve": curve,
+        "patching_peak_layer": None if peak is None else peak["layer"],
+        "detector_auroc": det_auc, "detector_token_baseline_auroc": det_tok,
+        "detector_best_layer": None if not detector else detector["best_layer"],
+        "entropy_preserving_rl": var_ev,
+    }
+    return Claim("C5", "The lost breadth is latent in the RL network and recoverable without retraining.", status,
+                 _effect("restoration of distinct-correct by the best RL-alone steered cell", r_best, r_ci,
+                         "fraction of the base-RL gap (0 = RL, 1 = base)", "problems"), rule, ev, why)

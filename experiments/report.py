@@ -1,0 +1,191 @@
+"""`results.json` and `report.md` of `forksight run`, assembled from the stage outputs of a run directory.
+
+`build_results` reads the stages' metrics files, draws the two figures no stage draws (role
+entropy over the RL log, pass@k of every model), tests the claims (`experiments.claims`) and
+returns the results dict (schema in README.md, "results.json"). `write_report` renders it as
+Markdown; every figure it references is a path relative to the run directory that exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from experiments.claims import claim_breadth, claim_forks, claim_law, claim_recovery, claim_roles
+
+SCHEMA_VERSION = 1
+
+
+def _read(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: its stage did not finish; rerun `forksight run` with the same --out")
+    return json.loads(path.read_text())
+
+
+def _figures(out: Path, rl_dir: str, curves: dict[str, dict]) -> dict[str, str | None]:
+    from probe.evaluate import plot_pass_at_k
+    from probe.law import read_log_keys
+    from probe.plots import plot_role_entropy
+
+    figs: dict[str, str | None] = {"role_entropy": None, "pass_at_k": "figures/pass_at_k.png"}
+    (out / "figures").mkdir(exist_ok=True)
+    plot_pass_at_k(curves, out / figs["pass_at_k"])
+    log = Path(rl_dir) / "train_log.jsonl"
+    if log.is_file():
+        try:
+            cols = read_log_keys(log, ("planning_entropy_mean", "execution_entropy_mean"), min_rows=4)
+        except ValueError:
+            cols = None
+        if cols is not None:
+            plot_role_entropy({"planning": cols["planning_entropy_mean"], "execution": cols["execution_entropy_mean"]},
+                              out / "figures" / "role_entropy.png")
+            figs["role_entropy"] = "figures/role_entropy.png"
+    return figs
+
+
+def build_results(cfg, stage_cfgs: dict, out: str | Path, seconds_total: float | None = None) -> dict[str, Any]:
+    """Claims, headline numbers and pointers of a finished run directory (every stage done)."""
+    out = Path(out)
+    base_dir, rl_dir, variants = cfg.pair()
+    probe = _read(out / "probe" / "metrics.json")
+    sae = _read(out / "sae" / "metrics.json")
+    diff = _read(out / "sae" / "diff" / "metrics.json")
+    steer = _read(out / "steer" / "metrics.json")
+    conf = _read(out / "steer" / "confirmed.json")
+    ev = _read(out / "eval" / "metrics.json")
+    base0, rl0 = conf["seed0"]["base"], conf["seed0"]["rl"]
+    names = {v: Path(v).name for v in ev["variants"]}
+    curves = {"base": base0, "rl": rl0, **{names[v]: m for v, m in ev["variants"].items()}}
+    if conf.get("best"):
+        curves["rl steered (best)"] = conf["best"]
+    figs = _figures(out, rl_dir, curves)
+    tol = stage_cfgs["sweep"].pass_at_1_tolerance
+    log = Path(rl_dir) / "train_log.jsonl"
+    c1 = claim_law(probe.get("law"))
+    c1.figures = ["probe/law_fit.png"] if probe.get("law", {}).get("available") else []
+    c2 = claim_forks(probe["on_base_samples"], probe["rho"])
+    c2.figures = ["probe/entropy_hist.png", "probe/entropy_heatmap.png"]
+    c3 = claim_roles(str(log) if figs["role_entropy"] else None, seed=cfg.seed)
+    c3.figures = [figs["role_entropy"]] if figs["role_entropy"] else []
+    c4 = claim_breadth(base0, rl0, seed=cfg.seed)
+    c4.figures = [figs["pass_at_k"]]
+    rows = {k: conf[k] for k in ("base", "rl", "best", "temperature", "patch")}
+    c5 = claim_recovery(steer, rows, probe.get("detector"), {names[v]: m for v, m in ev["variants"].items()}, tol,
+                        seed=cfg.seed, variants_ref=(base0, rl0))
+    c5.figures = ["steer/patching_curve.png", "steer/pareto.png", "steer/pass_at_k.png", "sae/diff/fork_frequencies.png"]
+    claims = [c.to_dict() for c in (c1, c2, c3, c4, c5)]
+    for c in claims:
+        missing = [f for f in c["figures"] if not (out / f).is_file()]
+        c["figures"] = [f for f in c["figures"] if f not in missing]
+    best = conf.get("best") or {}
+    ev5 = c5.evidence
+    headline = {
+        "pass_at_1": {"base": base0["pass_at_1"], "rl": rl0["pass_at_1"]},
+        f"pass_at_{int(base0['n_samples'])}": {"base": base0["pass_at_k"][str(base0["n_samples"])],
+                                               "rl": rl0["pass_at_k"][str(rl0["n_samples"])]},
+        "distinct_correct_mean": {"base": base0["distinct_correct_mean"], "rl": rl0["distinct_correct_mean"]},
+        "entropy_change_share_on_forks": c2.effect["value"],
+        "law_r2": c1.effect["value"],
+        "detector_auroc": ev5["detector_auroc"],
+        "steering_restoration_distinct": c5.effect["value"],
+        "steering_restoration_distinct_ci": c5.effect["ci"],
+        "steering_pass_at_1_minus_rl": ev5["best_pass_at_1_minus_rl"],
+        "steering_cell": {k: best.get(k) for k in ("method", "layer", "coef", "gate", "temperature")} if best else None,
+        "patching_upper_bound_restoration": ev5["patching_upper_bound_restoration"],
+    }
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "question": "Does entropy collapse in RL training narrow inference-time search, and can the lost breadth be "
+                    "recovered from the trained network?",
+        "out": str(out),
+        "pair": {"base": base_dir, "rl": rl_dir, "variants": list(variants)},
+        "config": {"run": _jsonable(vars(cfg)), **{k: _jsonable(v if isinstance(v, dict) else vars(v))
+                                                   for k, v in stage_cfgs.items() if k in ("probe", "sae", "sae_diff", "sweep")}},
+        "claims": claims,
+        "headline": headline,
+        "sae": {k: sae.get(k) for k in ("hook_name", "l0", "fvu", "dead_fraction", "ce_loss_increase")} |
+               {"n_pruned_3x": diff["summary"]["n_pruned_3x"], "top_pruned": [
+                   {k: f.get(k) for k in ("feature", "freq_base", "freq_rl", "score")} for f in diff.get("pruned", [])[:5]]},
+        "stages": {"probe": "probe/metrics.json", "sae": "sae/metrics.json", "sae_diff": "sae/diff/metrics.json",
+                   "steer": "steer/metrics.json", "steer_confirmed": "steer/confirmed.json", "eval": "eval/metrics.json"},
+        "figures": sorted({f for c in claims for f in c["figures"]}),
+    }
+
+
+def _jsonable(x: Any) -> Any:
+    return json.loads(json.dumps(x, default=str))
+
+
+def _num(x: Any, nd: int = 3) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, (list, tuple)):
+        return "[" + ", ".join(_num(v, nd) for v in x) + "]"
+    if isinstance(x, float):
+        return f"{x:.{nd}f}"
+    return str(x)
+
+
+def _ci(ci: list | None, nd: int = 3) -> str:
+    return "n/a" if not ci else f"[{_num(ci[0], nd)}, {_num(ci[1], nd)}]"
+
+
+def _evidence_lines(ev: dict, depth: int = 0) -> list[str]:
+    lines = []
+    for k, v in ev.items():
+        if isinstance(v, dict) and depth == 0:
+            lines.append(f"- {k}:")
+            lines += ["  " + x for x in _evidence_lines(v, 1)]
+        elif isinstance(v, list) and v and isinstance(v[0], dict):
+            lines.append(f"- {k}: " + "; ".join(", ".join(f"{kk} {_num(vv)}" for kk, vv in d.items()) for d in v))
+        elif isinstance(v, dict):
+            lines.append(f"- {k}: " + ", ".join(f"{kk} {_num(vv)}" for kk, vv in v.items()))
+        else:
+            lines.append(f"- {k}: {_num(v)}")
+    return lines
+
+
+def write_report(results: dict, path: str | Path) -> Path:
+    """Render `results` as Markdown at `path` (atomically)."""
+    path = Path(path)
+    h = results["headline"]
+    L = ["# forksight run: report", "", f"**Question.** {results['question']}", "",
+         f"Pair: base `{results['pair']['base']}`, RL `{results['pair']['rl']}`; entropy-preserving variants: "
+         + (", ".join(f"`{v}`" for v in results["pair"]["variants"]) or "none") + ".", "",
+         "Each claim is tested on this run's data; its status (holds / fails / inconclusive) comes from the rule "
+         "stated under it, applied to the effect size and its 95% bootstrap interval. Nothing here is typed in.", "",
+         "| claim | status | effect | value | 95% CI |", "|---|---|---|---|---|"]
+    for c in results["claims"]:
+        e = c["effect"]
+        L.append(f"| {c['id']}: {c['statement']} | **{c['status']}** | {e['name']} | {_num(e['value'])} | {_ci(e['ci'])} |")
+    L += ["", "## Headline numbers", ""]
+    L += [f"- {k}: " + (", ".join(f"{kk} {_num(vv)}" for kk, vv in v.items()) if isinstance(v, dict) else
+                        (_ci(v) if isinstance(v, list) else _num(v))) for k, v in h.items()]
+    for c in results["claims"]:
+        e = c["effect"]
+        L += ["", f"## {c['id']}: {c['statement']}", "",
+              f"**Status: {c['status']}.** {c['reason']}", "",
+              f"Effect: {e['name']} = {_num(e['value'])} {_ci(e['ci'])} ({e['units']}; bootstrap over {e['resampled']}).", "",
+              f"Rule: {c['rule']}.", "", "Evidence:", ""]
+        L += _evidence_lines(c["evidence"])
+        for f in c["figures"]:
+            L += ["", f"![{c['id']}: {Path(f).stem}]({f})"]
+    s = results["sae"]
+    L += ["", "## SAE", "", f"{s['hook_name']}: L0 {_num(s['l0'], 1)}, FVU {_num(s['fvu'])}, dead fraction "
+          f"{_num(s['dead_fraction'])}, next-token loss increase {_num(s['ce_loss_increase'])} nats; "
+          f"{s['n_pruned_3x']} features fire >= 3x less often at forks under RL. Top pruned:", ""]
+    L += [f"- feature {f['feature']}: fork frequency base {_num(f['freq_base'])} -> RL {_num(f['freq_rl'])} "
+          f"(score {_num(f['score'])})" for f in s["top_pruned"]]
+    run = results.get("run", {})
+    if run:
+        L += ["", "## Run", "", "| stage | seconds |", "|---|---|"]
+        L += [f"| {k} | {_num(v.get('seconds'), 1)} |" for k, v in run.get("stages", {}).items()]
+        L += ["", f"Reused from an earlier invocation: {', '.join(run.get('reused_stages', [])) or 'none'}."]
+    L += ["", "Numbers and their provenance: `results.json` (schema in the README), stage folders "
+          + ", ".join(f"`{v}`" for v in results["stages"].values()) + "."]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(L) + "\n")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,262 @@
+"""`forksight run`: the end-to-end study that answers the seed question on one base / RL pair.
+
+"Does entropy collapse in RL training narrow inference-time search, and can the lost breadth be
+recovered from the trained network?" Stages, each writing into its own folder of `--out`:
+
+0. `organisms` (only with `--from-scratch`): SFT the base organism, then GRPO (vanilla, and
+   Clip-Cov as the entropy-preserving variant) from it (`experiments.sft`, `experiments.grpo`).
+1. `probe`: entropy of both models on the same trajectories, forks, the latent fork detector and
+   the entropy-law fit of the RL log (`experiments.probe_study`).
+2. `sae`: a TopK SAE on the base residual and the features RL pruned at forks (`experiments.sae_study`).
+3. `steer`: steering vectors (diff of means at the forks RL pruned, SAE decoder directions) swept
+   with the temperature baseline and cross-model patching (`experiments.steer_sweep`).
+4. `eval`: held-out diversity metrics of the entropy-preserving variants on the steering sweep's
+   problems and seed (base and RL come from the sweep's own full-split rows), and the pass@k figure.
+5. `report`: the five claims (`experiments.claims`), `results.json`, `report.md`.
+
+Resumable: `run_state.json` records each finished stage; a rerun with the same `--out` and the
+same configuration skips finished stages (the steering sweep also reuses finished cells, the
+trainers their last save). A different configuration in an existing `--out` is an error, not a
+silent mix. Every file is written atomically, so an interrupted stage leaves earlier outputs intact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from experiments.checkpointing import write_json_atomic
+from experiments.cli_args import add_config_args, config_from_args
+from experiments.organism import ORGANISMS_DIR
+
+QUESTION = ("Does entropy collapse in RL training narrow inference-time search, and can the lost breadth be "
+            "recovered from the trained network?")
+STAGES = ("organisms", "probe", "sae", "steer", "eval", "report")
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class RunConfig:
+    """The end-to-end study on a base / RL pair (default: the shipped Countdown organisms)."""
+
+    out: str = "runs/study"
+    """Run directory (report.md, results.json, one folder per stage, run_state.json)."""
+    base: str = ""
+    """Base checkpoint ("" = the shipped organism, or the one trained with --from-scratch)."""
+    rl: str = ""
+    """RL checkpoint trained from the base ("" = the shipped rl-none)."""
+    variants: tuple[str, ...] = ()
+    """Entropy-preserving RL checkpoints compared in C5 (default with the shipped pair: rl-clip-cov)."""
+    quick: bool = False
+    """A small configuration (a minute on a laptop CPU) for tests and a first look; numbers are noisy."""
+    from_scratch: bool = False
+    """Retrain the organisms (SFT base, GRPO rl-none and rl-clip-cov) into OUT/organisms first."""
+    tolerance: float = 0.02
+    """pass@1 drop below RL allowed for the best steered cell."""
+    seed: int = 0
+    """Seed of every stage."""
+    device: str = "auto"
+    """"auto" = cuda if available, else cpu (probe and SAE; sampling in the sweep runs on the models' device)."""
+
+    def __post_init__(self) -> None:
+        self.variants = tuple(str(v) for v in self.variants)
+        if bool(self.base) != bool(self.rl):
+            raise ValueError("pass both --base and --rl (a pair), or neither for the shipped organisms")
+        if self.from_scratch and self.base:
+            raise ValueError("--from-scratch trains its own pair; drop --base/--rl, or drop --from-scratch")
+        if not 0 <= self.tolerance < 1:
+            raise ValueError(f"tolerance={self.tolerance} must be in [0, 1)")
+
+    def pair(self) -> tuple[str, str, tuple[str, ...]]:
+        """(base, rl, variants) directories this run studies."""
+        if self.from_scratch:
+            org = Path(self.out) / "organisms"
+            return str(org / "base"), str(org / "rl-none"), self.variants or (str(org / "rl-clip-cov"),)
+        if self.base:
+            return self.base, self.rl, self.variants
+        shipped = ORGANISMS_DIR / "rl-clip-cov"
+        return (str(ORGANISMS_DIR / "base"), str(ORGANISMS_DIR / "rl-none"),
+                self.variants or ((str(shipped),) if shipped.is_dir() else ()))
+
+
+def stage_configs(cfg: RunConfig) -> dict[str, Any]:
+    """Every stage's own config dataclass, sized by `cfg.quick`."""
+    from experiments.grpo_loss import LossConfig
+    from experiments.probe_study import ProbeConfig
+    from experiments.sae_study import SAEDiffConfig, SAETrainConfig
+    from experiments.sft import SFTConfig
+    from experiments.steer_sweep import SweepConfig
+
+    out, q, seed = Path(cfg.out), cfg.quick, cfg.seed
+    base, rl, variants = cfg.pair()
+    org = out / "organisms"
+    sft = SFTConfig(out=str(org / "base"), steps=150 if q else 3500, batch_size=64 if q else 128, warmup=20 if q else 100,
+                    eval_samples=0, seed=seed, device=cfg.device, save_every=50 if q else 500)
+    grpo = dict(base=str(org / "base"), steps=6 if q else 250, prompts_per_step=8 if q else 32, group_size=8 if q else 16,
+                eval_problems=8 if q else 64, final_eval_samples=0, save_every=3 if q else 25, seed=seed, device=cfg.device)
+    probe = ProbeConfig(base=base, rl=rl, out=str(out / "probe"), n_problems=8 if q else 64, samples=4 if q else 8,
+                        seed=seed, device=cfg.device)
+    sae = SAETrainConfig(base=base, rl=rl, out=str(out / "sae"), train_samples=30_000 if q else 400_000,
+                         n_train_problems=32 if q else 512, samples=4 if q else 8, n_eval_problems=8 if q else 128,
+                         eval_samples=4 if q else 8, d_sae=128 if q else 512, seed=seed, device=cfg.device)
+    diff = SAEDiffConfig(base=base, rl=rl, sae=str(out / "sae" / "sae"), out=str(out / "sae" / "diff"),
+                         n_problems=8 if q else 128, samples=4 if q else 8, seed=seed, device=cfg.device)
+    sweep = SweepConfig(
+        base=base, rl=rl, entropy_rl=variants[0] if variants else "", out=str(out / "steer"),
+        methods=("dom-position:pruned",) if q else ("dom-position:pruned", "sae"),
+        layers=("0+1+2+3",) if q else ("0+1+2+3", "2"), coefs=(0.5,) if q else (0.35, 1.0), gates=("always",),
+        temperatures=(1.5,) if q else (1.2, 1.5), patch_layers=(3,) if q else (1, 2, 3), alphas=(1.0,),
+        screen_problems=8 if q else 64, problems=16 if q else 0, n=16 if q else 64, confirm=1 if q else 2,
+        derive_problems=16 if q else 256, detector=str(out / "probe" / "fork_detector.safetensors"),
+        sae=str(out / "sae" / "sae"), sae_diff=str(out / "sae" / "diff" / "metrics.json"),
+        pass_at_1_tolerance=cfg.tolerance, confirm_seeds=1, seed=seed, device=cfg.device)
+    return {"sft": sft, "grpo": grpo, "loss": {"none": LossConfig(intervention="none"),
+                                                "clip-cov": LossConfig(intervention="clip-cov")},
+            "probe": probe, "sae": sae, "sae_diff": diff, "sweep": sweep}
+
+
+# --- pre-flight ----------------------------------------------------------------------------------
+def preflight(cfg: RunConfig) -> None:
+    """Everything that can be checked before any work: a writable --out, no other configuration in
+    it, and (unless the pair is trained here) a loadable, compatible Countdown pair and variants."""
+    from experiments.cli import check_writable
+
+    out = check_writable(cfg.out)
+    state = out / "run_state.json"
+    if state.is_file():
+        old = json.loads(state.read_text()).get("config")
+        if old is not None and old != _jsonable(asdict(cfg)):
+            diff = sorted(k for k in set(old) | set(asdict(cfg)) if old.get(k) != _jsonable(asdict(cfg)).get(k))
+            raise ValueError(f"--out {cfg.out!r} holds a run with another configuration (differs in {diff}); "
+                             "use a new --out, or the same flags to resume it")
+    if cfg.from_scratch:
+        return
+    from experiments.tokenizer import check_tokenizer
+    from probe.pair import check_compatible, load_pair
+
+    base, rl, variants = cfg.pair()
+    pair = load_pair(base, rl, device="cpu")  # raises PairMismatchError naming every difference
+    check_tokenizer(pair.base.tokenizer)
+    for v in variants:
+        check_compatible(pair.base, load_pair(base, v, device="cpu").rl)
+
+
+def _jsonable(x: Any) -> Any:
+    return json.loads(json.dumps(x))
+
+
+# --- stages --------------------------------------------------------------------------------------
+class Run:
+    """Stage bookkeeping: `run_state.json` says which stages finished (atomically rewritten)."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg, self.out = cfg, Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / "run_state.json"
+        self.state = json.loads(path.read_text()) if path.is_file() else {}
+        self.state["config"] = _jsonable(asdict(cfg))
+        self.state.setdefault("stages", {})
+        self.reused: list[str] = []
+
+    def done(self, name: str) -> bool:
+        return bool(self.state["stages"].get(name, {}).get("done"))
+
+    def mark(self, name: str, seconds: float, **info: Any) -> None:
+        self.state["stages"][name] = {"done": True, "seconds": seconds, **info}
+        write_json_atomic(self.out / "run_state.json", self.state)
+
+    def stage(self, name: str, fn, bar) -> None:
+        bar.set_description(f"forksight run: {name}")
+        if self.done(name):
+            self.reused.append(name)
+        else:
+            t0 = time.time()
+            fn()
+            self.mark(name, time.time() - t0)
+        bar.update(1)
+
+
+def _train_organisms(sc: dict) -> None:
+    from experiments.grpo import GRPOConfig, train_grpo
+    from experiments.sft import train_sft
+
+    sft = sc["sft"]
+    if not (Path(sft.out) / "model.safetensors").is_file():
+        train_sft(sft)
+    for name, loss in sc["loss"].items():
+        out = Path(sft.out).parent / f"rl-{name}"
+        if not (out / "model.safetensors").is_file():
+            train_grpo(GRPOConfig(out=str(out), **sc["grpo"]), loss)
+
+
+def _eval_variants(sweep_cfg, variants: tuple[str, ...], out: Path) -> None:
+    from experiments.countdown import Countdown
+    from experiments.evaluation import heldout_prompts
+    from experiments.steer_study import evaluate_cell
+    from probe.checkpoint import load_causal_lm
+
+    prompts = heldout_prompts(Countdown(), sweep_cfg.problems)
+    rec = {}
+    for v in variants:
+        model, tok = load_causal_lm(v, device=sweep_cfg.device)
+        rec[v] = evaluate_cell(model, tok, prompts, sweep_cfg.n, 1.0, sweep_cfg.seed, sweep_cfg.batch_size)
+    write_json_atomic(out / "eval" / "metrics.json", {"variants": rec, "n_problems": len(prompts), "n_samples": sweep_cfg.n,
+                                                       "seed": sweep_cfg.seed, "temperature": 1.0})
+
+
+def run_study(cfg: RunConfig) -> dict:
+    """Run (or resume) every stage; returns results.json's content."""
+    from experiments.probe_study import run_probe
+    from experiments.sae_study import run_sae_diff, run_sae_train
+    from experiments.steer_sweep import run_sweep
+
+    preflight(cfg)
+    t0 = time.time()
+    run, sc = Run(cfg), stage_configs(cfg)
+    _, _, variants = cfg.pair()
+    todo = [s for s in STAGES if s != "organisms" or cfg.from_scratch]
+    with tqdm(total=len(todo), unit="stage") as bar:
+        if cfg.from_scratch:
+            run.stage("organisms", lambda: _train_organisms(sc), bar)
+        run.stage("probe", lambda: run_probe(sc["probe"]), bar)
+        run.stage("sae", lambda: (run_sae_train(sc["sae"]), run_sae_diff(sc["sae_diff"])), bar)
+        run.stage("steer", lambda: run_sweep(sc["sweep"]), bar)
+        run.stage("eval", lambda: _eval_variants(sc["sweep"], variants, run.out), bar)
+        bar.set_description("forksight run: report")
+        from experiments.report import build_results, write_report
+
+        results = build_results(cfg, sc, run.out, seconds_total=None)
+        results["run"] = {"stages": run.state["stages"], "reused_stages": run.reused,
+                          "seconds_this_invocation": time.time() - t0}
+        write_json_atomic(run.out / "results.json", results)
+        write_report(results, run.out / "report.md")
+        run.mark("report", time.time() - t0)
+        bar.update(1)
+    return results
+
+
+def headline(results: dict) -> dict:
+    """The one JSON line `forksight run` prints."""
+    c = {x["id"]: x for x in results["claims"]}
+    h = results["headline"]
+    return {"out": results["out"], "claims": {k: v["status"] for k, v in c.items()}, **h,
+            "reused_stages": results["run"]["reused_stages"], "report": str(Path(results["out"]) / "report.md")}
+
+
+def cmd_run(args: argparse.Namespace) -> dict:
+    cfg = config_from_args(RunConfig, args)
+    return headline(run_study(cfg))
+
+
+def register(subparsers) -> None:
+    """Add `forksight run` to the CLI."""
+    p = subparsers.add_parser("run", help="the end-to-end study: probe, SAE, steering, diversity -> report.md")
+    add_config_args(p, RunConfig)
+    p.set_defaults(func=cmd_run)
+

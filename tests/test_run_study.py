@@ -1,0 +1,209 @@
+"""`forksight run`: the end-to-end study, its claims, resumption and pre-flight errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from experiments import claims as C
+from experiments import run_study as R
+from experiments.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- claims: each rule can come out either way on hand-made data ---------------------------------
+def _metrics(n_correct, distinct, n=8, eligible=None):
+    k = len(n_correct)
+    eligible = [True] * k if eligible is None else eligible
+    curve = {str(kk): sum(1.0 - (1.0 if c == 0 else 0.0) for c in n_correct) / k for kk in (1, 2, 4, 8)}
+    curve["1"] = sum(n_correct) / (n * k)
+    return {"n_samples": n, "pass_at_1": curve["1"], "pass_at_k": curve,
+            "distinct_correct_mean": sum(d for d, e in zip(distinct, eligible) if e) / max(1, sum(eligible)),
+            "per_problem": {"n_correct": list(n_correct), "distinct_correct": list(distinct), "distinct_eligible": eligible}}
+
+
+def test_claim_breadth_holds_when_rl_gains_pass1_and_loses_distinct_and_fails_when_reversed():
+    base = _metrics([4] * 24, [3] * 24)
+    rl = _metrics([7] * 20 + [0] * 4, [1] * 24)
+    held = C.claim_breadth(base, rl)
+    assert held.status == "holds", held.reason
+    assert held.effect["value"] == pytest.approx(-2.0) and held.effect["ci"][1] < 0
+    assert held.evidence["pass_at_1"]["gain"] == pytest.approx(rl["pass_at_1"] - base["pass_at_1"])
+    reversed_ = C.claim_breadth(rl, base)  # the "RL" model now loses pass@1 and gains breadth
+    assert reversed_.status == "fails"
+
+
+def test_claim_breadth_refuses_models_evaluated_on_different_problems():
+    with pytest.raises(ValueError, match="different problems"):
+        C.claim_breadth(_metrics([1, 2], [1, 1]), _metrics([1, 2, 3], [1, 1, 1]))
+
+
+def test_claim_roles_reads_the_log_and_tells_different_from_identical_trajectories(tmp_path):
+    log = tmp_path / "log.jsonl"
+    steps = range(40)
+    log.write_text("\n".join(json.dumps({"step": s, "planning_entropy_mean": 0.3 * 0.97 ** s,
+                                         "execution_entropy_mean": 0.01 * 1.01 ** s}) for s in steps))
+    diff = C.claim_roles(str(log))
+    assert diff.status == "holds" and diff.effect["value"] < 0
+    assert diff.evidence["planning"]["log_change"] == pytest.approx(
+        torch.tensor([0.3 * 0.97 ** s for s in range(36, 40)]).mean().log().item()
+        - torch.tensor([0.3 * 0.97 ** s for s in range(4)]).mean().log().item())
+    log.write_text("\n".join(json.dumps({"planning_entropy_mean": 0.3 * 0.97 ** s,
+                                         "execution_entropy_mean": 0.01 * 0.97 ** s}) for s in steps))
+    same = C.claim_roles(str(log))
+    assert same.status == "fails" and abs(same.effect["value"]) < 1e-9
+    assert C.claim_roles(None).status == "inconclusive"
+
+
+def test_claim_law_status_follows_the_sign_of_a_and_r2():
+    def law(a_ci, r2, r2_ci):
+        return {"available": True, "a": sum(a_ci) / 2, "b": 1.0, "r2": r2, "ceiling": 0.5, "n_steps": 50,
+                "bootstrap": {"a": a_ci, "b": [0.9, 1.1], "r2": r2_ci, "ceiling": [0.4, 0.6]}}
+    assert C.claim_law(law([0.5, 1.0], 0.8, [0.7, 0.9])).status == "holds"
+    assert C.claim_law(law([-1.0, -0.5], 0.8, [0.7, 0.9])).status == "fails"
+    assert C.claim_law(law([-0.1, 1.0], 0.3, [0.1, 0.5])).status == "inconclusive"
+    assert C.claim_law({"available": False, "reason": "no log"}).status == "inconclusive"
+
+
+def test_restoration_ci_is_the_ratio_of_mean_gaps():
+    base = _metrics([4] * 10, [4] * 10)
+    rl = _metrics([6] * 10, [2] * 10)
+    half = _metrics([5] * 10, [3] * 9 + [3], eligible=None)
+    r, ci = C.restoration_ci(half, base, rl)
+    assert r == pytest.approx(0.5) and ci[0] <= 0.5 <= ci[1]
+
+
+def test_claim_recovery_needs_restoration_and_a_latent_fork_signal():
+    base, rl = _metrics([4] * 30, [4, 3] * 15), _metrics([6] * 30, [2, 1] * 15)
+    best = {**_metrics([6] * 30, [3, 2] * 15), "method": "dom-position", "layer": "2", "coef": 1.0, "gate": "always",
+            "temperature": 1.0}
+    det = {"best_layer": 2, "layers": {"2": {"auroc_test": 0.9}}, "token_baseline": {"auroc_test": 0.7}}
+    rows = {"base": base, "rl": rl, "best": best, "temperature": None, "patch": None}
+    held = C.claim_recovery({}, rows, det, {}, 0.02)
+    assert held.status == "holds" and held.effect["value"] == pytest.approx(0.5)
+    weak = {"best_layer": 2, "layers": {"2": {"auroc_test": 0.6}}, "token_baseline": {"auroc_test": 0.7}}
+    assert C.claim_recovery({}, rows, weak, {}, 0.02).status == "inconclusive"
+    nothing = {**rows, "best": {**rl, **{k: best[k] for k in ("method", "layer", "coef", "gate", "temperature")}}}
+    assert C.claim_recovery({"patching_upper_bound": {"restoration_distinct": 0.05}}, nothing, det, {}, 0.02).status == "fails"
+
+
+# --- pre-flight ----------------------------------------------------------------------------------
+def _tiny_other_model(path: Path) -> Path:
+    """A tiny random Qwen2 with another width, saved with the organism's tokenizer (same vocab)."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from experiments.organism import ORGANISMS_DIR
+
+    tok = AutoTokenizer.from_pretrained(ORGANISMS_DIR / "base")
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    Qwen2ForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_incompatible_pair_is_a_clear_error_before_any_work(tmp_path, capsys):
+    from experiments.organism import ORGANISMS_DIR
+
+    other = _tiny_other_model(tmp_path / "other")
+    out = tmp_path / "run"
+    rc = main(["run", "--base", str(ORGANISMS_DIR / "base"), "--rl", str(other), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "d_model" in err and "n_layers" in err, err
+    assert not out.exists(), "nothing may be written before the pair is known to be compatible"
+
+
+def test_unwritable_out_and_half_a_pair_are_clear_errors(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert main(["run", "--quick", "--out", str(blocker / "run")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+    assert main(["run", "--quick", "--base", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    assert "both --base and --rl" in capsys.readouterr().err
+
+
+def test_another_configuration_in_an_existing_out_is_refused(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run_state.json").write_text(json.dumps({"config": {**json.loads(json.dumps(vars(R.RunConfig(out=str(out))))),
+                                                              "quick": False}, "stages": {}}))
+    with pytest.raises(ValueError, match="another configuration.*quick"):
+        R.preflight(R.RunConfig(out=str(out), quick=True))
+
+
+# --- end to end ----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_quick_run_writes_report_claims_and_figures_and_resumes_after_interruption(tmp_path, monkeypatch, capsys):
+    import experiments.steer_sweep as sweep_mod
+
+    out = tmp_path / "study"
+    real_sweep = sweep_mod.run_sweep
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt  # as if the user pressed Ctrl-C during the steering stage
+
+    monkeypatch.setattr(sweep_mod, "run_sweep", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(["run", "--quick", "--out", str(out)])
+    state = json.loads((out / "run_state.json").read_text())
+    assert set(state["stages"]) == {"probe", "sae"}, "finished stages are recorded, the interrupted one is not"
+    assert not (out / "results.json").exists()
+    probe_bytes = (out / "probe" / "metrics.json").read_bytes()
+    sae_bytes = (out / "sae" / "diff" / "metrics.json").read_bytes()
+
+    monkeypatch.setattr(sweep_mod, "run_sweep", real_sweep)
+    import experiments.probe_study as probe_mod
+
+    monkeypatch.setattr(probe_mod, "run_probe", lambda cfg: pytest.fail("a finished stage must not run again"))
+    capsys.readouterr()
+    assert main(["run", "--quick", "--out", str(out)]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["reused_stages"] == ["probe", "sae"] and set(line["claims"]) == {"C1", "C2", "C3", "C4", "C5"}
+    assert (out / "probe" / "metrics.json").read_bytes() == probe_bytes
+    assert (out / "sae" / "diff" / "metrics.json").read_bytes() == sae_bytes
+
+    res = json.loads((out / "results.json").read_text())
+    assert res["schema_version"] == 1 and [c["id"] for c in res["claims"]] == ["C1", "C2", "C3", "C4", "C5"]
+    for c in res["claims"]:
+        assert c["status"] in C.STATUSES and c["rule"] and c["reason"]
+        assert set(c["effect"]) >= {"name", "value", "ci", "units"}
+    by_id = {c["id"]: c for c in res["claims"]}
+    # C4's numbers are the eval rows' numbers, recomputed: the pass@1 gain equals RL minus base
+    conf = json.loads((out / "steer" / "confirmed.json").read_text())
+    gain = by_id["C4"]["evidence"]["pass_at_1"]["gain"]
+    assert gain == pytest.approx(conf["seed0"]["rl"]["pass_at_1"] - conf["seed0"]["base"]["pass_at_1"])
+    assert by_id["C2"]["effect"]["ci"][0] <= by_id["C2"]["effect"]["value"] <= by_id["C2"]["effect"]["ci"][1]
+
+    report = (out / "report.md").read_text()
+    figs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert {"figures/pass_at_k.png", "probe/law_fit.png", "steer/patching_curve.png"} <= set(figs)
+    assert all((out / f).is_file() and (out / f).stat().st_size > 0 for f in figs)
+    assert all(c["status"] in report for c in res["claims"])
+
+
+@pytest.mark.slow
+def test_quickstart_notebook_executes(tmp_path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(ROOT / "notebooks" / "quickstart.ipynb", as_version=4)
+    env = {"FORKSIGHT_NOTEBOOK_QUICK": "1", "FORKSIGHT_NOTEBOOK_OUT": str(tmp_path)}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert all(f"C{i}" in text for i in range(1, 6)) and "rl + vector" in text
+    assert "hooks left on the model: 0" in text
+    assert (tmp_path / "study" / "results.json").is_file()
