@@ -109,10 +109,10 @@ def stage_configs(cfg: RunConfig) -> dict[str, Any]:
                          n_problems=8 if q else 128, samples=4 if q else 8, seed=seed, device=cfg.device)
     sweep = SweepConfig(
         base=base, rl=rl, entropy_rl=variants[0] if variants else "", out=str(out / "steer"),
-        methods=("dom-position:pruned",) if q else ("dom-position:pruned", "sae"),
-        layers=("0+1+2+3",) if q else ("0+1+2+3", "2"), coefs=(0.5,) if q else (0.35, 1.0), gates=("always",),
+        methods=("dom-position",) if q else ("dom-position", "sae"),
+        layers=("0+1+2+3",) if q else ("0+1+2+3", "2"), coefs=(0.5,) if q else (0.4, 1.0), gates=("always",),
         temperatures=(1.5,) if q else (1.2, 1.5), patch_layers=(3,) if q else (1, 2, 3), alphas=(1.0,),
-        screen_problems=8 if q else 64, problems=16 if q else 0, n=16 if q else 64, confirm=1 if q else 2,
+        screen_problems=8 if q else 64, problems=16 if q else 0, n=16 if q else 64, confirm=1 if q else 4,
         derive_problems=16 if q else 256, detector=str(out / "probe" / "fork_detector.safetensors"),
         sae=str(out / "sae" / "sae"), sae_diff=str(out / "sae" / "diff" / "metrics.json"),
         pass_at_1_tolerance=cfg.tolerance, confirm_seeds=1, seed=seed, device=cfg.device)
@@ -231,12 +231,13 @@ def run_study(cfg: RunConfig) -> dict:
         bar.set_description("forksight run: report")
         from experiments.report import build_results, write_report
 
+        t_report = time.time()
         results = build_results(cfg, sc, run.out, seconds_total=None)
         results["run"] = {"stages": run.state["stages"], "reused_stages": run.reused,
                           "seconds_this_invocation": time.time() - t0}
         write_json_atomic(run.out / "results.json", results)
         write_report(results, run.out / "report.md")
-        run.mark("report", time.time() - t0)
+        run.mark("report", time.time() - t_report)
         bar.update(1)
     return results
 

@@ -91,7 +91,7 @@ class SweepConfig:
     """Re-evaluate the best patching cell on the full split (else it is reported on the screen split)."""
     pass_at_1_tolerance: float = 0.02
     """Allowed pass@1 drop below RL for `best`."""
-    screen_tolerance: float = 0.03
+    screen_tolerance: float = 0.05
     """pass@1 drop below RL (screen split) within which screened cells are ranked first for confirmation
     (the screen's half of the problems has a larger base-RL gap, so the full split's tolerance is too strict there)."""
     derive_problems: int = 256
@@ -373,7 +373,11 @@ def write_metrics(cfg: SweepConfig, sw: Sweep, table, confirmed: dict, t0) -> di
         "temperature_baseline": {**_brief(tb), "matched_on": "fork_entropy_mean nearest the best steered cell's "
                                  "(screen stage), then re-evaluated on the full split"},
         "steering_minus_temperature": beats,
-        "steering_beats_temperature": bool(beats.get("restoration_distinct", 0) > 0 and beats.get("pass_at_1", 0) >= -tol),
+        # better on one axis and no worse on the other (restoration exactly; pass@1 within the tolerance)
+        "steering_beats_temperature": bool(beats and ((beats["restoration_distinct"] > 0 and beats["pass_at_1"] >= -tol)
+                                                     or (beats["restoration_distinct"] >= 0 and beats["pass_at_1"] > 0))),
+        "steering_beats_temperature_rule": "restoration_distinct higher at pass@1 no more than the tolerance lower, "
+                                           "or restoration_distinct no lower at higher pass@1",
         "entropy_preserving_rl": _brief(next((r for r in screen if r["kind"] == "entropy_rl"), None)),
         "entropy_preserving_rl_note": "screen split only (its own metrics.json has the full split)",
         "patching_upper_bound": {**_brief(pt), "alpha": pt["coef"],
