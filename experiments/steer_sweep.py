@@ -374,8 +374,7 @@ def write_metrics(cfg: SweepConfig, sw: Sweep, table, confirmed: dict, t0) -> di
                                  "(screen stage), then re-evaluated on the full split"},
         "steering_minus_temperature": beats,
         # better on one axis and no worse on the other (restoration exactly; pass@1 within the tolerance)
-        "steering_beats_temperature": bool(beats and ((beats["restoration_distinct"] > 0 and beats["pass_at_1"] >= -tol)
-                                                     or (beats["restoration_distinct"] >= 0 and beats["pass_at_1"] > 0))),
+        "steering_beats_temperature": _beats(beats.get("restoration_distinct"), beats.get("pass_at_1"), tol),
         "steering_beats_temperature_rule": "restoration_distinct higher at pass@1 no more than the tolerance lower, "
                                            "or restoration_distinct no lower at higher pass@1",
         "entropy_preserving_rl": _brief(next((r for r in screen if r["kind"] == "entropy_rl"), None)),
@@ -394,6 +393,13 @@ def write_metrics(cfg: SweepConfig, sw: Sweep, table, confirmed: dict, t0) -> di
     }
     write_json_atomic(sw.out / "metrics.json", metrics)
     return metrics
+
+
+def _beats(d_restoration: float | None, d_pass_at_1: float | None, tol: float) -> bool:
+    """Steering minus temperature baseline: better on one axis, no worse on the other (pass@1 within `tol`)."""
+    if d_restoration is None or d_pass_at_1 is None:
+        return False
+    return (d_restoration > 0 and d_pass_at_1 >= -tol) or (d_restoration >= 0 and d_pass_at_1 > 0)
 
 
 def _per_method(screen: list[dict], tol: float) -> dict:
