@@ -12,17 +12,18 @@ claim can be recomputed from a finished run directory without sampling again.
   interval by resampling problems. Holds: lower bound > 0.5. Fails: upper bound < 0.5.
 - C3 `claim_roles`: planning and execution entropy follow different trajectories during RL. Effect:
   log(H_last / H_first) of planning tokens minus that of execution tokens (first / last `window`
-  of the logged steps), interval by resampling steps within each window. Holds: the interval
-  excludes 0. Fails: the interval lies inside +-0.1 (the same relative change within 10%).
+  of the logged steps), interval by resampling steps within each window. Holds: the interval lies
+  outside +-0.1. Fails: the interval lies inside +-0.1 (the same relative change within ~10%).
 - C4 `claim_breadth`: RL gains pass@1 and loses breadth. Effect: distinct correct solutions per
   problem, RL minus base (paired over problems). Holds: the pass@1 gain's lower bound > 0, the
-  distinct change's upper bound < 0, and pass@k at the largest k is no better for RL (its change's
-  upper bound < 0) or the base overtakes RL at some k. Fails: pass@1 falls (upper bound < 0) or
+  distinct change's upper bound < 0, and pass@k at the largest k is lower for RL (its change's
+  upper bound < 0, or the base catches up at some k and ends strictly above). Fails: pass@1 falls (upper bound < 0) or
   distinct-correct rises (lower bound > 0).
 - C5 `claim_recovery`: the lost breadth is latent and recoverable. Effect: restoration of
   distinct-correct, (steered - RL) / (base - RL), of the best steered cell that runs the RL model
-  alone with pass@1 within the tolerance, interval by resampling problems. Holds: its lower bound
-  > 0 and the fork detector reads the base model's forks off the RL residual better than token
+  alone with pass@1 within the tolerance, interval by resampling problems. Needs a breadth gap (base
+  minus RL distinct-correct, lower bound > 0), else inconclusive. Holds: its lower bound > 0.1
+  and the fork detector reads the base model's forks off the RL residual better than token
   identity does (AUROC above the token baseline). Fails: neither the best steered cell nor
   cross-model patching restores more than 0.1 (upper bound, point estimate). Otherwise inconclusive.
 """
@@ -95,9 +96,12 @@ def claim_law(law: dict | None) -> Claim:
         why = (law or {}).get("reason", "no law fit was run")
         return Claim("C1", statement, "inconclusive", _effect("R^2 of the law fit", None, None, "", "logged RL steps"),
                      rule, {}, f"no RL training log: {why}")
-    boot = law["bootstrap"]
-    a_ci, r2_ci = boot["a"], boot["r2"]
+    boot = law.get("bootstrap") or {}
+    a_ci, r2_ci = boot.get("a"), boot.get("r2")
     r2 = law["r2"]
+    if a_ci is None or r2_ci is None:
+        return Claim("C1", statement, "inconclusive", _effect("R^2 of the law fit", r2, None, "fraction of variance",
+                                                              "logged RL steps"), rule, {}, "no bootstrap resample could be fitted")
     if a_ci and a_ci[0] > 0 and r2 is not None and r2 >= 0.5:
         status, why = "holds", f"a in [{_fmt(a_ci[0])}, {_fmt(a_ci[1])}] > 0 and R^2 = {_fmt(r2)} >= 0.5"
     elif (a_ci and a_ci[1] < 0) or (r2_ci and r2_ci[1] < 0.2):
@@ -105,7 +109,7 @@ def claim_law(law: dict | None) -> Claim:
     else:
         status, why = "inconclusive", f"a in [{_fmt(a_ci[0])}, {_fmt(a_ci[1])}], R^2 = {_fmt(r2)}"
     ev = {k: law.get(k) for k in ("a", "b", "r2", "ceiling", "n_steps", "reward_key")}
-    ev.update(a_ci=a_ci, b_ci=boot["b"], ceiling_ci=boot["ceiling"],
+    ev.update(a_ci=a_ci, b_ci=boot.get("b"), ceiling_ci=boot.get("ceiling"),
               extrapolation_mae=(law.get("extrapolation") or {}).get("mae"))
     return Claim("C1", statement, status, _effect("R^2 of the law fit", r2, r2_ci, "fraction of variance", "logged RL steps"),
                  rule, ev, why)
@@ -140,7 +144,8 @@ def claim_forks(on_base: dict, rho: float) -> Claim:
 def claim_roles(train_log: str | None, window: float = 0.1, seed: int = 0) -> Claim:
     """C3 from the RL training log's `planning_entropy_mean` / `execution_entropy_mean` per step."""
     rule = ("effect = log(H_last/H_first) of planning minus execution tokens (first/last windows of the log); "
-            "holds: its 95% interval excludes 0; fails: the interval lies within +-0.1; else inconclusive")
+            "holds: its 95% interval lies outside +-0.1 (relative changes differ by more than ~10%); fails: the "
+            "interval lies within +-0.1; else inconclusive")
     statement = "Planning-token and execution-token entropy follow different trajectories during RL."
     name = "log change of planning entropy minus that of execution entropy"
     if not train_log:
@@ -163,13 +168,13 @@ def claim_roles(train_log: str | None, window: float = 0.1, seed: int = 0) -> Cl
     boot = change(plan, i0, i1) - change(exe, i0, i1)
     ci = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     effect = d_plan - d_exe
-    if ci[0] > 0 or ci[1] < 0:
+    if ci[0] > 0.1 or ci[1] < -0.1:
         status, why = "holds", (f"planning entropy x{math.exp(d_plan):.2f}, execution x{math.exp(d_exe):.2f} "
                                 f"(difference of log changes {_fmt(effect)}, interval [{_fmt(ci[0])}, {_fmt(ci[1])}])")
     elif -0.1 <= ci[0] and ci[1] <= 0.1:
         status, why = "fails", f"both roles change alike (interval [{_fmt(ci[0])}, {_fmt(ci[1])}] within +-0.1)"
     else:
-        status, why = "inconclusive", f"interval [{_fmt(ci[0])}, {_fmt(ci[1])}] includes 0"
+        status, why = "inconclusive", f"interval [{_fmt(ci[0])}, {_fmt(ci[1])}] overlaps +-0.1"
     ev = {"n_steps": n, "window_steps": w,
           "planning": {"first": plan[:w].mean().item(), "last": plan[n - w:].mean().item(), "log_change": d_plan},
           "execution": {"first": exe[:w].mean().item(), "last": exe[n - w:].mean().item(), "log_change": d_exe}}
@@ -187,7 +192,7 @@ def _pp(m: dict) -> dict[str, list]:
 def claim_breadth(base: dict, rl: dict, seed: int = 0) -> Claim:
     """C4 from held-out metrics of base and RL on the same problems (with `per_problem`)."""
     rule = ("holds: pass@1 gain lower bound > 0, distinct-correct change upper bound < 0, and pass@k at the largest k "
-            "no better for RL (upper bound < 0) or the base overtakes RL at some k; fails: pass@1 falls (upper bound "
+            "lower for RL (upper bound < 0, or the base catches up at some k and ends above); fails: pass@1 falls (upper bound "
             "< 0) or distinct-correct rises (lower bound > 0); else inconclusive")
     pb, pr = _pp(base), _pp(rl)
     n = int(base["n_samples"])
@@ -201,8 +206,9 @@ def claim_breadth(base: dict, rl: dict, seed: int = 0) -> Claim:
     gain, gain_ci = sum(p1[1]) / len(p1[1]) - sum(p1[0]) / len(p1[0]), paired_ci(p1, diff, seed)
     d_pk, d_pk_ci = sum(pk[1]) / len(pk[1]) - sum(pk[0]) / len(pk[0]), paired_ci(pk, diff, seed)
     d_dc, d_dc_ci = (sum(dc[1]) - sum(dc[0])) / max(1, len(elig)), paired_ci(dc, diff, seed) if elig else (None, None)
-    cross = crossover_k(rl["pass_at_k"], base["pass_at_k"])  # base overtakes RL after trailing it
-    if gain_ci[0] > 0 and d_dc_ci[1] is not None and d_dc_ci[1] < 0 and (d_pk_ci[1] < 0 or cross is not None):
+    cross = crossover_k(rl["pass_at_k"], base["pass_at_k"])  # base catches up with RL after trailing it
+    overtakes = cross is not None and d_pk < 0  # ... and ends strictly above it at the largest k (not a tie)
+    if gain_ci[0] > 0 and d_dc_ci[1] is not None and d_dc_ci[1] < 0 and (d_pk_ci[1] < 0 or overtakes):
         status = "holds"
         why = (f"pass@1 +{_fmt(gain)} [{_fmt(gain_ci[0])}, {_fmt(gain_ci[1])}], distinct-correct {_fmt(d_dc, 2)} "
                f"[{_fmt(d_dc_ci[0], 2)}, {_fmt(d_dc_ci[1], 2)}], pass@{n} {_fmt(d_pk)}, base overtakes RL at k={cross}")
@@ -225,21 +231,35 @@ def claim_breadth(base: dict, rl: dict, seed: int = 0) -> Claim:
 
 # --- C5 ------------------------------------------------------------------------------------------
 def restoration_ci(cell: dict, base: dict, rl: dict, seed: int = 0) -> tuple[float | None, list | None]:
-    """Restoration of distinct-correct, (cell - RL) / (base - RL), with its problem-bootstrap interval."""
+    """Restoration of distinct-correct, (cell - RL) / (base - RL), with its problem-bootstrap interval.
+
+    Defined only where the base finds more distinct solutions than RL (a positive gap): (None, None)
+    otherwise. Resamples whose gap is not positive are dropped from the interval."""
     pc, pb, pr = _pp(cell), _pp(base), _pp(rl)
     elig = [i for i, e in enumerate(pb["distinct_eligible"]) if e]
     if not elig or not (len(pc["distinct_correct"]) == len(pb["distinct_correct"]) == len(pr["distinct_correct"])):
         return None, None
-    cols = [[p["distinct_correct"][i] for i in elig] for p in (pc, pb, pr)]
+    x = torch.tensor([[p["distinct_correct"][i] for p in (pc, pb, pr)] for i in elig], dtype=torch.float64)
+    gap = (x[:, 1] - x[:, 2]).mean()
+    if gap <= 0:
+        return None, None
+    point = ((x[:, 0] - x[:, 2]).mean() / gap).item()
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(elig), (N_BOOT, len(elig)), generator=g)
+    num, den = (x[idx, 0] - x[idx, 2]).mean(1), (x[idx, 1] - x[idx, 2]).mean(1)
+    ok = den > 0
+    q = torch.tensor([0.025, 0.975], dtype=torch.float64)
+    return point, torch.quantile(num[ok] / den[ok], q).tolist()
 
-    def ratio(x: torch.Tensor) -> float:
-        den = (x[:, 1] - x[:, 2]).mean()
-        return float("nan") if den == 0 else ((x[:, 0] - x[:, 2]).mean() / den).item()
 
-    x = torch.tensor(list(zip(*cols)), dtype=torch.float64)
-    point = ratio(x)
-    lo, hi = paired_ci(cols, ratio, seed)
-    return (None if math.isnan(point) else point), [lo, hi]
+def distinct_gap_ci(base: dict, rl: dict, seed: int = 0) -> tuple[float | None, list | None]:
+    """Mean distinct-correct of base minus RL over eligible problems, with its paired interval."""
+    pb, pr = _pp(base), _pp(rl)
+    elig = [i for i, e in enumerate(pb["distinct_eligible"]) if e]
+    if not elig:
+        return None, None
+    cols = ([pb["distinct_correct"][i] for i in elig], [pr["distinct_correct"][i] for i in elig])
+    return (sum(cols[0]) - sum(cols[1])) / len(elig), list(paired_ci(cols, lambda x: (x[:, 0] - x[:, 1]).mean(), seed))
 
 
 def pass_at_1_change_ci(cell: dict, rl: dict, seed: int = 0) -> tuple[float, list]:
@@ -255,11 +275,12 @@ def claim_recovery(steer: dict, rows: dict[str, dict], detector: dict | None, va
     best, temperature, patch), the probe's fork detector and the entropy-preserving RL variants'
     metrics (each with `per_problem`, on the same problems; their restoration is measured against
     `variants_ref` = (base, RL) sampled like them, default `rows`' base and RL)."""
-    rule = ("holds: the best RL-alone steered cell with pass@1 >= RL - tolerance restores distinct-correct with a "
-            "lower bound > 0, and the fork detector's AUROC on the RL residual beats the token-identity baseline; "
-            "fails: neither that cell (upper bound) nor cross-model patching (point) restores more than 0.1; "
-            "else inconclusive")
+    rule = ("needs a breadth gap to restore (base minus RL distinct-correct, lower bound > 0); holds: the best "
+            "RL-alone steered cell with pass@1 >= RL - tolerance restores distinct-correct with a lower bound > 0.1, "
+            "and the fork detector's AUROC on the RL residual beats the token-identity baseline; fails: neither that "
+            "cell (upper bound) nor cross-model patching (point) restores more than 0.1; else inconclusive")
     base, rl = rows["base"], rows["rl"]
+    gap, gap_ci = distinct_gap_ci(base, rl, seed)
     best = rows.get("best")
     r_best, r_ci = restoration_ci(best, base, rl, seed) if best else (None, None)
     d1, d1_ci = pass_at_1_change_ci(best, rl, seed) if best else (None, None)
@@ -274,8 +295,11 @@ def claim_recovery(steer: dict, rows: dict[str, dict], detector: dict | None, va
     if detector:
         det_auc = detector["layers"][str(detector["best_layer"])]["auroc_test"]
         det_tok = (detector.get("token_baseline") or {}).get("auroc_test")
-    latent = det_auc is not None and (det_tok is None or det_auc > det_tok)
-    if best is not None and r_ci is not None and r_ci[0] > 0 and latent:
+    latent = det_auc is not None and det_tok is not None and det_auc > det_tok
+    if gap_ci is None or gap_ci[0] <= 0:
+        status, why = "inconclusive", (f"no breadth gap to restore: base minus RL distinct-correct {_fmt(gap, 2)} "
+                                       f"[{_fmt(gap_ci[0] if gap_ci else None, 2)}, {_fmt(gap_ci[1] if gap_ci else None, 2)}]")
+    elif best is not None and r_ci is not None and r_ci[0] > 0.1 and latent:
         status = "holds"
         why = (f"steering the RL model alone restores {_fmt(r_best, 2)} of the distinct-correct gap "
                f"[{_fmt(r_ci[0], 2)}, {_fmt(r_ci[1], 2)}] at pass@1 {d1:+.3f}; detector AUROC {_fmt(det_auc)} vs token "
@@ -298,6 +322,10 @@ def claim_recovery(steer: dict, rows: dict[str, dict], detector: dict | None, va
                         "distinct_correct_mean": m["distinct_correct_mean"], "restoration_distinct": rv[0],
                         "restoration_distinct_ci": rv[1], "planning_entropy_mean": m.get("planning_entropy_mean")}
     ev = {
+        "distinct_gap_base_minus_rl": gap, "distinct_gap_ci": gap_ci,
+        "selection": ("`best` is chosen on the problems and draws it is reported on (pooled over "
+                      f"{best.get('seeds', 1) if best else 1} seed(s)), so its restoration is optimistic by the "
+                      "winner's curse; the interval does not include the selection"),
         "best": None if best is None else {k: best.get(k) for k in ("method", "layer", "coef", "gate", "temperature",
                                                                     "pass_at_1", "distinct_correct_mean",
                                                                     "restoration_pass_at_64")},

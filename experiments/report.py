@@ -157,9 +157,11 @@ def write_report(results: dict, path: str | Path) -> Path:
          "Each claim is tested on this run's data; its status (holds / fails / inconclusive) comes from the rule "
          "stated under it, applied to the effect size and its 95% bootstrap interval. Nothing here is typed in.", "",
          "| claim | status | effect | value | 95% CI |", "|---|---|---|---|---|"]
+    cell = lambda text: str(text).replace("|", "\\|")  # noqa: E731  a literal | would split the table cell
     for c in results["claims"]:
         e = c["effect"]
-        L.append(f"| {c['id']}: {c['statement']} | **{c['status']}** | {e['name']} | {_num(e['value'])} | {_ci(e['ci'])} |")
+        L.append(f"| {c['id']}: {cell(c['statement'])} | **{c['status']}** | {cell(e['name'])} | {_num(e['value'])} | "
+                 f"{_ci(e['ci'])} |")
     L += ["", "## Headline numbers", ""]
     L += [f"- {k}: " + (", ".join(f"{kk} {_num(vv)}" for kk, vv in v.items()) if isinstance(v, dict) else
                         (_ci(v) if isinstance(v, list) else _num(v))) for k, v in h.items()]

@@ -54,7 +54,7 @@ class RunConfig:
     variants: tuple[str, ...] = ()
     """Entropy-preserving RL checkpoints compared in C5 (default with the shipped pair: rl-clip-cov)."""
     quick: bool = False
-    """A small configuration (a minute on a laptop CPU) for tests and a first look; numbers are noisy."""
+    """A small configuration (about 20 s on a laptop CPU) for tests and a first look; numbers are noisy."""
     from_scratch: bool = False
     """Retrain the organisms (SFT base, GRPO rl-none and rl-clip-cov) into OUT/organisms first."""
     tolerance: float = 0.02
@@ -65,6 +65,7 @@ class RunConfig:
     """"auto" = cuda if available, else cpu (probe and SAE; sampling in the sweep runs on the models' device)."""
 
     def __post_init__(self) -> None:
+        self.out = str(Path(self.out))  # "runs/x/" and "runs/x" are one run directory
         self.variants = tuple(str(v) for v in self.variants)
         if bool(self.base) != bool(self.rl):
             raise ValueError("pass both --base and --rl (a pair), or neither for the shipped organisms")
@@ -112,10 +113,10 @@ def stage_configs(cfg: RunConfig) -> dict[str, Any]:
         methods=("dom-position",) if q else ("dom-position", "sae"),
         layers=("0+1+2+3",) if q else ("0+1+2+3", "2"), coefs=(0.5,) if q else (0.4, 1.0), gates=("always",),
         temperatures=(1.5,) if q else (1.2, 1.5), patch_layers=(3,) if q else (1, 2, 3), alphas=(1.0,),
-        screen_problems=8 if q else 64, problems=16 if q else 0, n=16 if q else 64, confirm=1 if q else 4,
+        screen_problems=8 if q else 64, problems=16 if q else 0, n=16 if q else 64, confirm=1 if q else 3,
         derive_problems=16 if q else 256, detector=str(out / "probe" / "fork_detector.safetensors"),
         sae=str(out / "sae" / "sae"), sae_diff=str(out / "sae" / "diff" / "metrics.json"),
-        pass_at_1_tolerance=cfg.tolerance, confirm_seeds=1, seed=seed, device=cfg.device)
+        pass_at_1_tolerance=cfg.tolerance, confirm_seeds=1 if q else 2, seed=seed, device=cfg.device)
     return {"sft": sft, "grpo": grpo, "loss": {"none": LossConfig(intervention="none"),
                                                 "clip-cov": LossConfig(intervention="clip-cov")},
             "probe": probe, "sae": sae, "sae_diff": diff, "sweep": sweep}
@@ -148,12 +149,20 @@ def preflight(cfg: RunConfig) -> None:
 
 
 def _jsonable(x: Any) -> Any:
-    return json.loads(json.dumps(x))
+    """`x` as it reads back from JSON (dataclasses as dicts)."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(x):
+        x = asdict(x)
+    return json.loads(json.dumps(x, default=lambda o: asdict(o) if dataclasses.is_dataclass(o) else str(o)))
 
 
 # --- stages --------------------------------------------------------------------------------------
 class Run:
-    """Stage bookkeeping: `run_state.json` says which stages finished (atomically rewritten)."""
+    """Stage bookkeeping in `run_state.json` (atomically rewritten): the run's configuration, written
+    before any stage starts, and per finished stage its own configuration and seconds. A stage is
+    reused only if it finished with the same configuration; when one reruns, the stages after it are
+    forgotten (their inputs changed)."""
 
     def __init__(self, cfg: RunConfig):
         self.cfg, self.out = cfg, Path(cfg.out)
@@ -163,22 +172,30 @@ class Run:
         self.state["config"] = _jsonable(asdict(cfg))
         self.state.setdefault("stages", {})
         self.reused: list[str] = []
+        self._save()
 
-    def done(self, name: str) -> bool:
-        return bool(self.state["stages"].get(name, {}).get("done"))
-
-    def mark(self, name: str, seconds: float, **info: Any) -> None:
-        self.state["stages"][name] = {"done": True, "seconds": seconds, **info}
+    def _save(self) -> None:
         write_json_atomic(self.out / "run_state.json", self.state)
 
-    def stage(self, name: str, fn, bar) -> None:
+    def done(self, name: str, config: Any) -> bool:
+        rec = self.state["stages"].get(name, {})
+        return bool(rec.get("done")) and rec.get("config") == _jsonable(config)
+
+    def mark(self, name: str, seconds: float, config: Any = None) -> None:
+        self.state["stages"][name] = {"done": True, "seconds": seconds, "config": _jsonable(config)}
+        self._save()
+
+    def stage(self, name: str, fn, config: Any, bar) -> None:
         bar.set_description(f"forksight run: {name}")
-        if self.done(name):
+        if self.done(name, config):
             self.reused.append(name)
         else:
+            later = STAGES[STAGES.index(name) + 1:]
+            self.state["stages"] = {k: v for k, v in self.state["stages"].items() if k not in later and k != name}
+            self._save()
             t0 = time.time()
             fn()
-            self.mark(name, time.time() - t0)
+            self.mark(name, time.time() - t0, config)
         bar.update(1)
 
 
@@ -223,21 +240,22 @@ def run_study(cfg: RunConfig) -> dict:
     todo = [s for s in STAGES if s != "organisms" or cfg.from_scratch]
     with tqdm(total=len(todo), unit="stage") as bar:
         if cfg.from_scratch:
-            run.stage("organisms", lambda: _train_organisms(sc), bar)
-        run.stage("probe", lambda: run_probe(sc["probe"]), bar)
-        run.stage("sae", lambda: (run_sae_train(sc["sae"]), run_sae_diff(sc["sae_diff"])), bar)
-        run.stage("steer", lambda: run_sweep(sc["sweep"]), bar)
-        run.stage("eval", lambda: _eval_variants(sc["sweep"], variants, run.out), bar)
+            run.stage("organisms", lambda: _train_organisms(sc), {k: sc[k] for k in ("sft", "grpo", "loss")}, bar)
+        run.stage("probe", lambda: run_probe(sc["probe"]), sc["probe"], bar)
+        run.stage("sae", lambda: (run_sae_train(sc["sae"]), run_sae_diff(sc["sae_diff"])), [sc["sae"], sc["sae_diff"]], bar)
+        run.stage("steer", lambda: run_sweep(sc["sweep"]), sc["sweep"], bar)
+        run.stage("eval", lambda: _eval_variants(sc["sweep"], variants, run.out), {"variants": variants, "sweep": sc["sweep"]}, bar)
         bar.set_description("forksight run: report")
         from experiments.report import build_results, write_report
 
         t_report = time.time()
         results = build_results(cfg, sc, run.out, seconds_total=None)
-        results["run"] = {"stages": run.state["stages"], "reused_stages": run.reused,
-                          "seconds_this_invocation": time.time() - t0}
+        results["run"] = {"stages": {k: {kk: v[kk] for kk in ("done", "seconds")} for k, v in run.state["stages"].items()
+                                     if k != "report"},
+                          "reused_stages": run.reused, "seconds_this_invocation": time.time() - t0}
         write_json_atomic(run.out / "results.json", results)
         write_report(results, run.out / "report.md")
-        run.mark("report", time.time() - t_report)
+        run.mark("report", time.time() - t_report, None)
         bar.update(1)
     return results
 

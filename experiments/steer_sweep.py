@@ -9,7 +9,8 @@ Two stages on the held-out split, one sampling seed for every cell (common rando
    winner is not picked on one draw's noise): base, RL, the `confirm` best screened steering cells of
    this invocation's methods plus every steering cell confirmed before, the matched-entropy
    temperature cell and the best patching cell; `best` is chosen there. `confirmed.json` holds
-   these pooled rows with their per-problem arrays (for paired bootstraps).
+   these pooled rows with their per-problem arrays (for paired bootstraps) where every pooled cell
+   recorded them (cells cached by an older version of the sweep did not).
 
 Restoration of metric m: (m(cell) - m(RL)) / (m(base) - m(RL)), base and RL evaluated in the same run
 on the same problems (pooled over the confirm seeds on the full split). Selection rule (SELECTION): highest restoration_distinct among RL-alone
@@ -132,6 +133,10 @@ def full_stage(i: int) -> str:
     return "full" if i == 0 else f"full-s{i}"
 
 
+CACHE_FINGERPRINT = ("base", "rl", "n", "seed", "screen_problems", "problems", "derive_problems", "batch_size")
+"""Settings every cached cell (and vector) depends on but its id does not name: a sweep directory keeps one value
+of each (checkpoints compared by directory name, so a moved clone still reuses its shipped cells)."""
+
 POOLED = ("pass_at_1", "pass_at_64", "distinct_correct_mean", "fork_entropy_mean", "planning_entropy_mean")
 
 
@@ -199,6 +204,13 @@ class Sweep:
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / "sweep.json"
         old = json.loads(path.read_text()) if path.is_file() else {}
+        if "config" in old:  # cached cells are keyed by their own settings; these are shared by all of them
+            norm = lambda k, v: Path(v).name if k in ("base", "rl") and v else v  # noqa: E731  clones move the repo
+            changed = [k for k in CACHE_FINGERPRINT if norm(k, old["config"].get(k)) != norm(k, asdict(cfg)[k])]
+            if changed:
+                was = ", ".join(f"{k}={old['config'].get(k)!r}" for k in changed)
+                raise ValueError(f"{path} holds cells made with other {changed} ({was}); reusing them would mix "
+                                 "settings. Use a new --out, or the same values to extend that sweep")
         self.rows: dict[str, dict] = {r["id"]: r for r in old.get("cells", [])}
         # every configuration that added cells to this cache, oldest first (cells are keyed by their own settings)
         self.invocations = [c for c in old.get("invocations", [old["config"]] if "config" in old else []) if c != asdict(cfg)]

@@ -1,6 +1,7 @@
 """`forksight steer derive | apply | sweep` on tiny random organisms, resume, and restoration arithmetic."""
 
 import argparse
+import dataclasses
 import csv
 import json
 
@@ -177,3 +178,12 @@ def test_shipped_sweep_best_is_recomputable_from_its_raw_cells_and_its_vector_fi
     assert m["goal"]["met"] == (m["best"]["restoration_distinct"] >= 0.3)
     vec = SteeringVector.load(out / m["best"]["vector"]).at_layers(parse_layers(m["best"]["layer"]))
     vec.check_model(load_causal_lm(ORGANISMS_DIR / "rl-none", device="cpu")[0])
+
+
+def test_a_sweep_directory_refuses_cells_made_with_other_shared_settings(tmp_path):
+    out = tmp_path / "sweep"
+    out.mkdir()
+    cfg = SweepConfig(out=str(out))
+    (out / "sweep.json").write_text(json.dumps({"config": {**dataclasses.asdict(cfg), "n": 16}, "cells": []}))
+    with pytest.raises(ValueError, match=r"other \['n'\].*n=16"):
+        steer_sweep.Sweep(cfg)
