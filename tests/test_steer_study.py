@@ -1,8 +1,8 @@
 """`forksight steer derive | apply | sweep` on tiny random organisms, resume, and restoration arithmetic."""
 
 import argparse
-import dataclasses
 import csv
+import dataclasses
 import json
 
 import pytest
