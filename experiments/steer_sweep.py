@@ -32,6 +32,15 @@ from experiments.checkpointing import write_json_atomic
 from experiments.countdown import Countdown
 from experiments.evaluation import heldout_prompts
 from experiments.organism import ORGANISMS_DIR
+from experiments.steer_selection import (
+    beats_temperature,
+    full_stage,
+    parse_layers,
+    pool,
+    score,
+    select_best,
+    with_restoration,
+)
 from experiments.steer_study import (
     RESULTS,
     STUDY_GATES,
@@ -128,71 +137,9 @@ class SweepConfig:
             raise ValueError("screen_problems, n, confirm and confirm_seeds must be >= 1")
 
 
-def full_stage(i: int) -> str:
-    """Stage name of the full split at sampling seed offset i ("full", "full-s1", ...)."""
-    return "full" if i == 0 else f"full-s{i}"
-
-
 CACHE_FINGERPRINT = ("base", "rl", "n", "seed", "screen_problems", "problems", "derive_problems", "batch_size")
 """Settings every cached cell (and vector) depends on but its id does not name: a sweep directory keeps one value
 of each (checkpoints compared by directory name, so a moved clone still reuses its shipped cells)."""
-
-POOLED = ("pass_at_1", "pass_at_64", "distinct_correct_mean", "fork_entropy_mean", "planning_entropy_mean")
-
-
-def pool(rows: list[dict]) -> dict:
-    """One row from the same cell at several seeds: metric means (pass@k per k, per-problem arrays
-    elementwise), the per-seed values under `per_seed`, and stage "full" (id of the first seed's row)."""
-    first = rows[0]
-    if len(rows) == 1:
-        return {**first, "seeds": 1}
-    mean = lambda xs: None if any(x is None for x in xs) else sum(xs) / len(xs)  # noqa: E731
-    out = {**first, **{k: mean([r.get(k) for r in rows]) for k in POOLED}, "seeds": len(rows),
-           "pass_at_k": {k: mean([r["pass_at_k"][k] for r in rows]) for k in first["pass_at_k"]},
-           "pass_at_k_ci": None, "per_seed": [{k: r.get(k) for k in ("id", *POOLED)} for r in rows]}
-    if all(r.get("per_problem") for r in rows):
-        pp = [r["per_problem"] for r in rows]
-        out["per_problem"] = {"n_correct": [mean(list(v)) for v in zip(*(p["n_correct"] for p in pp))],
-                              "distinct_correct": [mean(list(v)) for v in zip(*(p["distinct_correct"] for p in pp))],
-                              "distinct_eligible": pp[0]["distinct_eligible"]}
-    return out
-
-
-def parse_layers(spec: str) -> list[int]:
-    """"0+1+2+3" -> [0, 1, 2, 3]; "2" -> [2]."""
-    try:
-        out = [int(x) for x in str(spec).split("+")]
-    except ValueError:
-        raise ValueError(f"layer set {spec!r}: write block indices joined by '+', e.g. 2 or 0+1+2+3") from None
-    if len(set(out)) != len(out) or min(out) < 0:
-        raise ValueError(f"layer set {spec!r}: indices must be distinct and >= 0")
-    return out
-
-
-def restoration(cell: float | None, rl: float | None, base: float | None) -> float | None:
-    """(cell - rl) / (base - rl); None when undefined (a missing value or base == rl)."""
-    if cell is None or rl is None or base is None or base == rl:
-        return None
-    return (cell - rl) / (base - rl)
-
-
-def with_restoration(row: dict, base: dict, rl: dict) -> dict:
-    return {**row, "restoration_pass_at_64": restoration(row.get("pass_at_64"), rl.get("pass_at_64"), base.get("pass_at_64")),
-            "restoration_distinct": restoration(row.get("distinct_correct_mean"), rl.get("distinct_correct_mean"),
-                                                base.get("distinct_correct_mean"))}
-
-
-def select_best(rows: list[dict], rl: dict, tol: float) -> dict | None:
-    """SELECTION applied to `rows` (already carrying restoration)."""
-    ok = [r for r in rows if r["kind"] == "steer" and r["rl_alone"] and r["restoration_distinct"] is not None
-          and r["pass_at_1"] >= rl["pass_at_1"] - tol]
-    return max(ok, key=lambda r: (r["restoration_distinct"], r["id"]), default=None)
-
-
-def _score(r: dict) -> tuple[float, str]:
-    """Sort key: restoration_distinct (None lowest), ties broken by id so a resumed run picks the same cells."""
-    return (-float("inf") if r.get("restoration_distinct") is None else r["restoration_distinct"], r["id"])
-
 
 class Sweep:
     """The cell cache: rows by id, read back from `sweep.json`, written after every new cell."""
@@ -316,10 +263,10 @@ def run_sweep(cfg: SweepConfig) -> dict:
     screen = [r for r in sw.table() if r["stage"] == S]
     rl_s = next(r for r in screen if r["kind"] == "rl")
     steer = sorted((r for r in screen if r["kind"] == "steer" and r["method"] in vecs),  # this run's methods
-                   key=lambda r: (r["pass_at_1"] >= rl_s["pass_at_1"] - cfg.screen_tolerance, _score(r)),
+                   key=lambda r: (r["pass_at_1"] >= rl_s["pass_at_1"] - cfg.screen_tolerance, score(r)),
                    reverse=True)[: cfg.confirm]
     patches = [r for r in screen if r["kind"] == "patch"]
-    best_patch_s = max(patches, key=_score)  # the upper bound: most restoration, whatever pass@1 costs
+    best_patch_s = max(patches, key=score)  # the upper bound: most restoration, whatever pass@1 costs
     # confirm: base, RL, this run's top screened cells and every steered cell confirmed before, at each seed, pooled
     base_p, rl_p = sw.confirm_cell("base", model=sw.base, rl_alone=False), sw.confirm_cell("rl")
     keys = ("method", "layer", "coef", "gate", "temperature")
@@ -334,7 +281,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
             "patch", intervention=lambda: patch(sw.rl, sw.base, r["layer"], r["coef"], gate="base_entropy", threshold=thr_base),
             layer=r["layer"], coef=r["coef"], gate="base_entropy", rl_alone=False), base_p, rl_p)
     best = select_best(pooled, rl_p, cfg.pass_at_1_tolerance)
-    anchor = best or max(pooled, key=_score)
+    anchor = best or max(pooled, key=score)
     temps = [r for r in screen if r["kind"] == "temperature"]
     t_match = min(temps, key=lambda r: abs((r["fork_entropy_mean"] or 0) - (anchor["fork_entropy_mean"] or 0)))
     temp_p = with_restoration(sw.confirm_cell("temperature", temperature=t_match["temperature"]), base_p, rl_p)
@@ -381,12 +328,12 @@ def write_metrics(cfg: SweepConfig, sw: Sweep, table, confirmed: dict, t0) -> di
         "best_unconstrained": _brief(anchor),
         "goal": {"restoration_distinct_min": 0.3, "pass_at_1_min": rl["pass_at_1"] - tol, "met": goal_met},
         "base": _brief(confirmed["base"]), "rl": _brief(rl),
-        "confirmed": [_brief(r) for r in sorted(confirmed["steer"], key=_score, reverse=True)],
+        "confirmed": [_brief(r) for r in sorted(confirmed["steer"], key=score, reverse=True)],
         "temperature_baseline": {**_brief(tb), "matched_on": "fork_entropy_mean nearest the best steered cell's "
                                  "(screen stage), then re-evaluated on the full split"},
         "steering_minus_temperature": beats,
         # better on one axis and no worse on the other (restoration exactly; pass@1 within the tolerance)
-        "steering_beats_temperature": _beats(beats.get("restoration_distinct"), beats.get("pass_at_1"), tol),
+        "steering_beats_temperature": beats_temperature(beats.get("restoration_distinct"), beats.get("pass_at_1"), tol),
         "steering_beats_temperature_rule": "restoration_distinct higher at pass@1 no more than the tolerance lower, "
                                            "or restoration_distinct no lower at higher pass@1",
         "entropy_preserving_rl": _brief(next((r for r in screen if r["kind"] == "entropy_rl"), None)),
@@ -405,13 +352,6 @@ def write_metrics(cfg: SweepConfig, sw: Sweep, table, confirmed: dict, t0) -> di
     }
     write_json_atomic(sw.out / "metrics.json", metrics)
     return metrics
-
-
-def _beats(d_restoration: float | None, d_pass_at_1: float | None, tol: float) -> bool:
-    """Steering minus temperature baseline: better on one axis, no worse on the other (pass@1 within `tol`)."""
-    if d_restoration is None or d_pass_at_1 is None:
-        return False
-    return (d_restoration > 0 and d_pass_at_1 >= -tol) or (d_restoration >= 0 and d_pass_at_1 > 0)
 
 
 def _per_method(screen: list[dict], tol: float) -> dict:

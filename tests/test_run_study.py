@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 
 import pytest
 import torch
+from nbrun import execute_notebook
 
 from experiments import claims as C
 from experiments import run_study as R
 from experiments.cli import main
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # --- claims: each rule can come out either way on hand-made data ---------------------------------
@@ -219,19 +217,7 @@ def test_quick_run_writes_report_claims_and_figures_and_resumes_after_interrupti
 
 @pytest.mark.slow
 def test_quickstart_notebook_executes(tmp_path):
-    import nbformat
-    from nbclient import NotebookClient
-
-    nb = nbformat.read(ROOT / "notebooks" / "quickstart.ipynb", as_version=4)
-    env = {"FORKSIGHT_NOTEBOOK_QUICK": "1", "FORKSIGHT_NOTEBOOK_OUT": str(tmp_path)}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
-    finally:
-        for k, v in old.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    text = execute_notebook("quickstart.ipynb", tmp_path)
     assert all(f"C{i}" in text for i in range(1, 6)) and "rl + vector" in text
     assert "hooks left on the model: 0" in text
     assert (tmp_path / "study" / "results.json").is_file()

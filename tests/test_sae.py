@@ -4,11 +4,11 @@ brute force, the errors a mismatched SAE raises, `forksight sae` end to end, and
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
+from nbrun import execute_notebook
 from sae_lens import SAE
 from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
 from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
@@ -304,20 +304,7 @@ def test_sae_train_and_diff_end_to_end(organism_pair, tmp_path):
 @pytest.mark.slow
 def test_feature_inspection_notebook_executes(tmp_path):
     """The notebook on the shipped pair in quick mode (a small SAE trained on the fly): it must not rot."""
-    import nbformat
-    from nbclient import NotebookClient
-
-    nb = nbformat.read(ROOT / "notebooks" / "feature_inspection.ipynb", as_version=4)
-    env = {"FORKSIGHT_NOTEBOOK_QUICK": "1", "FORKSIGHT_NOTEBOOK_OUT": str(tmp_path)}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
-    finally:
-        for k, v in old.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    text = "\n".join(o.get("text", "") + json.dumps(o.get("data", {})) for c in nb.cells if c.cell_type == "code"
-                     for o in c.get("outputs", []))
+    text = execute_notebook("feature_inspection.ipynb", tmp_path)
     assert "pruned" in text and "text-decoration: underline" in text, "the notebook must list features and mark forks"
 
 

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from experiments import steer_sweep
+from experiments.steer_selection import restoration, select_best, with_restoration
 from experiments.steer_study import (
     ApplyConfig,
     DeriveConfig,
@@ -16,13 +17,7 @@ from experiments.steer_study import (
     run_apply,
     run_derive,
 )
-from experiments.steer_sweep import (
-    SweepConfig,
-    restoration,
-    run_sweep,
-    select_best,
-    with_restoration,
-)
+from experiments.steer_sweep import SweepConfig, run_sweep
 from steering import SteeringVector
 
 
@@ -131,7 +126,7 @@ def test_derive_and_apply_through_the_cli(organism_pair, tmp_path):
 
 
 def test_layer_sets_parse_and_reject_bad_specs():
-    from experiments.steer_sweep import parse_layers
+    from experiments.steer_selection import parse_layers
 
     assert parse_layers("0+1+2+3") == [0, 1, 2, 3] and parse_layers(2) == [2]
     for bad in ("1,2", "1+1", "-1"):
@@ -140,7 +135,7 @@ def test_layer_sets_parse_and_reject_bad_specs():
 
 
 def test_pool_averages_seeds_and_per_problem_arrays():
-    from experiments.steer_sweep import pool
+    from experiments.steer_selection import pool
 
     rows = [{"id": f"full{s}|x", "pass_at_1": p, "pass_at_64": 0.9, "distinct_correct_mean": d, "fork_entropy_mean": 0.1,
              "planning_entropy_mean": 0.2, "pass_at_k": {"1": p}, "per_problem": {
@@ -156,7 +151,7 @@ def test_pool_averages_seeds_and_per_problem_arrays():
 def test_shipped_sweep_best_is_recomputable_from_its_raw_cells_and_its_vector_fits_the_rl_model():
     """experiments/results/steer-sweep: `best` must follow from the per-seed cells in sweep.json."""
     from experiments.organism import ORGANISMS_DIR
-    from experiments.steer_sweep import parse_layers, select_best, with_restoration
+    from experiments.steer_selection import parse_layers
     from probe.checkpoint import load_causal_lm
 
     out = steer_sweep.RESULTS / "steer-sweep"
