@@ -24,6 +24,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
+def as_json(obj: Any) -> Any:
+    """`obj` as it reads back from JSON: dataclasses (nested too) become dicts, tuples lists, other
+    non-JSON values their `str`. Use it to compare a configuration with one stored in a JSON file."""
+    import dataclasses
+
+    def default(o: Any) -> Any:
+        return dataclasses.asdict(o) if dataclasses.is_dataclass(o) else str(o)
+
+    return json.loads(json.dumps(dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj, default=default))
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Write JSON to `path` via a temporary file and `os.replace` (never a half-written file)."""
     path = Path(path)

@@ -13,9 +13,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from experiments.checkpointing import as_json
 from experiments.claims import claim_breadth, claim_forks, claim_law, claim_recovery, claim_roles
 
 SCHEMA_VERSION = 1
+QUESTION = ("Does entropy collapse in RL training narrow inference-time search, and can the lost breadth be "
+            "recovered from the trained network?")
 
 
 def _read(path: Path) -> dict:
@@ -97,12 +100,11 @@ def build_results(cfg, stage_cfgs: dict, out: str | Path, seconds_total: float |
     }
     return {
         "schema_version": SCHEMA_VERSION,
-        "question": "Does entropy collapse in RL training narrow inference-time search, and can the lost breadth be "
-                    "recovered from the trained network?",
+        "question": QUESTION,
         "out": str(out),
         "pair": {"base": base_dir, "rl": rl_dir, "variants": list(variants)},
-        "config": {"run": _jsonable(vars(cfg)), **{k: _jsonable(v if isinstance(v, dict) else vars(v))
-                                                   for k, v in stage_cfgs.items() if k in ("probe", "sae", "sae_diff", "sweep")}},
+        "config": {"run": as_json(cfg), **{k: as_json(v) for k, v in stage_cfgs.items()
+                                           if k in ("probe", "sae", "sae_diff", "sweep")}},
         "claims": claims,
         "headline": headline,
         "sae": {k: sae.get(k) for k in ("hook_name", "l0", "fvu", "dead_fraction", "ce_loss_increase")} |
@@ -112,10 +114,6 @@ def build_results(cfg, stage_cfgs: dict, out: str | Path, seconds_total: float |
                    "steer": "steer/metrics.json", "steer_confirmed": "steer/confirmed.json", "eval": "eval/metrics.json"},
         "figures": sorted({f for c in claims for f in c["figures"]}),
     }
-
-
-def _jsonable(x: Any) -> Any:
-    return json.loads(json.dumps(x, default=str))
 
 
 def _num(x: Any, nd: int = 3) -> str:

@@ -25,20 +25,17 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from experiments.checkpointing import write_json_atomic
+from experiments.checkpointing import as_json, write_json_atomic
 from experiments.cli_args import add_config_args, config_from_args
 from experiments.organism import ORGANISMS_DIR
 
-QUESTION = ("Does entropy collapse in RL training narrow inference-time search, and can the lost breadth be "
-            "recovered from the trained network?")
 STAGES = ("organisms", "probe", "sae", "steer", "eval", "report")
-SCHEMA_VERSION = 1
 
 
 @dataclass
@@ -132,29 +129,21 @@ def preflight(cfg: RunConfig) -> None:
     state = out / "run_state.json"
     if state.is_file():
         old = json.loads(state.read_text()).get("config")
-        if old is not None and old != _jsonable(asdict(cfg)):
-            diff = sorted(k for k in set(old) | set(asdict(cfg)) if old.get(k) != _jsonable(asdict(cfg)).get(k))
+        if old is not None and old != as_json(cfg):
+            new = as_json(cfg)
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise ValueError(f"--out {cfg.out!r} holds a run with another configuration (differs in {diff}); "
                              "use a new --out, or the same flags to resume it")
     if cfg.from_scratch:
         return
     from experiments.tokenizer import check_tokenizer
-    from probe.pair import check_compatible, load_pair
+    from probe.pair import load_pair
 
     base, rl, variants = cfg.pair()
     pair = load_pair(base, rl, device="cpu")  # raises PairMismatchError naming every difference
     check_tokenizer(pair.base.tokenizer)
     for v in variants:
-        check_compatible(pair.base, load_pair(base, v, device="cpu").rl)
-
-
-def _jsonable(x: Any) -> Any:
-    """`x` as it reads back from JSON (dataclasses as dicts)."""
-    import dataclasses
-
-    if dataclasses.is_dataclass(x):
-        x = asdict(x)
-    return json.loads(json.dumps(x, default=lambda o: asdict(o) if dataclasses.is_dataclass(o) else str(o)))
+        load_pair(pair.base, v, device="cpu")  # the loaded base is reused; raises on any mismatch
 
 
 # --- stages --------------------------------------------------------------------------------------
@@ -169,7 +158,7 @@ class Run:
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / "run_state.json"
         self.state = json.loads(path.read_text()) if path.is_file() else {}
-        self.state["config"] = _jsonable(asdict(cfg))
+        self.state["config"] = as_json(cfg)
         self.state.setdefault("stages", {})
         self.reused: list[str] = []
         self._save()
@@ -179,10 +168,10 @@ class Run:
 
     def done(self, name: str, config: Any) -> bool:
         rec = self.state["stages"].get(name, {})
-        return bool(rec.get("done")) and rec.get("config") == _jsonable(config)
+        return bool(rec.get("done")) and rec.get("config") == as_json(config)
 
     def mark(self, name: str, seconds: float, config: Any = None) -> None:
-        self.state["stages"][name] = {"done": True, "seconds": seconds, "config": _jsonable(config)}
+        self.state["stages"][name] = {"done": True, "seconds": seconds, "config": as_json(config)}
         self._save()
 
     def stage(self, name: str, fn, config: Any, bar) -> None:
