@@ -234,3 +234,24 @@ def test_quick_from_scratch_trains_the_organisms_and_studies_them(tmp_path):
     logs = [json.loads(x) for x in (org / "rl-none" / "train_log.jsonl").read_text().splitlines()]
     assert len(logs) == R.stage_configs(R.RunConfig(quick=True))["grpo"]["steps"]
     assert res["run"]["stages"]["organisms"]["done"] and [c["status"] in C.STATUSES for c in res["claims"]] == [True] * 5
+
+
+def test_shipped_study_claims_follow_from_its_stage_outputs():
+    """experiments/results/study (`forksight run` on the shipped pair): its claims recompute from its own files."""
+    out = Path(__file__).resolve().parents[1] / "experiments" / "results" / "study"
+    res = json.loads((out / "results.json").read_text())
+    by_id = {c["id"]: c for c in res["claims"]}
+    probe = json.loads((out / "probe" / "metrics.json").read_text())
+    conf = json.loads((out / "steer" / "confirmed.json").read_text())
+    steer = json.loads((out / "steer" / "metrics.json").read_text())
+    ev = json.loads((out / "eval" / "metrics.json").read_text())
+    rows = {k: conf[k] for k in ("base", "rl", "best", "temperature", "patch")}
+    variants = {Path(k).name: v for k, v in ev["variants"].items()}
+    recomputed = [C.claim_law(probe["law"]), C.claim_forks(probe["on_base_samples"], probe["rho"]),
+                  C.claim_breadth(conf["seed0"]["base"], conf["seed0"]["rl"]),
+                  C.claim_recovery(steer, rows, probe["detector"], variants, steer["config"]["pass_at_1_tolerance"],
+                                   variants_ref=(conf["seed0"]["base"], conf["seed0"]["rl"]))]
+    for c in recomputed:
+        assert c.status == by_id[c.id]["status"] and c.effect["value"] == pytest.approx(by_id[c.id]["effect"]["value"])
+        assert c.effect["ci"] == pytest.approx(by_id[c.id]["effect"]["ci"])
+    assert all((out / f).is_file() for f in res["figures"])
