@@ -74,8 +74,13 @@ def _effect(name: str, value: float | None, ci: Sequence[float] | None, units: s
             "units": units, "resampled": resampled}
 
 
-def _fmt(x: float | None, nd: int = 3) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+def fmt(x: Any, nd: int = 3) -> str:
+    """A number for reports: floats with `nd` decimals, None and NaN as "n/a", lists as "[a, b, ...]"."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    if isinstance(x, (list, tuple)):
+        return "[" + ", ".join(fmt(v, nd) for v in x) + "]"
+    return f"{x:.{nd}f}" if isinstance(x, float) else str(x)
 
 
 def paired_ci(columns: Sequence[Sequence[float]], statistic: Callable[[torch.Tensor], Any], seed: int = 0,
@@ -103,11 +108,11 @@ def claim_law(law: dict | None) -> Claim:
         return Claim("C1", statement, "inconclusive", _effect("R^2 of the law fit", r2, None, "fraction of variance",
                                                               "logged RL steps"), rule, {}, "no bootstrap resample could be fitted")
     if a_ci and a_ci[0] > 0 and r2 is not None and r2 >= 0.5:
-        status, why = "holds", f"a in [{_fmt(a_ci[0])}, {_fmt(a_ci[1])}] > 0 and R^2 = {_fmt(r2)} >= 0.5"
+        status, why = "holds", f"a in [{fmt(a_ci[0])}, {fmt(a_ci[1])}] > 0 and R^2 = {fmt(r2)} >= 0.5"
     elif (a_ci and a_ci[1] < 0) or (r2_ci and r2_ci[1] < 0.2):
-        status, why = "fails", f"a in [{_fmt(a_ci[0])}, {_fmt(a_ci[1])}], R^2 interval [{_fmt(r2_ci[0])}, {_fmt(r2_ci[1])}]"
+        status, why = "fails", f"a in [{fmt(a_ci[0])}, {fmt(a_ci[1])}], R^2 interval [{fmt(r2_ci[0])}, {fmt(r2_ci[1])}]"
     else:
-        status, why = "inconclusive", f"a in [{_fmt(a_ci[0])}, {_fmt(a_ci[1])}], R^2 = {_fmt(r2)}"
+        status, why = "inconclusive", f"a in [{fmt(a_ci[0])}, {fmt(a_ci[1])}], R^2 = {fmt(r2)}"
     ev = {k: law.get(k) for k in ("a", "b", "r2", "ceiling", "n_steps", "reward_key")}
     ev.update(a_ci=a_ci, b_ci=boot.get("b"), ceiling_ci=boot.get("ceiling"),
               extrapolation_mae=(law.get("extrapolation") or {}).get("mae"))
@@ -125,11 +130,11 @@ def claim_forks(on_base: dict, rho: float) -> Claim:
     if share is None or ci is None:
         status, why = "inconclusive", "no entropy change between the models on these trajectories"
     elif ci[0] > 0.5:
-        status, why = "holds", f"{_fmt(ec['fork_token_fraction'])} of tokens carry {_fmt(share)} of |dH| (interval [{_fmt(ci[0])}, {_fmt(ci[1])}])"
+        status, why = "holds", f"{fmt(ec['fork_token_fraction'])} of tokens carry {fmt(share)} of |dH| (interval [{fmt(ci[0])}, {fmt(ci[1])}])"
     elif ci[1] < 0.5:
-        status, why = "fails", f"forks carry only {_fmt(share)} of |dH| (upper bound {_fmt(ci[1])} < 0.5)"
+        status, why = "fails", f"forks carry only {fmt(share)} of |dH| (upper bound {fmt(ci[1])} < 0.5)"
     else:
-        status, why = "inconclusive", f"share {_fmt(share)}, interval [{_fmt(ci[0])}, {_fmt(ci[1])}] straddles 0.5"
+        status, why = "inconclusive", f"share {fmt(share)}, interval [{fmt(ci[0])}, {fmt(ci[1])}] straddles 0.5"
     roles = on_base["models"]["base"].get("roles", {})
     ev = {"rho": rho, "fork_token_fraction": ec["fork_token_fraction"], "share_on_rl_forks": ec["share_on_rl_forks"],
           "share_on_base_forks_signed": ec["share_on_base_forks_signed"], "fork_jaccard": ov["jaccard"],
@@ -170,11 +175,11 @@ def claim_roles(train_log: str | None, window: float = 0.1, seed: int = 0) -> Cl
     effect = d_plan - d_exe
     if ci[0] > 0.1 or ci[1] < -0.1:
         status, why = "holds", (f"planning entropy x{math.exp(d_plan):.2f}, execution x{math.exp(d_exe):.2f} "
-                                f"(difference of log changes {_fmt(effect)}, interval [{_fmt(ci[0])}, {_fmt(ci[1])}])")
+                                f"(difference of log changes {fmt(effect)}, interval [{fmt(ci[0])}, {fmt(ci[1])}])")
     elif -0.1 <= ci[0] and ci[1] <= 0.1:
-        status, why = "fails", f"both roles change alike (interval [{_fmt(ci[0])}, {_fmt(ci[1])}] within +-0.1)"
+        status, why = "fails", f"both roles change alike (interval [{fmt(ci[0])}, {fmt(ci[1])}] within +-0.1)"
     else:
-        status, why = "inconclusive", f"interval [{_fmt(ci[0])}, {_fmt(ci[1])}] overlaps +-0.1"
+        status, why = "inconclusive", f"interval [{fmt(ci[0])}, {fmt(ci[1])}] overlaps +-0.1"
     ev = {"n_steps": n, "window_steps": w,
           "planning": {"first": plan[:w].mean().item(), "last": plan[n - w:].mean().item(), "log_change": d_plan},
           "execution": {"first": exe[:w].mean().item(), "last": exe[n - w:].mean().item(), "log_change": d_exe}}
@@ -200,22 +205,23 @@ def claim_breadth(base: dict, rl: dict, seed: int = 0) -> Claim:
         raise ValueError("base and RL were evaluated on different problems or sample counts; re-run the eval stage")
     p1 = ([c / n for c in pb["n_correct"]], [c / n for c in pr["n_correct"]])
     pk = ([float(c > 0) for c in pb["n_correct"]], [float(c > 0) for c in pr["n_correct"]])
-    elig = [i for i, e in enumerate(pb["distinct_eligible"]) if e]
-    dc = ([pb["distinct_correct"][i] for i in elig], [pr["distinct_correct"][i] for i in elig])
     diff = lambda x: (x[:, 1] - x[:, 0]).mean()  # noqa: E731  RL minus base
     gain, gain_ci = sum(p1[1]) / len(p1[1]) - sum(p1[0]) / len(p1[0]), paired_ci(p1, diff, seed)
     d_pk, d_pk_ci = sum(pk[1]) / len(pk[1]) - sum(pk[0]) / len(pk[0]), paired_ci(pk, diff, seed)
-    d_dc, d_dc_ci = (sum(dc[1]) - sum(dc[0])) / max(1, len(elig)), paired_ci(dc, diff, seed) if elig else (None, None)
+    gap, gap_ci = distinct_gap_ci(base, rl, seed)  # base minus RL
+    d_dc = 0.0 if gap is None else -gap
+    d_dc_ci = (None, None) if gap_ci is None else (-gap_ci[1], -gap_ci[0])
+    elig = [i for i, e in enumerate(pb["distinct_eligible"]) if e]
     cross = crossover_k(rl["pass_at_k"], base["pass_at_k"])  # base catches up with RL after trailing it
     overtakes = cross is not None and d_pk < 0  # ... and ends strictly above it at the largest k (not a tie)
     if gain_ci[0] > 0 and d_dc_ci[1] is not None and d_dc_ci[1] < 0 and (d_pk_ci[1] < 0 or overtakes):
         status = "holds"
-        why = (f"pass@1 +{_fmt(gain)} [{_fmt(gain_ci[0])}, {_fmt(gain_ci[1])}], distinct-correct {_fmt(d_dc, 2)} "
-               f"[{_fmt(d_dc_ci[0], 2)}, {_fmt(d_dc_ci[1], 2)}], pass@{n} {_fmt(d_pk)}, base overtakes RL at k={cross}")
+        why = (f"pass@1 +{fmt(gain)} [{fmt(gain_ci[0])}, {fmt(gain_ci[1])}], distinct-correct {fmt(d_dc, 2)} "
+               f"[{fmt(d_dc_ci[0], 2)}, {fmt(d_dc_ci[1], 2)}], pass@{n} {fmt(d_pk)}, base overtakes RL at k={cross}")
     elif gain_ci[1] < 0 or (d_dc_ci[0] is not None and d_dc_ci[0] > 0):
-        status, why = "fails", f"pass@1 change {_fmt(gain)} [{_fmt(gain_ci[0])}, {_fmt(gain_ci[1])}], distinct change {_fmt(d_dc, 2)}"
+        status, why = "fails", f"pass@1 change {fmt(gain)} [{fmt(gain_ci[0])}, {fmt(gain_ci[1])}], distinct change {fmt(d_dc, 2)}"
     else:
-        status, why = "inconclusive", f"pass@1 change {_fmt(gain)} [{_fmt(gain_ci[0])}, {_fmt(gain_ci[1])}], distinct change {_fmt(d_dc, 2)}, pass@{n} change {_fmt(d_pk)}"
+        status, why = "inconclusive", f"pass@1 change {fmt(gain)} [{fmt(gain_ci[0])}, {fmt(gain_ci[1])}], distinct change {fmt(d_dc, 2)}, pass@{n} change {fmt(d_pk)}"
     ev = {"pass_at_1": {"base": base["pass_at_1"], "rl": rl["pass_at_1"], "gain": gain, "gain_ci": list(gain_ci)},
           f"pass_at_{n}": {"base": base["pass_at_k"][str(n)], "rl": rl["pass_at_k"][str(n)], "change": d_pk,
                            "change_ci": list(d_pk_ci)},
@@ -297,20 +303,20 @@ def claim_recovery(steer: dict, rows: dict[str, dict], detector: dict | None, va
         det_tok = (detector.get("token_baseline") or {}).get("auroc_test")
     latent = det_auc is not None and det_tok is not None and det_auc > det_tok
     if gap_ci is None or gap_ci[0] <= 0:
-        status, why = "inconclusive", (f"no breadth gap to restore: base minus RL distinct-correct {_fmt(gap, 2)} "
-                                       f"[{_fmt(gap_ci[0] if gap_ci else None, 2)}, {_fmt(gap_ci[1] if gap_ci else None, 2)}]")
+        status, why = "inconclusive", (f"no breadth gap to restore: base minus RL distinct-correct {fmt(gap, 2)} "
+                                       f"[{fmt(gap_ci[0] if gap_ci else None, 2)}, {fmt(gap_ci[1] if gap_ci else None, 2)}]")
     elif best is not None and r_ci is not None and r_ci[0] > 0.1 and latent:
         status = "holds"
-        why = (f"steering the RL model alone restores {_fmt(r_best, 2)} of the distinct-correct gap "
-               f"[{_fmt(r_ci[0], 2)}, {_fmt(r_ci[1], 2)}] at pass@1 {d1:+.3f}; detector AUROC {_fmt(det_auc)} vs token "
-               f"baseline {_fmt(det_tok)}")
+        why = (f"steering the RL model alone restores {fmt(r_best, 2)} of the distinct-correct gap "
+               f"[{fmt(r_ci[0], 2)}, {fmt(r_ci[1], 2)}] at pass@1 {d1:+.3f}; detector AUROC {fmt(det_auc)} vs token "
+               f"baseline {fmt(det_tok)}")
     elif (r_ci is None or r_ci[1] <= 0.1) and (r_patch is None or r_patch <= 0.1):
-        status, why = "fails", f"best steered restoration {_fmt(r_best)}, patching {_fmt(r_patch)}: nothing comes back"
+        status, why = "fails", f"best steered restoration {fmt(r_best)}, patching {fmt(r_patch)}: nothing comes back"
     else:
         status = "inconclusive"
         why = ("no steered cell kept pass@1 within the tolerance" if best is None else
-               f"restoration {_fmt(r_best, 2)} [{_fmt(r_ci[0] if r_ci else None, 2)}, {_fmt(r_ci[1] if r_ci else None, 2)}], "
-               f"detector AUROC {_fmt(det_auc)} vs token baseline {_fmt(det_tok)}")
+               f"restoration {fmt(r_best, 2)} [{fmt(r_ci[0] if r_ci else None, 2)}, {fmt(r_ci[1] if r_ci else None, 2)}], "
+               f"detector AUROC {fmt(det_auc)} vs token baseline {fmt(det_tok)}")
     curve = steer.get("patching_curve") or []
     peak = max(curve, key=lambda r: r["restoration_distinct"] if r["restoration_distinct"] is not None else -1e9,
                default=None)

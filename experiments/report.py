@@ -9,12 +9,18 @@ Markdown; every figure it references is a path relative to the run directory tha
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from experiments.checkpointing import as_json
-from experiments.claims import claim_breadth, claim_forks, claim_law, claim_recovery, claim_roles
+from experiments.checkpointing import as_json, write_text_atomic
+from experiments.claims import (
+    claim_breadth,
+    claim_forks,
+    claim_law,
+    claim_recovery,
+    claim_roles,
+    fmt,
+)
 
 SCHEMA_VERSION = 1
 QUESTION = ("Does entropy collapse in RL training narrow inference-time search, and can the lost breadth be "
@@ -27,7 +33,8 @@ def _read(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _figures(out: Path, rl_dir: str, curves: dict[str, dict]) -> dict[str, str | None]:
+def _figures(out: Path, log: Path, curves: dict[str, dict]) -> dict[str, str | None]:
+    """Draw pass@k of `curves` and, if the RL training `log` has per-role entropies, their trajectories."""
     from probe.evaluate import plot_pass_at_k
     from probe.law import read_log_keys
     from probe.plots import plot_role_entropy
@@ -35,7 +42,6 @@ def _figures(out: Path, rl_dir: str, curves: dict[str, dict]) -> dict[str, str |
     figs: dict[str, str | None] = {"role_entropy": None, "pass_at_k": "figures/pass_at_k.png"}
     (out / "figures").mkdir(exist_ok=True)
     plot_pass_at_k(curves, out / figs["pass_at_k"])
-    log = Path(rl_dir) / "train_log.jsonl"
     if log.is_file():
         try:
             cols = read_log_keys(log, ("planning_entropy_mean", "execution_entropy_mean"), min_rows=4)
@@ -48,7 +54,7 @@ def _figures(out: Path, rl_dir: str, curves: dict[str, dict]) -> dict[str, str |
     return figs
 
 
-def build_results(cfg, stage_cfgs: dict, out: str | Path, seconds_total: float | None = None) -> dict[str, Any]:
+def build_results(cfg, stage_cfgs: dict, out: str | Path) -> dict[str, Any]:
     """Claims, headline numbers and pointers of a finished run directory (every stage done)."""
     out = Path(out)
     base_dir, rl_dir, variants = cfg.pair()
@@ -63,9 +69,9 @@ def build_results(cfg, stage_cfgs: dict, out: str | Path, seconds_total: float |
     curves = {"base": base0, "rl": rl0, **{names[v]: m for v, m in ev["variants"].items()}}
     if conf.get("best"):
         curves["rl steered (best)"] = conf["best"]
-    figs = _figures(out, rl_dir, curves)
-    tol = stage_cfgs["sweep"].pass_at_1_tolerance
     log = Path(rl_dir) / "train_log.jsonl"
+    figs = _figures(out, log, curves)
+    tol = stage_cfgs["sweep"].pass_at_1_tolerance
     c1 = claim_law(probe.get("law"))
     c1.figures = ["probe/law_fit.png"] if probe.get("law", {}).get("available") else []
     c2 = claim_forks(probe["on_base_samples"], probe["rho"])
@@ -116,18 +122,8 @@ def build_results(cfg, stage_cfgs: dict, out: str | Path, seconds_total: float |
     }
 
 
-def _num(x: Any, nd: int = 3) -> str:
-    if x is None:
-        return "n/a"
-    if isinstance(x, (list, tuple)):
-        return "[" + ", ".join(_num(v, nd) for v in x) + "]"
-    if isinstance(x, float):
-        return f"{x:.{nd}f}"
-    return str(x)
-
-
 def _ci(ci: list | None, nd: int = 3) -> str:
-    return "n/a" if not ci else f"[{_num(ci[0], nd)}, {_num(ci[1], nd)}]"
+    return "n/a" if not ci else fmt(list(ci[:2]), nd)
 
 
 def _evidence_lines(ev: dict, depth: int = 0) -> list[str]:
@@ -137,11 +133,11 @@ def _evidence_lines(ev: dict, depth: int = 0) -> list[str]:
             lines.append(f"- {k}:")
             lines += ["  " + x for x in _evidence_lines(v, 1)]
         elif isinstance(v, list) and v and isinstance(v[0], dict):
-            lines.append(f"- {k}: " + "; ".join(", ".join(f"{kk} {_num(vv)}" for kk, vv in d.items()) for d in v))
+            lines.append(f"- {k}: " + "; ".join(", ".join(f"{kk} {fmt(vv)}" for kk, vv in d.items()) for d in v))
         elif isinstance(v, dict):
-            lines.append(f"- {k}: " + ", ".join(f"{kk} {_num(vv)}" for kk, vv in v.items()))
+            lines.append(f"- {k}: " + ", ".join(f"{kk} {fmt(vv)}" for kk, vv in v.items()))
         else:
-            lines.append(f"- {k}: {_num(v)}")
+            lines.append(f"- {k}: {fmt(v)}")
     return lines
 
 
@@ -158,34 +154,32 @@ def write_report(results: dict, path: str | Path) -> Path:
     cell = lambda text: str(text).replace("|", "\\|")  # noqa: E731  a literal | would split the table cell
     for c in results["claims"]:
         e = c["effect"]
-        L.append(f"| {c['id']}: {cell(c['statement'])} | **{c['status']}** | {cell(e['name'])} | {_num(e['value'])} | "
+        L.append(f"| {c['id']}: {cell(c['statement'])} | **{c['status']}** | {cell(e['name'])} | {fmt(e['value'])} | "
                  f"{_ci(e['ci'])} |")
     L += ["", "## Headline numbers", ""]
-    L += [f"- {k}: " + (", ".join(f"{kk} {_num(vv)}" for kk, vv in v.items()) if isinstance(v, dict) else
-                        (_ci(v) if isinstance(v, list) else _num(v))) for k, v in h.items()]
+    L += [f"- {k}: " + (", ".join(f"{kk} {fmt(vv)}" for kk, vv in v.items()) if isinstance(v, dict) else
+                        (_ci(v) if isinstance(v, list) else fmt(v))) for k, v in h.items()]
     for c in results["claims"]:
         e = c["effect"]
         L += ["", f"## {c['id']}: {c['statement']}", "",
               f"**Status: {c['status']}.** {c['reason']}", "",
-              f"Effect: {e['name']} = {_num(e['value'])} {_ci(e['ci'])} ({e['units']}; bootstrap over {e['resampled']}).", "",
+              f"Effect: {e['name']} = {fmt(e['value'])} {_ci(e['ci'])} ({e['units']}; bootstrap over {e['resampled']}).", "",
               f"Rule: {c['rule']}.", "", "Evidence:", ""]
         L += _evidence_lines(c["evidence"])
         for f in c["figures"]:
             L += ["", f"![{c['id']}: {Path(f).stem}]({f})"]
     s = results["sae"]
-    L += ["", "## SAE", "", f"{s['hook_name']}: L0 {_num(s['l0'], 1)}, FVU {_num(s['fvu'])}, dead fraction "
-          f"{_num(s['dead_fraction'])}, next-token loss increase {_num(s['ce_loss_increase'])} nats; "
+    L += ["", "## SAE", "", f"{s['hook_name']}: L0 {fmt(s['l0'], 1)}, FVU {fmt(s['fvu'])}, dead fraction "
+          f"{fmt(s['dead_fraction'])}, next-token loss increase {fmt(s['ce_loss_increase'])} nats; "
           f"{s['n_pruned_3x']} features fire >= 3x less often at forks under RL. Top pruned:", ""]
-    L += [f"- feature {f['feature']}: fork frequency base {_num(f['freq_base'])} -> RL {_num(f['freq_rl'])} "
-          f"(score {_num(f['score'])})" for f in s["top_pruned"]]
+    L += [f"- feature {f['feature']}: fork frequency base {fmt(f['freq_base'])} -> RL {fmt(f['freq_rl'])} "
+          f"(score {fmt(f['score'])})" for f in s["top_pruned"]]
     run = results.get("run", {})
     if run:
         L += ["", "## Run", "", "| stage | seconds |", "|---|---|"]
-        L += [f"| {k} | {_num(v.get('seconds'), 1)} |" for k, v in run.get("stages", {}).items()]
+        L += [f"| {k} | {fmt(v.get('seconds'), 1)} |" for k, v in run.get("stages", {}).items()]
         L += ["", f"Reused from an earlier invocation: {', '.join(run.get('reused_stages', [])) or 'none'}."]
     L += ["", "Numbers and their provenance: `results.json` (schema in the README), stage folders "
           + ", ".join(f"`{v}`" for v in results["stages"].values()) + "."]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(L) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, "\n".join(L) + "\n")
     return path

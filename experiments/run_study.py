@@ -238,7 +238,7 @@ def run_study(cfg: RunConfig) -> dict:
         from experiments.report import build_results, write_report
 
         t_report = time.time()
-        results = build_results(cfg, sc, run.out, seconds_total=None)
+        results = build_results(cfg, sc, run.out)
         results["run"] = {"stages": {k: {kk: v[kk] for kk in ("done", "seconds")} for k, v in run.state["stages"].items()
                                      if k != "report"},
                           "reused_stages": run.reused, "seconds_this_invocation": time.time() - t0}

@@ -168,6 +168,7 @@ class Sweep:
         self.prompts = {s: heldout_prompts(Countdown(), p) for s, p in (("screen", cfg.screen_problems), ("full", cfg.problems))}
         self.full_stages = [full_stage(i) for i in range(cfg.confirm_seeds)]
         self.prompts.update({s: self.prompts["full"] for s in self.full_stages})
+        self.seeds = {"screen": cfg.seed, **{s: cfg.seed + i for i, s in enumerate(self.full_stages)}}
 
     @property
     def base(self):
@@ -181,8 +182,7 @@ class Sweep:
         if key in self.rows:
             return self.rows[key]
         t0, c = time.time(), self.cfg
-        seed = c.seed + (int(stage.rpartition("-s")[2]) if stage.startswith("full-s") else 0)
-        m = evaluate_cell(model or self.rl, self.tok, self.prompts[stage], c.n, temperature, seed, c.batch_size,
+        m = evaluate_cell(model or self.rl, self.tok, self.prompts[stage], c.n, temperature, self.seeds[stage], c.batch_size,
                           intervention() if callable(intervention) else None)
         row = {"id": key, "stage": stage, "kind": kind, "method": method, "layer": layer, "coef": coef, "gate": gate,
                "temperature": temperature, "rl_alone": rl_alone, "seconds": time.time() - t0,
