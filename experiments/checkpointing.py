@@ -35,6 +35,25 @@ def as_json(obj: Any) -> Any:
     return json.loads(json.dumps(dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj, default=default))
 
 
+def check_writable(out: str | Path) -> Path:
+    """`out` as a Path, after proving a file can be created in it (or in its nearest existing
+    ancestor, where it will be made); raises PermissionError / NotADirectoryError naming the fix."""
+    import tempfile
+
+    out = Path(out)
+    probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not probe.is_dir():
+        raise NotADirectoryError(f"--out {str(out)!r} cannot be created: {str(probe)!r} is a file, not a directory; "
+                                 "choose another directory")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise PermissionError(f"--out {str(out)!r} is not writable ({str(probe)!r}: {e.strerror}); choose another "
+                              "directory") from None
+    return out
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write `text` to `path` via a temporary file and `os.replace` (never a half-written file)."""
     path = Path(path)

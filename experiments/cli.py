@@ -20,34 +20,16 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from experiments.checkpointing import check_writable
 from experiments.cli_args import add_config_args, config_from_args
-from experiments.countdown import Countdown
-from experiments.evaluation import EvalConfig, evaluate_checkpoint
-from experiments.grpo import GRPOConfig
-from experiments.grpo_loss import LossConfig
-from experiments.organism import ORGANISMS_DIR
-from experiments.sft import SFTConfig
+from experiments.organism.grpo import GRPOConfig
+from experiments.organism.grpo_loss import LossConfig
+from experiments.organism.sft import SFTConfig
+from experiments.paths import ORGANISMS_DIR
+from experiments.study.evaluation import EvalConfig, evaluate_checkpoint
+from experiments.tasks.countdown import Countdown
 
 HEADLINE_KEYS = ("pass_at_1", "pass_at_64", "distinct_correct_mean", "planning_entropy_mean", "execution_entropy_mean")
-
-
-def check_writable(out: str | Path) -> Path:
-    """`out` as a Path, after proving a file can be created in it (or in its nearest existing
-    ancestor, where it will be made); raises PermissionError / NotADirectoryError naming the fix."""
-    import tempfile
-
-    out = Path(out)
-    probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
-    if not probe.is_dir():
-        raise NotADirectoryError(f"--out {str(out)!r} cannot be created: {str(probe)!r} is a file, not a directory; "
-                                 "choose another directory")
-    try:
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as e:
-        raise PermissionError(f"--out {str(out)!r} is not writable ({str(probe)!r}: {e.strerror}); choose another "
-                              "directory") from None
-    return out
 
 
 def _headline(metrics: dict) -> dict:
@@ -67,7 +49,7 @@ def _organism_metrics(out: str, eval_samples: int, seed: int, device: str, **ext
 
 
 def cmd_sft(args: argparse.Namespace) -> dict:
-    from experiments.sft import train_sft
+    from experiments.organism.sft import train_sft
 
     cfg = config_from_args(SFTConfig, args)
     check_writable(cfg.out)
@@ -82,7 +64,7 @@ def cmd_sft(args: argparse.Namespace) -> dict:
 
 
 def cmd_rl(args: argparse.Namespace) -> dict:
-    from experiments.grpo import load_policy, train_grpo
+    from experiments.organism.grpo import load_policy, train_grpo
 
     cfg = config_from_args(GRPOConfig, args)
     loss_cfg = config_from_args(LossConfig, args)
@@ -129,6 +111,32 @@ def _names(paths: list[str]) -> list[str]:
     return names if len(set(names)) == len(names) else [f"{i}:{n}" for i, n in enumerate(names)]
 
 
+GROUP_HELP = {"sae": "SAEs on the residual stream and the features RL pruned at forks",
+              "steer": "steering vectors: derive, apply, sweep (with baselines)"}
+
+
+def study_commands() -> list[tuple]:
+    """(command path, config dataclass, runner, headline of its result, help) of every study command."""
+    from experiments.study import probe_stage, run, sae_stage, steer_stage, sweep
+
+    return [
+        (("run",), run.RunConfig, run.run_study, run.headline,
+         "the end-to-end study: probe, SAE, steering, diversity -> report.md"),
+        (("probe",), probe_stage.ProbeConfig, probe_stage.run_probe, probe_stage.headline,
+         "entropy, forks, fork detector and entropy law of a base/RL pair"),
+        (("sae", "train"), sae_stage.SAETrainConfig, sae_stage.run_sae_train, sae_stage.train_headline,
+         "train an SAE (sae-lens) on base-model activations and score it"),
+        (("sae", "diff"), sae_stage.SAEDiffConfig, sae_stage.run_sae_diff, sae_stage.diff_headline,
+         "pruned / amplified SAE features at base forks, base vs RL"),
+        (("steer", "derive"), steer_stage.DeriveConfig, steer_stage.run_derive, dict,
+         "write a SteeringVector from the pair"),
+        (("steer", "apply"), steer_stage.ApplyConfig, steer_stage.run_apply, steer_stage.apply_headline,
+         "held-out metrics of one steered cell"),
+        (("steer", "sweep"), sweep.SweepConfig, sweep.run_sweep, sweep.headline,
+         "grid + baselines + patching curve"),
+    ]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="forksight", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -144,12 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(rl, LossConfig)
     rl.set_defaults(func=cmd_rl)
 
-    from experiments import probe_study, run_study, sae_study, steer_study
-
-    run_study.register(sub)
-    probe_study.register(sub)
-    sae_study.register(sub)
-    steer_study.register(sub)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for path, cls, run, summary, help_ in study_commands():
+        parent = sub
+        if len(path) == 2:
+            if path[0] not in groups:
+                groups[path[0]] = sub.add_parser(path[0], help=GROUP_HELP[path[0]]).add_subparsers(
+                    dest="stage", required=True)
+            parent = groups[path[0]]
+        p = parent.add_parser(path[-1], help=help_)
+        add_config_args(p, cls)
+        p.set_defaults(func=lambda args, cls=cls, run=run, summary=summary: summary(run(config_from_args(cls, args))))
 
     ev = sub.add_parser("eval", help="held-out metrics and pass@k curves of one or more checkpoints")
     ev.add_argument("--model", action="append", help="checkpoint directory (repeat to compare; default: shipped base)")

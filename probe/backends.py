@@ -5,7 +5,7 @@ a hooked model. What it is not: the hook-site name table (`probe.hooks`), pair l
 compatibility checks (`probe.pair`).
 
 - TransformerLens 3.9 refuses local paths in `from_pretrained*`. We assemble instead
-  (../shared/LIBRARY-NOTES.md): `get_pretrained_model_config(name, hf_cfg=...)`,
+  (docs/architecture.md, "Library traps"): `get_pretrained_model_config(name, hf_cfg=...)`,
   `get_pretrained_state_dict(name, cfg, hf_model)`, `HookedTransformer(cfg, tokenizer)`,
   `load_and_process_state_dict(..., fold_ln=False, ...)`: no weight processing, so activations and
   logits match the HF model (to ~1e-6). TL reads the config from a local directory: we write it

@@ -82,7 +82,7 @@ def load_causal_lm(
     """Load `(model, tokenizer)` from a local directory, in eval mode, on `device`.
 
     The tokenizer is loaded as the class recorded in `tokenizer_config.json` (for forksight's
-    organisms, `PreTrainedTokenizerFast`; see `experiments.tokenizer` for the trap this avoids).
+    organisms, `PreTrainedTokenizerFast`; see `experiments.organism.tokenizer` for the trap this avoids).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -2,12 +2,12 @@
 
 What it is: glue between `probe.sampler.Branches`, a task (the protocol in `probe.task`) and the
 pure metrics of `probe.diversity` / `probe.forks`. `score_branches` decodes and verifies every row;
-`diversity_metrics` turns that into the metrics.json keys of DESIGN.md; `evaluate` does both after
+`diversity_metrics` turns that into the metrics.json keys of docs/architecture.md; `evaluate` does both after
 sampling; `plot_pass_at_k` draws the curves of several models.
 
 What it is not: a sampler (see `probe.sampler`) or a task (see `experiments`).
 
-Conventions where DESIGN.md is silent:
+Conventions where docs/architecture.md is silent:
 - A completion is the decoded masked tokens with the final end-of-sequence token dropped for
   rows that finished on "eos", decoded with `skip_special_tokens=True`.
 - The role of the eos token is "other"; padding gets role code -1 (`PAD_ROLE`).
@@ -157,7 +157,7 @@ def diversity_metrics(
     temperature: float | None = None,
     per_problem: bool = False,
 ) -> dict[str, Any]:
-    """The shared metrics.json record for one model (DESIGN.md names; JSON-ready values).
+    """The shared metrics.json record for one model (docs/architecture.md names; JSON-ready values).
 
     ks: pass@k budgets (default 1, 2, 4, ... <= n plus n); each must be in 1..n. rho: fork
     fraction. n_boot, seed: percentile bootstrap over problems for the `*_ci` entries ([lo, hi],

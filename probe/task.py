@@ -5,7 +5,7 @@ library as an object with these four methods. Prompts and completions are plain 
 completion is the decoded text of the generated tokens, without the end-of-sequence token or
 padding. Token roles are given per *completion token*, as the tokenizer split it.
 
-This module is the contract, not an implementation: see `experiments.countdown` for one.
+This module is the contract, not an implementation: see `experiments.tasks.countdown` for one.
 """
 
 from __future__ import annotations

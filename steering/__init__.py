@@ -1,6 +1,6 @@
 """steering: change models at inference. Vectors with provenance, gated application, patching.
 
-Never imports `experiments` (see ../shared/DESIGN.md); builds on `probe`. Modules:
+Never imports `experiments` (see docs/architecture.md); builds on `probe`. Modules:
 `vectors` (`SteeringVector`: directions + provenance, safetensors I/O, model checks), `derive`
 (difference of means at forks, global or conditioned; PCA; SAE decoder rows), `apply` (gated
 application as a context manager and a sampler intervention), `gates` (what each gate decides,

@@ -47,7 +47,6 @@ from steering.gates import check_gate, disagree_gate, entropy_gate, token_entrop
 from steering.shadow import Shadow, forward_inputs
 from steering.sites import on_site, site_order, targets
 from steering.trace import SteeringTrace
-from steering.vectors import SteeringVector
 
 STATELESS_GATES = ("always", "detector")
 
@@ -263,7 +262,8 @@ class Steering:
 
 
 class VectorSteering(Steering):
-    """Adds `coef * direction` (a `SteeringVector`) at its layers; made by `SteeringVector.apply`.
+    """Adds `coef * direction` (a `steering.vectors.SteeringVector`, which imports this module, so
+    it is not imported here) at its layers; made by `SteeringVector.apply`.
 
     Conditioned vectors pick a direction row per position: `position` from the sampler step
     (answer position of the token being decided, the last row for all later positions), `cluster`
@@ -272,7 +272,7 @@ class VectorSteering(Steering):
     vectors steer decision positions only (`where="generated"`).
     """
 
-    def __init__(self, model: Any, vector: SteeringVector, coef: float = 1.0, *,
+    def __init__(self, model: Any, vector: Any, coef: float = 1.0, *,
                  condition: Callable[[Tensor], Tensor] | None = None, **kwargs: Any):
         vector.check_model(model)
         if vector.conditioning != "global" and kwargs.get("where", "generated") != "generated":

@@ -8,7 +8,7 @@ position, whether to steer; it never sees the token that will be sampled there.
 
 - `always`: every decision position.
 - `entropy`: the steered model's own next-token entropy at this position exceeds `threshold`
-  (nats, temperature 1, full vocabulary, DESIGN.md's token entropy). *Which distribution*: the one
+  (nats, temperature 1, full vocabulary, docs/architecture.md's token entropy). *Which distribution*: the one
   the model would produce here if this position were not steered, given the actual (steered)
   prefix in the KV cache. It is computed by a probe pass: the same forward run once without the
   edit, its KV-cache entries cropped off again, then the real (edited) forward. Exact, at 2x the

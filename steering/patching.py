@@ -1,6 +1,6 @@
 """Cross-model patching: the upper bound and the localiser of what a steering vector can restore.
 
-What it is (DESIGN.md's definition): while the RL model samples, its activation at layer L (site
+What it is (docs/architecture.md's definition): while the RL model samples, its activation at layer L (site
 `blocks.{L}.hook_resid_post` by default) is pulled toward the base model's on the *same prefix*:
 h <- h + alpha * (h_base - h), computed as `torch.lerp(h, h_base, alpha)` so that alpha = 0 is
 exactly h and alpha = 1 exactly h_base. The base model runs as a `steering.shadow.Shadow`: one base
@@ -13,7 +13,7 @@ natural ones here are `base_entropy` (the base model's own forks, free since the
 and `entropy` (the RL model's, probe pass: 2x RL forwards); `always` with `where="all"` patches
 every token, prompt included. The `trace` records alpha as the coefficient.
 
-Departures: none from DESIGN.md. Note what a patch at layer L does not undo: the RL model's later
+Departures: none from docs/architecture.md. Note what a patch at layer L does not undo: the RL model's later
 layers still process the patched residual, and earlier positions' keys / values come from the RL
 model's own (patched) forward, so alpha = 1 at every token equals the base residual at layer L only,
 not the base's outputs (unless L is the last layer and the heads agree).

@@ -6,7 +6,7 @@ named hook site (`probe.hooks` names, e.g. `blocks.{L}.hook_resid_post`), how th
 safetensors with the metadata as JSON in the header, loaded with validation; `check_model` says
 clearly when a vector does not fit a model (width, depth, site).
 
-Shapes: a *global* vector holds `[d_model]` per layer; a *conditioned* one (DESIGN.md: one
+Shapes: a *global* vector holds `[d_model]` per layer; a *conditioned* one (docs/architecture.md: one
 direction per token role / answer position / fork-context cluster) holds `[n_conditions, d_model]`
 per layer, row i for `conditions[i]`; a cluster-conditioned one also holds the cluster centroids
 `[n_conditions, d_model]` per layer (the condition of a token is its nearest centroid).
@@ -32,6 +32,7 @@ from torch import Tensor
 
 from probe.checkpoint import save_safetensors_atomic
 from probe.hooks import SITES, HookSiteError, resolve_hook, site_name
+from steering.apply import VectorSteering
 
 FORMAT = "forksight.steering_vector"
 VERSION = 1
@@ -170,7 +171,7 @@ class SteeringVector:
         `model`: a HF causal LM, a `probe.pair.HookedModel`, an nnsight `TransformersModel` or a
         TransformerLens `HookedTransformer`.
         """
-        d_model, n_layers, hf = _dims(model)
+        d_model, n_layers, hf = model_dims(model)
         for layer in self.layers:
             if hf is not None:
                 try:
@@ -189,8 +190,6 @@ class SteeringVector:
     def apply(self, model: Any, coef: float = 1.0, **kwargs: Any):
         """A `steering.apply.VectorSteering` adding `coef * direction` to `model` (a context manager
         and a `sample_branches` intervention); keyword arguments choose the gate (see there)."""
-        from steering.apply import VectorSteering  # apply imports this module
-
         return VectorSteering(model, self, coef, **kwargs)
 
     def save(self, path: str | Path) -> Path:
@@ -237,7 +236,7 @@ class SteeringVector:
         return cls(dirs, centroids=cents or None, **{k: meta[k] for k in META_FIELDS})
 
 
-def _dims(model: Any) -> tuple[int, int, Any]:
+def model_dims(model: Any) -> tuple[int, int, Any]:
     """(d_model, n_layers, the HF model or None) of any supported model object."""
     cfg = getattr(model, "cfg", None)
     if cfg is not None and hasattr(cfg, "d_model") and not hasattr(model, "hf"):  # TransformerLens

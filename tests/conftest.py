@@ -90,7 +90,7 @@ def eos_lm(tiny_lm):
 def organism_pair_dirs(tmp_path_factory):
     """A directory with `base/` and `rl/`: random depth-2 organisms (seeds 0 and 1), saved as HF
     checkpoints with their tokenizer. Session-scoped: treat it as read-only."""
-    from experiments.organism import OrganismConfig, build_organism, save_checkpoint
+    from experiments.organism.model import OrganismConfig, build_organism, save_checkpoint
 
     root = tmp_path_factory.mktemp("pair")
     for name, seed in (("base", 0), ("rl", 1)):

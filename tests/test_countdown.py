@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from experiments.countdown import (
+from experiments.tasks.countdown import (
     Countdown,
     CountdownConfig,
     Problem,

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from experiments.grpo import GRPOConfig, build_rollouts, train_grpo
-from experiments.grpo_loss import (
+from experiments.organism.grpo import GRPOConfig, build_rollouts, train_grpo
+from experiments.organism.grpo_loss import (
     LossConfig,
     Rollouts,
     clip_cov_select,
@@ -17,7 +17,7 @@ from experiments.grpo_loss import (
     kl_cov_select,
     token_covariance,
 )
-from experiments.organism import ORGANISMS_DIR
+from experiments.paths import ORGANISMS_DIR
 from probe.sampler import Branches
 
 BASE = ORGANISMS_DIR / "base"

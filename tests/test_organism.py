@@ -4,9 +4,10 @@
 import pytest
 import torch
 
-from experiments.countdown import Countdown
-from experiments.organism import ORGANISMS_DIR, OrganismConfig, build_organism, save_checkpoint
-from experiments.tokenizer import build_tokenizer, check_tokenizer, load_tokenizer
+from experiments.organism.model import OrganismConfig, build_organism, save_checkpoint
+from experiments.organism.tokenizer import build_tokenizer, check_tokenizer, load_tokenizer
+from experiments.paths import ORGANISMS_DIR
+from experiments.tasks.countdown import Countdown
 from probe.checkpoint import CheckpointError, load_causal_lm, validate_checkpoint
 
 BASE = ORGANISMS_DIR / "base"

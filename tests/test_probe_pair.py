@@ -143,7 +143,7 @@ def test_too_long_trajectories_are_a_clear_error(tiny_lm, tiny_tokenizer):
 @pytest.mark.slow
 def test_transformer_lens_and_nnsight_agree_on_the_organism(tmp_path):
     """TransformerLens import and conversion take ~7 s, hence slow."""
-    from experiments.organism import OrganismConfig, build_organism, save_checkpoint
+    from experiments.organism.model import OrganismConfig, build_organism, save_checkpoint
 
     for name, seed in (("base", 0), ("rl", 1)):
         m, tok = build_organism(OrganismConfig(depth=2), seed=seed)

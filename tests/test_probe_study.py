@@ -1,12 +1,12 @@
 """`forksight probe` end to end on two tiny random organisms: every number and file is written."""
 
-import argparse
 import json
 import math
 
 import pytest
 
-from experiments.probe_study import ProbeConfig, headline, register, run_probe
+from experiments.cli import build_parser
+from experiments.study.probe_stage import ProbeConfig, headline, run_probe
 from probe.detector import ForkDetector
 
 
@@ -69,8 +69,7 @@ def test_run_probe_writes_metrics_plots_and_a_loadable_detector(organism_pair, t
 
 
 def test_probe_cli_flags_and_a_missing_log(organism_pair, tmp_path):
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     args = parser.parse_args(["probe", "--base", str(organism_pair / "base"), "--rl", str(organism_pair / "base"),
                               "--out", str(tmp_path / "o"), "--n-problems", "3", "--samples", "2",
                               "--layers", "1", "--backend", "nnsight", "--device", "cpu", "--n-examples", "2"])

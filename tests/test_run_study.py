@@ -11,9 +11,9 @@ import pytest
 import torch
 from nbrun import execute_notebook
 
-from experiments import claims as C
-from experiments import run_study as R
 from experiments.cli import main
+from experiments.study import claims as C
+from experiments.study import run as R
 
 
 # --- claims: each rule can come out either way on hand-made data ---------------------------------
@@ -114,7 +114,7 @@ def _tiny_other_model(path: Path) -> Path:
     """A tiny random Qwen2 with another width, saved with the organism's tokenizer (same vocab)."""
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-    from experiments.organism import ORGANISMS_DIR
+    from experiments.paths import ORGANISMS_DIR
 
     tok = AutoTokenizer.from_pretrained(ORGANISMS_DIR / "base")
     torch.manual_seed(0)
@@ -127,7 +127,7 @@ def _tiny_other_model(path: Path) -> Path:
 
 
 def test_incompatible_pair_is_a_clear_error_before_any_work(tmp_path, capsys):
-    from experiments.organism import ORGANISMS_DIR
+    from experiments.paths import ORGANISMS_DIR
 
     other = _tiny_other_model(tmp_path / "other")
     out = tmp_path / "run"
@@ -166,7 +166,7 @@ def test_another_configuration_in_an_existing_out_is_refused(tmp_path):
 # --- end to end ----------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_quick_run_writes_report_claims_and_figures_and_resumes_after_interruption(tmp_path, monkeypatch, capsys):
-    import experiments.steer_sweep as sweep_mod
+    import experiments.study.sweep as sweep_mod
 
     out = tmp_path / "study"
     real_sweep = sweep_mod.run_sweep
@@ -184,7 +184,7 @@ def test_quick_run_writes_report_claims_and_figures_and_resumes_after_interrupti
     sae_bytes = (out / "sae" / "diff" / "metrics.json").read_bytes()
 
     monkeypatch.setattr(sweep_mod, "run_sweep", real_sweep)
-    import experiments.probe_study as probe_mod
+    import experiments.study.probe_stage as probe_mod
 
     monkeypatch.setattr(probe_mod, "run_probe", lambda cfg: pytest.fail("a finished stage must not run again"))
     capsys.readouterr()

@@ -2,7 +2,6 @@
 sae-lens on-disk format both ways, splicing against a TransformerLens hook, quality metrics against
 brute force, the errors a mismatched SAE raises, `forksight sae` end to end, and the notebook."""
 
-import argparse
 import json
 from pathlib import Path
 
@@ -248,7 +247,7 @@ def test_decoder_logit_effect_equals_final_norm_then_unembedding(tiny_lm):
 
 @pytest.fixture(scope="module")
 def organism_pair(tmp_path_factory):
-    from experiments.organism import OrganismConfig, build_organism, save_checkpoint
+    from experiments.organism.model import OrganismConfig, build_organism, save_checkpoint
 
     root = tmp_path_factory.mktemp("pair")
     for name, seed, depth in (("base", 0, 2), ("rl", 1, 2), ("wide", 2, 3)):
@@ -258,16 +257,15 @@ def organism_pair(tmp_path_factory):
 
 
 def test_sae_train_and_diff_end_to_end(organism_pair, tmp_path):
-    from experiments.sae_study import (
+    from experiments.cli import build_parser
+    from experiments.study.sae_stage import (
         SAEDiffConfig,
         SAETrainConfig,
-        register,
         run_sae_diff,
         run_sae_train,
     )
 
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     common = ["--base", str(organism_pair / "base"), "--rl", str(organism_pair / "rl"), "--backend", "nnsight",
               "--device", "cpu"]
     args = parser.parse_args(["sae", "train", *common, "--out", str(tmp_path / "t"), "--layer", "1", "--d-sae", "64",
@@ -310,7 +308,7 @@ def test_feature_inspection_notebook_executes(tmp_path):
 
 def test_shipped_sae_meets_the_quality_target_and_fits_the_shipped_pair():
     """The committed real run (experiments/results/sae): its numbers and its SAE must stay consistent."""
-    from experiments.organism import ORGANISMS_DIR
+    from experiments.paths import ORGANISMS_DIR
     from probe.checkpoint import load_causal_lm
 
     results = ROOT / "experiments" / "results" / "sae"

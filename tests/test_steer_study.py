@@ -1,23 +1,22 @@
 """`forksight steer derive | apply | sweep` on tiny random organisms, resume, and restoration arithmetic."""
 
-import argparse
 import csv
 import dataclasses
 import json
 
 import pytest
 
-from experiments import steer_sweep
-from experiments.steer_selection import restoration, select_best, with_restoration
-from experiments.steer_study import (
+from experiments.cli import build_parser
+from experiments.study import sweep as steer_sweep
+from experiments.study.selection import restoration, select_best, with_restoration
+from experiments.study.steer_stage import (
     ApplyConfig,
     DeriveConfig,
     countdown_role,
-    register,
     run_apply,
     run_derive,
 )
-from experiments.steer_sweep import SweepConfig, run_sweep
+from experiments.study.sweep import SweepConfig, run_sweep
 from steering import SteeringVector
 
 
@@ -101,8 +100,7 @@ def test_sweep_end_to_end_and_resume_reuses_finished_cells(organism_pair, tmp_pa
 
 @pytest.mark.slow
 def test_derive_and_apply_through_the_cli(organism_pair, tmp_path):
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     vec = tmp_path / "v.safetensors"
     args = parser.parse_args(["steer", "derive", "--base", str(organism_pair / "base"), "--rl", str(organism_pair / "rl"),
                               "--out", str(vec), "--method", "dom-role", "--layers", "1", "--n-problems", "3",
@@ -111,13 +109,12 @@ def test_derive_and_apply_through_the_cli(organism_pair, tmp_path):
     v = SteeringVector.load(vec)
     assert v.conditioning == "role" and "fork_threshold_rl" in v.config
     m = run_apply(ApplyConfig(vector=str(vec), rl=str(organism_pair / "rl"), coef=0.0, gate="always", problems=2, n=4))
-    from experiments.countdown import Countdown
-    from experiments.evaluation import heldout_prompts
-    from experiments.steer_study import evaluate_cell
+    from experiments.study.steer_stage import evaluate_cell
+    from experiments.tasks.countdown import Countdown
     from probe.checkpoint import load_causal_lm
 
     rl, tok = load_causal_lm(organism_pair / "rl", device="cpu")
-    plain = evaluate_cell(rl, tok, heldout_prompts(Countdown(), 2), 4, 1.0, 0, 1024)
+    plain = evaluate_cell(rl, tok, Countdown().heldout_prompts(2), 4, 1.0, 0, 1024)
     assert m["pass_at_k"] == plain["pass_at_k"] and m["fork_entropy_mean"] == pytest.approx(plain["fork_entropy_mean"]), \
         "coefficient 0 must sample exactly what the unsteered RL model samples"
     with pytest.raises(ValueError, match="method"):
@@ -126,7 +123,7 @@ def test_derive_and_apply_through_the_cli(organism_pair, tmp_path):
 
 
 def test_layer_sets_parse_and_reject_bad_specs():
-    from experiments.steer_selection import parse_layers
+    from experiments.study.selection import parse_layers
 
     assert parse_layers("0+1+2+3") == [0, 1, 2, 3] and parse_layers(2) == [2]
     for bad in ("1,2", "1+1", "-1"):
@@ -135,7 +132,7 @@ def test_layer_sets_parse_and_reject_bad_specs():
 
 
 def test_pool_averages_seeds_and_per_problem_arrays():
-    from experiments.steer_selection import pool
+    from experiments.study.selection import pool
 
     rows = [{"id": f"full{s}|x", "pass_at_1": p, "pass_at_64": 0.9, "distinct_correct_mean": d, "fork_entropy_mean": 0.1,
              "planning_entropy_mean": 0.2, "pass_at_k": {"1": p}, "per_problem": {
@@ -150,11 +147,11 @@ def test_pool_averages_seeds_and_per_problem_arrays():
 
 def test_shipped_sweep_best_is_recomputable_from_its_raw_cells_and_its_vector_fits_the_rl_model():
     """experiments/results/steer-sweep: `best` must follow from the per-seed cells in sweep.json."""
-    from experiments.organism import ORGANISMS_DIR
-    from experiments.steer_selection import parse_layers
+    from experiments.paths import ORGANISMS_DIR
+    from experiments.study.selection import parse_layers
     from probe.checkpoint import load_causal_lm
 
-    out = steer_sweep.RESULTS / "steer-sweep"
+    out = steer_sweep.RESULTS_DIR / "steer-sweep"
     m = json.loads((out / "metrics.json").read_text())
     cells = {c["id"]: c for c in json.loads((out / "sweep.json").read_text())["cells"]}
     for k in ("best", "base", "rl", "temperature_baseline", "patching_upper_bound", "patching_curve"):

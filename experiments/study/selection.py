@@ -2,7 +2,7 @@
 
 Pure functions over sweep rows (dicts with `experiments.steer_sweep.COLUMNS` keys); no sampling.
 Restoration of a metric m: (m(cell) - m(RL)) / (m(base) - m(RL)). `select_best` is SELECTION in
-`experiments.steer_sweep`: the highest restoration_distinct among RL-alone steering cells whose
+`experiments.study.sweep`: the highest restoration_distinct among RL-alone steering cells whose
 pass@1 is at least RL's minus the tolerance.
 """
 

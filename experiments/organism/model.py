@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from experiments.tokenizer import build_tokenizer
+from experiments.organism.tokenizer import build_tokenizer
 
 HEAD_DIM = 32
 
@@ -70,6 +70,3 @@ def save_checkpoint(model, tokenizer, path: str | Path) -> None:
     model.save_pretrained(str(path), safe_serialization=True)
     tokenizer.save_pretrained(str(path))
 
-
-ORGANISMS_DIR = Path(__file__).parent / "organisms" / "countdown"
-"""Where the shipped organism checkpoints live (`base/`, `rl-none/`, ...)."""

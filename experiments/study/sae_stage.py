@@ -18,7 +18,6 @@ is specific to forks shows a larger |score| there than off forks. It writes `met
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,17 +25,15 @@ from pathlib import Path
 import torch
 
 from experiments.checkpointing import write_json_atomic
-from experiments.cli_args import add_config_args, config_from_args
-from experiments.countdown import Countdown
-from experiments.evaluation import heldout_prompts, sample_scored_trajectories
-from experiments.organism import ORGANISMS_DIR
-from experiments.tokenizer import check_tokenizer
+from experiments.organism.tokenizer import check_tokenizer
+from experiments.paths import ORGANISMS_DIR, RESULTS_DIR
+from experiments.study.evaluation import sample_trajectories
+from experiments.tasks.countdown import Countdown
 from probe.checkpoint import load_causal_lm, resolve_device
-from probe.entropy import Trajectories
 from probe.features import DiffResult, feature_records, fork_feature_diff
 from probe.forks import fork_threshold
 from probe.hooks import resolve_hook, site_name
-from probe.pair import BACKENDS, RESID_POST, HookedModel, Pair, load_pair, wrap
+from probe.pair import BACKENDS, RESID_POST, Pair, load_pair, wrap
 from probe.sae import (
     ARCHITECTURES,
     SAESpec,
@@ -55,7 +52,7 @@ from probe.sae_plots import (
 from probe.sae_quality import reconstruction_stats, sae_quality
 
 FVU_TARGET, L0_TARGET = 0.2, 32
-RESULTS_DIR = Path(__file__).resolve().parent / "results" / "sae"  # the shipped SAE and its diff
+SAE_RESULTS = RESULTS_DIR / "sae"  # the shipped SAE and its diff
 
 
 @dataclass
@@ -133,7 +130,7 @@ class SAEDiffConfig:
     """Base checkpoint."""
     rl: str = str(ORGANISMS_DIR / "rl-none")
     """RL checkpoint (trained from the base)."""
-    sae: str = str(RESULTS_DIR / "sae")
+    sae: str = str(SAE_RESULTS / "sae")
     """SAE directory (sae-lens format, hook site in its metadata); default: the shipped one."""
     out: str = "runs/sae/diff"
     """Output directory (metrics.json, plots)."""
@@ -178,13 +175,6 @@ class SAEDiffConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
 
 
-def sample_trajectories(model: HookedModel, prompts: list[str], samples: int, seed: int,
-                        batch_size: int) -> tuple[Trajectories, float]:
-    """`samples` completions per prompt (temperature 1) as role-labelled trajectories, and the pass rate."""
-    _, scored, traj = sample_scored_trajectories(model.hf, model.tokenizer, prompts, samples, seed, batch_size, str(model.device))
-    return traj, scored.correct.float().mean().item()
-
-
 def run_sae_train(cfg: SAETrainConfig) -> dict:
     """Collect activations, train, save and score an SAE; writes everything into `cfg.out`."""
     t0, out = time.time(), Path(cfg.out)
@@ -213,7 +203,7 @@ def run_sae_train(cfg: SAETrainConfig) -> dict:
     sae, history = train_sae(x, hook_name, cfg.spec(), model_name=cfg.base)
     t_train = time.time() - t_collect
     save_sae(sae, out / "sae")
-    heldout = heldout_prompts(Countdown(), cfg.n_eval_problems)
+    heldout = Countdown().heldout_prompts(cfg.n_eval_problems)
     quality, freqs, ntok = {}, {}, {}
     for name, m in models.items():
         traj, pass_rate = sample_trajectories(m, heldout, cfg.eval_samples, cfg.seed, cfg.batch_size)
@@ -247,7 +237,7 @@ def compute_diff(cfg: SAEDiffConfig, pair: Pair, sae) -> DiffResult:
     check_sae(sae, pair.base)
     check_sae(sae, pair.rl)
     sampler = pair.base if cfg.sample_from == "base" else pair.rl
-    traj, pass_rate = sample_trajectories(sampler, heldout_prompts(Countdown(), cfg.n_problems), cfg.samples,
+    traj, pass_rate = sample_trajectories(sampler, Countdown().heldout_prompts(cfg.n_problems), cfg.samples,
                                           cfg.seed, cfg.batch_size)
     res = fork_feature_diff(pair, sae, traj, cfg.rho, cfg.min_freq, cfg.batch_size)
     res.pass_rate = pass_rate
@@ -296,25 +286,13 @@ def run_sae_diff(cfg: SAEDiffConfig) -> dict:
     return metrics
 
 
-def cmd_sae_train(args: argparse.Namespace) -> dict:
-    m = run_sae_train(config_from_args(SAETrainConfig, args))
+def train_headline(m: dict) -> dict:
+    """The JSON line `forksight sae train` prints."""
     return {"out": m["config"]["out"], "hook_name": m["hook_name"], "l0": m["l0"], "fvu": m["fvu"],
             "dead_fraction": m["dead_fraction"], "ce_loss_increase": m["ce_loss_increase"], "target_met": m["target"]["met"]}
 
 
-def cmd_sae_diff(args: argparse.Namespace) -> dict:
-    m = run_sae_diff(config_from_args(SAEDiffConfig, args))
+def diff_headline(m: dict) -> dict:
+    """The JSON line `forksight sae diff` prints."""
     return {"out": m["config"]["out"], "n_forks": m["n_forks"], **{k: m["summary"][k] for k in ("n_pruned_3x", "n_fully_pruned", "n_amplified_3x")},
             "top_pruned": [f["feature"] for f in m["pruned"][:5]], "top_amplified": [f["feature"] for f in m["amplified"][:5]]}
-
-
-def register(subparsers) -> None:
-    """Add `sae train` and `sae diff` to the `forksight` CLI."""
-    sae = subparsers.add_parser("sae", help="SAEs on the residual stream and the features RL pruned at forks")
-    stages = sae.add_subparsers(dest="stage", required=True)
-    train = stages.add_parser("train", help="train an SAE (sae-lens) on base-model activations and score it")
-    add_config_args(train, SAETrainConfig)
-    train.set_defaults(func=cmd_sae_train)
-    diff = stages.add_parser("diff", help="pruned / amplified SAE features at base forks, base vs RL")
-    add_config_args(diff, SAEDiffConfig)
-    diff.set_defaults(func=cmd_sae_diff)

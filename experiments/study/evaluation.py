@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from experiments.countdown import Countdown
-from experiments.tokenizer import check_tokenizer
+from experiments.organism.tokenizer import check_tokenizer
+from experiments.tasks.countdown import Countdown
 from probe.checkpoint import load_causal_lm
 from probe.entropy import Trajectories, trajectories_from_branches
 from probe.evaluate import Scored, evaluate, score_branches
@@ -42,32 +42,19 @@ class EvalConfig:
             raise ValueError(f"problems={self.problems} must be >= 0 (0 = all)")
 
 
-def max_answer_tokens(task: Countdown) -> int:
-    """An upper bound on answer length in tokens (characters) plus `<eos>`."""
-    c = task.config
-    digits = len(str(c.max_value))
-    steps = c.n_numbers - 1
-    return steps * (3 * digits + 2) + (steps - 1) + 1
-
-
-def heldout_prompts(task: Countdown, limit: int = 0) -> list[str]:
-    problems = task.heldout()
-    return [p.prompt for p in (problems[:limit] if limit else problems)]
-
-
 def evaluate_model(model, tokenizer, cfg: EvalConfig, task: Countdown | None = None, **kw):
     """Metrics dict (and branches, scored) of an in-memory model on the held-out split."""
     task = task or Countdown()
     check_tokenizer(tokenizer)
     sampler = SamplerConfig(
         n=cfg.n,
-        max_new_tokens=max_answer_tokens(task),
+        max_new_tokens=task.max_new_tokens,
         temperature=cfg.temperature,
         seed=cfg.seed,
         batch_size=cfg.batch_size,
         device=cfg.device,
     )
-    return evaluate(model, tokenizer, heldout_prompts(task, cfg.problems), task, sampler, **kw)
+    return evaluate(model, tokenizer, task.heldout_prompts(cfg.problems), task, sampler, **kw)
 
 
 def evaluate_checkpoint(path: str | Path, cfg: EvalConfig, task: Countdown | None = None) -> dict:
@@ -84,9 +71,16 @@ def sample_scored_trajectories(
     """`n` completions per prompt at temperature 1, scored, and as role-labelled trajectories
     (prompt + completion, right-padded) for teacher-forced probing."""
     task = task or Countdown()
-    cfg = SamplerConfig(n=n, max_new_tokens=max_answer_tokens(task), temperature=1.0, seed=seed,
+    cfg = SamplerConfig(n=n, max_new_tokens=task.max_new_tokens, temperature=1.0, seed=seed,
                         batch_size=max(batch_size, 1), device=device)
     branches = sample_branches(model, tokenizer, prompts, cfg)
     scored = score_branches(branches, prompts, task, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return branches, scored, trajectories_from_branches(branches, scored.roles, pad_id=pad)
+
+
+def sample_trajectories(model, prompts: list[str], samples: int, seed: int,
+                        batch_size: int) -> tuple[Trajectories, float]:
+    """`samples` completions per prompt (temperature 1) as role-labelled trajectories, and the pass rate."""
+    _, scored, traj = sample_scored_trajectories(model.hf, model.tokenizer, prompts, samples, seed, batch_size, str(model.device))
+    return traj, scored.correct.float().mean().item()

@@ -22,17 +22,14 @@ is nearest the best steered cell's. Resumable: each finished cell is appended to
 
 from __future__ import annotations
 
-import argparse
 import csv
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from experiments.checkpointing import write_json_atomic
-from experiments.countdown import Countdown
-from experiments.evaluation import heldout_prompts
-from experiments.organism import ORGANISMS_DIR
-from experiments.steer_selection import (
+from experiments.paths import ORGANISMS_DIR, RESULTS_DIR
+from experiments.study.selection import (
     beats_temperature,
     full_stage,
     parse_layers,
@@ -41,8 +38,7 @@ from experiments.steer_selection import (
     select_best,
     with_restoration,
 )
-from experiments.steer_study import (
-    RESULTS,
+from experiments.study.steer_stage import (
     STUDY_GATES,
     DeriveConfig,
     derive_vectors,
@@ -50,6 +46,7 @@ from experiments.steer_study import (
     split_method,
     steer_intervention,
 )
+from experiments.tasks.countdown import Countdown
 from probe.checkpoint import load_causal_lm
 from steering import SteeringVector, patch
 
@@ -70,7 +67,7 @@ class SweepConfig:
     """Collapsed RL checkpoint (the model steered)."""
     entropy_rl: str = str(ORGANISMS_DIR / "rl-clip-cov")
     """Entropy-preserving RL checkpoint, a baseline row if the directory exists."""
-    out: str = str(RESULTS / "steer-sweep")
+    out: str = str(RESULTS_DIR / "steer-sweep")
     """Output directory (metrics.json, sweep.csv, sweep.json, plots, vectors/)."""
     methods: tuple[str, ...] = ("dom-position", "dom-global")
     """Vector methods (steer_study.METHODS), each optionally ":pruned" (derived at the base forks RL
@@ -106,11 +103,11 @@ class SweepConfig:
     (the screen's half of the problems has a larger base-RL gap, so the full split's tolerance is too strict there)."""
     derive_problems: int = 256
     """Training-stream problems the vectors are derived from."""
-    detector: str = str(RESULTS / "probe" / "fork_detector.safetensors")
+    detector: str = str(RESULTS_DIR / "probe" / "fork_detector.safetensors")
     """Fork detector (gate detector)."""
-    sae: str = str(RESULTS / "sae" / "sae")
+    sae: str = str(RESULTS_DIR / "sae" / "sae")
     """SAE directory (method sae)."""
-    sae_diff: str = str(RESULTS / "sae" / "diff" / "metrics.json")
+    sae_diff: str = str(RESULTS_DIR / "sae" / "diff" / "metrics.json")
     """`forksight sae diff` metrics.json listing the pruned features (method sae)."""
     confirm_seeds: int = 2
     """Sampling seeds (seed, seed + 1, ...) of every confirm-stage cell; the full split's metrics are averaged
@@ -165,7 +162,7 @@ class Sweep:
         self.reused = len(self.rows)
         self.rl, self.tok = load_causal_lm(cfg.rl, device=cfg.device)
         self._base = None
-        self.prompts = {s: heldout_prompts(Countdown(), p) for s, p in (("screen", cfg.screen_problems), ("full", cfg.problems))}
+        self.prompts = {s: Countdown().heldout_prompts(p) for s, p in (("screen", cfg.screen_problems), ("full", cfg.problems))}
         self.full_stages = [full_stage(i) for i in range(cfg.confirm_seeds)]
         self.prompts.update({s: self.prompts["full"] for s in self.full_stages})
         self.seeds = {"screen": cfg.seed, **{s: cfg.seed + i for i, s in enumerate(self.full_stages)}}
@@ -238,7 +235,7 @@ def vectors(cfg: SweepConfig) -> dict[str, SteeringVector]:
 
 
 def run_sweep(cfg: SweepConfig) -> dict:
-    from experiments.steer_plots import plot_pareto, plot_pass_at_k_best, plot_patching
+    from experiments.study.sweep_plots import plot_pareto, plot_pass_at_k_best, plot_patching
 
     t0 = time.time()
     sw, vecs = Sweep(cfg), vectors(cfg)
@@ -374,10 +371,8 @@ def write_table(out: Path, table: list[dict]) -> None:
     tmp.replace(out / "sweep.csv")
 
 
-def cmd_sweep(args: argparse.Namespace) -> dict:
-    from experiments.cli_args import config_from_args
-
-    m = run_sweep(config_from_args(SweepConfig, args))
+def headline(m: dict) -> dict:
+    """The JSON line `forksight steer sweep` prints."""
     b = m["best"] or m["best_unconstrained"]
     return {"out": m["config"]["out"], "goal_met": m["goal"]["met"], "best": {k: b[k] for k in (
         "method", "layer", "coef", "gate", "pass_at_1", "restoration_distinct", "restoration_pass_at_64")},

@@ -4,15 +4,15 @@
 recovered from the trained network?" Stages, each writing into its own folder of `--out`:
 
 0. `organisms` (only with `--from-scratch`): SFT the base organism, then GRPO (vanilla, and
-   Clip-Cov as the entropy-preserving variant) from it (`experiments.sft`, `experiments.grpo`).
+   Clip-Cov as the entropy-preserving variant) from it (`experiments.organism.sft`, `experiments.organism.grpo`).
 1. `probe`: entropy of both models on the same trajectories, forks, the latent fork detector and
-   the entropy-law fit of the RL log (`experiments.probe_study`).
-2. `sae`: a TopK SAE on the base residual and the features RL pruned at forks (`experiments.sae_study`).
+   the entropy-law fit of the RL log (`experiments.study.probe_stage`).
+2. `sae`: a TopK SAE on the base residual and the features RL pruned at forks (`experiments.study.sae_stage`).
 3. `steer`: steering vectors (diff of means at the forks RL pruned, SAE decoder directions) swept
-   with the temperature baseline and cross-model patching (`experiments.steer_sweep`).
+   with the temperature baseline and cross-model patching (`experiments.study.sweep`).
 4. `eval`: held-out diversity metrics of the entropy-preserving variants on the steering sweep's
    problems and seed (base and RL come from the sweep's own full-split rows), and the pass@k figure.
-5. `report`: the five claims (`experiments.claims`), `results.json`, `report.md`.
+5. `report`: the five claims (`experiments.study.claims`), `results.json`, `report.md`.
 
 Resumable: `run_state.json` records each finished stage; a rerun with the same `--out` and the
 same configuration skips finished stages (the steering sweep also reuses finished cells, the
@@ -22,7 +22,6 @@ silent mix. Every file is written atomically, so an interrupted stage leaves ear
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import dataclass
@@ -32,8 +31,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from experiments.checkpointing import as_json, write_json_atomic
-from experiments.cli_args import add_config_args, config_from_args
-from experiments.organism import ORGANISMS_DIR
+from experiments.paths import ORGANISMS_DIR
 
 STAGES = ("organisms", "probe", "sae", "steer", "eval", "report")
 
@@ -85,11 +83,11 @@ class RunConfig:
 
 def stage_configs(cfg: RunConfig) -> dict[str, Any]:
     """Every stage's own config dataclass, sized by `cfg.quick`."""
-    from experiments.grpo_loss import LossConfig
-    from experiments.probe_study import ProbeConfig
-    from experiments.sae_study import SAEDiffConfig, SAETrainConfig
-    from experiments.sft import SFTConfig
-    from experiments.steer_sweep import SweepConfig
+    from experiments.organism.grpo_loss import LossConfig
+    from experiments.organism.sft import SFTConfig
+    from experiments.study.probe_stage import ProbeConfig
+    from experiments.study.sae_stage import SAEDiffConfig, SAETrainConfig
+    from experiments.study.sweep import SweepConfig
 
     out, q, seed = Path(cfg.out), cfg.quick, cfg.seed
     base, rl, variants = cfg.pair()
@@ -123,7 +121,7 @@ def stage_configs(cfg: RunConfig) -> dict[str, Any]:
 def preflight(cfg: RunConfig) -> None:
     """Everything that can be checked before any work: a writable --out, no other configuration in
     it, and (unless the pair is trained here) a loadable, compatible Countdown pair and variants."""
-    from experiments.cli import check_writable
+    from experiments.checkpointing import check_writable
 
     out = check_writable(cfg.out)
     state = out / "run_state.json"
@@ -136,7 +134,7 @@ def preflight(cfg: RunConfig) -> None:
                              "use a new --out, or the same flags to resume it")
     if cfg.from_scratch:
         return
-    from experiments.tokenizer import check_tokenizer
+    from experiments.organism.tokenizer import check_tokenizer
     from probe.pair import load_pair
 
     base, rl, variants = cfg.pair()
@@ -189,8 +187,8 @@ class Run:
 
 
 def _train_organisms(sc: dict) -> None:
-    from experiments.grpo import GRPOConfig, train_grpo
-    from experiments.sft import train_sft
+    from experiments.organism.grpo import GRPOConfig, train_grpo
+    from experiments.organism.sft import train_sft
 
     sft = sc["sft"]
     if not (Path(sft.out) / "model.safetensors").is_file():
@@ -202,12 +200,11 @@ def _train_organisms(sc: dict) -> None:
 
 
 def _eval_variants(sweep_cfg, variants: tuple[str, ...], out: Path) -> None:
-    from experiments.countdown import Countdown
-    from experiments.evaluation import heldout_prompts
-    from experiments.steer_study import evaluate_cell
+    from experiments.study.steer_stage import evaluate_cell
+    from experiments.tasks.countdown import Countdown
     from probe.checkpoint import load_causal_lm
 
-    prompts = heldout_prompts(Countdown(), sweep_cfg.problems)
+    prompts = Countdown().heldout_prompts(sweep_cfg.problems)
     rec = {}
     for v in variants:
         model, tok = load_causal_lm(v, device=sweep_cfg.device)
@@ -218,9 +215,9 @@ def _eval_variants(sweep_cfg, variants: tuple[str, ...], out: Path) -> None:
 
 def run_study(cfg: RunConfig) -> dict:
     """Run (or resume) every stage; returns results.json's content."""
-    from experiments.probe_study import run_probe
-    from experiments.sae_study import run_sae_diff, run_sae_train
-    from experiments.steer_sweep import run_sweep
+    from experiments.study.probe_stage import run_probe
+    from experiments.study.sae_stage import run_sae_diff, run_sae_train
+    from experiments.study.sweep import run_sweep
 
     preflight(cfg)
     t0 = time.time()
@@ -235,7 +232,7 @@ def run_study(cfg: RunConfig) -> dict:
         run.stage("steer", lambda: run_sweep(sc["sweep"]), sc["sweep"], bar)
         run.stage("eval", lambda: _eval_variants(sc["sweep"], variants, run.out), {"variants": variants, "sweep": sc["sweep"]}, bar)
         bar.set_description("forksight run: report")
-        from experiments.report import build_results, write_report
+        from experiments.study.report import build_results, write_report
 
         t_report = time.time()
         results = build_results(cfg, sc, run.out)
@@ -255,16 +252,3 @@ def headline(results: dict) -> dict:
     h = results["headline"]
     return {"out": results["out"], "claims": {k: v["status"] for k, v in c.items()}, **h,
             "reused_stages": results["run"]["reused_stages"], "report": str(Path(results["out"]) / "report.md")}
-
-
-def cmd_run(args: argparse.Namespace) -> dict:
-    cfg = config_from_args(RunConfig, args)
-    return headline(run_study(cfg))
-
-
-def register(subparsers) -> None:
-    """Add `forksight run` to the CLI."""
-    p = subparsers.add_parser("run", help="the end-to-end study: probe, SAE, steering, diversity -> report.md")
-    add_config_args(p, RunConfig)
-    p.set_defaults(func=cmd_run)
-

@@ -21,7 +21,6 @@ much of the AUROC the current token alone explains.
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,11 +28,10 @@ from pathlib import Path
 import torch
 
 from experiments.checkpointing import write_json_atomic
-from experiments.cli_args import add_config_args, config_from_args
-from experiments.countdown import Countdown
-from experiments.evaluation import heldout_prompts, sample_scored_trajectories
-from experiments.organism import ORGANISMS_DIR
-from experiments.tokenizer import check_tokenizer
+from experiments.organism.tokenizer import check_tokenizer
+from experiments.paths import ORGANISMS_DIR
+from experiments.study.evaluation import sample_scored_trajectories
+from experiments.tasks.countdown import Countdown
 from probe.detector import ForkDetector
 from probe.entropy import PairStats, Trajectories, pair_stats
 from probe.forks import (
@@ -196,7 +194,7 @@ def run_probe(cfg: ProbeConfig) -> dict:
     if bad:
         raise ValueError(f"layers {bad} are out of range; the models have layers 0..{pair.rl.n_layers - 1}")
     task = Countdown()
-    prompts = heldout_prompts(task, cfg.n_problems)
+    prompts = task.heldout_prompts(cfg.n_problems)
     metrics: dict = {"base": cfg.base, "rl": cfg.rl, "backend": pair.base.backend, "device": str(pair.base.device),
                      "n_problems": len(prompts), "n_samples": cfg.samples, "temperature": 1.0,
                      "seed": cfg.seed, "rho": cfg.rho}
@@ -261,14 +259,3 @@ def headline(metrics: dict) -> dict:
         "detector_auroc_token_baseline": det["token_baseline"]["auroc_test"],
         "law_ceiling": metrics["law"].get("ceiling"),
     }
-
-
-def cmd_probe(args: argparse.Namespace) -> dict:
-    return headline(run_probe(config_from_args(ProbeConfig, args)))
-
-
-def register(subparsers) -> None:
-    """Add the `probe` subcommand to the `forksight` CLI."""
-    p = subparsers.add_parser("probe", help="entropy, forks, fork detector and entropy law of a base/RL pair")
-    add_config_args(p, ProbeConfig)
-    p.set_defaults(func=cmd_probe)

@@ -8,9 +8,9 @@ SAE decoder rows of the features RL pruned (weights = mean_base - mean_rl of eac
 from `forksight sae diff`). Fork thresholds of both models on those trajectories go to its config.
 
 `steer apply` evaluates one vector file on the RL model at one (coef, gate, temperature) with the
-held-out metrics of `experiments.evaluation` (same sampler, same seed, same metrics.json keys).
+held-out metrics of `experiments.study.evaluation` (same sampler, same seed, same metrics.json keys).
 
-`steer sweep` (see `experiments.steer_sweep`) runs the grid, the baselines and the patching curve.
+`steer sweep` (see `experiments.study.sweep`) runs the grid, the baselines and the patching curve.
 
 Gates the study uses (`steering.gates`): `always`; `entropy` (the RL model's own next-token entropy
 above its fork threshold); `planning` (Countdown: the next token starts an operand or operator,
@@ -25,19 +25,16 @@ coefficients are comparable across methods.
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from experiments.cli_args import add_config_args, config_from_args
-from experiments.countdown import Countdown
-from experiments.evaluation import heldout_prompts, max_answer_tokens
-from experiments.organism import ORGANISMS_DIR
-from experiments.sae_study import sample_trajectories
-from experiments.tokenizer import check_tokenizer
+from experiments.organism.tokenizer import check_tokenizer
+from experiments.paths import ORGANISMS_DIR, RESULTS_DIR
+from experiments.study.evaluation import sample_trajectories
+from experiments.tasks.countdown import Countdown
 from probe.checkpoint import load_causal_lm
 from probe.detector import ForkDetector
 from probe.evaluate import evaluate
@@ -55,7 +52,6 @@ from steering import (
     sae_vector,
 )
 
-RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("dom-global", "dom-position", "dom-role", "dom-cluster", "pca", "sae")
 STUDY_GATES = ("always", "entropy", "planning", "detector")
 FORK_SETS = ("base", "pruned")
@@ -104,9 +100,9 @@ class DeriveConfig:
     """Answer-position buckets of dom-position (the last pools all later positions)."""
     n_clusters: int = 16
     """k-means clusters of the RL residuals at the selected forks (dom-cluster)."""
-    sae: str = str(RESULTS / "sae" / "sae")
+    sae: str = str(RESULTS_DIR / "sae" / "sae")
     """SAE directory (method sae)."""
-    sae_diff: str = str(RESULTS / "sae" / "diff" / "metrics.json")
+    sae_diff: str = str(RESULTS_DIR / "sae" / "diff" / "metrics.json")
     """`forksight sae diff` metrics.json listing the pruned features (method sae)."""
     n_features: int = 10
     """Pruned features summed (method sae)."""
@@ -208,9 +204,9 @@ def gate_kwargs(gate: str, tok, vec_config: dict, detector: str, threshold: floa
 
 def evaluate_cell(model, tok, prompts: list[str], n: int, temperature: float, seed: int, batch_size: int,
                   intervention=None, task: Countdown | None = None) -> dict:
-    """Held-out metrics (DESIGN.md keys) of `model` sampled with `intervention` (None = plain)."""
+    """Held-out metrics (docs/architecture.md keys) of `model` sampled with `intervention` (None = plain)."""
     task = task or Countdown()
-    sampler = SamplerConfig(n=n, max_new_tokens=max_answer_tokens(task), temperature=temperature, seed=seed,
+    sampler = SamplerConfig(n=n, max_new_tokens=task.max_new_tokens, temperature=temperature, seed=seed,
                             batch_size=batch_size, device=str(next(model.parameters()).device))
     metrics, _, _ = evaluate(model, tok, prompts, task, sampler, intervention=intervention, n_boot=200, per_problem=True)
     return metrics
@@ -237,7 +233,7 @@ class ApplyConfig:
     """always, entropy (RL fork threshold from the vector's config), planning or detector."""
     temperature: float = 1.0
     """Sampling temperature."""
-    detector: str = str(RESULTS / "probe" / "fork_detector.safetensors")
+    detector: str = str(RESULTS_DIR / "probe" / "fork_detector.safetensors")
     """Fork detector (gate detector)."""
     problems: int = 0
     """First N held-out problems (0 = all)."""
@@ -263,7 +259,7 @@ def run_apply(cfg: ApplyConfig) -> dict:
     vec = SteeringVector.load(cfg.vector)
     model, tok = load_causal_lm(cfg.rl, device=cfg.device)
     steer = steer_intervention(model, tok, vec, cfg.coef, cfg.gate, cfg.detector)
-    m = evaluate_cell(model, tok, heldout_prompts(Countdown(), cfg.problems), cfg.n, cfg.temperature, cfg.seed,
+    m = evaluate_cell(model, tok, Countdown().heldout_prompts(cfg.problems), cfg.n, cfg.temperature, cfg.seed,
                       cfg.batch_size, steer)
     m["config"] = asdict(cfg)
     if cfg.out:
@@ -271,24 +267,6 @@ def run_apply(cfg: ApplyConfig) -> dict:
     return m
 
 
-def cmd_derive(args: argparse.Namespace) -> dict:
-    return run_derive(config_from_args(DeriveConfig, args))
-
-
-def cmd_apply(args: argparse.Namespace) -> dict:
-    m = run_apply(config_from_args(ApplyConfig, args))
+def apply_headline(m: dict) -> dict:
+    """The JSON line `forksight steer apply` prints."""
     return {k: m[k] for k in ("pass_at_1", "pass_at_64", "distinct_correct_mean", "fork_entropy_mean") if k in m}
-
-
-def register(subparsers) -> None:
-    """Add `steer derive`, `steer apply` and `steer sweep` to the `forksight` CLI."""
-    from experiments.steer_sweep import SweepConfig, cmd_sweep
-
-    steer = subparsers.add_parser("steer", help="steering vectors: derive, apply, sweep (with baselines)")
-    stages = steer.add_subparsers(dest="stage", required=True)
-    for name, cls, fn, help_ in (("derive", DeriveConfig, cmd_derive, "write a SteeringVector from the pair"),
-                                 ("apply", ApplyConfig, cmd_apply, "held-out metrics of one steered cell"),
-                                 ("sweep", SweepConfig, cmd_sweep, "grid + baselines + patching curve")):
-        p = stages.add_parser(name, help=help_)
-        add_config_args(p, cls)
-        p.set_defaults(func=fn)

@@ -3,7 +3,7 @@
 Each step: draw `prompts_per_step` training problems, sample `group_size` completions per prompt
 with the toolkit's branch sampler (`probe.sampler`, KV-cached, seeded per step), reward 1 for a
 verified answer and 0 otherwise, build a `Rollouts` batch and take `mini_batches` optimizer steps
-on it with the loss of `experiments.grpo_loss` (see there for GRPO and each intervention's paper
+on it with the loss of `experiments.organism.grpo_loss` (see there for GRPO and each intervention's paper
 mapping). The sampler and the learner share nothing but that batch.
 
 Outputs under `--out DIR`: the final HF checkpoint, `metrics.json` (held-out evaluation), a
@@ -23,11 +23,17 @@ import torch
 from tqdm.auto import tqdm
 
 from experiments.checkpointing import load_state, publish_dir, save_state
-from experiments.countdown import Countdown
-from experiments.evaluation import heldout_prompts, max_answer_tokens
-from experiments.grpo_loss import LossConfig, Rollouts, group_advantages, grpo_loss, policy_logprobs
-from experiments.organism import ORGANISMS_DIR, save_checkpoint
-from experiments.tokenizer import check_tokenizer
+from experiments.organism.grpo_loss import (
+    LossConfig,
+    Rollouts,
+    group_advantages,
+    grpo_loss,
+    policy_logprobs,
+)
+from experiments.organism.model import save_checkpoint
+from experiments.organism.tokenizer import check_tokenizer
+from experiments.paths import ORGANISMS_DIR
+from experiments.tasks.countdown import Countdown
 from probe.checkpoint import CheckpointError, load_causal_lm
 from probe.evaluate import score_branches
 from probe.forks import fork_mask
@@ -152,8 +158,8 @@ def train_grpo(cfg: GRPOConfig, loss_cfg: LossConfig, stop_after: int | None = N
     log = [json.loads(x) for x in log_path.read_text().splitlines()] if log_path.exists() else []
     log = [r for r in log if r["step"] < start]
     stream = training_problems(task, cfg, start=start * cfg.prompts_per_step)
-    new_tokens = max_answer_tokens(task)
-    eval_prompts = heldout_prompts(task, cfg.eval_problems)
+    new_tokens = task.max_new_tokens
+    eval_prompts = task.heldout_prompts(cfg.eval_problems)
     t0 = time.perf_counter() - progress["train_seconds"]
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     for step in tqdm(range(start, end), initial=start, total=cfg.steps, desc=f"grpo[{loss_cfg.intervention}]"):

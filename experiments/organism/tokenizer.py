@@ -1,6 +1,6 @@
 """The organism's tokenizer: one token per character, digits split as Qwen2.5 splits them.
 
-Trap guarded against (../shared/LIBRARY-NOTES.md): for a directory whose `config.json` says
+Trap guarded against (docs/architecture.md, "Library traps"): for a directory whose `config.json` says
 `qwen2`, transformers 5 `AutoTokenizer` always builds a `Qwen2Tokenizer` (qwen2 is in its
 `MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS` list), which rebuilds the pipeline from the vocabulary
 and merges with Qwen's own pre-tokenizer (a regex that isolates every digit, then byte-level).
@@ -21,7 +21,7 @@ from pathlib import Path
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 
-from experiments.countdown import ANSWER_MARK, END_TOKEN, EQ, LIST_SEP, OPS, SEP, TARGET_MARK
+from experiments.tasks.countdown import ANSWER_MARK, END_TOKEN, EQ, LIST_SEP, OPS, SEP, TARGET_MARK
 
 PAD, EOS = "<pad>", END_TOKEN
 SPECIALS = (PAD, EOS)

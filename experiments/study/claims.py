@@ -1,7 +1,7 @@
 """The five claims `forksight run` tests, each with an effect size, a 95% bootstrap interval and a
 status computed from the data by a stated rule ("holds", "fails" or "inconclusive").
 
-Inputs are the stage outputs of `experiments.run_study` (plain dicts read back from JSON), so a
+Inputs are the stage outputs of `experiments.study.run` (plain dicts read back from JSON), so a
 claim can be recomputed from a finished run directory without sampling again.
 
 - C1 `claim_law`: performance saturates as entropy falls. R = -a exp(H) + b fit to the RL log;

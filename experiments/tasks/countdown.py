@@ -15,7 +15,7 @@ Two answers are the same solution iff their expression trees are equal after sor
 of `+` and `*` (`canonical`); step order and commutative operand order do not make new solutions.
 
 This module is the task alone: generation, exact enumeration, verification, token roles. It is not
-the tokenizer (`experiments.tokenizer`) and knows nothing about models.
+the tokenizer (`experiments.organism.tokenizer`) and knows nothing about models.
 
 Departure from the TinyZero Countdown: all numbers must be used, values stay positive integers, and
 targets are drawn by sampling a uniformly random valid expression (so targets reachable in many
@@ -245,6 +245,18 @@ class Countdown:
                 )
             self._heldout = list(seen.values())
         return self._heldout
+
+    def heldout_prompts(self, limit: int = 0) -> list[str]:
+        """Prompts of the held-out split (the first `limit` problems; 0 = all)."""
+        problems = self.heldout()
+        return [p.prompt for p in (problems[:limit] if limit else problems)]
+
+    @property
+    def max_new_tokens(self) -> int:
+        """An upper bound on answer length in tokens (one per character) plus `<eos>`."""
+        c = self.config
+        digits, steps = len(str(c.max_value)), c.n_numbers - 1
+        return steps * (3 * digits + 2) + (steps - 1) + 1
 
     def train_stream(self, seed: int, start: int = 0):
         """Problems never in the held-out split, deterministic in (seed, index): problem i is drawn

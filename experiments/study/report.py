@@ -1,7 +1,7 @@
 """`results.json` and `report.md` of `forksight run`, assembled from the stage outputs of a run directory.
 
 `build_results` reads the stages' metrics files, draws the two figures no stage draws (role
-entropy over the RL log, pass@k of every model), tests the claims (`experiments.claims`) and
+entropy over the RL log, pass@k of every model), tests the claims (`experiments.study.claims`) and
 returns the results dict (schema in README.md, "results.json"). `write_report` renders it as
 Markdown; every figure it references is a path relative to the run directory that exists.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.checkpointing import as_json, write_text_atomic
-from experiments.claims import (
+from experiments.study.claims import (
     claim_breadth,
     claim_forks,
     claim_law,

@@ -25,8 +25,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from experiments.checkpointing import load_state, publish_dir, save_state, write_json_atomic
-from experiments.countdown import Countdown, CountdownConfig
-from experiments.organism import OrganismConfig, build_organism, save_checkpoint
+from experiments.organism.model import OrganismConfig, build_organism, save_checkpoint
+from experiments.tasks.countdown import Countdown, CountdownConfig
 from probe.checkpoint import resolve_device
 
 

@@ -1,0 +1,14 @@
+"""Where the shipped artifacts live: the trained organisms and the committed results.
+
+`ORGANISMS_DIR` holds the Countdown organism's checkpoints (`base`, `rl-none`, `rl-clip-cov`);
+`RESULTS_DIR` the committed outputs of every study command (`experiments/results/`). Defaults of
+the study configs point here, so the commands run on the shipped pair with no flags.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parent
+ORGANISMS_DIR = EXPERIMENTS_DIR / "organisms" / "countdown"
+RESULTS_DIR = EXPERIMENTS_DIR / "results"
