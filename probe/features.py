@@ -46,6 +46,7 @@ from torch import Tensor
 from probe.entropy import PairStats, Trajectories, pair_stats
 from probe.forks import fork_mask
 from probe.hooks import resolve_hook
+from probe.norms import NORM_CONVENTIONS, norm_gain
 from probe.pair import Pair
 from probe.sae import check_sae, collect_activations, encode, predicting_positions
 
@@ -163,10 +164,14 @@ def decoder_logit_effects(
         raise ValueError(f"SAE d_in={d.shape[1]} != the model's unembedding width {w_u.shape[1]}; the logit "
                          "effect needs an SAE on this model's residual stream")
     if through_final_norm:
-        norm = hf_model.get_submodule(resolve_hook("ln_final.hook_normalized", hf_model).module_path)
-        if isinstance(norm, torch.nn.LayerNorm):
+        hook = resolve_hook("ln_final.hook_normalized", hf_model)
+        convention = hook.post.split(":", 1)[1]
+        norm = hf_model.get_submodule(hook.module_path)
+        if NORM_CONVENTIONS[convention][0] == "layer":
             d = d - d.mean(-1, keepdim=True)
-        d = d * norm.weight.detach().float().cpu()
+        gain = norm_gain(norm, convention)
+        if gain is not None:
+            d = d * gain.detach().float().cpu()
     eff = d @ w_u.T  # [features, vocab]
     return eff - eff.mean(-1, keepdim=True)
 

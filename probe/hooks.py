@@ -1,10 +1,12 @@
-"""The hook-site table: TransformerLens activation names, resolved for every backend by lookup.
+"""The hook-site names: TransformerLens activation names, resolved to a module of any HF model.
 
 What it is: one naming scheme for activations (TransformerLens's: `blocks.{L}.hook_resid_post`,
-...) and the data that maps each name to a Hugging Face module for the nnsight backend (and for
-plain torch hooks, e.g. steering). Architecture differences live in two dicts, `FAMILIES`
-(module paths of one layout) and `MODEL_TYPES` (`config.model_type` -> family); supporting a new
-architecture is one entry, never an `if arch == ...` branch.
+...) and `resolve_hook`, which maps a name to the Hugging Face module (and port) that holds it, for
+the nnsight backend and for plain torch hooks (steering). Where each component lives comes from the
+model's structure (`probe.structure.structure_of`: the decoder-layer list, each layer's attention
+and MLP / mixture-of-experts block, the final norm), for any decoder-only `*ForCausalLM`; the
+architecture facts the structure leaves ambiguous are data in `probe.structure.OVERRIDES`, never an
+`if arch == ...` branch.
 
 What it is not: running models or registering hooks (see `probe.pair`); the set of names is
 deliberately small (`SITES`), the activations every backend can give identically.
@@ -13,11 +15,16 @@ Semantics, matched to TransformerLens (`fold_ln=False`, no weight processing):
 - `blocks.{L}.hook_resid_pre`: input of block L (embeddings, plus positions for GPT-2, at L=0).
 - `blocks.{L}.hook_resid_post`: output of block L (before the final norm, also for the last block).
 - `blocks.{L}.hook_attn_out` / `blocks.{L}.hook_mlp_out`: what the attention / MLP sub-block adds
-  to the residual stream (the module's output, first element when it returns a tuple).
+  to the residual stream (the module's output, first element when it returns a tuple; the
+  post-norm's output where the layer normalises the sub-block's output before adding it, as
+  Gemma 2/3 and OLMo 2 do; a mixture-of-experts block's combined output). In hybrid layers the
+  token mixer may be linear attention or a state-space mixer: `hook_attn_out` is its output.
+  Scaled residuals (Granite's `residual_multiplier`) add `scale * attn_out`.
 - `ln_final.hook_normalized`: the final norm's normalised input *before* its affine weight (and
   bias), as TransformerLens defines it. HF modules only expose the norm's output, so for nnsight
-  the affine map is undone: (out - bias) / weight. Exact up to float rounding; undefined where a
-  weight is 0, and wrong for norms that scale by (1 + weight) (Gemma; not in the table).
+  the affine map is undone: (out - bias) / gain, with gain = weight, 1 + weight (Gemma, ...), or
+  none, by the norm's convention (`probe.norms.NORM_CONVENTIONS`). Exact up to float rounding;
+  undefined where the gain is 0.
 """
 
 from __future__ import annotations
@@ -26,7 +33,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-# site template -> (component of the family, "input" | "output", post-processing or None).
+from probe.structure import StructureError, structure_of
+
+# site template -> (component of the structure, "input" | "output", post-processing or None).
 SITES: dict[str, tuple[str, str, str | None]] = {
     "blocks.{L}.hook_resid_pre": ("layer", "input", None),
     "blocks.{L}.hook_attn_out": ("attn", "output", None),
@@ -35,38 +44,6 @@ SITES: dict[str, tuple[str, str, str | None]] = {
     "ln_final.hook_normalized": ("final_norm", "output", "undo_affine"),
 }
 """Execution order within a block is the dict order (nnsight must read activations in order)."""
-
-FAMILIES: dict[str, dict[str, str]] = {
-    "llama": {  # pre-norm decoder layers under `model.layers`
-        "layer": "model.layers.{L}",
-        "attn": "model.layers.{L}.self_attn",
-        "mlp": "model.layers.{L}.mlp",
-        "final_norm": "model.norm",
-    },
-    "gpt2": {
-        "layer": "transformer.h.{L}",
-        "attn": "transformer.h.{L}.attn",
-        "mlp": "transformer.h.{L}.mlp",
-        "final_norm": "transformer.ln_f",
-    },
-    "gpt_neox": {
-        "layer": "gpt_neox.layers.{L}",
-        "attn": "gpt_neox.layers.{L}.attention",
-        "mlp": "gpt_neox.layers.{L}.mlp",
-        "final_norm": "gpt_neox.final_layer_norm",
-    },
-}
-"""Module paths (relative to the `*ForCausalLM` model) of each layout's components."""
-
-MODEL_TYPES: dict[str, str] = {
-    "llama": "llama",
-    "mistral": "llama",
-    "qwen2": "llama",
-    "qwen3": "llama",
-    "gpt2": "gpt2",
-    "gpt_neox": "gpt_neox",
-}
-"""HF `config.model_type` -> family in `FAMILIES`."""
 
 _PATTERNS = {t: re.compile("^" + re.escape(t).replace(r"\{L\}", r"(\d+)") + "$") for t in SITES}
 
@@ -90,7 +67,8 @@ class ResolvedHook:
     port: str
     """"input" (first positional argument) or "output" (first element if a tuple)."""
     post: str | None
-    """Post-processing the HF value needs to equal the TransformerLens one (e.g. "undo_affine")."""
+    """Post-processing the HF value needs to equal the TransformerLens one: "undo_affine:<convention>"
+    (a key of `probe.norms.NORM_CONVENTIONS`) for ln_final, else None."""
 
     @property
     def order(self) -> tuple[int, int]:
@@ -106,33 +84,27 @@ def valid_sites(n_layers: int) -> str:
     return f"{', '.join(per_layer)} (L in 0..{n_layers - 1}), {', '.join(other)}"
 
 
-def family_of(model_type: str) -> dict[str, str]:
-    """The module-path family for a HF `config.model_type`; raises naming supported types."""
-    if model_type not in MODEL_TYPES:
-        raise HookSiteError(
-            f"no hook-site table entry for model_type={model_type!r}; supported: "
-            f"{sorted(MODEL_TYPES)}. Fix: add it to probe.hooks.MODEL_TYPES (pointing at a layout "
-            "in FAMILIES, or a new layout)."
-        )
-    return FAMILIES[MODEL_TYPES[model_type]]
-
-
-def _config_of(model: Any):
+def _hf_of(model: Any):
     for obj in (model, getattr(model, "hf", None), getattr(model, "_module", None)):
         cfg = getattr(obj, "config", None)
-        if cfg is not None and hasattr(cfg, "model_type"):
-            return cfg
+        if cfg is not None and hasattr(cfg, "model_type") and hasattr(obj, "named_modules"):
+            return obj
     raise TypeError(
-        f"cannot find a Hugging Face config on {type(model).__name__}; pass a HookedModel, an HF "
+        f"cannot find a Hugging Face model on {type(model).__name__}; pass a HookedModel, an HF "
         "causal LM or an nnsight TransformersModel"
     )
 
 
 def resolve_hook(name: str, model: Any) -> ResolvedHook:
     """Resolve a TransformerLens activation name for `model` (a `HookedModel`, an HF causal LM
-    or an nnsight `TransformersModel`). Raises `HookSiteError` listing the valid names."""
-    cfg = _config_of(model)
-    n_layers = int(cfg.num_hidden_layers)
+    or an nnsight `TransformersModel`). Raises `HookSiteError` listing the valid names, or naming
+    the piece of the model's structure that is missing and how to add an override."""
+    hf = _hf_of(model)
+    try:
+        struct = structure_of(hf)
+    except StructureError as e:
+        raise HookSiteError(f"cannot resolve {name!r} in {type(hf).__name__}: {e}") from e
+    n_layers = struct.n_layers
     for template, pattern in _PATTERNS.items():
         m = pattern.match(name)
         if m is None:
@@ -144,8 +116,12 @@ def resolve_hook(name: str, model: Any) -> ResolvedHook:
                 f"valid sites: {valid_sites(n_layers)}"
             )
         component, port, post = SITES[template]
-        path = family_of(cfg.model_type)[component].replace("{L}", str(layer))
-        return ResolvedHook(name, template, layer, path, port, post)
+        site = struct.site(component, layer)
+        if site.path is None:
+            raise HookSiteError(f"hook site {name!r} is not available in this {struct.model_type} model: {site.reason}")
+        if post == "undo_affine":
+            post = f"undo_affine:{struct.norm_convention}"
+        return ResolvedHook(name, template, layer, site.path, port, post)
     raise HookSiteError(
         f"unknown hook site {name!r}; valid sites: {valid_sites(n_layers)}. Fix: use a "
         "TransformerLens name from that list, e.g. 'blocks.0.hook_resid_post'."

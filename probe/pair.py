@@ -17,6 +17,8 @@ same logits as the row alone. Values at padded positions are meaningless.
 
 from __future__ import annotations
 
+import inspect
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,7 @@ from torch import Tensor
 from probe.backends import TL_ARCHITECTURES, to_hooked_transformer, to_nnsight
 from probe.checkpoint import load_causal_lm, resolve_device
 from probe.hooks import ResolvedHook, resolve_hook, site_name
+from probe.norms import normalized
 
 Backend = Literal["transformer_lens", "nnsight"]
 BACKENDS: tuple[str, ...] = ("transformer_lens", "nnsight")
@@ -66,7 +69,8 @@ class HookedModel:
 
     @property
     def d_model(self) -> int:
-        return int(self.hf.config.hidden_size)
+        cfg = self.hf.config.get_text_config(decoder=True)
+        return int(getattr(cfg, "hidden_size", None) or self.hf.get_input_embeddings().embedding_dim)
 
     @property
     def d_vocab(self) -> int:
@@ -74,7 +78,9 @@ class HookedModel:
 
     @property
     def n_ctx(self) -> int:
-        return int(self.hf.config.max_position_embeddings)
+        """Positions the model accepts: `max_position_embeddings`; unbounded (sys.maxsize) for
+        models without one (recurrent / state-space models)."""
+        return int(getattr(self.hf.config, "max_position_embeddings", None) or sys.maxsize)
 
     @property
     def device(self) -> torch.device:
@@ -118,22 +124,22 @@ class HookedModel:
 
     def _nnsight_forward(self, tokens, mask, hooks: list[ResolvedHook]):
         pos = (mask.cumsum(-1) - 1).clamp_min(0)  # [batch, pos]
+        takes = inspect.signature(type(self.hf).forward).parameters
+        kw = {"position_ids": pos} if "position_ids" in takes else {}  # recurrent / ALiBi: implicit
         saved = {}
-        with self.model.trace(tokens, attention_mask=mask, position_ids=pos):
+        with self.model.trace(tokens, attention_mask=mask, **kw):
             for h in hooks:  # in execution order: nnsight cannot go back in the forward pass
                 env = _envoy(self.model, h.module_path)
                 value = env.input if h.port == "input" else env.output
-                if isinstance(value, tuple):
+                if isinstance(value, (tuple, list)):  # (hidden, extras...): the first element
                     value = value[0]
-                saved[h.name] = value.save()
+                saved[h.name] = value.clone().save()  # a copy: layers may add to it in place later
             logits = self.model.output.logits.save()
         acts = {}
         for h in hooks:
             value = saved[h.name]
-            if h.post == "undo_affine":  # TL's hook_normalized is the norm before its weight/bias
-                norm = self.hf.get_submodule(h.module_path)
-                bias = getattr(norm, "bias", None)
-                value = (value - bias if bias is not None else value) / norm.weight
+            if h.post is not None and h.post.startswith("undo_affine:"):  # TL: the norm before its gain/bias
+                value = normalized(self.hf.get_submodule(h.module_path), value, h.post.split(":", 1)[1])
             acts[h.name] = value
         return logits.float(), acts
 
@@ -157,9 +163,12 @@ class HookedModel:
 
 
 def _envoy(model, path: str):
+    """The nnsight envoy of the submodule at `path` (children by name first: a submodule called
+    `output` or `input`, as in BERT blocks, would otherwise be read as the envoy's own property)."""
     env = model
     for part in path.split("."):
-        env = env[int(part)] if part.isdigit() else getattr(env, part)
+        children = dict(env._named_children())
+        env = children[part] if part in children else (env[int(part)] if part.isdigit() else getattr(env, part))
     return env
 
 

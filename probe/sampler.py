@@ -2,7 +2,7 @@
 
 What it is: the toolkit's measuring instrument and the RL trainer's rollout source. Rows are
 (prompt i, sample j), prompt-major (row = i * n + j). Each batch of rows prefills every unique
-prompt once (left-padded, `position_ids = cumsum(mask) - 1`), expands the `DynamicCache` to the
+prompt once (left-padded, `position_ids = cumsum(mask) - 1`), expands its KV cache to the
 rows, then decodes one token per step until every row has emitted eos or `max_new_tokens`. Rows
 that finished are dropped from the forward batch once a quarter of it has finished.
 
@@ -19,10 +19,15 @@ top-k / top-p as configured), since the point mass actually used has entropy 0. 
 with the k-th logit; top-p keeps the smallest prefix (by descending prob) whose mass reaches p.
 
 Interventions, one entry point: `intervention(state)` is called once per `sample_branches` call
-with a mutable `SamplingState`; the context manager it returns is entered once around every
-forward pass of every batch (prompt and each generated token) and exited in `finally`. The sampler
-updates `state` before each forward. During the prompt phase the forward batch has one item per
-unique prompt, shared by its n samples, so `state.row_ids` is -1 there (see `SamplingState`).
+with a mutable `SamplingState` and returns a context manager, which is entered once, before the
+first forward pass, and exited after the last one (in `finally`, also when sampling raises). In
+between, the sampler updates `state` in place before every forward pass of every batch (prompt
+and each generated token): hooks registered on entry read it to act per step and per row. During
+the prompt phase the forward batch has one item per prefill (by default one per unique prompt,
+shared by its n samples): `state.row_ids` is -1 there and `state.sample_index` holds a
+representative sample. An intervention that must treat a prompt's samples differently from the
+first token on (e.g. steer only some of them) defines `prefill_groups(n) -> [n] group ids`:
+samples in different groups get separate prefills, so each group's prompt activations can differ.
 
     @contextmanager
     def steer(state, v=torch.randn(64), layer=1):          # add v to layer 1's output,
@@ -32,6 +37,18 @@ unique prompt, shared by its n samples, so `state.row_ids` is -1 there (see `Sam
         try: yield
         finally: handle.remove()
     branches = sample_branches(model, tok, prompts, SamplerConfig(n=8), intervention=steer)
+
+Caches: each family's own (`probe.kv_cache`): the prefill starts from the cache `generate` would
+make (`DynamicCache(config=...)`, with sliding-window, chunked, indexed, linear-attention and
+hybrid layers as the config's layer types say), or lets the model make its own (MiniMax, RWKV,
+xLSTM) and reads it back; expanding a prompt's prefill to its n rows and dropping finished rows
+select batch rows of every state the cache holds (`probe.kv_cache.select_rows`), and a cache that
+cannot be reordered, or a forward that takes no cache, raises `probe.kv_cache.CacheError`.
+`position_ids` are passed only to forwards that take them (recurrent and ALiBi models derive
+positions themselves); where left padding is not safe (`probe.kv_cache.padding_unsafe`: no
+`attention_mask`, or a family whose HF code lets padding change real tokens' outputs), prompts of
+unequal length in one batch raise `PaddingError`; a family whose batched rows are not independent
+(`probe.kv_cache.batch_unsafe`) runs only with `batch_size=1`.
 
 What it is not: beam search, speculative decoding, stop strings, repetition penalties, or a
 continuous-batching server. One eos id (the tokenizer's); padding uses `pad_token_id` (else eos).
@@ -43,17 +60,31 @@ import inspect
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from transformers import DynamicCache
 
+from probe.kv_cache import (
+    CacheError,
+    batch_unsafe,
+    cache_arg,
+    new_cache,
+    padding_unsafe,
+    returned_cache,
+    select_rows,
+)
 from probe.rng import counter_uniforms
 
 
 class NonFiniteLogitsError(RuntimeError):
     """The model produced NaN or inf logits: never sampled, always raised."""
+
+
+class PaddingError(ValueError):
+    """Prompts of unequal length in one batch of a model for which left padding is not safe
+    (`probe.kv_cache.padding_unsafe`)."""
 
 
 @dataclass
@@ -125,7 +156,8 @@ class SamplingState:
     """What an intervention can read; updated by the sampler before every forward pass.
 
     The forward batch holds `batch` items: rows while generating; during the prompt phase one item
-    per unique prompt of the current row batch (its prefill is shared by the prompt's samples).
+    per prefill of the current row batch (a prompt, or a prompt and a prefill group when the
+    intervention defines `prefill_groups`), shared by the samples it continues.
     """
 
     step: int = -1
@@ -137,6 +169,9 @@ class SamplingState:
     """Global row id (i * n + j) of each batch item; -1 in the prompt phase (item = a prompt)."""
     prompt_index: Int[Tensor, " batch"] = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
     """Prompt index of each batch item (valid in both phases)."""
+    sample_index: Int[Tensor, " batch"] = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    """Sample index j of each row (row = i * n + j); in the prompt phase the smallest j of the prefill's
+    samples in this batch (every sample of a prefill shares its prefill group)."""
     active: Bool[Tensor, " batch"] = field(default_factory=lambda: torch.empty(0, dtype=torch.bool))
     """True for items still generating (always True in the prompt phase)."""
     tokens: Int[Tensor, "batch step"] = field(default_factory=lambda: torch.empty(0, 0, dtype=torch.long))
@@ -236,8 +271,9 @@ def sample_branches(
     eos, pad = _special_ids(tokenizer)
     dev = _resolve_device(model, cfg)
     params = inspect.signature(type(model).forward).parameters
-    fwd = ("cache" if "cache" in params else "past_key_values",  # renamed in transformers 5.x
-           {"use_cache": True, **({"logits_to_keep": 1} if "logits_to_keep" in params else {})})
+    fwd = (cache_arg(model),  # "cache" in transformers 5.x; some families name it otherwise
+           {"use_cache": True, **({"logits_to_keep": 1} if "logits_to_keep" in params else {})},
+           {k for k in ("position_ids", "attention_mask") if k in params}, padding_unsafe(model), batch_unsafe(model))
     rows, n, steps = len(ids) * cfg.n, cfg.n, cfg.max_new_tokens
     out_tok = torch.full((rows, steps), pad, dtype=torch.long, device=dev)
     out_mask = torch.zeros((rows, steps), dtype=torch.bool, device=dev)
@@ -245,14 +281,15 @@ def sample_branches(
     out_ent = torch.zeros((rows, steps), dtype=torch.float32, device=dev)
     key_t = torch.tensor(keys, dtype=torch.long, device=dev)
     state = SamplingState()
+    groups = prefill_groups(intervention, cfg.n, dev)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode(), (intervention(state) if intervention else nullcontext()):
             for r0 in range(0, rows, cfg.batch_size):
                 row_ids = torch.arange(r0, min(r0 + cfg.batch_size, rows), device=dev)
-                _run_batch(model, fwd, ids, key_t, row_ids, cfg, eos, pad, state,
-                           intervention is not None, (out_tok, out_mask, out_lp, out_ent))
+                _run_batch(model, fwd, ids, key_t, row_ids, cfg, eos, pad, state, intervention is not None,
+                           groups, (out_tok, out_mask, out_lp, out_ent))
     finally:
         model.train(was_training)
     eos_hit = ((out_tok == eos) & out_mask).any(-1).tolist()
@@ -261,26 +298,59 @@ def sample_branches(
                     ["eos" if e else "length" for e in eos_hit], ids)
 
 
-def _run_batch(model, fwd, ids, key_t, row_ids, cfg, eos, pad, state, track, outs) -> None:
-    """Prefill the unique prompts of `row_ids`, expand to rows, decode; write into `outs`."""
+def prefill_groups(intervention: Any, n: int, device) -> Int[Tensor, " n"]:
+    """Prefill group of each sample index 0..n-1: `intervention.prefill_groups(n)` if it defines
+    one (samples of a prompt in different groups get separate prefills), else all 0."""
+    fn = getattr(intervention, "prefill_groups", None)
+    if fn is None:
+        return torch.zeros(n, dtype=torch.long, device=device)
+    g = torch.as_tensor(fn(n), dtype=torch.long, device=device)
+    if g.shape != (n,):
+        raise ValueError(f"intervention.prefill_groups({n}) returned shape {tuple(g.shape)}; expected ({n},): "
+                         "one group id per sample index")
+    return g
+
+
+def _run_batch(model, fwd, ids, key_t, row_ids, cfg, eos, pad, state, track, groups, outs) -> None:
+    """Prefill the unique (prompt, prefill group) items of `row_ids`, expand to rows, decode;
+    write into `outs`."""
     out_tok, out_mask, out_lp, out_ent = outs
     n, steps, dev = cfg.n, cfg.max_new_tokens, row_ids.device
     p_row = row_ids // n  # [B] prompt index per row
-    p0, p1 = int(p_row[0]), int(p_row[-1]) + 1
-    inp, attn = _pad_left(ids[p0:p1], pad, dev)  # [P, L]
+    item_key = p_row * n + groups[row_ids % n]  # [B] (prompt, group), prompt-major like the rows
+    keys, sel = torch.unique(item_key, return_inverse=True)  # sorted: prompt-major; sel: [B] item of each row
+    first = torch.zeros(len(keys), dtype=torch.long, device=dev).scatter_reduce(
+        0, sel, row_ids, reduce="amin", include_self=False)  # [P] a representative row of each item
+    item_prompt = (first // n).tolist()
+    inp, attn = _pad_left([ids[i] for i in item_prompt], pad, dev)  # [P, L]
     pos = (attn.cumsum(-1) - 1).clamp_min(0)  # [P, L]
-    cache = DynamicCache(config=model.config)
-    fwd = {fwd[0]: cache, **fwd[1]}
+    name, extra, takes, unsafe, unbatched = fwd
+    if unbatched and len(row_ids) > 1:
+        raise CacheError(f"rows of one forward batch are not independent in {type(model).__name__}: {unbatched}. "
+                         "Fix: SamplerConfig(batch_size=1) (one row per forward, each prefilled alone).")
+    if unsafe and not bool(attn.all()):
+        raise PaddingError(f"prompts {sorted(set(item_prompt))} of one batch differ in length, and left padding is not "
+                           f"safe for {type(model).__name__}: {unsafe}. Fix: SamplerConfig(batch_size={cfg.n}) "
+                           "(one prompt per forward), or prompts of equal length.")
+    cache = new_cache(model)  # None: the model makes its own in the prefill
+
+    def forward(input_ids, mask, position_ids):
+        kw = {**extra, **({name: cache} if cache is not None else {})}
+        kw |= {"attention_mask": mask} if "attention_mask" in takes else {}
+        kw |= {"position_ids": position_ids} if "position_ids" in takes else {}
+        return model(input_ids=input_ids, **kw)
     if track:
         state.step, state.phase, state.position_ids = -1, "prompt", pos
-        state.row_ids = torch.full((p1 - p0,), -1, dtype=torch.long, device=dev)
-        state.prompt_index = torch.arange(p0, p1, device=dev)
-        state.active = torch.ones(p1 - p0, dtype=torch.bool, device=dev)
-        state.tokens = torch.empty(p1 - p0, 0, dtype=torch.long, device=dev)
-    logits = model(input_ids=inp, attention_mask=attn, position_ids=pos, **fwd).logits[:, -1]
-    sel = p_row - p0  # [B] which prefilled prompt each row continues
-    if p1 - p0 != len(row_ids):
-        cache.batch_select_indices(sel)
+        state.row_ids = torch.full((len(keys),), -1, dtype=torch.long, device=dev)
+        state.prompt_index = first // n
+        state.sample_index = first % n  # a representative: every sample of the item shares its group
+        state.active = torch.ones(len(keys), dtype=torch.bool, device=dev)
+        state.tokens = torch.empty(len(keys), 0, dtype=torch.long, device=dev)
+    out = forward(inp, attn, pos)
+    logits = out.logits[:, -1]
+    cache = cache if cache is not None else returned_cache(out, name)
+    if len(keys) != len(row_ids):
+        cache = select_rows(cache, sel)
         logits = logits[sel]
     width = attn.shape[1]
     attn = torch.cat([attn[sel], attn.new_ones(len(row_ids), steps)], dim=1)  # [B, L + steps]
@@ -320,13 +390,14 @@ def _run_batch(model, fwd, ids, key_t, row_ids, cfg, eos, pad, state, track, out
             break
         if 4 * n_active <= 3 * len(loc):  # drop finished rows from the forward batch
             keep = active.nonzero().squeeze(-1)
-            cache.batch_select_indices(keep)
+            cache = select_rows(cache, keep)
             loc, active, tok, attn, next_pos = loc[keep], active[keep], tok[keep], attn[keep], next_pos[keep]
             if uniforms is not None:
                 uniforms = uniforms[keep]
         if track:
             state.step, state.phase, state.position_ids = t, "generate", next_pos + t
-            state.row_ids, state.prompt_index, state.active = loc, loc // n, active
+            state.row_ids, state.prompt_index, state.sample_index, state.active = loc, loc // n, loc % n, active
             state.tokens = out_tok[loc, : t + 1]
-        logits = model(input_ids=tok[:, None], attention_mask=attn[:, : width + t + 1],
-                       position_ids=next_pos + t, **fwd).logits[:, -1]
+        out = forward(tok[:, None], attn[:, : width + t + 1], next_pos + t)
+        logits = out.logits[:, -1]
+        cache = cache if getattr(out, name, None) is None else getattr(out, name)  # RWKV returns new states

@@ -45,7 +45,9 @@ from steering.derive import (
     sae_vector,
 )
 from steering.gates import GATES, WHERE, after_tokens
+from steering.layer_restore import restore_layers as restore_layers
 from steering.patching import Patching, patch
+from steering.repulsion import Repulsion as Repulsion
 from steering.trace import SteeringTrace
 from steering.vectors import SteeringVector, SteeringVectorError
 

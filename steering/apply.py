@@ -63,8 +63,12 @@ class Steering:
     def __init__(self, model: Any, sites: Sequence[str], *, gate: str = "always", where: str = "generated",
                  threshold: float | None = None, detector: Any = None, detector_layer: int | None = None,
                  planning: Callable | None = None, base: Any = None, trace: bool = False,
-                 shadow_sites: Sequence[str] = ()):
+                 shadow_sites: Sequence[str] = (), fraction: float | None = None):
         check_gate(gate, where, threshold, base, detector, planning)
+        if fraction is not None and not (isinstance(fraction, (int, float)) and 0 <= fraction <= 1):
+            raise ValueError(f"fraction={fraction!r} is outside [0, 1]: it is the share of each prompt's samples "
+                             "that are steered (by sample index). Fix: pass e.g. fraction=0.25, or None for all.")
+        self.fraction = None if fraction is None else float(fraction)
         self.targets = targets(model)
         self.sites, self.gate, self.where, self.threshold, self.planning = list(sites), gate, where, threshold, planning
         self.detector, self.det_site, det_in_pass = detector, None, True
@@ -95,6 +99,16 @@ class Steering:
     def condition(self, b: int, s: int, device) -> Int[Tensor, "batch seq"] | None:
         """Per-position condition index from the sampler state (-1: do not steer); None: no conditions."""
         return None
+
+    def steered_samples(self, n: int) -> int:
+        """How many samples of each prompt are steered (indices 0..m-1): round(fraction * n), or n."""
+        return n if self.fraction is None else int(round(self.fraction * n))
+
+    def prefill_groups(self, n: int) -> Int[Tensor, " n"]:
+        """Sampler hook: steered and unsteered samples of a prompt get separate prefills, so the
+        steered ones are steered from their first prompt token on (`where="all"`) and the others not."""
+        self._n = n
+        return (torch.arange(n) >= self.steered_samples(n)).long()
 
     # --- context manager / sampler intervention --------------------------------------------------
     def __enter__(self) -> Steering:
@@ -241,6 +255,12 @@ class Steering:
         elif w != "prompt":
             decide[:] = st.active[:, None].to(device)
         mask = prompt | (decide & self._gate(b, s, device)) if decide.any() else prompt
+        if self.fraction is not None:
+            if st is None:
+                raise SteeringError(f"fraction={self.fraction} steers some samples of each prompt: run it as the "
+                                    "intervention= of probe.sampler.sample_branches, which knows each row's sample")
+            rows = st.sample_index.to(device) < self.steered_samples(self._n)  # [b]
+            mask = mask & rows[:, None]
         cond = self.condition(b, s, device)
         if cond is not None:
             self._fwd["cond"] = cond

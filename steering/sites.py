@@ -4,7 +4,7 @@ What it is: `targets(model)` lists the module trees a model object runs on (a HF
 `probe.pair.HookedModel` (its HF model, plus its TransformerLens model for that backend), an
 nnsight `TransformersModel` (its HF module), a TransformerLens `HookedTransformer`), and
 `on_site` registers a read-or-replace hook at a `probe.hooks` name on one of them: the resolved HF
-module's input / output (first element of a tuple) or the TransformerLens hook point.
+module's input / output (first element of a tuple or list) or the TransformerLens hook point.
 `site_order` gives the forward-execution order of a name without a model.
 
 What it is not: the name table itself (`probe.hooks`).
@@ -65,6 +65,9 @@ def on_site(kind: str, model: Any, name: str, fn: Callable[[Tensor], Tensor | No
         return module.register_forward_pre_hook(pre, with_kwargs=True)
 
     def post(m, args, out):
-        y = fn(out[0] if isinstance(out, tuple) else out)
-        return None if y is None else ((y, *out[1:]) if isinstance(out, tuple) else y)
+        seq = isinstance(out, (tuple, list))  # (hidden, extras...) as a tuple, or a list (GPT-1 blocks)
+        y = fn(out[0] if seq else out)
+        if y is None or not seq:
+            return y
+        return [y, *out[1:]] if isinstance(out, list) else (y, *out[1:])
     return module.register_forward_hook(post)

@@ -1,15 +1,31 @@
 """Hooked pairs: the hook-site table, nnsight on tiny random HF models of several families, the
 TransformerLens backend against nnsight on the organism, and the errors a bad pair must raise."""
 
+import copy
+
 import pytest
 import torch
 
+from probe import structure
 from probe.entropy import pair_stats, token_stats, trajectories_from_branches
-from probe.hooks import FAMILIES, MODEL_TYPES, SITES, HookSiteError, resolve_hook
+from probe.hooks import SITES, HookSiteError, resolve_hook
 from probe.pair import ContextLengthError, PairMismatchError, load_pair, wrap
 from probe.sampler import SamplerConfig, sample_branches
 
 ALL_SITES = [t for t in SITES if "{L}" in t]
+
+# The hand-written table these six types were resolved by before module paths came from the
+# structure (probe.structure): the structure must find exactly these modules.
+OLD_FAMILIES = {
+    "llama": {"layer": "model.layers.{L}", "attn": "model.layers.{L}.self_attn",
+              "mlp": "model.layers.{L}.mlp", "final_norm": "model.norm"},
+    "gpt2": {"layer": "transformer.h.{L}", "attn": "transformer.h.{L}.attn",
+             "mlp": "transformer.h.{L}.mlp", "final_norm": "transformer.ln_f"},
+    "gpt_neox": {"layer": "gpt_neox.layers.{L}", "attn": "gpt_neox.layers.{L}.attention",
+                 "mlp": "gpt_neox.layers.{L}.mlp", "final_norm": "gpt_neox.final_layer_norm"},
+}
+OLD_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
+                   "gpt2": "gpt2", "gpt_neox": "gpt_neox"}
 
 
 def _extra_config(arch: str):
@@ -39,22 +55,75 @@ def _build(arch, tiny_lm, seed=0):
     return AutoModelForCausalLM.from_config(_extra_config(arch), attn_implementation="sdpa").eval()
 
 
-def test_table_resolves_every_family_and_unknown_sites_list_the_valid_ones(tiny_lm):
+@pytest.mark.parametrize("arch", sorted(OLD_MODEL_TYPES))
+def test_structure_finds_exactly_the_modules_of_the_old_table(arch, tiny_lm):
+    hf = _build(arch, tiny_lm)
+    assert hf.config.model_type == arch
+    family = OLD_FAMILIES[OLD_MODEL_TYPES[arch]]
+    for template, (component, port, _) in SITES.items():
+        for layer in ((0, 1) if "{L}" in template else (None,)):
+            name = template.replace("{L}", str(layer))
+            r = resolve_hook(name, hf)
+            want = family[component].replace("{L}", str(layer))
+            assert (r.module_path, r.port, r.layer) == (want, port, layer), \
+                f"{arch} {name}: the structure must resolve the module the old table named"
+    assert arch not in structure.OVERRIDES, "the six original types need no override"
+
+
+def test_finding_the_structure_runs_no_forward_a_hook_can_see(tiny_lm):
+    hf = tiny_lm("llama")
+    calls = []
+    handle = hf.model.layers[0].register_forward_hook(lambda m, a, o: calls.append(1))
+    try:
+        assert resolve_hook("blocks.0.hook_mlp_out", hf).module_path == "model.layers.0.mlp"
+        assert calls == [], "the structure's traced forward must not reach hooks already on the model"
+        with torch.inference_mode():
+            hf(torch.tensor([[3, 4, 5]]))
+        assert calls == [1], "the model's own hooks must be back after the trace"
+    finally:
+        handle.remove()
+
+
+def test_unknown_sites_list_the_valid_ones(tiny_lm):
     qwen, gpt2 = tiny_lm("qwen2"), tiny_lm("gpt2")
-    assert resolve_hook("blocks.1.hook_resid_post", qwen).module_path == "model.layers.1"
-    assert resolve_hook("blocks.1.hook_resid_post", gpt2).module_path == "transformer.h.1"
-    assert resolve_hook("blocks.0.hook_attn_out", gpt2).module_path == "transformer.h.0.attn"
     ln = resolve_hook("ln_final.hook_normalized", qwen)
-    assert (ln.module_path, ln.layer, ln.post) == ("model.norm", None, "undo_affine")
-    for family in set(MODEL_TYPES.values()):
-        assert set(FAMILIES[family]) == {c for c, _, _ in SITES.values()}, f"{family} lacks a component"
+    assert (ln.module_path, ln.layer, ln.post) == ("model.norm", None, "undo_affine:rms")
+    assert resolve_hook("ln_final.hook_normalized", gpt2).post == "undo_affine:layer"
     with pytest.raises(HookSiteError, match=r"unknown hook site 'blocks.0.hook_resid_mid'.*blocks.\{L\}.hook_resid_post \(L in 0..1\)"):
         resolve_hook("blocks.0.hook_resid_mid", qwen)
     with pytest.raises(HookSiteError, match="layer 2 is out of range for a 2-layer model"):
         resolve_hook("blocks.2.hook_resid_post", qwen)
-    qwen.config.model_type = "mamba"
-    with pytest.raises(HookSiteError, match="model_type='mamba'; supported"):
-        resolve_hook("blocks.0.hook_resid_post", qwen)
+
+
+def test_a_missing_or_ambiguous_piece_is_named_with_the_override_that_fixes_it(tiny_lm, monkeypatch):
+    hf = tiny_lm("qwen2")
+    for layer in hf.model.layers:  # hide the attention from the module tree (forward still finds it)
+        attn = layer._modules.pop("self_attn")
+        object.__setattr__(layer, "self_attn", attn)
+        layer.extra_mlp = copy.deepcopy(layer.mlp)  # a second MLP candidate the forward never runs
+    with pytest.raises(HookSiteError, match=r"no attention \(token-mixing\) module found in model.layers.0 .*"
+                                            r"Fix: add probe.structure.OVERRIDES\['qwen2'\] = \{'attn'"):
+        resolve_hook("blocks.0.hook_attn_out", hf)
+    with pytest.raises(HookSiteError, match=r"several MLP / mixture-of-experts candidates in model.layers.1: "
+                                            r"\['mlp', 'extra_mlp'\].*OVERRIDES\['qwen2'\] = \{'mlp'"):
+        resolve_hook("blocks.1.hook_mlp_out", hf)
+    assert resolve_hook("blocks.1.hook_resid_post", hf).module_path == "model.layers.1", \
+        "a missing mixer must not take the residual sites down with it"
+
+    class L2Norm(torch.nn.Module):  # a final norm of no known convention
+        def forward(self, x):
+            return x / x.norm(dim=-1, keepdim=True)
+
+    hf2 = tiny_lm("qwen2")
+    hf2.model.norm = L2Norm()
+    with pytest.raises(HookSiteError, match="unknown norm convention of the final norm L2Norm.*OVERRIDES"):
+        resolve_hook("ln_final.hook_normalized", hf2)
+    monkeypatch.setitem(structure.OVERRIDES, "qwen2", {"mlp": "model.layers.{L}.mlp", "final_norm": None})
+    hf3 = tiny_lm("qwen2")
+    hf3.model.layers[1].extra_mlp = copy.deepcopy(hf3.model.layers[1].mlp)
+    assert resolve_hook("blocks.1.hook_mlp_out", hf3).module_path == "model.layers.1.mlp", "an override settles it"
+    with pytest.raises(HookSiteError, match="qwen2 has no final norm \\(OVERRIDES\\)"):
+        resolve_hook("ln_final.hook_normalized", hf3)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "mistral", "qwen3", "gpt_neox"])

@@ -1,0 +1,328 @@
+"""Training a `steering.learned.LearnedEdit` on the frozen RL model: distillation or a breadth reward.
+
+What it is: one small loop, `learn`, that changes only the edit's parameters (the RL model's
+weights never receive a gradient). Each step draws `prompts_per_step` training prompts from the
+caller's stream, samples `group_size` completions of each from the *steered* RL model with the
+toolkit's sampler (on-policy, seeded per step), scores them with the task, and takes one Adam step
+on one of two objectives:
+
+- `distill`: KL(base || steered RL) of the next-token distributions at the answer positions of
+  those samples (all answer tokens, or only the base model's forks: `distill_at="forks"`, the
+  top-`rho` positions of the batch by base entropy). Needs the base model at training time only.
+- `breadth`: REINFORCE on the edit's parameters with a group-relative reward that pays for
+  *new* correct solutions. `reward="unique"`: a correct sample earns 1 / (how many samples of its
+  group share its canonical solution), so a group's total reward is its number of distinct correct
+  solutions; `reward="pass_at_k"`: the pass@k advantage of arXiv:2508.10751 (Chen et al., "Pass@k
+  Training"): a correct sample's advantage is the group's pass@k, 1 - C(n_wrong, k) / C(n, k),
+  minus the mean, and a wrong one's the pass@k it costs (the analytic form of their Sec. 3.3).
+  Advantages are centred per group (and divided by the group's std unless `std_normalize=False`);
+  the loss is the token-mean of -advantage * log p(token) over the answer tokens. On-policy and one
+  update per batch, so the PPO ratio is 1: plain policy gradient, no clipping.
+  `anchor` > 0 adds anchor * KL(RL || steered RL) at the answer tokens of role `anchor_role`
+  ("execution" by default: the tokens the rules force, where any change is an error), which
+  protects pass@1 while the planning tokens are free to branch.
+
+Resumable: every `save_every` steps (and at the end) the edit is saved to `out` with its
+provenance and the loop state (`<out>.state.pt`: optimizer, step, log; `torch.load` with
+`weights_only=True`); a rerun with the same `out` continues from there. The log (one dict per step)
+is returned and stored in the provenance.
+
+What it is not: a trainer of the model's weights (see the organism's GRPO for that) or a sampler.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from probe.entropy import entropy_and_logprob, kl, trajectories_from_branches
+from probe.evaluate import ROLE_CODE, score_branches
+from probe.forks import fork_mask
+from probe.sampler import SamplerConfig, sample_branches
+from probe.task import Task
+from steering.learned import KINDS, LearnedEdit
+
+OBJECTIVES = ("distill", "breadth")
+REWARDS = ("unique", "novel", "pass_at_k")
+DISTILL_AT = ("answer", "forks", "planning")
+
+
+@dataclass
+class LearnConfig:
+    """How to learn an edit on the frozen RL model (see the module docstring)."""
+
+    objective: str = "breadth"
+    """"distill" (KL(base || steered RL)) or "breadth" (policy gradient on a breadth reward)."""
+    kind: str = "vector"
+    """Edit kind: "vector", "position", "mode", "sae" or "lowrank" (`steering.learned`)."""
+    layers: tuple[int, ...] = (0, 1, 2, 3)
+    """Blocks whose `blocks.{L}.hook_resid_post` is edited."""
+    n_positions: int = 8
+    """Answer-position buckets of the "position" kind."""
+    rank: int = 4
+    """Rank of the "lowrank" kind (<= 4)."""
+    n_modes: int = 4
+    """Modes of the "mode" kind (sample j uses mode j mod n_modes)."""
+    where: str = "all"
+    """Positions edited: "all" (prompt tokens too) or "generated" (decision positions only)."""
+    steps: int = 150
+    """Adam steps."""
+    lr: float = 0.01
+    """Adam learning rate."""
+    prompts_per_step: int = 16
+    """Training prompts per step."""
+    group_size: int = 16
+    """Completions per prompt (the group of the breadth reward)."""
+    temperature: float = 1.0
+    """Sampling temperature of the on-policy samples."""
+    max_new_tokens: int = 32
+    """Completion length cap of the samples."""
+    reward: str = "unique"
+    """Breadth reward: "unique" (correct / multiplicity in the group), "novel" (a steered sample's
+    solution absent from the group's unsteered samples, / its multiplicity; needs fraction < 1) or
+    "pass_at_k"."""
+    fraction: float = 1.0
+    """Share of each group's samples the edit steers while learning (sample indices < round(f n));
+    the rest are the RL model's own, the reference of the "novel" reward. Only steered samples
+    enter the loss."""
+    k: int = 8
+    """k of the pass@k reward."""
+    std_normalize: bool = True
+    """Divide group-centred advantages by the group's std (GRPO style)."""
+    anchor: float = 0.0
+    """Weight of KL(RL || steered RL) at `anchor_role` tokens (either objective)."""
+    anchor_role: str = "execution"
+    """Role of the anchored tokens: "execution", "planning" or "all"."""
+    distill_at: str = "answer"
+    """Distillation positions: "answer" (every answer token), "forks" (the base model's top-rho) or
+    "planning" (tokens the task labels planning: plan like the base, execute like RL with `anchor`)."""
+    rho: float = 0.2
+    """Fork fraction of distill_at="forks"."""
+    seed: int = 0
+    """Seed of the initialisation and of each step's sampling (seed * 1_000_003 + step)."""
+    save_every: int = 25
+    """Save the edit and the loop state every this many steps (0 = only at the end)."""
+    batch_size: int = 512
+    """Sampler rows per forward pass."""
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, what: str, fix: str) -> None:
+            if not ok:
+                raise ValueError(f"LearnConfig: {what}. Fix: {fix}.")
+
+        need(self.objective in OBJECTIVES, f"objective={self.objective!r} is not one of {OBJECTIVES}", "pick one")
+        need(self.kind in KINDS, f"kind={self.kind!r} is not one of {KINDS}", "pick one")
+        need(self.reward in REWARDS, f"reward={self.reward!r} is not one of {REWARDS}", "pick one")
+        need(self.where in ("all", "generated"), f"where={self.where!r}", "use 'all' or 'generated'")
+        need(self.anchor_role in ("execution", "planning", "all"), f"anchor_role={self.anchor_role!r}",
+             "use 'execution', 'planning' or 'all'")
+        need(self.distill_at in DISTILL_AT, f"distill_at={self.distill_at!r} is not one of {DISTILL_AT}", "pick one")
+        need(0 < self.fraction <= 1, f"fraction={self.fraction} is outside (0, 1]", "steer e.g. 0.25 of the samples")
+        need(self.reward != "novel" or self.fraction < 1, "reward='novel' needs unsteered samples to compare with",
+             "use fraction < 1 (e.g. 0.25)")
+        need(bool(self.layers), "layers is empty", "pass e.g. --layers 0 1 2 3")
+        for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "k"):
+            need(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1", "use a positive value")
+        need(self.reward != "pass_at_k" or self.k <= self.group_size, f"k={self.k} exceeds group_size="
+             f"{self.group_size}", "use k <= group_size")
+        need(self.lr > 0 and self.anchor >= 0, f"lr={self.lr}, anchor={self.anchor}", "lr > 0 and anchor >= 0")
+
+
+def unique_reward(keys: Sequence[Any], group_size: int) -> Float[Tensor, " rows"]:
+    """Per row (prompt-major groups of `group_size`): 1 / multiplicity of its canonical key within
+    its group if correct (key not None), else 0. A group's rewards sum to its distinct correct count."""
+    out = torch.zeros(len(keys), dtype=torch.float32)
+    for g0 in range(0, len(keys), group_size):
+        grp = keys[g0:g0 + group_size]
+        counts: dict[Any, int] = {}
+        for key in grp:
+            if key is not None:
+                counts[key] = counts.get(key, 0) + 1
+        for j, key in enumerate(grp):
+            if key is not None:
+                out[g0 + j] = 1.0 / counts[key]
+    return out
+
+
+def pass_at_k_advantage(correct: Tensor, group_size: int, k: int) -> Float[Tensor, " rows"]:
+    """The analytic pass@k advantage (arXiv:2508.10751) per row of prompt-major groups of n.
+
+    A sample's advantage is the mean pass@k reward of the k-subsets of its group that contain it,
+    minus the group's mean R = 1 - C(n_wrong, k) / C(n, k), divided by s = sqrt(R (1 - R)) (1 when
+    s = 0): correct rows get (1 - R) / s, wrong rows (1 - R - C(n_wrong - 1, k - 1) / C(n - 1, k - 1)) / s.
+    """
+    c = correct.float().view(-1, group_size)  # [groups, n]
+    n = group_size
+    wrong = (n - c.sum(1)).long().tolist()
+
+    def comb(a: int, b: int) -> float:
+        return math.comb(a, b) if 0 <= b <= a else 0.0
+
+    out = torch.zeros_like(c)
+    for g, w in enumerate(wrong):
+        r = 1.0 - comb(w, k) / comb(n, k)
+        s = math.sqrt(max(r * (1 - r), 0.0)) or 1.0
+        neg = (1.0 - r - comb(w - 1, k - 1) / comb(n - 1, k - 1)) / s if w > 0 else 0.0
+        out[g] = torch.where(c[g] > 0, torch.tensor((1.0 - r) / s), torch.tensor(neg))
+    return out.view(-1)
+
+
+def _group_normalise(r: Tensor, group_size: int, std: bool) -> Tensor:
+    g = r.view(-1, group_size)
+    a = g - g.mean(1, keepdim=True)
+    if std:
+        a = a / (g.std(1, keepdim=True) + 1e-6)
+    return a.view(-1)
+
+
+def learn(rl_model: Any, tokenizer: Any, task: Task, prompts: Callable[[int, int], list[str]], cfg: LearnConfig,
+          out: str | Path, base_model: Any = None, provenance: dict | None = None,
+          dictionary: Any = None) -> tuple[LearnedEdit, list[dict]]:
+    """Train a `LearnedEdit` on `rl_model` (frozen) and save it to `out`; returns it and the log.
+
+    prompts(step, count) -> `count` training prompts for that step (deterministic in step, so a
+    resumed run sees the same data). base_model: needed by the "distill" objective only.
+    dictionary: the `steering.sae_edit.FeatureDictionary` of kind="sae" (its site sets the layer).
+    """
+    if cfg.objective == "distill" and base_model is None:
+        raise ValueError("objective='distill' needs base_model= (the teacher); breadth needs none")
+    out = Path(out)
+    state_path = out.with_name(out.name + ".state.pt")
+    dev = next(rl_model.parameters()).device
+    for p in rl_model.parameters():
+        p.requires_grad_(False)
+    layers = [] if cfg.kind == "sae" else list(cfg.layers)
+    edit = LearnedEdit(int(rl_model.config.hidden_size), layers, cfg.kind, n_positions=cfg.n_positions,
+                       rank=cfg.rank, n_modes=cfg.n_modes, seed=cfg.seed,
+                       dictionary=dictionary).to(dev)
+    opt = torch.optim.Adam(edit.parameters(), lr=cfg.lr)
+    log: list[dict] = []
+    start = 0
+    if state_path.is_file() and out.is_file():
+        loaded = LearnedEdit.load(out)
+        edit.load_state_dict(loaded.state_dict())
+        st = torch.load(state_path, weights_only=True)
+        opt.load_state_dict(st["optimizer"])
+        start, log = int(st["step"]), [dict(zip(st["log_keys"], row)) for row in st["log"].tolist()]
+    steer = edit.apply(rl_model, where=cfg.where, fraction=None if cfg.fraction == 1 else cfg.fraction)
+    m = steer.steered_samples(cfg.group_size)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    t0 = time.time()
+    for step in tqdm(range(start, cfg.steps), desc=f"learn {cfg.objective}", initial=start, total=cfg.steps):
+        batch = prompts(step, cfg.prompts_per_step)
+        scfg = SamplerConfig(n=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                             seed=cfg.seed * 1_000_003 + step, batch_size=cfg.batch_size, device=str(dev))
+        branches = sample_branches(rl_model, tokenizer, batch, scfg, intervention=steer)
+        scored = score_branches(branches, batch, task, tokenizer)
+        traj = trajectories_from_branches(branches, scored.roles, pad_id=pad)
+        tokens, attn, ans = traj.tokens.to(dev), traj.attention_mask.to(dev), traj.answer_mask.to(dev)
+        steered = (branches.sample_index < m).to(dev)  # [rows]
+        buckets = edit.buckets(attn, ans, branches.sample_index.to(dev), cfg.where).masked_fill(~steered[:, None], -1)
+        with steer, steer.positions(buckets):
+            logits = rl_model(input_ids=tokens, attention_mask=attn.long()).logits  # [rows, T, V]
+        roles, ans_s = traj.roles.to(dev), ans & steered[:, None]  # answer tokens of steered rows
+        rec: dict[str, float] = {"step": step, "pass_rate": scored.correct[steered.cpu()].float().mean().item(),
+                                 "distinct_per_group": float(unique_reward(scored.canonical, cfg.group_size).sum()
+                                                             / len(batch))}
+        if cfg.objective == "distill":
+            loss = _distill_loss(cfg, base_model, logits, tokens, attn, ans_s, roles, rec)
+        else:
+            loss = _breadth_loss(cfg, scored, m, logits, tokens, ans_s, dev, rec)
+        if cfg.anchor > 0:
+            with torch.no_grad():
+                plain = rl_model(input_ids=tokens, attention_mask=attn.long()).logits
+            sel = ans_s if cfg.anchor_role == "all" else ans_s & (roles == ROLE_CODE[cfg.anchor_role])
+            anchor = kl(plain[:, :-1], logits[:, :-1])[sel[:, 1:]].mean() if sel.any() else logits.new_zeros(())
+            loss = loss + cfg.anchor * anchor
+            rec["anchor_kl"] = anchor.item()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        rec["loss"], rec["seconds"] = loss.item(), time.time() - t0
+        log.append(rec)
+        done = step + 1
+        if done == cfg.steps or (cfg.save_every and done % cfg.save_every == 0):
+            _save(edit, opt, out, state_path, done, log, cfg, provenance)
+    if start >= cfg.steps and not out.is_file():
+        _save(edit, opt, out, state_path, start, log, cfg, provenance)
+    edit.meta = LearnedEdit.load(out).meta
+    return edit, log
+
+
+def _distill_loss(cfg: LearnConfig, base_model: Any, logits: Tensor, tokens: Tensor, attn: Tensor, ans: Tensor,
+                  roles: Tensor, rec: dict) -> Tensor:
+    """KL(base || steered) at `cfg.distill_at` answer tokens (position t - 1 predicts token t)."""
+    with torch.no_grad():
+        base_logits = base_model(input_ids=tokens, attention_mask=attn.long()).logits
+    where = ans
+    if cfg.distill_at == "forks":
+        h_base, _ = entropy_and_logprob(base_logits, tokens)
+        where = fork_mask(h_base, ans, cfg.rho)
+    elif cfg.distill_at == "planning":
+        where = ans & (roles == ROLE_CODE["planning"])
+    d = kl(base_logits[:, :-1], logits[:, :-1])  # [rows, T-1]
+    loss = d[where[:, 1:]].mean() if where.any() else logits.new_zeros(())
+    rec["kl_base_steered"] = loss.item()
+    return loss
+
+
+def novel_reward(keys: Sequence[Any], group_size: int, m: int) -> Float[Tensor, " rows"]:
+    """Per row of prompt-major groups whose first `m` samples were steered: a steered correct sample
+    earns 1 / (its multiplicity among the steered samples) if no unsteered sample of its group found
+    its solution, else 0; unsteered rows get 0. A group's total = the solutions only steering found."""
+    out = torch.zeros(len(keys), dtype=torch.float32)
+    for g0 in range(0, len(keys), group_size):
+        ref = {k for k in keys[g0 + m:g0 + group_size] if k is not None}
+        new = [k if k is not None and k not in ref else None for k in keys[g0:g0 + m]]
+        out[g0:g0 + m] = unique_reward(new, m)
+    return out
+
+
+def _breadth_loss(cfg: LearnConfig, scored: Any, m: int, logits: Tensor, tokens: Tensor, ans: Tensor, dev: Any,
+                  rec: dict) -> Tensor:
+    """Policy gradient of the breadth reward over the steered rows (token mean of -A log p)."""
+    g = cfg.group_size
+    if cfg.reward == "unique":
+        r = unique_reward(scored.canonical, g)
+    elif cfg.reward == "novel":
+        r = novel_reward(scored.canonical, g, m)
+    else:
+        r = None
+    if r is None:
+        adv = pass_at_k_advantage(scored.correct, g, cfg.k)
+    else:  # centre (and scale) over the steered rows of each group
+        rs = r.view(-1, g)[:, :m]
+        a = rs - rs.mean(1, keepdim=True)
+        if cfg.std_normalize and m > 1:
+            a = a / (rs.std(1, keepdim=True) + 1e-6)
+        adv = torch.zeros(r.numel() // g, g)
+        adv[:, :m] = a
+        adv = adv.view(-1)
+        rec["reward"] = rs.sum().item() / rs.shape[0]
+    _, logp = entropy_and_logprob(logits, tokens)  # [rows, T]
+    loss = -(adv.to(dev)[:, None] * logp)[ans].mean()
+    rec["pg_loss"] = loss.item()
+    return loss
+
+
+def _save(edit: LearnedEdit, opt, out: Path, state_path: Path, step: int, log: list[dict], cfg: LearnConfig,
+          provenance: dict | None) -> None:
+    keys = sorted({k for r in log for k in r})
+    prov = {"objective": cfg.objective, "steps": step, "seed": cfg.seed, "config": asdict(cfg),
+            "n_params": edit.n_params(), **(provenance or {}),
+            "final": log[-1] if log else None}
+    edit.save(out, provenance=prov, recommended={"where": cfg.where, "coef": 1.0, "temperature": cfg.temperature})
+    tmp = state_path.with_name(state_path.name + ".tmp")
+    torch.save({"optimizer": opt.state_dict(), "step": step, "log_keys": keys,
+                "log": torch.tensor([[float(r.get(k, float("nan"))) for k in keys] for r in log], dtype=torch.float64)},
+               tmp)
+    tmp.replace(state_path)

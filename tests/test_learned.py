@@ -1,0 +1,183 @@
+"""Learned edits (steering.learned, steering.learn): zero edits change nothing, the teacher-forced
+path equals the sampler's, training lowers its objective, files round-trip, bad input is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from probe.entropy import entropy_and_logprob, kl, trajectories_from_branches
+from probe.sampler import SamplerConfig, sample_branches
+from steering.learn import LearnConfig, learn, pass_at_k_advantage, unique_reward
+from steering.learned import LearnedEdit, LearnedEditError, answer_buckets
+
+PROMPTS = ["w3 w4 w5", "w6 w7", "w8 w9 w10 w11"]
+CFG = SamplerConfig(n=3, max_new_tokens=6, batch_size=4, seed=1, device="cpu")
+
+
+class ToyTask:
+    """Correct iff the completion mentions w5; the solution is the first word."""
+
+    def verify(self, prompt, completion):
+        return "w5" in completion.split()
+
+    def canonical(self, prompt, completion):
+        return completion.split()[0] if self.verify(prompt, completion) else None
+
+    def n_solutions(self, prompt):
+        return None
+
+    def token_roles(self, tokens):
+        return ["planning" if i % 2 == 0 else "execution" for i in range(len(tokens))]
+
+
+def _dictionary():
+    from test_sae_edit import FEATS, make_sae
+
+    from steering.sae_edit import FeatureDictionary
+
+    return FeatureDictionary.from_sae(make_sae(), FEATS)
+
+
+def _edit(kind, seed=0):
+    layers = [] if kind == "sae" else [0, 1]
+    return LearnedEdit(32, layers, kind, n_positions=3, rank=2, seed=seed,
+                       dictionary=_dictionary() if kind == "sae" else None)
+
+
+def _random_edit(kind, seed=3, d=32):
+    edit = _edit(kind, seed)
+    with torch.no_grad():
+        for p in edit.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
+    return edit
+
+
+def _no_hooks(model) -> bool:
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("kind", ["vector", "position", "mode", "sae", "lowrank"])
+def test_a_fresh_edit_changes_nothing_and_a_trained_one_does(tiny_lm, tiny_tokenizer, kind):
+    model = tiny_lm("qwen2", 0)
+    plain = sample_branches(model, tiny_tokenizer, PROMPTS, CFG)
+    fresh = _edit(kind)
+    same = sample_branches(model, tiny_tokenizer, PROMPTS, CFG, intervention=fresh.apply(model))
+    assert torch.equal(plain.tokens, same.tokens) and torch.allclose(plain.logprobs, same.logprobs), (
+        "a freshly initialised edit must be the identity: training starts from the RL model")
+    moved = sample_branches(model, tiny_tokenizer, PROMPTS, CFG, intervention=_random_edit(kind).apply(model))
+    assert not torch.allclose(plain.logprobs, moved.logprobs), "a non-zero edit must change the distribution"
+    assert _no_hooks(model)
+
+
+@pytest.mark.parametrize("kind", ["vector", "position", "mode", "sae", "lowrank"])
+@pytest.mark.parametrize("where", ["all", "generated"])
+def test_teacher_forced_buckets_reproduce_the_sampler(tiny_lm, tiny_tokenizer, kind, where):
+    """The training forward (answer_buckets + positions()) must steer exactly the positions, with
+    exactly the directions, that the sampler steered: otherwise the objective trains another edit."""
+    model, edit = tiny_lm("qwen2", 0), _random_edit(kind)
+    steer = edit.apply(model, where=where)
+    br = sample_branches(model, tiny_tokenizer, PROMPTS, CFG, intervention=steer)
+    traj = trajectories_from_branches(br, pad_id=0)
+    buckets = edit.buckets(traj.attention_mask, traj.answer_mask, br.sample_index, where)
+    with torch.no_grad(), steer, steer.positions(buckets):
+        logits = model(input_ids=traj.tokens, attention_mask=traj.attention_mask.long()).logits
+    _, lp = entropy_and_logprob(logits, traj.tokens)
+    torch.testing.assert_close(lp[traj.answer_mask], br.logprobs[br.mask], atol=2e-5, rtol=0)
+
+
+def test_sae_kind_round_trips_with_its_dictionary(tmp_path, tiny_lm):
+    edit = _random_edit("sae")
+    assert edit.layers == [int(edit.dictionary.hook_name.split(".")[1])] and edit.n_params() == 4 * 4 + 4
+    edit.save(tmp_path / "s.safetensors")
+    back = LearnedEdit.load(tmp_path / "s.safetensors")
+    h = torch.randn(2, 5, 32)
+    b = torch.tensor([[0, 1, 2, 3, 3]] * 2)
+    torch.testing.assert_close(back.delta(back.layers[0], h, b), edit.delta(edit.layers[0], h, b))
+    assert back.dictionary.features == edit.dictionary.features
+
+
+def test_answer_buckets_oracle():
+    attn = torch.tensor([[1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0, 0]]).bool()
+    ans = torch.tensor([[0, 0, 1, 1, 1, 1, 0], [0, 0, 0, 1, 0, 0, 0]]).bool()
+    got = answer_buckets(attn, ans, n_positions=2)
+    # prompt bucket 2; position before answer token a -> min(a, 1); the last answer token and padding -> -1
+    assert got.tolist() == [[2, 0, 1, 1, 1, -1, -1], [2, 2, 0, -1, -1, -1, -1]]
+
+
+def test_rewards_oracles():
+    keys = ["a", "a", None, "b", None, None, None, "c"]
+    assert unique_reward(keys, 4).tolist() == [0.5, 0.5, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+    assert unique_reward(keys, 4).view(2, 4).sum(1).tolist() == [2.0, 1.0], "a group's total = its distinct count"
+    correct = torch.tensor([1, 0, 0, 0, 1, 1, 1, 1]).bool()
+    adv = pass_at_k_advantage(correct, 4, 2)
+    # group 1: n=4, 3 wrong, k=2: R = 1 - C(3,2)/C(4,2) = 0.5, s = 0.5; pos (1-R)/s = 1; neg (1 - R - C(2,1)/C(3,1))/s
+    assert adv[0].item() == pytest.approx(1.0)
+    assert adv[1].item() == pytest.approx((0.5 - 2 / 3) / 0.5)
+    assert adv[4:].abs().max().item() == 0.0, "an all-correct group has no signal"
+    # the advantage is the subset-average reward minus the mean: check by brute force over 2-subsets
+    import itertools
+    c = correct[:4].tolist()
+    subsets = list(itertools.combinations(range(4), 2))
+    mean = sum(max(c[i] for i in s) for s in subsets) / len(subsets)
+    for j in range(4):
+        mine = [max(c[i] for i in s) for s in subsets if j in s]
+        assert adv[j].item() * 0.5 == pytest.approx(sum(mine) / len(mine) - mean)
+
+
+def test_distillation_lowers_kl_to_the_base(tiny_lm, tiny_tokenizer, tmp_path):
+    rl, base = tiny_lm("qwen2", 0), tiny_lm("qwen2", 1)
+    fixed = sample_branches(rl, tiny_tokenizer, PROMPTS, SamplerConfig(n=4, max_new_tokens=6, seed=9, device="cpu"))
+    traj = trajectories_from_branches(fixed, pad_id=0)
+
+    def objective(edit):
+        steer = edit.apply(rl)
+        buckets = answer_buckets(traj.attention_mask, traj.answer_mask, edit.n_positions)
+        with torch.no_grad(), steer, steer.positions(buckets):
+            q = rl(input_ids=traj.tokens, attention_mask=traj.attention_mask.long()).logits
+            p = base(input_ids=traj.tokens, attention_mask=traj.attention_mask.long()).logits
+        return kl(p[:, :-1], q[:, :-1])[traj.answer_mask[:, 1:]].mean().item()
+
+    cfg = LearnConfig(objective="distill", kind="position", layers=(0, 1), n_positions=3, steps=12, lr=0.05,
+                      prompts_per_step=3, group_size=4, max_new_tokens=6, save_every=5)
+    before = objective(LearnedEdit(32, [0, 1], "position", n_positions=3))
+    edit, log = learn(rl, tiny_tokenizer, ToyTask(), lambda step, k: PROMPTS[:k], cfg, tmp_path / "e.safetensors",
+                      base_model=base)
+    after = objective(edit)
+    assert after < 0.8 * before, f"distillation must lower KL(base || steered) on held-out samples: {before} -> {after}"
+    assert not any(p.grad is not None and p.grad.abs().sum() > 0 for p in rl.parameters()), "the RL model stays frozen"
+    assert _no_hooks(rl) and len(log) == 12
+    loaded = LearnedEdit.load(tmp_path / "e.safetensors")
+    assert loaded.meta["n_params"] == edit.n_params() == 2 * 4 * 32
+    assert loaded.meta["provenance"]["objective"] == "distill" and loaded.meta["provenance"]["steps"] == 12
+    for a, b in zip(loaded.parameters(), edit.parameters()):
+        assert torch.equal(a, b.detach().cpu())
+
+
+def test_breadth_learning_resumes_exactly(tiny_lm, tiny_tokenizer, tmp_path):
+    cfg = LearnConfig(objective="breadth", kind="vector", layers=(1,), steps=6, lr=0.05, prompts_per_step=3,
+                      group_size=4, max_new_tokens=6, save_every=3, anchor=0.5)
+    full, _ = learn(tiny_lm("qwen2", 0), tiny_tokenizer, ToyTask(), lambda s, k: PROMPTS[:k], cfg, tmp_path / "a.st")
+    short = LearnConfig(**{**cfg.__dict__, "steps": 3})
+    learn(tiny_lm("qwen2", 0), tiny_tokenizer, ToyTask(), lambda s, k: PROMPTS[:k], short, tmp_path / "b.st")
+    resumed, log = learn(tiny_lm("qwen2", 0), tiny_tokenizer, ToyTask(), lambda s, k: PROMPTS[:k], cfg,
+                         tmp_path / "b.st")
+    assert len(log) == 6 and "anchor_kl" in log[-1]
+    for a, b in zip(full.parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_bad_input_is_refused(tiny_lm, tmp_path):
+    model = tiny_lm("qwen2", 0)
+    with pytest.raises(LearnedEditError, match="d_model=48"):
+        LearnedEdit(48, [0], "vector").apply(model)
+    with pytest.raises(LearnedEditError, match="layers 0..1"):
+        LearnedEdit(32, [5], "vector").apply(model)
+    with pytest.raises(LearnedEditError, match="rank=9"):
+        LearnedEdit(32, [0], "lowrank", rank=9)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(LearnedEditError, match="not a readable safetensors"):
+        LearnedEdit.load(bad)
+    with pytest.raises(ValueError, match="base_model"):
+        learn(model, None, ToyTask(), lambda s, k: PROMPTS[:k], LearnConfig(objective="distill"), tmp_path / "x")
