@@ -116,8 +116,10 @@ GROUP_HELP = {"sae": "SAEs on the residual stream and the features RL pruned at 
 
 
 def study_commands() -> list[tuple]:
-    """(command path, config dataclass, runner, headline of its result, help) of every study command."""
-    from experiments.study import probe_stage, run, sae_stage, steer_stage, sweep
+    """(command path, config dataclass(es), runner, headline of its result, help) of every study command;
+    a command with several config classes gets every class's flags and its runner one config of each."""
+    from experiments.study import learn_stage, probe_stage, run, sae_stage, steer_stage, sweep
+    from steering.learn import LearnConfig
 
     return [
         (("run",), run.RunConfig, run.run_study, run.headline,
@@ -133,7 +135,9 @@ def study_commands() -> list[tuple]:
         (("steer", "apply"), steer_stage.ApplyConfig, steer_stage.run_apply, steer_stage.apply_headline,
          "held-out metrics of one steered cell"),
         (("steer", "sweep"), sweep.SweepConfig, sweep.run_sweep, sweep.headline,
-         "grid + baselines + patching curve"),
+         "candidates chosen on the selection half, judged on the test half against the mixture frontier"),
+        (("steer", "learn"), (learn_stage.LearnStageConfig, LearnConfig), learn_stage.run_learn, dict,
+         "train a learned edit (distillation or a breadth reward) on the frozen RL model"),
     ]
 
 
@@ -153,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     rl.set_defaults(func=cmd_rl)
 
     groups: dict[str, argparse._SubParsersAction] = {}
-    for path, cls, run, summary, help_ in study_commands():
+    for path, classes, run, summary, help_ in study_commands():
         parent = sub
         if len(path) == 2:
             if path[0] not in groups:
@@ -161,8 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
                     dest="stage", required=True)
             parent = groups[path[0]]
         p = parent.add_parser(path[-1], help=help_)
-        add_config_args(p, cls)
-        p.set_defaults(func=lambda args, cls=cls, run=run, summary=summary: summary(run(config_from_args(cls, args))))
+        classes = classes if isinstance(classes, tuple) else (classes,)
+        for cls in classes:
+            add_config_args(p, cls)
+        p.set_defaults(func=lambda args, cl=classes, run=run, summary=summary:
+                       summary(run(*(config_from_args(c, args) for c in cl))))
 
     ev = sub.add_parser("eval", help="held-out metrics and pass@k curves of one or more checkpoints")
     ev.add_argument("--model", action="append", help="checkpoint directory (repeat to compare; default: shipped base)")

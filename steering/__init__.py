@@ -45,14 +45,20 @@ from steering.derive import (
     sae_vector,
 )
 from steering.gates import GATES, WHERE, after_tokens
-from steering.layer_restore import restore_layers as restore_layers
+from steering.layer_restore import restore_layers
+from steering.learn import LearnConfig, learn
+from steering.learned import LearnedEdit, LearnedSteering
 from steering.patching import Patching, patch
-from steering.repulsion import Repulsion as Repulsion
+from steering.repulsion import Repulsion
+from steering.sae_edit import FeatureDictionary, SAEFeatureEdit
+from steering.selected import Selected, load_intervention, save_selected
 from steering.trace import SteeringTrace
 from steering.vectors import SteeringVector, SteeringVectorError
 
 __all__ = [
-    "GATES", "WHERE", "ForkResiduals", "Patching", "Steering", "SteeringError", "SteeringTrace",
-    "SteeringVector", "SteeringVectorError", "VectorSteering", "after_tokens", "collect",
-    "diff_of_means_vector", "fork_tokens", "patch", "pca_vector", "sae_vector",
+    "GATES", "WHERE", "FeatureDictionary", "ForkResiduals", "LearnConfig", "LearnedEdit", "LearnedSteering",
+    "Patching", "Repulsion", "SAEFeatureEdit", "Selected", "Steering", "SteeringError", "SteeringTrace",
+    "SteeringVector", "SteeringVectorError", "VectorSteering", "after_tokens", "collect", "diff_of_means_vector",
+    "fork_tokens", "learn", "load_intervention", "patch", "pca_vector", "restore_layers", "sae_vector",
+    "save_selected",
 ]

@@ -213,15 +213,16 @@ def learn(rl_model: Any, tokenizer: Any, task: Task, prompts: Callable[[int, int
         st = torch.load(state_path, weights_only=True)
         opt.load_state_dict(st["optimizer"])
         start, log = int(st["step"]), [dict(zip(st["log_keys"], row)) for row in st["log"].tolist()]
-    steer = edit.apply(rl_model, where=cfg.where, fraction=None if cfg.fraction == 1 else cfg.fraction)
-    m = steer.steered_samples(cfg.group_size)
+    sample_steer = edit.apply(rl_model, where=cfg.where, fraction=None if cfg.fraction == 1 else cfg.fraction)
+    steer = edit.apply(rl_model, where=cfg.where)  # teacher forcing: its buckets mark the steered rows
+    m = sample_steer.steered_samples(cfg.group_size)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     t0 = time.time()
     for step in tqdm(range(start, cfg.steps), desc=f"learn {cfg.objective}", initial=start, total=cfg.steps):
         batch = prompts(step, cfg.prompts_per_step)
         scfg = SamplerConfig(n=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                              seed=cfg.seed * 1_000_003 + step, batch_size=cfg.batch_size, device=str(dev))
-        branches = sample_branches(rl_model, tokenizer, batch, scfg, intervention=steer)
+        branches = sample_branches(rl_model, tokenizer, batch, scfg, intervention=sample_steer)
         scored = score_branches(branches, batch, task, tokenizer)
         traj = trajectories_from_branches(branches, scored.roles, pad_id=pad)
         tokens, attn, ans = traj.tokens.to(dev), traj.attention_mask.to(dev), traj.answer_mask.to(dev)

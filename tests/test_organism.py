@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from experiments.organism.model import OrganismConfig, build_organism, save_checkpoint
-from experiments.organism.tokenizer import build_tokenizer, check_tokenizer, load_tokenizer
+from experiments.organism.tokenizer import build_tokenizer, load_tokenizer
 from experiments.paths import ORGANISMS_DIR
 from experiments.tasks.countdown import Countdown
 from probe.checkpoint import CheckpointError, load_causal_lm, validate_checkpoint
@@ -46,12 +46,12 @@ def test_tokenizer_loads_back_identically_through_autotokenizer_tl_and_nnsight(s
     assert tl.to_tokens(TEXT, prepend_bos=False)[0].tolist() == want, "TransformerLens re-tokenizes differently"
     nn = load_nnsight(path, device="cpu")
     assert nn.tokenizer(TEXT).input_ids == want, "nnsight re-tokenizes differently"
-    check_tokenizer(auto)
+    Countdown().check_tokenizer(auto)
 
 
 def test_check_tokenizer_rejects_a_tokenizer_without_task_tokens(tiny_tokenizer):
     with pytest.raises(ValueError, match="lacks Countdown token"):
-        check_tokenizer(tiny_tokenizer)
+        Countdown().check_tokenizer(tiny_tokenizer)
 
 
 def test_checkpoint_errors_name_the_problem(tmp_path, saved_organism):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from nbrun import execute_notebook
 from experiments.cli import main
 from experiments.study import claims as C
 from experiments.study import run as R
+from experiments.study.report import pooled_references
 
 
 # --- claims: each rule can come out either way on hand-made data ---------------------------------
@@ -73,40 +73,36 @@ def test_claim_law_status_follows_the_sign_of_a_and_r2():
     assert C.claim_law({"available": False, "reason": "no log"}).status == "inconclusive"
 
 
-def test_restoration_ci_is_the_ratio_of_mean_gaps():
-    base = _metrics([4] * 10, [4] * 10)
-    rl = _metrics([6] * 10, [2] * 10)
-    half = _metrics([5] * 10, [3] * 9 + [3], eligible=None)
-    r, ci = C.restoration_ci(half, base, rl)
-    assert r == pytest.approx(0.5) and ci[0] <= 0.5 <= ci[1]
+def _steer(best=None, patch=0.0, tol=0.03):
+    return {"config": {"tolerance": tol}, "protocol": {"selection_seed": [0], "test_seeds": [1000]}, "best": best,
+            "patching_upper_bound": {"restoration_distinct": patch}, "variants": {}, "goals": {}}
 
 
-def test_restoration_is_undefined_without_a_breadth_gap_and_c5_then_inconclusive():
-    base, rl = _metrics([4] * 10, [2] * 10), _metrics([6] * 10, [3] * 10)  # RL is *broader* than the base
-    cell = {**_metrics([6] * 10, [2] * 5 + [3] * 5), "method": "m", "layer": "2", "coef": 1.0, "gate": "always",
-            "temperature": 1.0}
-    assert C.restoration_ci(cell, base, rl) == (None, None), "a negative gap must not read as restoration"
-    det = {"best_layer": 0, "layers": {"0": {"auroc_test": 0.9}}, "token_baseline": {"auroc_test": 0.5}}
-    c5 = C.claim_recovery({}, {"base": base, "rl": rl, "best": cell, "temperature": None, "patch": None}, det, {}, 0.02)
-    assert c5.status == "inconclusive" and "no breadth gap" in c5.reason
-    # a gap that some resamples lose: those resamples are dropped, the interval stays finite
-    base2 = _metrics([4] * 10, [3] + [2] * 9)
-    r, ci = C.restoration_ci(_metrics([6] * 10, [2] * 10), base2, _metrics([6] * 10, [2] * 10))
-    assert r == 0.0 and all(map(math.isfinite, ci))
+def _best(r, r_ci, x, x_ci, change=-0.01):
+    return {"family": "learned", "spec": {"method": "m", "coef": 1.0}, "fraction": 1.0, "params": 512,
+            "pass_at_1": 0.7, "pass_at_1_change": change, "restoration_distinct": r, "restoration_distinct_ci": r_ci,
+            "frontier_restoration": r - x, "frontier_excess": x, "frontier_excess_ci": x_ci}
 
 
-def test_claim_recovery_needs_restoration_and_a_latent_fork_signal():
+def test_claim_recovery_separates_elicitation_from_a_mixture():
     base, rl = _metrics([4] * 30, [4, 3] * 15), _metrics([6] * 30, [2, 1] * 15)
-    best = {**_metrics([6] * 30, [3, 2] * 15), "method": "dom-position", "layer": "2", "coef": 1.0, "gate": "always",
-            "temperature": 1.0}
     det = {"best_layer": 2, "layers": {"2": {"auroc_test": 0.9}}, "token_baseline": {"auroc_test": 0.7}}
-    rows = {"base": base, "rl": rl, "best": best, "temperature": None, "patch": None}
-    held = C.claim_recovery({}, rows, det, {}, 0.02)
-    assert held.status == "holds" and held.effect["value"] == pytest.approx(0.5)
+    above = C.claim_recovery(_steer(_best(0.6, [0.5, 0.7], 0.2, [0.1, 0.3])), base, rl, det)
+    assert above.status == "holds" and above.effect["value"] == pytest.approx(0.2) and "beyond the mixture" in above.reason
+    on = C.claim_recovery(_steer(_best(0.6, [0.5, 0.7], 0.0, [-0.1, 0.1])), base, rl, det)
+    assert on.status == "inconclusive" and "on the mixture frontier" in on.reason, "matching a mixture is not elicitation"
+    below = C.claim_recovery(_steer(_best(0.3, [0.2, 0.4], -0.3, [-0.4, -0.2])), base, rl, det)
+    assert below.status == "fails" and "sampling the base part of the time" in below.reason
     weak = {"best_layer": 2, "layers": {"2": {"auroc_test": 0.6}}, "token_baseline": {"auroc_test": 0.7}}
-    assert C.claim_recovery({}, rows, weak, {}, 0.02).status == "inconclusive"
-    nothing = {**rows, "best": {**rl, **{k: best[k] for k in ("method", "layer", "coef", "gate", "temperature")}}}
-    assert C.claim_recovery({"patching_upper_bound": {"restoration_distinct": 0.05}}, nothing, det, {}, 0.02).status == "fails"
+    assert C.claim_recovery(_steer(_best(0.6, [0.5, 0.7], 0.2, [0.1, 0.3])), base, rl, weak).status == "inconclusive"
+    assert C.claim_recovery(_steer(None), base, rl, det).status == "inconclusive"
+
+
+def test_claim_recovery_without_a_breadth_gap_is_inconclusive():
+    base, rl = _metrics([4] * 10, [2] * 10), _metrics([6] * 10, [3] * 10)  # RL is *broader* than the base
+    det = {"best_layer": 0, "layers": {"0": {"auroc_test": 0.9}}, "token_baseline": {"auroc_test": 0.5}}
+    c5 = C.claim_recovery(_steer(_best(0.6, [0.5, 0.7], 0.2, [0.1, 0.3])), base, rl, det)
+    assert c5.status == "inconclusive" and "no breadth gap" in c5.reason
 
 
 # --- pre-flight ----------------------------------------------------------------------------------
@@ -178,7 +174,7 @@ def test_quick_run_writes_report_claims_and_figures_and_resumes_after_interrupti
     with pytest.raises(KeyboardInterrupt):
         main(["run", "--quick", "--out", str(out)])
     state = json.loads((out / "run_state.json").read_text())
-    assert set(state["stages"]) == {"probe", "sae"}, "finished stages are recorded, the interrupted one is not"
+    assert set(state["stages"]) == {"probe", "sae", "learn"}, "finished stages are recorded, the interrupted one is not"
     assert not (out / "results.json").exists()
     probe_bytes = (out / "probe" / "metrics.json").read_bytes()
     sae_bytes = (out / "sae" / "diff" / "metrics.json").read_bytes()
@@ -190,20 +186,21 @@ def test_quick_run_writes_report_claims_and_figures_and_resumes_after_interrupti
     capsys.readouterr()
     assert main(["run", "--quick", "--out", str(out)]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert line["reused_stages"] == ["probe", "sae"] and set(line["claims"]) == {"C1", "C2", "C3", "C4", "C5"}
+    assert line["reused_stages"] == ["probe", "sae", "learn"] and set(line["claims"]) == {"C1", "C2", "C3", "C4", "C5"}
     assert (out / "probe" / "metrics.json").read_bytes() == probe_bytes
     assert (out / "sae" / "diff" / "metrics.json").read_bytes() == sae_bytes
 
     res = json.loads((out / "results.json").read_text())
-    assert res["schema_version"] == 1 and [c["id"] for c in res["claims"]] == ["C1", "C2", "C3", "C4", "C5"]
+    assert res["schema_version"] == 2 and [c["id"] for c in res["claims"]] == ["C1", "C2", "C3", "C4", "C5"]
     for c in res["claims"]:
         assert c["status"] in C.STATUSES and c["rule"] and c["reason"]
         assert set(c["effect"]) >= {"name", "value", "ci", "units"}
     by_id = {c["id"]: c for c in res["claims"]}
-    # C4's numbers are the eval rows' numbers, recomputed: the pass@1 gain equals RL minus base
-    conf = json.loads((out / "steer" / "confirmed.json").read_text())
+    # C4's numbers are the test half's base and RL rows, recomputed: the pass@1 gain equals RL minus base
+    base, rl = pooled_references(out / "steer" / "sweep.json")
     gain = by_id["C4"]["evidence"]["pass_at_1"]["gain"]
-    assert gain == pytest.approx(conf["seed0"]["rl"]["pass_at_1"] - conf["seed0"]["base"]["pass_at_1"])
+    assert gain == pytest.approx(rl["pass_at_1"] - base["pass_at_1"])
+    assert by_id["C5"]["evidence"]["protocol"].startswith("chosen on the selection half")
     assert by_id["C2"]["effect"]["ci"][0] <= by_id["C2"]["effect"]["value"] <= by_id["C2"]["effect"]["ci"][1]
 
     report = (out / "report.md").read_text()
@@ -242,15 +239,10 @@ def test_shipped_study_claims_follow_from_its_stage_outputs():
     res = json.loads((out / "results.json").read_text())
     by_id = {c["id"]: c for c in res["claims"]}
     probe = json.loads((out / "probe" / "metrics.json").read_text())
-    conf = json.loads((out / "steer" / "confirmed.json").read_text())
     steer = json.loads((out / "steer" / "metrics.json").read_text())
-    ev = json.loads((out / "eval" / "metrics.json").read_text())
-    rows = {k: conf[k] for k in ("base", "rl", "best", "temperature", "patch")}
-    variants = {Path(k).name: v for k, v in ev["variants"].items()}
+    base, rl = pooled_references(out / "steer" / "sweep.json")
     recomputed = [C.claim_law(probe["law"]), C.claim_forks(probe["on_base_samples"], probe["rho"]),
-                  C.claim_breadth(conf["seed0"]["base"], conf["seed0"]["rl"]),
-                  C.claim_recovery(steer, rows, probe["detector"], variants, steer["config"]["pass_at_1_tolerance"],
-                                   variants_ref=(conf["seed0"]["base"], conf["seed0"]["rl"]))]
+                  C.claim_breadth(base, rl), C.claim_recovery(steer, base, rl, probe["detector"])]
     for c in recomputed:
         assert c.status == by_id[c.id]["status"] and c.effect["value"] == pytest.approx(by_id[c.id]["effect"]["value"])
         assert c.effect["ci"] == pytest.approx(by_id[c.id]["effect"]["ci"])

@@ -31,7 +31,6 @@ from experiments.organism.grpo_loss import (
     policy_logprobs,
 )
 from experiments.organism.model import save_checkpoint
-from experiments.organism.tokenizer import check_tokenizer
 from experiments.paths import ORGANISMS_DIR
 from experiments.tasks.countdown import Countdown
 from probe.checkpoint import CheckpointError, load_causal_lm
@@ -139,7 +138,7 @@ def load_policy(path: str, device: str):
     """The organism checkpoint to start RL from, validated before any work."""
     try:
         model, tok = load_causal_lm(path, device=device)
-        check_tokenizer(tok)
+        Countdown().check_tokenizer(tok)
     except (CheckpointError, ValueError) as e:
         raise ValueError(f"--base {path!r} is not an organism checkpoint: {e}") from None
     return model, tok

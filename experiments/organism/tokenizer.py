@@ -59,18 +59,3 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
             "(expected config.json, model.safetensors and tokenizer files saved by forksight)"
         )
     return AutoTokenizer.from_pretrained(str(path))
-
-
-def check_tokenizer(tokenizer) -> None:
-    """Raise ValueError if the tokenizer cannot express Countdown text one character per token."""
-    vocab = tokenizer.get_vocab()
-    missing = [t for t in vocabulary() if t not in vocab]
-    probe = "3,5,12|24:5-3=2;12*2=24"
-    if not missing and tokenizer.convert_ids_to_tokens(tokenizer(probe).input_ids) != list(probe):
-        missing = ["(it does not split Countdown text into single characters)"]
-    if missing:
-        shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
-        raise ValueError(
-            f"the tokenizer lacks Countdown token(s): {shown}. Use the tokenizer saved beside the "
-            "organism (experiments.tokenizer.load_tokenizer) or experiments.tokenizer.build_tokenizer()."
-        )

@@ -236,28 +236,6 @@ def claim_breadth(base: dict, rl: dict, seed: int = 0) -> Claim:
 
 
 # --- C5 ------------------------------------------------------------------------------------------
-def restoration_ci(cell: dict, base: dict, rl: dict, seed: int = 0) -> tuple[float | None, list | None]:
-    """Restoration of distinct-correct, (cell - RL) / (base - RL), with its problem-bootstrap interval.
-
-    Defined only where the base finds more distinct solutions than RL (a positive gap): (None, None)
-    otherwise. Resamples whose gap is not positive are dropped from the interval."""
-    pc, pb, pr = _pp(cell), _pp(base), _pp(rl)
-    elig = [i for i, e in enumerate(pb["distinct_eligible"]) if e]
-    if not elig or not (len(pc["distinct_correct"]) == len(pb["distinct_correct"]) == len(pr["distinct_correct"])):
-        return None, None
-    x = torch.tensor([[p["distinct_correct"][i] for p in (pc, pb, pr)] for i in elig], dtype=torch.float64)
-    gap = (x[:, 1] - x[:, 2]).mean()
-    if gap <= 0:
-        return None, None
-    point = ((x[:, 0] - x[:, 2]).mean() / gap).item()
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(len(elig), (N_BOOT, len(elig)), generator=g)
-    num, den = (x[idx, 0] - x[idx, 2]).mean(1), (x[idx, 1] - x[idx, 2]).mean(1)
-    ok = den > 0
-    q = torch.tensor([0.025, 0.975], dtype=torch.float64)
-    return point, torch.quantile(num[ok] / den[ok], q).tolist()
-
-
 def distinct_gap_ci(base: dict, rl: dict, seed: int = 0) -> tuple[float | None, list | None]:
     """Mean distinct-correct of base minus RL over eligible problems, with its paired interval."""
     pb, pr = _pp(base), _pp(rl)
@@ -268,86 +246,80 @@ def distinct_gap_ci(base: dict, rl: dict, seed: int = 0) -> tuple[float | None, 
     return (sum(cols[0]) - sum(cols[1])) / len(elig), list(paired_ci(cols, lambda x: (x[:, 0] - x[:, 1]).mean(), seed))
 
 
-def pass_at_1_change_ci(cell: dict, rl: dict, seed: int = 0) -> tuple[float, list]:
-    """pass@1 of `cell` minus RL's, paired over problems, with its interval."""
-    n = int(cell["n_samples"])
-    cols = ([c / n for c in _pp(cell)["n_correct"]], [c / n for c in _pp(rl)["n_correct"]])
-    return cell["pass_at_1"] - rl["pass_at_1"], list(paired_ci(cols, lambda x: (x[:, 0] - x[:, 1]).mean(), seed))
+def _cell(m: dict | None) -> dict | None:
+    keep = ("family", "spec", "fraction", "params", "pass_at_1", "pass_at_1_change", "pass_at_1_change_ci",
+            "restoration_distinct", "restoration_distinct_ci", "frontier_restoration", "frontier_excess",
+            "frontier_excess_ci", "restoration_pass_at_64")
+    return None if m is None else {k: m.get(k) for k in keep}
 
 
-def claim_recovery(steer: dict, rows: dict[str, dict], detector: dict | None, variants: dict[str, dict],
-                   tolerance: float, seed: int = 0, variants_ref: tuple[dict, dict] | None = None) -> Claim:
-    """C5 from the steering sweep (`metrics.json` + its confirmed full-split rows by role: base, rl,
-    best, temperature, patch), the probe's fork detector and the entropy-preserving RL variants'
-    metrics (each with `per_problem`, on the same problems; their restoration is measured against
-    `variants_ref` = (base, RL) sampled like them, default `rows`' base and RL)."""
-    rule = ("needs a breadth gap to restore (base minus RL distinct-correct, lower bound > 0); holds: the best "
-            "RL-alone steered cell with pass@1 >= RL - tolerance restores distinct-correct with a lower bound > 0.1, "
-            "and the fork detector's AUROC on the RL residual beats the token-identity baseline; fails: neither that "
-            "cell (upper bound) nor cross-model patching (point) restores more than 0.1; else inconclusive")
-    base, rl = rows["base"], rows["rl"]
+def claim_recovery(steer: dict, base: dict, rl: dict, detector: dict | None, seed: int = 0) -> Claim:
+    """C5 from the steering sweep's `metrics.json` (test-half measurements of the cells chosen on the
+    selection half, against the base/RL mixture frontier), the pooled test-half base and RL rows
+    (with `per_problem`, for the breadth gap) and the probe's fork detector."""
+    tol = steer["config"]["tolerance"]
+    rule = ("needs a breadth gap (base minus RL distinct-correct, lower bound > 0), else inconclusive. `best` = the "
+            f"RL-alone cell with the most frontier excess at pass@1 >= RL - {tol}, chosen on the selection half, measured "
+            "on the test half at unseen seeds. holds (elicitation beyond the mixture): its frontier excess has a lower "
+            "bound > 0, its restoration a lower bound > 0.1, and the fork detector beats token identity; fails: its excess "
+            "has an upper bound < 0 (sampling the base part of the time gives more), or neither it (upper bound) nor "
+            "cross-model patching restores more than 0.1; inconclusive otherwise (e.g. on the frontier: it restores "
+            "breadth, but no more than a mixture at the same pass@1)")
     gap, gap_ci = distinct_gap_ci(base, rl, seed)
-    best = rows.get("best")
-    r_best, r_ci = restoration_ci(best, base, rl, seed) if best else (None, None)
-    d1, d1_ci = pass_at_1_change_ci(best, rl, seed) if best else (None, None)
-    patch = rows.get("patch")
-    if patch and "per_problem" in patch and len(_pp(patch)["n_correct"]) == len(_pp(base)["n_correct"]):
-        r_patch = restoration_ci(patch, base, rl, seed)[0]
-    else:  # screened only: the sweep's own restoration (against the screen split's base and RL)
-        r_patch = (steer.get("patching_upper_bound") or {}).get("restoration_distinct")
-    temp = rows.get("temperature")
-    r_temp = restoration_ci(temp, base, rl, seed) if temp else (None, None)
+    best = steer.get("best")
+    r, r_ci = (best or {}).get("restoration_distinct"), (best or {}).get("restoration_distinct_ci")
+    x, x_ci = (best or {}).get("frontier_excess"), (best or {}).get("frontier_excess_ci")
+    patch = steer.get("patching_upper_bound") or {}
+    r_patch = patch.get("restoration_distinct")
     det_auc = det_tok = None
     if detector:
         det_auc = detector["layers"][str(detector["best_layer"])]["auroc_test"]
         det_tok = (detector.get("token_baseline") or {}).get("auroc_test")
     latent = det_auc is not None and det_tok is not None and det_auc > det_tok
+    what = "" if best is None else (f"{best['family']} {best['spec']}" + (f" on {best['fraction']:g} of the samples"
+                                                                          if (best.get("fraction") or 1) < 1 else ""))
     if gap_ci is None or gap_ci[0] <= 0:
-        status, why = "inconclusive", (f"no breadth gap to restore: base minus RL distinct-correct {fmt(gap, 2)} "
-                                       f"[{fmt(gap_ci[0] if gap_ci else None, 2)}, {fmt(gap_ci[1] if gap_ci else None, 2)}]")
-    elif best is not None and r_ci is not None and r_ci[0] > 0.1 and latent:
+        status, why = "inconclusive", f"no breadth gap to restore: base minus RL distinct-correct {fmt(gap, 2)} {_ci(gap_ci)}"
+    elif best is None or x_ci is None or r_ci is None:
+        status, why = "inconclusive", f"no RL-alone cell kept pass@1 within {tol} of RL on the selection half"
+    elif x_ci[0] > 0 and r_ci[0] > 0.1 and latent:
         status = "holds"
-        why = (f"steering the RL model alone restores {fmt(r_best, 2)} of the distinct-correct gap "
-               f"[{fmt(r_ci[0], 2)}, {fmt(r_ci[1], 2)}] at pass@1 {d1:+.3f}; detector AUROC {fmt(det_auc)} vs token "
-               f"baseline {fmt(det_tok)}")
-    elif (r_ci is None or r_ci[1] <= 0.1) and (r_patch is None or r_patch <= 0.1):
-        status, why = "fails", f"best steered restoration {fmt(r_best)}, patching {fmt(r_patch)}: nothing comes back"
+        why = (f"elicitation beyond the mixture: {what} restores {fmt(r, 2)} {_ci(r_ci, 2)} of the distinct-correct gap at "
+               f"pass@1 {best['pass_at_1_change']:+.3f}, {fmt(x, 2)} {_ci(x_ci, 2)} above the base/RL mixture at that "
+               f"pass@1; detector AUROC {fmt(det_auc)} vs token baseline {fmt(det_tok)}")
+    elif x_ci[1] < 0 or (r_ci[1] <= 0.1 and (r_patch is None or r_patch <= 0.1)):
+        status = "fails"
+        why = (f"{what} restores {fmt(r, 2)} {_ci(r_ci, 2)}, {fmt(x, 2)} {_ci(x_ci, 2)} relative to the mixture at its "
+               "pass@1: sampling the base part of the time gives more breadth than anything the RL network gave alone")
     else:
         status = "inconclusive"
-        why = ("no steered cell kept pass@1 within the tolerance" if best is None else
-               f"restoration {fmt(r_best, 2)} [{fmt(r_ci[0] if r_ci else None, 2)}, {fmt(r_ci[1] if r_ci else None, 2)}], "
-               f"detector AUROC {fmt(det_auc)} vs token baseline {fmt(det_tok)}")
-    curve = steer.get("patching_curve") or []
-    peak = max(curve, key=lambda r: r["restoration_distinct"] if r["restoration_distinct"] is not None else -1e9,
-               default=None)
-    var_ev = {}
-    vb, vr = variants_ref or (base, rl)
-    for name, m in variants.items():
-        rv = restoration_ci(m, vb, vr, seed)
-        var_ev[name] = {"pass_at_1": m["pass_at_1"], "pass_at_1_minus_rl": m["pass_at_1"] - vr["pass_at_1"],
-                        "distinct_correct_mean": m["distinct_correct_mean"], "restoration_distinct": rv[0],
-                        "restoration_distinct_ci": rv[1], "planning_entropy_mean": m.get("planning_entropy_mean")}
+        why = (f"{what} restores {fmt(r, 2)} {_ci(r_ci, 2)} at pass@1 {best['pass_at_1_change']:+.3f}, frontier excess "
+               f"{fmt(x, 2)} {_ci(x_ci, 2)}: " + ("on the mixture frontier, recovery but no elicitation beyond what "
+                                                   "sampling the base part of the time gives" if x_ci[0] <= 0 <= x_ci[1]
+                                                   else "above the frontier but the detector or restoration bar is not met"))
     ev = {
         "distinct_gap_base_minus_rl": gap, "distinct_gap_ci": gap_ci,
-        "selection": ("`best` is chosen on the problems and draws it is reported on (pooled over "
-                      f"{best.get('seeds', 1) if best else 1} seed(s)), so its restoration is optimistic by the "
-                      "winner's curse; the interval does not include the selection"),
-        "best": None if best is None else {k: best.get(k) for k in ("method", "layer", "coef", "gate", "temperature",
-                                                                    "pass_at_1", "distinct_correct_mean",
-                                                                    "restoration_pass_at_64")},
-        "best_pass_at_1_minus_rl": d1, "best_pass_at_1_minus_rl_ci": d1_ci, "pass_at_1_tolerance": tolerance,
-        "goal_restoration_0.3_met": bool(r_best is not None and r_best >= 0.3),
-        "temperature_baseline": None if temp is None else {
-            "temperature": temp["temperature"], "pass_at_1_minus_rl": temp["pass_at_1"] - rl["pass_at_1"],
-            "restoration_distinct": r_temp[0], "restoration_distinct_ci": r_temp[1]},
-        "steering_beats_temperature": steer.get("steering_beats_temperature"),
+        "protocol": (f"chosen on the selection half (seed {steer['protocol']['selection_seed']}), measured on the test "
+                     f"half at seeds {steer['protocol']['test_seeds']} no choice used"),
+        "best": _cell(best), "best_restoration": _cell(steer.get("best_restoration")),
+        "best_goal": _cell(steer.get("best_goal")), "pass_at_1_tolerance": tol,
+        "temperature_baseline": _cell(steer.get("temperature_baseline")),
+        "entropy_preserving_rl": {k: _cell(v) for k, v in (steer.get("variants") or {}).items()},
         "patching_upper_bound_restoration": r_patch,
-        "patching_curve": curve,
-        "patching_peak_layer": None if peak is None else peak["layer"],
+        "patching_curve": [{"layer": c["spec"]["layer"], "restoration_distinct": c["restoration_distinct"],
+                            "pass_at_1_change": c["pass_at_1_change"]} for c in steer.get("patching_curve") or [] if c],
+        "layer_restore_curve": [{"layer": c["spec"]["layer"], "restoration_distinct": c["restoration_distinct"],
+                                 "pass_at_1_change": c["pass_at_1_change"]} for c in steer.get("layer_restore_curve") or [] if c],
+        "goals": {k: v["met"] for k, v in (steer.get("goals") or {}).items()},
         "detector_auroc": det_auc, "detector_token_baseline_auroc": det_tok,
         "detector_best_layer": None if not detector else detector["best_layer"],
-        "entropy_preserving_rl": var_ev,
     }
-    return Claim("C5", "The lost breadth is latent in the RL network and recoverable without retraining.", status,
-                 _effect("restoration of distinct-correct by the best RL-alone steered cell", r_best, r_ci,
-                         "fraction of the base-RL gap (0 = RL, 1 = base)", "problems"), rule, ev, why)
+    return Claim("C5", "The lost breadth is latent in the RL network and can be elicited without retraining, beyond "
+                 "what sampling the base model part of the time gives.", status,
+                 _effect("frontier excess of the best RL-alone cell (its restoration minus the base/RL mixture's at its "
+                         "pass@1)", x, x_ci, "fraction of the base-RL distinct-correct gap", "problems (with their seeds)"),
+                 rule, ev, why)
+
+
+def _ci(ci: Sequence[float] | None, nd: int = 3) -> str:
+    return "[n/a]" if not ci else f"[{fmt(ci[0], nd)}, {fmt(ci[1], nd)}]"

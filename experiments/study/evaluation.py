@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from experiments.organism.tokenizer import check_tokenizer
 from experiments.tasks.countdown import Countdown
 from probe.checkpoint import load_causal_lm
 from probe.entropy import Trajectories, trajectories_from_branches
@@ -45,7 +44,7 @@ class EvalConfig:
 def evaluate_model(model, tokenizer, cfg: EvalConfig, task: Countdown | None = None, **kw):
     """Metrics dict (and branches, scored) of an in-memory model on the held-out split."""
     task = task or Countdown()
-    check_tokenizer(tokenizer)
+    task.check_tokenizer(tokenizer)
     sampler = SamplerConfig(
         n=cfg.n,
         max_new_tokens=task.max_new_tokens,

@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 
 from experiments.checkpointing import write_json_atomic
-from experiments.organism.tokenizer import check_tokenizer
 from experiments.paths import ORGANISMS_DIR
 from experiments.study.evaluation import sample_scored_trajectories
 from experiments.tasks.countdown import Countdown
@@ -188,7 +187,7 @@ def run_probe(cfg: ProbeConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     pair: Pair = load_pair(cfg.base, cfg.rl, backend=cfg.backend, device=cfg.device)
     tok = pair.base.tokenizer
-    check_tokenizer(tok)
+    Countdown().check_tokenizer(tok)
     layers = list(cfg.layers or range(pair.rl.n_layers))
     bad = [x for x in layers if not 0 <= x < pair.rl.n_layers]
     if bad:

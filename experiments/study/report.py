@@ -22,7 +22,7 @@ from experiments.study.claims import (
     fmt,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 QUESTION = ("Does entropy collapse in RL training narrow inference-time search, and can the lost breadth be "
             "recovered from the trained network?")
 
@@ -54,6 +54,29 @@ def _figures(out: Path, log: Path, curves: dict[str, dict]) -> dict[str, str | N
     return figs
 
 
+def pooled_references(sweep_json: Path) -> tuple[dict, dict]:
+    """The base and RL rows of the sweep's test half, pooled over its test seeds: metrics averaged,
+    `per_problem` arrays averaged elementwise (for paired bootstraps over problems)."""
+    cells = json.loads(sweep_json.read_text())["cells"]
+    out = []
+    for model in ("base", "rl"):
+        rows = sorted((c for c in cells if c["half"] == "test" and c["family"] == "reference"
+                       and c["spec"] == {"model": model}), key=lambda c: c["seed"])
+        if not rows:
+            raise FileNotFoundError(f"{sweep_json} has no test-half {model} cell: the steer stage did not finish")
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        pooled = {**rows[0], **{k: mean([r[k] for r in rows]) for k in ("pass_at_1", "distinct_correct_mean")},
+                  "pass_at_k": {k: mean([r["pass_at_k"][k] for r in rows]) for k in rows[0]["pass_at_k"]},
+                  "seeds": [r["seed"] for r in rows]}
+        pp = [r["per_problem"] for r in rows]
+        pooled["per_problem"] = {"n_correct": [mean(v) for v in zip(*(x["n_correct"] for x in pp))],
+                                 "distinct_correct": [mean(v) for v in zip(*(x["distinct_correct"] for x in pp))],
+                                 "distinct_eligible": pp[0]["distinct_eligible"]}
+        pooled.pop("outcomes", None)
+        out.append(pooled)
+    return out[0], out[1]
+
+
 def build_results(cfg, stage_cfgs: dict, out: str | Path) -> dict[str, Any]:
     """Claims, headline numbers and pointers of a finished run directory (every stage done)."""
     out = Path(out)
@@ -62,46 +85,43 @@ def build_results(cfg, stage_cfgs: dict, out: str | Path) -> dict[str, Any]:
     sae = _read(out / "sae" / "metrics.json")
     diff = _read(out / "sae" / "diff" / "metrics.json")
     steer = _read(out / "steer" / "metrics.json")
-    conf = _read(out / "steer" / "confirmed.json")
-    ev = _read(out / "eval" / "metrics.json")
-    base0, rl0 = conf["seed0"]["base"], conf["seed0"]["rl"]
-    names = {v: Path(v).name for v in ev["variants"]}
-    curves = {"base": base0, "rl": rl0, **{names[v]: m for v, m in ev["variants"].items()}}
-    if conf.get("best"):
-        curves["rl steered (best)"] = conf["best"]
+    base, rl = pooled_references(out / "steer" / "sweep.json")
+    curves = {"base": base, "rl": rl, **{k: v for k, v in steer["variants"].items() if v}}
+    if steer.get("best"):
+        curves["rl steered (best)"] = steer["best"]
     log = Path(rl_dir) / "train_log.jsonl"
     figs = _figures(out, log, curves)
-    tol = stage_cfgs["sweep"].pass_at_1_tolerance
     c1 = claim_law(probe.get("law"))
     c1.figures = ["probe/law_fit.png"] if probe.get("law", {}).get("available") else []
     c2 = claim_forks(probe["on_base_samples"], probe["rho"])
     c2.figures = ["probe/entropy_hist.png", "probe/entropy_heatmap.png"]
     c3 = claim_roles(str(log) if figs["role_entropy"] else None, seed=cfg.seed)
     c3.figures = [figs["role_entropy"]] if figs["role_entropy"] else []
-    c4 = claim_breadth(base0, rl0, seed=cfg.seed)
+    c4 = claim_breadth(base, rl, seed=cfg.seed)
     c4.figures = [figs["pass_at_k"]]
-    rows = {k: conf[k] for k in ("base", "rl", "best", "temperature", "patch")}
-    c5 = claim_recovery(steer, rows, probe.get("detector"), {names[v]: m for v, m in ev["variants"].items()}, tol,
-                        seed=cfg.seed, variants_ref=(base0, rl0))
-    c5.figures = ["steer/patching_curve.png", "steer/pareto.png", "steer/pass_at_k.png", "sae/diff/fork_frequencies.png"]
+    c5 = claim_recovery(steer, base, rl, probe.get("detector"), seed=cfg.seed)
+    c5.figures = ["steer/pareto.png", "steer/pareto_selection.png", "steer/patching_curve.png", "steer/pass_at_k.png",
+                  "sae/diff/fork_frequencies.png"]
     claims = [c.to_dict() for c in (c1, c2, c3, c4, c5)]
     for c in claims:
         missing = [f for f in c["figures"] if not (out / f).is_file()]
         c["figures"] = [f for f in c["figures"] if f not in missing]
-    best = conf.get("best") or {}
+    best = steer.get("best") or {}
     ev5 = c5.evidence
+    n = int(base["n_samples"])
     headline = {
-        "pass_at_1": {"base": base0["pass_at_1"], "rl": rl0["pass_at_1"]},
-        f"pass_at_{int(base0['n_samples'])}": {"base": base0["pass_at_k"][str(base0["n_samples"])],
-                                               "rl": rl0["pass_at_k"][str(rl0["n_samples"])]},
-        "distinct_correct_mean": {"base": base0["distinct_correct_mean"], "rl": rl0["distinct_correct_mean"]},
+        "pass_at_1": {"base": base["pass_at_1"], "rl": rl["pass_at_1"]},
+        f"pass_at_{n}": {"base": base["pass_at_k"][str(n)], "rl": rl["pass_at_k"][str(n)]},
+        "distinct_correct_mean": {"base": base["distinct_correct_mean"], "rl": rl["distinct_correct_mean"]},
         "entropy_change_share_on_forks": c2.effect["value"],
         "law_r2": c1.effect["value"],
         "detector_auroc": ev5["detector_auroc"],
-        "steering_restoration_distinct": c5.effect["value"],
-        "steering_restoration_distinct_ci": c5.effect["ci"],
-        "steering_pass_at_1_minus_rl": ev5["best_pass_at_1_minus_rl"],
-        "steering_cell": {k: best.get(k) for k in ("method", "layer", "coef", "gate", "temperature")} if best else None,
+        "best_rl_alone": {k: best.get(k) for k in ("family", "spec", "fraction", "params")} if best else None,
+        "best_restoration_distinct": best.get("restoration_distinct"),
+        "best_restoration_distinct_ci": best.get("restoration_distinct_ci"),
+        "best_pass_at_1_minus_rl": best.get("pass_at_1_change"),
+        "best_frontier_excess": best.get("frontier_excess"),
+        "best_frontier_excess_ci": best.get("frontier_excess_ci"),
         "patching_upper_bound_restoration": ev5["patching_upper_bound_restoration"],
     }
     return {
@@ -110,14 +130,15 @@ def build_results(cfg, stage_cfgs: dict, out: str | Path) -> dict[str, Any]:
         "out": str(out),
         "pair": {"base": base_dir, "rl": rl_dir, "variants": list(variants)},
         "config": {"run": as_json(cfg), **{k: as_json(v) for k, v in stage_cfgs.items()
-                                           if k in ("probe", "sae", "sae_diff", "sweep")}},
+                                           if k in ("probe", "sae", "sae_diff", "sweep")},
+                   "learn": {k: [as_json(x) for x in v] for k, v in stage_cfgs["learn"].items()}},
         "claims": claims,
         "headline": headline,
         "sae": {k: sae.get(k) for k in ("hook_name", "l0", "fvu", "dead_fraction", "ce_loss_increase")} |
                {"n_pruned_3x": diff["summary"]["n_pruned_3x"], "top_pruned": [
                    {k: f.get(k) for k in ("feature", "freq_base", "freq_rl", "score")} for f in diff.get("pruned", [])[:5]]},
         "stages": {"probe": "probe/metrics.json", "sae": "sae/metrics.json", "sae_diff": "sae/diff/metrics.json",
-                   "steer": "steer/metrics.json", "steer_confirmed": "steer/confirmed.json", "eval": "eval/metrics.json"},
+                   "steer": "steer/metrics.json", "steer_cells": "steer/sweep.json"},
         "figures": sorted({f for c in claims for f in c["figures"]}),
     }
 

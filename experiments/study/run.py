@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from experiments.checkpointing import as_json, write_json_atomic
 from experiments.paths import ORGANISMS_DIR
 
-STAGES = ("organisms", "probe", "sae", "steer", "eval", "report")
+STAGES = ("organisms", "probe", "sae", "learn", "steer", "report")
 
 
 @dataclass
@@ -52,8 +52,8 @@ class RunConfig:
     """A small configuration (about 20 s on a laptop CPU) for tests and a first look; numbers are noisy."""
     from_scratch: bool = False
     """Retrain the organisms (SFT base, GRPO rl-none and rl-clip-cov) into OUT/organisms first."""
-    tolerance: float = 0.02
-    """pass@1 drop below RL allowed for the best steered cell."""
+    tolerance: float = 0.03
+    """pass@1 drop below RL allowed for the best steered cell (selection rules of the sweep, C5)."""
     seed: int = 0
     """Seed of every stage."""
     device: str = "auto"
@@ -103,18 +103,37 @@ def stage_configs(cfg: RunConfig) -> dict[str, Any]:
                          eval_samples=4 if q else 8, d_sae=128 if q else 512, seed=seed, device=cfg.device)
     diff = SAEDiffConfig(base=base, rl=rl, sae=str(out / "sae" / "sae"), out=str(out / "sae" / "diff"),
                          n_problems=8 if q else 128, samples=4 if q else 8, seed=seed, device=cfg.device)
+    learn = learn_plan(cfg, base, rl, out, q)
     sweep = SweepConfig(
-        base=base, rl=rl, entropy_rl=variants[0] if variants else "", out=str(out / "steer"),
-        methods=("dom-position",) if q else ("dom-position", "sae"),
-        layers=("0+1+2+3",) if q else ("0+1+2+3", "2"), coefs=(0.5,) if q else (0.4, 1.0), gates=("always",),
-        temperatures=(1.5,) if q else (1.2, 1.5), patch_layers=(3,) if q else (1, 2, 3), alphas=(1.0,),
-        screen_problems=8 if q else 64, problems=16 if q else 0, n=16 if q else 64, confirm=1 if q else 3,
-        derive_problems=16 if q else 256, detector=str(out / "probe" / "fork_detector.safetensors"),
-        sae=str(out / "sae" / "sae"), sae_diff=str(out / "sae" / "diff" / "metrics.json"),
-        pass_at_1_tolerance=cfg.tolerance, confirm_seeds=1 if q else 2, seed=seed, device=cfg.device)
+        base=base, rl=rl, variants=variants, out=str(out / "steer"), methods=("dom-position",),
+        layers=("0+1+2+3",), coefs=(0.5,) if q else (0.4,), gates=("always",),
+        learned=tuple(stage.out for stage, _ in learn.values()), learned_coefs=(1.0,),
+        fractions=(0.25,) if q else (0.125, 0.25, 0.5), temperatures=(1.5,) if q else (1.2,),
+        patch_layers=(3,) if q else (1, 2, 3), alphas=(1.0,), restore_layers=(3,) if q else (1, 2, 3),
+        problems=8 if q else 0, n=16 if q else 64, test_seeds=1, derive_problems=16 if q else 256,
+        detector=str(out / "probe" / "fork_detector.safetensors"), sae=str(out / "sae" / "sae"),
+        sae_diff=str(out / "sae" / "diff" / "metrics.json"), tolerance=cfg.tolerance, seed=seed, device=cfg.device)
     return {"sft": sft, "grpo": grpo, "loss": {"none": LossConfig(intervention="none"),
                                                 "clip-cov": LossConfig(intervention="clip-cov")},
-            "probe": probe, "sae": sae, "sae_diff": diff, "sweep": sweep}
+            "probe": probe, "sae": sae, "sae_diff": diff, "learn": learn, "sweep": sweep}
+
+
+def learn_plan(cfg: RunConfig, base: str, rl: str, out: Path, quick: bool) -> dict[str, tuple]:
+    """name -> (LearnStageConfig, LearnConfig) of every learned edit the sweep evaluates: the shipped
+    edit when the pair is the shipped one (its recipe and pair match, so it is reused, not retrained),
+    else trained into OUT/learn/ on the training stream (`--quick`: a few steps)."""
+    from experiments.study.learn_stage import RECIPES, LearnStageConfig, shipped_edit
+    from steering.learn import LearnConfig
+
+    plan = {}
+    for name, recipe in RECIPES.items():
+        lc = LearnConfig(**{**recipe, **({"steps": 4, "prompts_per_step": 4, "group_size": 8} if quick else {})})
+        ship = None if (quick or cfg.from_scratch) else shipped_edit(name, base, rl, lc)
+        stage = LearnStageConfig(base=base, rl=rl, out=ship or str(out / "learn" / f"{name}.safetensors"),
+                                 sae=str(out / "sae" / "sae"), sae_diff=str(out / "sae" / "diff" / "metrics.json"),
+                                 device=cfg.device)
+        plan[name] = (stage, lc)
+    return plan
 
 
 # --- pre-flight ----------------------------------------------------------------------------------
@@ -134,12 +153,12 @@ def preflight(cfg: RunConfig) -> None:
                              "use a new --out, or the same flags to resume it")
     if cfg.from_scratch:
         return
-    from experiments.organism.tokenizer import check_tokenizer
+    from experiments.tasks.countdown import Countdown
     from probe.pair import load_pair
 
     base, rl, variants = cfg.pair()
     pair = load_pair(base, rl, device="cpu")  # raises PairMismatchError naming every difference
-    check_tokenizer(pair.base.tokenizer)
+    Countdown().check_tokenizer(pair.base.tokenizer)
     for v in variants:
         load_pair(pair.base, v, device="cpu")  # the loaded base is reused; raises on any mismatch
 
@@ -199,18 +218,12 @@ def _train_organisms(sc: dict) -> None:
             train_grpo(GRPOConfig(out=str(out), **sc["grpo"]), loss)
 
 
-def _eval_variants(sweep_cfg, variants: tuple[str, ...], out: Path) -> None:
-    from experiments.study.steer_stage import evaluate_cell
-    from experiments.tasks.countdown import Countdown
-    from probe.checkpoint import load_causal_lm
+def _learn(plan: dict[str, tuple]) -> None:
+    from experiments.study.learn_stage import run_learn
 
-    prompts = Countdown().heldout_prompts(sweep_cfg.problems)
-    rec = {}
-    for v in variants:
-        model, tok = load_causal_lm(v, device=sweep_cfg.device)
-        rec[v] = evaluate_cell(model, tok, prompts, sweep_cfg.n, 1.0, sweep_cfg.seed, sweep_cfg.batch_size)
-    write_json_atomic(out / "eval" / "metrics.json", {"variants": rec, "n_problems": len(prompts), "n_samples": sweep_cfg.n,
-                                                       "seed": sweep_cfg.seed, "temperature": 1.0})
+    for stage, lc in plan.values():
+        if not Path(stage.out).is_file() or Path(stage.out + ".state.pt").is_file():  # new, or resumable
+            run_learn(stage, lc)
 
 
 def run_study(cfg: RunConfig) -> dict:
@@ -222,15 +235,14 @@ def run_study(cfg: RunConfig) -> dict:
     preflight(cfg)
     t0 = time.time()
     run, sc = Run(cfg), stage_configs(cfg)
-    _, _, variants = cfg.pair()
     todo = [s for s in STAGES if s != "organisms" or cfg.from_scratch]
     with tqdm(total=len(todo), unit="stage") as bar:
         if cfg.from_scratch:
             run.stage("organisms", lambda: _train_organisms(sc), {k: sc[k] for k in ("sft", "grpo", "loss")}, bar)
         run.stage("probe", lambda: run_probe(sc["probe"]), sc["probe"], bar)
         run.stage("sae", lambda: (run_sae_train(sc["sae"]), run_sae_diff(sc["sae_diff"])), [sc["sae"], sc["sae_diff"]], bar)
+        run.stage("learn", lambda: _learn(sc["learn"]), {k: list(v) for k, v in sc["learn"].items()}, bar)
         run.stage("steer", lambda: run_sweep(sc["sweep"]), sc["sweep"], bar)
-        run.stage("eval", lambda: _eval_variants(sc["sweep"], variants, run.out), {"variants": variants, "sweep": sc["sweep"]}, bar)
         bar.set_description("forksight run: report")
         from experiments.study.report import build_results, write_report
 

@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 
 from experiments.checkpointing import write_json_atomic
-from experiments.organism.tokenizer import check_tokenizer
 from experiments.paths import ORGANISMS_DIR, RESULTS_DIR
 from experiments.study.evaluation import sample_trajectories
 from experiments.tasks.countdown import Countdown
@@ -184,7 +183,7 @@ def run_sae_train(cfg: SAETrainConfig) -> dict:
     else:
         hf, tok = load_causal_lm(cfg.base, device="cpu")
         models = {"base": wrap(hf, tok, cfg.backend, cfg.device, cfg.base)}
-    check_tokenizer(models["base"].tokenizer)
+    Countdown().check_tokenizer(models["base"].tokenizer)
     hook_name = site_name(cfg.site, cfg.layer)
     for m in models.values():
         resolve_hook(hook_name, m)  # a bad --layer / --site fails before any work
@@ -249,7 +248,7 @@ def run_sae_diff(cfg: SAEDiffConfig) -> dict:
     t0, out = time.time(), Path(cfg.out)
     sae = load_sae(cfg.sae, device=str(resolve_device(cfg.device)))  # a bad --sae fails before any work
     pair = load_pair(cfg.base, cfg.rl, backend=cfg.backend, device=cfg.device)
-    check_tokenizer(pair.base.tokenizer)
+    Countdown().check_tokenizer(pair.base.tokenizer)
     res = compute_diff(cfg, pair, sae)
     lists = feature_records(res, sae, pair.base.hf, pair.base.tokenizer, cfg.top, cfg.n_contexts,
                             cfg.context_window, cfg.through_final_norm)

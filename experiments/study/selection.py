@@ -1,38 +1,31 @@
-"""Selection arithmetic of the steering sweep: layer sets, seed pooling, restoration, the `best` rule.
+"""Selection arithmetic of the steering sweep: judging cells against the frontier, and the choice rules.
 
-Pure functions over sweep rows (dicts with `experiments.steer_sweep.COLUMNS` keys); no sampling.
-Restoration of a metric m: (m(cell) - m(RL)) / (m(base) - m(RL)). `select_best` is SELECTION in
-`experiments.study.sweep`: the highest restoration_distinct among RL-alone steering cells whose
-pass@1 is at least RL's minus the tolerance.
+Pure functions over cell rows (dicts from `experiments.study.cells`, each holding its `outcomes`);
+no sampling. Judging a row (`judge`) compares its outcomes with the base and RL outcomes of the
+same half and seeds through `probe.frontier.compare_to_frontier`: restoration of distinct-correct
+and of pass@64, pass@1 change, the base/RL mixture's restoration at the row's pass@1, and the
+frontier excess, each with a paired problem-bootstrap interval.
+
+The rules (applied on the selection half only; the chosen cells are then re-measured on the test
+half at unseen seeds):
+- `TOLERANCE_RULE`, per family: the highest restoration_distinct among cells with pass@1 >= RL's
+  minus `tolerance` (ties: higher frontier excess, then id). This is "how much breadth at a bounded
+  accuracy cost".
+- `GOAL_RULE`, per family: the highest frontier_excess among cells with pass@1 >= RL's minus
+  `goal_tolerance`: "what the RL network gives that no mixture gives, at almost no cost".
+- the matched temperature: the temperature cell whose fork_entropy_mean is nearest a given cell's.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
 
-def full_stage(i: int) -> str:
-    """Stage name of the full split at sampling seed offset i ("full", "full-s1", ...)."""
-    return "full" if i == 0 else f"full-s{i}"
+from probe.frontier import Outcomes, compare_to_frontier, splice, stack, summary
 
-
-POOLED = ("pass_at_1", "pass_at_64", "distinct_correct_mean", "fork_entropy_mean", "planning_entropy_mean")
-
-
-def pool(rows: list[dict]) -> dict:
-    """One row from the same cell at several seeds: metric means (pass@k per k, per-problem arrays
-    elementwise), the per-seed values under `per_seed`, and stage "full" (id of the first seed's row)."""
-    first = rows[0]
-    if len(rows) == 1:
-        return {**first, "seeds": 1}
-    mean = lambda xs: None if any(x is None for x in xs) else sum(xs) / len(xs)  # noqa: E731
-    out = {**first, **{k: mean([r.get(k) for r in rows]) for k in POOLED}, "seeds": len(rows),
-           "pass_at_k": {k: mean([r["pass_at_k"][k] for r in rows]) for k in first["pass_at_k"]},
-           "pass_at_k_ci": None, "per_seed": [{k: r.get(k) for k in ("id", *POOLED)} for r in rows]}
-    if all(r.get("per_problem") for r in rows):
-        pp = [r["per_problem"] for r in rows]
-        out["per_problem"] = {"n_correct": [mean(list(v)) for v in zip(*(p["n_correct"] for p in pp))],
-                              "distinct_correct": [mean(list(v)) for v in zip(*(p["distinct_correct"] for p in pp))],
-                              "distinct_eligible": pp[0]["distinct_eligible"]}
-    return out
+TOLERANCE_RULE = ("highest restoration_distinct with pass_at_1 >= RL - {tol} (selection half, selection seed); "
+                  "ties by frontier_excess")
+GOAL_RULE = "highest frontier_excess with pass_at_1 >= RL - {tol} (selection half, selection seed)"
 
 
 def parse_layers(spec: str) -> list[int]:
@@ -46,33 +39,56 @@ def parse_layers(spec: str) -> list[int]:
     return out
 
 
-def restoration(cell: float | None, rl: float | None, base: float | None) -> float | None:
-    """(cell - rl) / (base - rl); None when undefined (a missing value or base == rl)."""
-    if cell is None or rl is None or base is None or base == rl:
+def outcomes_of(rows: Sequence[dict]) -> tuple[Outcomes, list[int]]:
+    """The rows' outcomes (one row per seed, same problems) stacked, and each stacked row's problem id."""
+    return stack([Outcomes.from_json(r["outcomes"]) for r in rows])
+
+
+def judge(cell: Sequence[dict], base: Sequence[dict], rl: Sequence[dict], n_boot: int = 1000,
+          seed: int = 0) -> dict[str, Any]:
+    """`compare_to_frontier` of a cell evaluated at one or more seeds (rows in seed order, the same
+    seeds for base and RL), problems resampled together with all their seeds."""
+    c, clusters = outcomes_of(cell)
+    b, _ = outcomes_of(base)
+    r, _ = outcomes_of(rl)
+    out = compare_to_frontier(c, b, r, n_boot=n_boot, seed=seed, clusters=clusters)
+    s = summary(c)
+    out.update(pass_at_64=s["pass_at_64"], pass_at_k=s["pass_at_k"], seeds=[x.get("seed") for x in cell])
+    return out
+
+
+def spliced(cell: dict, rl: dict, fraction: float) -> dict:
+    """Row-level application at `fraction`: samples 0..m-1 from `cell`, the rest from `rl`
+    (m = round(fraction * n)), as a row with the outcome metrics (entropies are not defined)."""
+    from probe.frontier import m_of_q
+
+    c, r = Outcomes.from_json(cell["outcomes"]), Outcomes.from_json(rl["outcomes"])
+    o = splice(c, r, m_of_q(fraction, c.n))
+    return {**{k: cell.get(k) for k in ("half", "seed", "n_problems", "n_samples", "temperature")},
+            **summary(o), "outcomes": o.to_json(), "fork_entropy_mean": None, "planning_entropy_mean": None,
+            "execution_entropy_mean": None}
+
+
+def _ok(row: dict, tol: float) -> bool:
+    return row["pass_at_1_change"] is not None and row["pass_at_1_change"] >= -tol - 1e-12
+
+
+def choose(rows: Sequence[dict], tol: float) -> dict | None:
+    """TOLERANCE_RULE over judged rows (each with restoration_distinct, frontier_excess, pass_at_1_change)."""
+    ok = [r for r in rows if r.get("restoration_distinct") is not None and _ok(r, tol)]
+    return max(ok, key=lambda r: (r["restoration_distinct"], r.get("frontier_excess") or 0.0, r["id"]), default=None)
+
+
+def choose_goal(rows: Sequence[dict], tol: float) -> dict | None:
+    """GOAL_RULE over judged rows."""
+    ok = [r for r in rows if r.get("frontier_excess") is not None and _ok(r, tol)]
+    return max(ok, key=lambda r: (r["frontier_excess"], r["id"]), default=None)
+
+
+def matched_temperature(temps: Sequence[dict], anchor: dict) -> dict | None:
+    """The temperature row whose fork_entropy_mean is nearest `anchor`'s (None without entropies)."""
+    h = anchor.get("fork_entropy_mean")
+    usable = [t for t in temps if t.get("fork_entropy_mean") is not None]
+    if h is None or not usable:
         return None
-    return (cell - rl) / (base - rl)
-
-
-def with_restoration(row: dict, base: dict, rl: dict) -> dict:
-    return {**row, "restoration_pass_at_64": restoration(row.get("pass_at_64"), rl.get("pass_at_64"), base.get("pass_at_64")),
-            "restoration_distinct": restoration(row.get("distinct_correct_mean"), rl.get("distinct_correct_mean"),
-                                                base.get("distinct_correct_mean"))}
-
-
-def select_best(rows: list[dict], rl: dict, tol: float) -> dict | None:
-    """SELECTION applied to `rows` (already carrying restoration)."""
-    ok = [r for r in rows if r["kind"] == "steer" and r["rl_alone"] and r["restoration_distinct"] is not None
-          and r["pass_at_1"] >= rl["pass_at_1"] - tol]
-    return max(ok, key=lambda r: (r["restoration_distinct"], r["id"]), default=None)
-
-
-def score(r: dict) -> tuple[float, str]:
-    """Sort key: restoration_distinct (None lowest), ties broken by id so a resumed run picks the same cells."""
-    return (-float("inf") if r.get("restoration_distinct") is None else r["restoration_distinct"], r["id"])
-
-
-def beats_temperature(d_restoration: float | None, d_pass_at_1: float | None, tol: float) -> bool:
-    """Steering minus temperature baseline: better on one axis, no worse on the other (pass@1 within `tol`)."""
-    if d_restoration is None or d_pass_at_1 is None:
-        return False
-    return (d_restoration > 0 and d_pass_at_1 >= -tol) or (d_restoration >= 0 and d_pass_at_1 > 0)
+    return min(usable, key=lambda t: (abs(t["fork_entropy_mean"] - h), t["id"]))

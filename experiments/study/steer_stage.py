@@ -31,17 +31,14 @@ from pathlib import Path
 
 import torch
 
-from experiments.organism.tokenizer import check_tokenizer
 from experiments.paths import ORGANISMS_DIR, RESULTS_DIR
 from experiments.study.evaluation import sample_trajectories
 from experiments.tasks.countdown import Countdown
 from probe.checkpoint import load_causal_lm
 from probe.detector import ForkDetector
-from probe.evaluate import evaluate
 from probe.forks import fork_threshold
 from probe.pair import load_pair
 from probe.sae import load_sae
-from probe.sampler import SamplerConfig
 from steering import (
     SteeringVector,
     after_tokens,
@@ -128,7 +125,7 @@ def derive_vectors(cfg: DeriveConfig, methods: tuple[str, ...] | None = None) ->
     collection of residuals."""
     methods = methods or (cfg.method,)
     pair = load_pair(cfg.base, cfg.rl, device=cfg.device)
-    check_tokenizer(pair.base.tokenizer)
+    Countdown().check_tokenizer(pair.base.tokenizer)
     stream = Countdown().train_stream(cfg.problem_seed)
     prompts = [next(stream)[1].prompt for _ in range(cfg.n_problems)]
     traj, _ = sample_trajectories(pair.base, prompts, cfg.samples, cfg.seed, cfg.batch_size)
@@ -202,16 +199,6 @@ def gate_kwargs(gate: str, tok, vec_config: dict, detector: str, threshold: floa
     raise ValueError(f"gate={gate!r}; allowed {STUDY_GATES}")
 
 
-def evaluate_cell(model, tok, prompts: list[str], n: int, temperature: float, seed: int, batch_size: int,
-                  intervention=None, task: Countdown | None = None) -> dict:
-    """Held-out metrics (docs/architecture.md keys) of `model` sampled with `intervention` (None = plain)."""
-    task = task or Countdown()
-    sampler = SamplerConfig(n=n, max_new_tokens=task.max_new_tokens, temperature=temperature, seed=seed,
-                            batch_size=batch_size, device=str(next(model.parameters()).device))
-    metrics, _, _ = evaluate(model, tok, prompts, task, sampler, intervention=intervention, n_boot=200, per_problem=True)
-    return metrics
-
-
 def steer_intervention(model, tok, vec: SteeringVector, coef: float, gate: str, detector: str):
     kw = gate_kwargs(gate, tok, vec.config, detector)
     if vec.conditioning == "role":
@@ -221,26 +208,29 @@ def steer_intervention(model, tok, vec: SteeringVector, coef: float, gate: str, 
 
 @dataclass
 class ApplyConfig:
-    """Evaluate one steering vector on the RL model (held-out split)."""
+    """Evaluate one intervention file (a vector or learned edit, e.g. a sweep's `best.safetensors`)
+    on the RL model, on one half of the held-out split, with its recommended settings."""
 
-    vector: str = "runs/steer/vector.safetensors"
-    """Steering vector file."""
+    intervention: str = str(RESULTS_DIR / "steer-sweep" / "best.safetensors")
+    """Intervention file (`steering.save_selected`, or any vector / learned-edit file)."""
     rl: str = str(ORGANISMS_DIR / "rl-none")
     """Model to steer."""
-    coef: float = 1.0
-    """Coefficient (normalisation 'none': 1 = the base-minus-RL mean at forks)."""
-    gate: str = "always"
-    """always, entropy (RL fork threshold from the vector's config), planning or detector."""
-    temperature: float = 1.0
-    """Sampling temperature."""
-    detector: str = str(RESULTS_DIR / "probe" / "fork_detector.safetensors")
-    """Fork detector (gate detector)."""
+    task: str = "countdown"
+    """Task (`experiments.tasks.load_task`)."""
+    coef: float | None = None
+    """Coefficient (None = the file's recommended one)."""
+    fraction: float | None = None
+    """Share of each prompt's samples steered (None = the file's recommended one, else all)."""
+    temperature: float | None = None
+    """Sampling temperature (None = the file's recommended one)."""
+    half: str = "test"
+    """Half of the held-out split: "test" or "selection" (`experiments.study.protocol`)."""
     problems: int = 0
-    """First N held-out problems (0 = all)."""
+    """First N problems of the half (0 = all)."""
     n: int = 64
     """Samples per problem."""
-    seed: int = 0
-    """Sampling seed."""
+    seed: int = 1000
+    """Sampling seed (1000 = the first test seed of the sweep's protocol)."""
     batch_size: int = 1024
     """Rows per forward pass."""
     out: str = ""
@@ -248,20 +238,23 @@ class ApplyConfig:
     device: str = "auto"
     """"auto" = cuda if available, else cpu."""
 
-    def __post_init__(self) -> None:
-        if self.gate not in STUDY_GATES:
-            raise ValueError(f"gate={self.gate!r}; allowed {STUDY_GATES}")
-
 
 def run_apply(cfg: ApplyConfig) -> dict:
     from experiments.checkpointing import write_json_atomic
+    from experiments.study.protocol import Half, evaluate_cell
+    from experiments.tasks import load_task
+    from steering.selected import load_intervention
 
-    vec = SteeringVector.load(cfg.vector)
+    sel = load_intervention(cfg.intervention)
+    task = load_task(cfg.task)
     model, tok = load_causal_lm(cfg.rl, device=cfg.device)
-    steer = steer_intervention(model, tok, vec, cfg.coef, cfg.gate, cfg.detector)
-    m = evaluate_cell(model, tok, Countdown().heldout_prompts(cfg.problems), cfg.n, cfg.temperature, cfg.seed,
-                      cfg.batch_size, steer)
-    m["config"] = asdict(cfg)
+    task.check_tokenizer(tok)
+    steer = sel.apply(model, coef=cfg.coef, fraction=cfg.fraction)
+    t = sel.temperature if cfg.temperature is None else cfg.temperature
+    m = evaluate_cell(model, tok, task, Half.of(task, cfg.half, cfg.problems), n=cfg.n, seed=cfg.seed, temperature=t,
+                      batch_size=cfg.batch_size, intervention=steer)
+    m.pop("outcomes")
+    m["config"], m["recommended"] = asdict(cfg), sel.recommended
     if cfg.out:
         write_json_atomic(cfg.out, m)
     return m

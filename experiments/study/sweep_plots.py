@@ -1,7 +1,7 @@
-"""Figures of `forksight steer sweep`: Pareto fronts, the patching curve, pass@k of the best cell.
+"""Figures of `forksight steer sweep`: cells against the mixture frontier, the restoration curves, pass@k.
 
-Reads the sweep's rows (dicts with the `experiments.steer_sweep.COLUMNS` keys); writes PNGs
-atomically (`probe.plots.save_figure_atomic`). Not the place for any selection logic.
+Reads the sweep's judged rows and metrics dicts; writes PNGs atomically
+(`probe.plots.save_figure_atomic`). Not the place for any selection logic.
 """
 
 from __future__ import annotations
@@ -9,59 +9,94 @@ from __future__ import annotations
 from pathlib import Path
 
 from probe.evaluate import plot_pass_at_k
+from probe.frontier import mixture_curve, plot_frontier
 from probe.plots import new_figure, save_figure_atomic
 
-STYLE = {"steer": ("tab:blue", "o", 12), "temperature": ("tab:orange", "s", 30), "patch": ("tab:green", "^", 30),
-         "base": ("black", "*", 120), "rl": ("tab:red", "*", 120), "entropy_rl": ("tab:purple", "D", 40)}
+COLORS = {"temperature": "tab:orange", "vector": "tab:blue", "learned": "tab:green", "sae_edit": "tab:brown",
+          "repulsion": "tab:pink", "variant": "tab:purple", "patching": "tab:gray", "layer_restore": "tab:olive"}
 
 
-def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """Points no other point beats on both coordinates (higher is better), sorted by x."""
-    front = [p for p in points if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points)]
-    return sorted(set(front))
+def _label(r: dict) -> str:
+    spec = ",".join(f"{v}" for v in r["spec"].values())
+    return f"{r['family']} {spec}" + (f" f={r['fraction']:g}" if (r.get("fraction") or 1) < 1 else "")
 
 
-def plot_pareto(rows: list[dict], path: str | Path) -> None:
-    """pass@1 against pass@64 and against distinct-correct, screening stage, one colour per kind."""
-    rows = [r for r in rows if r["stage"] == "screen"]
-    fig = new_figure(11, 4.2)
-    for i, (key, label) in enumerate((("pass_at_64", "pass@64"), ("distinct_correct_mean", "distinct correct"))):
-        ax = fig.add_subplot(1, 2, i + 1)
-        for kind, (c, mk, s) in STYLE.items():
-            pts = [(r["pass_at_1"], r[key]) for r in rows if r["kind"] == kind and r.get(key) is not None]
-            if pts:
-                ax.scatter(*zip(*pts), c=c, marker=mk, s=s, alpha=0.7, label=kind, zorder=3 if s > 12 else 2)
-        front = pareto_front([(r["pass_at_1"], r[key]) for r in rows if r["kind"] == "steer" and r.get(key) is not None])
-        if front:
-            ax.plot(*zip(*front), c="tab:blue", lw=1, label="steering Pareto front")
-        ax.set_xlabel("pass@1")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        if i == 0 and ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    n = rows[0]["n_problems"] if rows else 0
-    fig.suptitle(f"steering sweep, screening split ({n} held-out problems x 64 samples)", fontsize=9)
+def _frontier(ax, curve: list[dict]) -> None:
+    """The mixture frontier, or a note where it is undefined (base and RL find as many solutions)."""
+    if any(c["restoration_distinct"] is not None for c in curve):
+        plot_frontier(ax, curve)
+    else:
+        ax.text(0.5, 0.5, "restoration undefined: base and RL find equally many distinct solutions",
+                transform=ax.transAxes, ha="center", fontsize=8)
+
+
+def plot_test(curve: list[dict], metrics: dict, path: str | Path) -> None:
+    """Test half: the mixture frontier, each family's picks, the matched temperature and the variants,
+    with restoration intervals (x: pass@1, y: restoration of distinct-correct)."""
+    fig = new_figure(7.5, 5)
+    ax = fig.add_subplot()
+    _frontier(ax, curve)
+    cells = [p["test"] for fam in metrics["picks"].values() for p in fam.values() if p.get("test")]
+    cells += [v for v in [metrics["temperature_baseline"], *metrics["variants"].values()] if v]
+    seen = set()
+    for r in cells:
+        if r["id"] in seen or r.get("restoration_distinct") is None:
+            continue
+        seen.add(r["id"])
+        lo, hi = r.get("restoration_distinct_ci") or [r["restoration_distinct"]] * 2
+        ax.errorbar([r["pass_at_1"]], [r["restoration_distinct"]], yerr=[[r["restoration_distinct"] - lo],
+                    [hi - r["restoration_distinct"]]], fmt="o", ms=4, color=COLORS.get(r["family"], "k"),
+                    label=f"{_label(r)}" + ("" if r.get("frontier_excess") is None else
+                                             f" (excess {r['frontier_excess']:+.2f})"))
+    ax.set_xlabel("pass@1 (test half, pooled seeds)")
+    ax.set_ylabel("restoration of distinct-correct (RL = 0, base = 1)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="best")
     save_figure_atomic(fig, path)
 
 
-def plot_patching(rows: list[dict], path: str | Path) -> None:
-    """Restoration (distinct-correct and pass@64) of cross-model patching against layer, per alpha."""
+def plot_selection(sel: dict, path: str | Path) -> None:
+    """Selection half: every judged cell (row-level fractions included) against its frontier."""
+    from experiments.study.selection import outcomes_of
+
+    b, _ = outcomes_of([sel["base"]])
+    r, _ = outcomes_of([sel["rl"]])
+    fig = new_figure(7.5, 5)
+    ax = fig.add_subplot()
+    _frontier(ax, mixture_curve(b, r))
+    for fam, color in COLORS.items():
+        pts = [(x["pass_at_1"], x["restoration_distinct"]) for x in sel["rows"]
+               if x["family"] == fam and x.get("restoration_distinct") is not None]
+        if pts:
+            ax.scatter(*zip(*pts), s=12, color=color, alpha=0.7, label=fam)
+    ax.set_xlabel("pass@1 (selection half)")
+    ax.set_ylabel("restoration of distinct-correct")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save_figure_atomic(fig, path)
+
+
+def plot_restoration_curves(patching: list[dict | None], restore: list[dict | None], path: str | Path) -> None:
+    """Restoration of distinct-correct against layer: cross-model patching and layer restoration (test)."""
     fig = new_figure(6, 4)
     ax = fig.add_subplot()
-    for alpha in sorted({r["coef"] for r in rows}):
-        sel = sorted((r for r in rows if r["coef"] == alpha), key=lambda r: r["layer"])
-        ls = [r["layer"] for r in sel]
-        ax.plot(ls, [r["restoration_distinct"] for r in sel], marker="o", label=f"distinct, alpha={alpha}")
-        ax.plot(ls, [r["restoration_pass_at_64"] for r in sel], marker="x", ls="--", label=f"pass@64, alpha={alpha}")
+    for rows, name, mk in ((patching, "cross-model patching (alpha max)", "o"), (restore, "layer restoration", "s")):
+        pts = sorted((x["spec"]["layer"], x["restoration_distinct"], *(x.get("restoration_distinct_ci") or [None, None]))
+                     for x in rows if x and x.get("restoration_distinct") is not None)
+        if pts:
+            ls, ys, lo, hi = zip(*pts)
+            ax.plot(ls, ys, marker=mk, label=name)
+            if None not in lo:
+                ax.fill_between(ls, lo, hi, alpha=0.15)
     ax.axhline(0, c="gray", lw=0.8)
     ax.axhline(1, c="gray", lw=0.8, ls=":")
-    ax.set_xlabel("patched layer (blocks.L.hook_resid_post)")
-    ax.set_ylabel("restoration (RL = 0, base = 1)")
+    ax.set_xlabel("layer L (patched residual / restored block)")
+    ax.set_ylabel("restoration of distinct-correct")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     save_figure_atomic(fig, path)
 
 
 def plot_pass_at_k_best(curves: dict[str, dict | None], path: str | Path) -> None:
-    """pass@k of base, RL, the best steered cell and the temperature baseline (full split)."""
+    """pass@k of base, RL, the best steered cell and the temperature baseline (test half)."""
     plot_pass_at_k({k: v for k, v in curves.items() if v is not None}, path)

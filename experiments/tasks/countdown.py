@@ -258,6 +258,26 @@ class Countdown:
         digits, steps = len(str(c.max_value)), c.n_numbers - 1
         return steps * (3 * digits + 2) + (steps - 1) + 1
 
+    def train_prompts(self, seed: int, count: int, start: int = 0) -> list[str]:
+        """Prompts `start .. start + count - 1` of `train_stream(seed)` (never held out)."""
+        stream = self.train_stream(seed, start)
+        return [next(stream)[1].prompt for _ in range(count)]
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """Raise ValueError unless `tokenizer` writes Countdown text one token per character."""
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in (*"0123456789", *self.config.ops, EQ, SEP, LIST_SEP, TARGET_MARK, ANSWER_MARK)
+                   if t not in vocab]
+        sample = "3,5,12|24:5-3=2;12*2=24"
+        if not missing and tokenizer.convert_ids_to_tokens(tokenizer(sample).input_ids) != list(sample):
+            missing = ["(it does not split Countdown text into single characters)"]
+        if missing:
+            shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+            raise ValueError(
+                f"the tokenizer lacks Countdown token(s): {shown}. Use the tokenizer saved beside the organism "
+                "(experiments.organism.tokenizer.load_tokenizer) or experiments.organism.tokenizer.build_tokenizer()."
+            )
+
     def train_stream(self, seed: int, start: int = 0):
         """Problems never in the held-out split, deterministic in (seed, index): problem i is drawn
         from `random.Random(f"{seed}:{i}")`, so a resumed stream continues exactly."""

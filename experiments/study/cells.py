@@ -1,0 +1,59 @@
+"""The sweep's cell cache: evaluated cells by id in `sweep.json`, written atomically after each new one.
+
+A cell's id names its half, seed, family, spec and temperature (`Candidate.key`); the settings
+every cell shares but its id does not name (checkpoints, n, seeds, problem count, task) form the
+cache's fingerprint, and a sweep directory keeps one value of each: reusing cells made with other
+settings would mix them silently, so that is an error naming the settings that differ. Restarting
+an interrupted sweep with the same `--out` evaluates only the cells missing from the file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from experiments.checkpointing import write_json_atomic
+
+FINGERPRINT = ("base", "rl", "task", "n", "seed", "test_seeds", "problems", "derive_problems", "batch_size")
+
+
+def _norm(key: str, value: Any) -> Any:
+    # checkpoints compare by directory name: a clone of the repository elsewhere still reuses its cells
+    return Path(value).name if key in ("base", "rl") and value else value
+
+
+class CellCache:
+    """Cells by id, read back from `out/sweep.json`; `get` evaluates the missing ones."""
+
+    def __init__(self, out: str | Path, config: Any):
+        self.out, self.config = Path(out), asdict(config)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.path = self.out / "sweep.json"
+        old = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        if "config" in old:
+            changed = [k for k in FINGERPRINT if _norm(k, old["config"].get(k)) != _norm(k, self.config.get(k))]
+            if changed:
+                was = ", ".join(f"{k}={old['config'].get(k)!r}" for k in changed)
+                raise ValueError(f"{self.path} holds cells made with other {changed} ({was}); reusing them would mix "
+                                 "settings. Use a new --out, or the same values to extend that sweep")
+        self.rows: dict[str, dict] = {r["id"]: r for r in old.get("cells", [])}
+        self.invocations = [c for c in old.get("invocations", []) if c != self.config] + [self.config]
+        self.reused, self.evaluated = 0, 0
+
+    def get(self, cell_id: str, evaluate: Callable[[], dict], **fields: Any) -> dict:
+        """The cached row `cell_id`, or `evaluate()` (a `protocol.evaluate_cell` dict) stored with `fields`."""
+        if cell_id in self.rows:
+            self.reused += 1
+            return self.rows[cell_id]
+        row = {"id": cell_id, **fields, **evaluate()}
+        self.rows[cell_id] = row
+        self.evaluated += 1
+        self.save()
+        return row
+
+    def save(self) -> None:
+        write_json_atomic(self.path, {"config": self.config, "invocations": self.invocations,
+                                      "cells": list(self.rows.values())})

@@ -1,0 +1,124 @@
+"""What `forksight steer sweep` writes: metrics.json (with the goals), sweep.csv and the figures.
+
+`metrics.json` keys: `protocol` (halves, seeds, rules), `frontier` (the base/RL mixture curve on
+the test half, pooled over the test seeds), `base` / `rl` (test summaries), `picks` (per family
+and rule: the cell chosen on the selection half and its test measurement), `best` and `best_goal`
+(test), `temperature_baseline` (matched to the best cell's fork entropy), `variants`,
+`patching_curve` and `layer_restore_curve` (test), `goals` (issue #12's bars, computed),
+`n_cells`, `n_cells_reused`, `seconds`, `config`. Every test measurement holds restoration_distinct,
+restoration_pass_at_64, pass_at_1_change and frontier_excess, each with a `*_ci` interval.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from experiments.checkpointing import write_json_atomic
+from experiments.study.selection import GOAL_RULE, TOLERANCE_RULE, outcomes_of, parse_layers
+from probe.frontier import mixture_curve, summary
+
+COLUMNS = ("id", "half", "family", "spec", "fraction", "params", "n_problems", "n_samples", "pass_at_1",
+           "pass_at_1_change", "pass_at_64", "distinct_correct_mean", "fork_entropy_mean", "restoration_distinct",
+           "restoration_pass_at_64", "frontier_restoration", "frontier_excess", "seconds")
+
+
+BRIEF = ("family", "spec", "fraction", "params", "pass_at_1", "pass_at_1_change", "pass_at_1_change_ci",
+         "restoration_distinct", "restoration_distinct_ci", "restoration_pass_at_64", "restoration_pass_at_64_ci",
+         "frontier_restoration", "frontier_excess", "frontier_excess_ci", "distinct_correct_mean", "pass_at_64",
+         "pass_at_k", "fork_entropy_mean", "seeds", "id")
+
+
+def brief(r: dict | None) -> dict | None:
+    return None if r is None else {k: r.get(k) for k in BRIEF if k in r}
+
+
+def write_table(out: Path, rows: list[dict], columns: tuple[str, ...]) -> None:
+    """`sweep.csv`: one line per judged cell (both halves), atomically."""
+    tmp = out / ".sweep.csv.tmp"
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(out / "sweep.csv")
+
+
+def goals(tst: dict, tol: float, gtol: float) -> dict[str, Any]:
+    """Issue #12's bars on the test half: a learned cell >= 0.45 within `tol`; an RL-alone cell on the
+    frontier (excess interval reaching 0) and above it (excess >= 0.10 within `gtol`); pass@k of the
+    best cell at or above both base's and RL's at every k."""
+    learned = [p["test"] for p in (tst["picks"].get("learned") or {}).values() if p.get("test")]
+    steered = [p["test"] for fam, d in tst["picks"].items() if fam != "temperature" for p in d.values() if p.get("test")]
+    ok = lambda r, t: r["pass_at_1_change"] is not None and r["pass_at_1_change"] >= -t  # noqa: E731
+    best_l = max((r for r in learned if ok(r, tol)), key=lambda r: r["restoration_distinct"] or -1e9, default=None)
+    on = [r for r in steered if r.get("frontier_excess_ci") and r["frontier_excess_ci"][1] >= 0 and ok(r, tol)]
+    above = [r for r in steered if (r.get("frontier_excess") or -1) >= 0.10 and ok(r, gtol)]
+    b, base, rl = tst["best"], summary(outcomes_of(tst["base"])[0]), summary(outcomes_of(tst["rl"])[0])
+    dom = None if b is None else all(b["pass_at_k"][k] >= max(base["pass_at_k"][k], rl["pass_at_k"][k]) - 1e-12
+                                     for k in b["pass_at_k"])
+    return {
+        "learned_restoration_0.45": {"met": bool(best_l and best_l["restoration_distinct"] >= 0.45),
+                                     "cell": best_l and {k: best_l.get(k) for k in ("spec", "fraction", "params",
+                                                                                  "restoration_distinct", "pass_at_1_change")}},
+        "on_frontier": {"met": bool(on), "cells": [r["id"] for r in on],
+                        "rule": f"an RL-alone pick whose frontier_excess interval reaches 0, pass@1 >= RL - {tol}"},
+        "above_frontier": {"met": bool(above), "cells": [r["id"] for r in above],
+                           "rule": f"an RL-alone pick with frontier_excess >= 0.10 at pass@1 >= RL - {gtol}"},
+        "pass_at_k_dominance": {"met": dom, "rule": "the best cell's pass@k >= max(base, RL) at every k"},
+    }
+
+
+def write_outputs(sw: Any, sel: dict, tst: dict, seconds: float, best_file: str | None) -> dict:
+    from experiments.study.sweep_plots import (
+        plot_pass_at_k_best,
+        plot_restoration_curves,
+        plot_selection,
+        plot_test,
+    )
+
+    cfg, out = sw.cfg, sw.out
+    b, _ = outcomes_of(tst["base"])
+    r, _ = outcomes_of(tst["rl"])
+    curve = mixture_curve(b, r)
+    test_rows = [{**row, "half": "test"} for fam in tst["picks"].values() for p in fam.values() if (row := p["test"])]
+    sel_rows = [{**row, "half": "selection"} for row in sel["rows"]]
+    write_table(out, [*sel_rows, *test_rows], COLUMNS)
+    metrics = {
+        "protocol": {"halves": {h: len(x.prompts) for h, x in sw.halves.items()},
+                     "split": "held-out problem i: selection half if i is even, test half if odd",
+                     "selection_seed": sw.seeds["selection"], "test_seeds": sw.seeds["test"],
+                     "rules": {"restoration": TOLERANCE_RULE.format(tol=cfg.tolerance),
+                               "excess": GOAL_RULE.format(tol=cfg.tolerance),
+                               "goal": GOAL_RULE.format(tol=cfg.goal_tolerance),
+                               "best": "the overall 'excess' pick over every RL-alone family but temperature"},
+                     "row_level": "a fraction f of each prompt's samples steered (indices < round(f n)); formed by "
+                                  "splicing the fully steered cell with RL by sample index (exact)"},
+        "frontier": [{k: c[k] for k in ("q", "m", "pass_at_1", "pass_at_64", "distinct_correct_mean",
+                                        "restoration_distinct", "restoration_pass_at_64")} for c in curve],
+        "base": summary(b), "rl": summary(r),
+        "best": tst["best"], "best_file": best_file, "best_restoration": tst["best_restoration"], "best_goal": tst["best_goal"],
+        "picks": tst["picks"],
+        "temperature_baseline": tst["temperature"],
+        "variants": tst["variants"],
+        "patching_curve": tst["patching_curve"],
+        "patching_upper_bound": max((x for x in tst["patching_curve"] if x), default=None,
+                                    key=lambda x: x["restoration_distinct"] or -1e9),
+        "layer_restore_curve": tst["restore_curve"],
+        "goals": goals(tst, cfg.tolerance, cfg.goal_tolerance),
+        "selection": {k: brief(sel[k]) for k in ("best", "best_restoration", "best_goal", "temperature")},
+        "n_cells": len(sw.cache.rows), "n_cells_reused": sw.cache.reused, "seconds": seconds,
+        "tables": ["sweep.csv", "sweep.json"],
+        "plots": ["pareto.png", "pareto_selection.png", "patching_curve.png", "pass_at_k.png"],
+        "config": asdict(cfg),
+    }
+    if metrics["best"] and metrics["best"]["family"] == "vector":
+        metrics["best"]["layers"] = parse_layers(metrics["best"]["spec"]["layer"])
+    write_json_atomic(out / "metrics.json", metrics)
+    plot_test(curve, metrics, out / "pareto.png")
+    plot_selection(sel, out / "pareto_selection.png")
+    plot_restoration_curves(metrics["patching_curve"], metrics["layer_restore_curve"], out / "patching_curve.png")
+    plot_pass_at_k_best({"base": metrics["base"], "rl": metrics["rl"], "steered (best)": metrics["best"],
+                         "rl, matched T": metrics["temperature_baseline"]}, out / "pass_at_k.png")
+    return metrics
