@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -69,9 +70,59 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         raise
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON to `path` via a temporary file and `os.replace` (never a half-written file)."""
+def write_json_atomic(path: str | Path, obj: Any, relative_to: str | Path | None = None) -> None:
+    """Write JSON to `path` via a temporary file and `os.replace` (never a half-written file); with
+    `relative_to` (the run directory), every path in it is made portable first (`portable`)."""
+    if relative_to is not None:
+        obj = portable(obj, relative_to)
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+REPO_DIR = Path(__file__).resolve().parents[1]
+_ABS_IN_TEXT = re.compile(r"(?<![\w.~:/])/(?:[^\s'\"`,;:()\[\]{}<>|*?]+/)+[^\s'\"`,;:()\[\]{}<>|*?]*[^\s'\"`,;:()\[\]{}<>|*?.]")
+
+
+def portable(obj: Any, run_dir: str | Path) -> Any:
+    """`obj` (JSON-ready) with its file-system paths made portable, so a results file means the same
+    on another machine: a path inside `run_dir` becomes relative to it ("." for itself), one elsewhere in
+    the repository relative to the repository root, any other one relative to `run_dir`.
+
+    What counts as a path: a string that is absolute, or contains a "/" and exists relative to the
+    working directory, the file part of a task spec ("math:PATH,train=PATH"), and absolute paths
+    inside longer text (e.g. a reason naming a missing file). Other strings are left alone."""
+    run = Path(os.path.abspath(run_dir))
+
+    def rel(p: str) -> str:
+        q = Path(os.path.abspath(p))
+        for root in (run, REPO_DIR):
+            if q == root or root in q.parents:
+                return q.relative_to(root).as_posix() or "."
+        return Path(os.path.relpath(q, run)).as_posix()
+
+    def conv(s: str) -> str:
+        if s.startswith("math:"):
+            head, *opts = s[len("math:"):].split(",")
+            opts = [f"train={conv_path(o[6:])}" if o.startswith("train=") else o for o in opts]
+            return ",".join([f"math:{conv_path(head)}", *opts])
+        if os.path.isabs(s) and "\n" not in s and " " not in s.strip():
+            return rel(s)
+        if "/" in s and len(s) < 4096 and "\n" not in s and Path(s).exists():
+            return rel(s)
+        return _ABS_IN_TEXT.sub(lambda m: rel(m.group(0)), s) if "/" in s else s
+
+    def conv_path(s: str) -> str:
+        return rel(s) if os.path.isabs(s) or Path(s).exists() else s
+
+    def walk(x: Any) -> Any:
+        if isinstance(x, str):
+            return conv(x)
+        if isinstance(x, dict):
+            return {k: walk(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [walk(v) for v in x]
+        return x
+
+    return walk(obj)
 
 
 def save_state(run_dir: str | Path, step: int, model, optimizer, progress: dict, keep: int = 1) -> Path:

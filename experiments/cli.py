@@ -1,8 +1,9 @@
 """The `forksight` command line. Library code raises; only this module prints.
 
-    forksight run [--quick] [--from-scratch] [--base DIR --rl DIR] --out DIR   the whole study -> report.md
-    forksight organism sft --out DIR          train the base organism (SFT), then evaluate it
-    forksight organism rl --base DIR --intervention none|entropy-bonus|clip-cov|kl-cov|forks-only --out DIR
+    forksight run [--quick] [--from-scratch] [--base DIR --rl DIR] [--task math:FILE] --out DIR   the study -> report.md
+    forksight replicate [--pairs NAME=BASE,RL[,VARIANT...] ...]   the claims per pair, pooled over seeds
+    forksight organism sft [--task wordproblems --max-positions 256] --out DIR   train a base organism (SFT), evaluate it
+    forksight organism rl --base DIR --intervention none|entropy-bonus|clip-cov|kl-cov|forks-only|nsr|w-reinforce|pass-at-k|vpo-distinct --out DIR
     forksight eval --model DIR [--model DIR]  held-out metrics.json + pass@k plot
     forksight probe --base DIR --rl DIR --out DIR   entropy, forks, fork detector, entropy law
     forksight sae train --out DIR / forksight sae diff --out DIR   SAE features RL pruned at forks
@@ -27,7 +28,7 @@ from experiments.organism.grpo_loss import LossConfig
 from experiments.organism.sft import SFTConfig
 from experiments.paths import ORGANISMS_DIR
 from experiments.study.evaluation import EvalConfig, evaluate_checkpoint
-from experiments.tasks.countdown import Countdown
+from experiments.tasks import load_task
 
 HEADLINE_KEYS = ("pass_at_1", "pass_at_64", "distinct_correct_mean", "planning_entropy_mean", "execution_entropy_mean")
 
@@ -36,15 +37,15 @@ def _headline(metrics: dict) -> dict:
     return {k: metrics[k] for k in HEADLINE_KEYS if k in metrics}
 
 
-def _organism_metrics(out: str, eval_samples: int, seed: int, device: str, **extra) -> dict:
-    """Evaluate the checkpoint just written to `out` and save `out/metrics.json`."""
+def _organism_metrics(out: str, eval_samples: int, seed: int, device: str, task: str = "countdown", **extra) -> dict:
+    """Evaluate the checkpoint just written to `out` on `task`'s held-out split and save `out/metrics.json`."""
     from experiments.checkpointing import write_json_atomic
 
     metrics: dict = {}
     if eval_samples:
-        metrics = evaluate_checkpoint(out, EvalConfig(n=eval_samples, seed=seed, device=device))
+        metrics = evaluate_checkpoint(out, EvalConfig(n=eval_samples, seed=seed, device=device, task=task))
     metrics.update(command="forksight " + " ".join(map(shlex.quote, sys.argv[1:])), **extra)
-    write_json_atomic(Path(out) / "metrics.json", metrics)
+    write_json_atomic(Path(out) / "metrics.json", metrics, relative_to=out)
     return metrics
 
 
@@ -53,12 +54,14 @@ def cmd_sft(args: argparse.Namespace) -> dict:
 
     cfg = config_from_args(SFTConfig, args)
     check_writable(cfg.out)
-    summary = train_sft(cfg)
+    task = load_task(cfg.task)
+    summary = train_sft(cfg, task)
+    histogram = task.solution_histogram() if hasattr(task, "solution_histogram") else task.path_histogram()
     metrics = _organism_metrics(
-        cfg.out, cfg.eval_samples, cfg.seed, cfg.device,
-        train_seconds=summary["train_seconds"], train_steps=summary["steps"],
-        train_loss_last=summary["loss_last"], train_seed=cfg.seed, sft_config=asdict(cfg),
-        task_config=asdict(Countdown().config), heldout_solution_histogram=Countdown().solution_histogram(),
+        cfg.out, cfg.eval_samples, cfg.seed, cfg.device, cfg.task,
+        train_seconds=summary["train_seconds"], train_cpu_seconds=summary.get("train_cpu_seconds"),
+        train_steps=summary["steps"], train_loss_last=summary["loss_last"], train_seed=cfg.seed, sft_config=asdict(cfg),
+        task_config=asdict(task.config), heldout_solution_histogram=histogram,
     )
     return {"out": cfg.out, "train_seconds": summary["train_seconds"], **_headline(metrics)}
 
@@ -69,11 +72,12 @@ def cmd_rl(args: argparse.Namespace) -> dict:
     cfg = config_from_args(GRPOConfig, args)
     loss_cfg = config_from_args(LossConfig, args)
     check_writable(cfg.out)
-    load_policy(cfg.base, "cpu")  # a bad --base fails here, before any work
+    load_policy(cfg.base, "cpu", load_task(cfg.task))  # a bad --base fails here, before any work
     summary = train_grpo(cfg, loss_cfg)
     metrics = _organism_metrics(
-        cfg.out, cfg.final_eval_samples, cfg.seed, cfg.device,
-        train_seconds=summary["train_seconds"], train_steps=summary["steps"], train_seed=cfg.seed,
+        cfg.out, cfg.final_eval_samples, cfg.seed, cfg.device, cfg.task,
+        train_seconds=summary["train_seconds"], train_cpu_seconds=summary.get("train_cpu_seconds"),
+        train_steps=summary["steps"], train_seed=cfg.seed,
         intervention=loss_cfg.intervention, rl_config=asdict(cfg), loss_config=asdict(loss_cfg),
     )
     return {"out": cfg.out, "intervention": loss_cfg.intervention, "train_seconds": summary["train_seconds"],
@@ -94,7 +98,7 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     plot_pass_at_k(results, out / "pass_at_k.png")
     if len(results) == 1:
         record = {**next(iter(results.values())), "model": models[0]}
-        write_json_atomic(out / "metrics.json", record)
+        write_json_atomic(out / "metrics.json", record, relative_to=out)
         return {"out": str(out), **_headline(record)}
     first = names[0]
     crossovers = {}
@@ -102,7 +106,7 @@ def cmd_eval(args: argparse.Namespace) -> dict:
         for a, b in ((first, other), (other, first)):
             crossovers[f"{b}_overtakes_{a}"] = crossover_k(results[a]["pass_at_k"], results[b]["pass_at_k"])
     record = {"models": dict(zip(names, models)), "metrics": results, "crossover_k": crossovers}
-    write_json_atomic(out / "metrics.json", record)
+    write_json_atomic(out / "metrics.json", record, relative_to=out)
     return {"out": str(out), "crossover_k": crossovers, **{n: _headline(m) for n, m in results.items()}}
 
 
@@ -118,12 +122,22 @@ GROUP_HELP = {"sae": "SAEs on the residual stream and the features RL pruned at 
 def study_commands() -> list[tuple]:
     """(command path, config dataclass(es), runner, headline of its result, help) of every study command;
     a command with several config classes gets every class's flags and its runner one config of each."""
-    from experiments.study import learn_stage, probe_stage, run, sae_stage, steer_stage, sweep
+    from experiments.study import (
+        learn_stage,
+        probe_stage,
+        replicate,
+        run,
+        sae_stage,
+        steer_stage,
+        sweep,
+    )
     from steering.learn import LearnConfig
 
     return [
         (("run",), run.RunConfig, run.run_study, run.headline,
          "the end-to-end study: probe, SAE, steering, diversity -> report.md"),
+        (("replicate",), replicate.ReplicateConfig, replicate.run_replicate, replicate.headline,
+         "the claims over several base/RL pairs (training seeds, depths), pooled over seeds -> report.md"),
         (("probe",), probe_stage.ProbeConfig, probe_stage.run_probe, probe_stage.headline,
          "entropy, forks, fork detector and entropy law of a base/RL pair"),
         (("sae", "train"), sae_stage.SAETrainConfig, sae_stage.run_sae_train, sae_stage.train_headline,
@@ -145,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="forksight", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    organism = sub.add_parser("organism", help="train the Countdown model organism").add_subparsers(
+    organism = sub.add_parser("organism", help="train a model organism (Countdown, or word problems with --task wordproblems)").add_subparsers(
         dest="stage", required=True
     )
     sft = organism.add_parser("sft", help="SFT the base organism on diverse solutions, then evaluate it")

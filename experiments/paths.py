@@ -11,4 +11,8 @@ from pathlib import Path
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent
 ORGANISMS_DIR = EXPERIMENTS_DIR / "organisms" / "countdown"
+WORDPROBLEMS_DIR = EXPERIMENTS_DIR / "organisms" / "wordproblems"
+"""The word-problem organism (`base`, `rl-none`) and its task files (`heldout.jsonl`, `train.jsonl`)."""
 RESULTS_DIR = EXPERIMENTS_DIR / "results"
+REPLICATE_DIR = RESULTS_DIR / "replicate"
+"""`forksight replicate`'s shipped results, and under `organisms/` the RL seeds, regimes and depths it studies."""

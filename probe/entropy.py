@@ -18,8 +18,10 @@ sampling model's own trajectories the two coincide (tested against `Branches.ent
 
 What it is not: sampling (`probe.sampler`) or forks (`probe.forks`). Values outside the answer
 mask are 0. Residuals for the fork detector are gathered in the same forward pass of the RL model
-(`pair_stats(..., resid_layers=...)`), at the predicting position of each answer token, and kept
-on the CPU in float32: choose the layers with memory in mind on large models.
+(`pair_stats(..., resid_layers=...)`), at the predicting position of each answer token (or of the
+answer tokens in `resid_keep`, a subsample a caller draws to stay within memory), and kept on the
+CPU in float32. Teacher-forced batches hold at most `batch_size` rows and at most what fits the
+memory budget (`probe.budget.forward_rows`: every position's logits, for long trajectories).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from probe.budget import forward_rows
 from probe.pair import RESID_POST, HookedModel, Pair
 from probe.sampler import Branches
 
@@ -137,6 +140,7 @@ def token_stats(
     """
     attention_mask, answer_mask = _check_masks(tokens, attention_mask, answer_mask)
     model.check_context(tokens.shape[1])
+    batch_size = min(batch_size, forward_rows(getattr(model, "hf", None), tokens.shape[1]))
     ent, lp = torch.zeros(tokens.shape), torch.zeros(tokens.shape)
     with torch.inference_mode():
         for r0 in range(0, tokens.shape[0], batch_size):
@@ -163,7 +167,8 @@ class PairStats:
     """KL(rl || base)."""
     resid: dict[int, Float[Tensor, "n_answer d_model"]] = field(default_factory=dict)
     """RL model residual (`resid_site`) at the position predicting each answer token, row-major
-    order of `mask` (so `resid[L][i]` goes with `h_base[mask][i]`)."""
+    order of `mask` (so `resid[L][i]` goes with `h_base[mask][i]`); with `resid_keep`, of the kept
+    answer tokens only, row-major order of `resid_keep`."""
 
 
 def pair_stats(
@@ -172,16 +177,20 @@ def pair_stats(
     batch_size: int = 32,
     resid_layers: Sequence[int] = (),
     resid_site: str = RESID_POST,
+    resid_keep: Bool[Tensor, "rows pos"] | None = None,
 ) -> PairStats:
-    """Entropy, logprob and both KLs of base and RL on `traj`, plus RL residuals at `resid_layers`."""
+    """Entropy, logprob and both KLs of base and RL on `traj`, plus RL residuals at `resid_layers`
+    for the answer tokens in `resid_keep` (default: all of them)."""
     attention_mask, answer_mask = _check_masks(traj.tokens, traj.attention_mask, traj.answer_mask)
     for m in pair:
         m.check_context(traj.tokens.shape[1])
+    batch_size = min(batch_size, forward_rows(getattr(pair.base, "hf", None), traj.tokens.shape[1], models=2))
+    keep = answer_mask if resid_keep is None else resid_keep.bool() & answer_mask
     shape = traj.tokens.shape
     out = {k: torch.zeros(shape) for k in ("h_base", "h_rl", "lp_base", "lp_rl", "kl_base_rl", "kl_rl_base")}
     resid: dict[int, list[Tensor]] = {layer: [] for layer in resid_layers}
     pred = torch.zeros_like(answer_mask)  # [rows, pos] positions predicting an answer token
-    pred[:, :-1] = answer_mask[:, 1:]
+    pred[:, :-1] = keep[:, 1:]
     with torch.inference_mode():
         for r0 in range(0, shape[0], batch_size):
             sl = slice(r0, r0 + batch_size)

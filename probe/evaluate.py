@@ -14,8 +14,9 @@ Conventions where docs/architecture.md is silent:
 - A row's canonical key is None unless `task.verify` accepts it, so keys count valid answers only.
 - Entropy means pool tokens over all rows (a token-weighted mean, not a mean of per-row means);
   forks are taken over the whole evaluated batch, eos tokens included. Undefined means are None.
-- `distinct_correct_mean` averages over problems with `task.n_solutions(prompt) >= 3`, counting a
-  problem whose n_solutions is None as eligible; `distinct_correct_subset` records which rule held.
+- `distinct_correct_mean` averages over problems with `task.n_solutions(prompt) >= 3`; a problem
+  whose n_solutions is None (the task cannot enumerate solutions, e.g. a math file) counts when it
+  was solved (at least one correct sample); `distinct_correct_subset` records which rule held.
 - `seed` is both recorded (the sampler's seed) and used to seed the bootstrap.
 """
 
@@ -188,14 +189,16 @@ def diversity_metrics(
     out["pass_at_k_ci"] = {str(k): ci(per_k[k]) for k in ks}
 
     n_sol = [task.n_solutions(p) for p in prompts]
-    eligible = torch.tensor([s is None or s >= 3 for s in n_sol], dtype=torch.bool)
+    solved = (counts > 0).tolist()
+    eligible = torch.tensor([ok if s is None else s >= 3 for s, ok in zip(n_sol, solved)], dtype=torch.bool)
     distinct = distinct_correct([scored.canonical[i * n : (i + 1) * n] for i in range(n_prompts)])
     picked = distinct[eligible].double()  # (eligible problems,)
     known = sum(s is not None for s in n_sol)
     out["distinct_correct_mean"] = picked.mean().item() if len(picked) else None
     out["distinct_correct_mean_ci"] = ci(picked) if len(picked) else None
     out["distinct_correct_n_problems"] = len(picked)
-    subset = {n_prompts: "n_solutions>=3", 0: "all"}.get(known, "n_solutions>=3 or unknown")
+    subset = {n_prompts: "n_solutions>=3", 0: "solved problems (n_solutions unknown)"}.get(
+        known, "n_solutions>=3, or solved where n_solutions is unknown")
     out["distinct_correct_subset"] = subset  # which problems the mean is over
 
     entropy, mask = branches.entropy.cpu(), branches.mask.cpu()

@@ -29,6 +29,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from probe.backends import TL_ARCHITECTURES, to_hooked_transformer, to_nnsight
+from probe.budget import ContextLengthError
 from probe.checkpoint import load_causal_lm, resolve_device
 from probe.hooks import ResolvedHook, resolve_hook, site_name
 from probe.norms import normalized
@@ -40,10 +41,6 @@ RESID_POST = "blocks.{L}.hook_resid_post"
 
 class PairMismatchError(ValueError):
     """Two models that cannot be compared token by token (vocabulary, width, depth, backend)."""
-
-
-class ContextLengthError(ValueError):
-    """A sequence longer than the model's context window."""
 
 
 @dataclass

@@ -39,6 +39,7 @@ from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
 from torch import Tensor
 
+from probe.budget import forward_rows
 from probe.hooks import HookSiteError, ResolvedHook, resolve_hook
 from probe.pair import HookedModel
 
@@ -115,6 +116,7 @@ def collect_activations(
         raise ValueError(f"tokens {tuple(tokens.shape)}, attention_mask {tuple(attention_mask.shape)} and "
                          f"where {tuple(where.shape)} must share one [rows, pos] shape")
     out = []
+    batch_size = min(batch_size, forward_rows(getattr(model, "hf", None), tokens.shape[1]))
     with torch.inference_mode():
         for r0 in range(0, tokens.shape[0], batch_size):
             sl = slice(r0, r0 + batch_size)

@@ -50,6 +50,14 @@ positions themselves); where left padding is not safe (`probe.kv_cache.padding_u
 unequal length in one batch raise `PaddingError`; a family whose batched rows are not independent
 (`probe.kv_cache.batch_unsafe`) runs only with `batch_size=1`.
 
+Long generations: a prompt plus `max_new_tokens` longer than the model's context raises
+`probe.budget.ContextLengthError` before anything is sampled; the rows of one forward batch are at
+most `cfg.batch_size` and at most what fits the memory budget (`probe.budget.sampling_rows`: KV
+cache of prompt + completion), so thousands of new tokens on a large model shrink the batch
+instead of exhausting the device (rows are independent of their batch, so results do not change).
+`progress=True` (or None: automatic, for jobs of more than ~1M row-steps on a terminal) shows a
+progress bar over decoding steps.
+
 What it is not: beam search, speculative decoding, stop strings, repetition penalties, or a
 continuous-batching server. One eos id (the tokenizer's); padding uses `pad_token_id` (else eos).
 """
@@ -57,15 +65,17 @@ continuous-batching server. One eos id (the tokenizer's); padding uses `pad_toke
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 from torch import Tensor
+from tqdm.auto import tqdm
 
+from probe.budget import check_context, sampling_rows
 from probe.kv_cache import (
     CacheError,
     batch_unsafe,
@@ -76,6 +86,7 @@ from probe.kv_cache import (
     select_rows,
 )
 from probe.rng import counter_uniforms
+from probe.sampling_types import Branches, SamplerConfig, SamplingState
 
 
 class NonFiniteLogitsError(RuntimeError):
@@ -85,99 +96,6 @@ class NonFiniteLogitsError(RuntimeError):
 class PaddingError(ValueError):
     """Prompts of unequal length in one batch of a model for which left padding is not safe
     (`probe.kv_cache.padding_unsafe`)."""
-
-
-@dataclass
-class SamplerConfig:
-    """How to sample; every field is validated on construction."""
-
-    n: int = 1
-    """Samples per prompt (>= 1)."""
-    max_new_tokens: int = 32
-    """Tokens generated per row at most (>= 1); `Branches.tokens` has this many columns."""
-    temperature: float = 1.0
-    """Softmax temperature (>= 0); 0 means greedy argmax."""
-    top_p: float = 1.0
-    """Nucleus mass in (0, 1]; 1 turns it off."""
-    top_k: int = 0
-    """Keep the k most likely tokens (>= 0); 0 turns it off."""
-    seed: int = 0
-    """Seed of the counter-based RNG (0 <= seed < 2**63)."""
-    batch_size: int = 512
-    """Rows (prompt x sample) per forward pass (>= 1)."""
-    device: str = "auto"
-    """"auto" (cuda if available, else cpu), or a torch device string; the model must be there."""
-
-    def __post_init__(self):
-        def check(name, ok, allowed, fix):
-            if not ok:
-                raise ValueError(f"SamplerConfig.{name}={getattr(self, name)!r} is invalid: "
-                                 f"allowed {allowed}. Fix: {fix}.")
-        int_ = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
-        num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
-        check("n", int_(self.n) and self.n >= 1, "an int >= 1", "ask for at least one sample")
-        check("max_new_tokens", int_(self.max_new_tokens) and self.max_new_tokens >= 1,
-              "an int >= 1", "generate at least one token")
-        check("temperature", num(self.temperature) and 0 <= self.temperature < float("inf"),
-              "a finite float >= 0 (0 = greedy)", "use 0 for greedy, 1 for the model's distribution")
-        check("top_p", num(self.top_p) and 0 < self.top_p <= 1, "a float in (0, 1]",
-              "use 1.0 to turn top-p off")
-        check("top_k", int_(self.top_k) and self.top_k >= 0, "an int >= 0", "use 0 to turn top-k off")
-        check("seed", int_(self.seed) and 0 <= self.seed < 2**63, "an int in [0, 2**63)",
-              "pass a non-negative int seed")
-        check("batch_size", int_(self.batch_size) and self.batch_size >= 1, "an int >= 1",
-              "use e.g. 512 rows per forward pass")
-        check("device", isinstance(self.device, str) and bool(self.device),
-              '"auto" or a torch device string such as "cpu" or "cuda:0"', 'use "auto"')
-
-
-@dataclass
-class Branches:
-    """Samples as a plain batch, rows prompt-major (row = i * n + j), on the sampler's device."""
-
-    prompt_index: Int[Tensor, " rows"]
-    sample_index: Int[Tensor, " rows"]
-    tokens: Int[Tensor, "rows new"]
-    """Generated ids; `pad_token_id` after the row finished. `new == cfg.max_new_tokens`."""
-    mask: Bool[Tensor, "rows new"]
-    """True on real generated tokens (the eos token included)."""
-    logprobs: Float[Tensor, "rows new"]
-    """Log-prob of the token under the sampling distribution; 0 where masked."""
-    entropy: Float[Tensor, "rows new"]
-    """Entropy (nats) of the sampling distribution at that step; 0 where masked."""
-    finish_reason: list[str]
-    """"eos" or "length" per row."""
-    prompt_tokens: list[list[int]]
-    """The prompts as token ids (unpadded), one per prompt (not per row)."""
-
-
-@dataclass
-class SamplingState:
-    """What an intervention can read; updated by the sampler before every forward pass.
-
-    The forward batch holds `batch` items: rows while generating; during the prompt phase one item
-    per prefill of the current row batch (a prompt, or a prompt and a prefill group when the
-    intervention defines `prefill_groups`), shared by the samples it continues.
-    """
-
-    step: int = -1
-    """-1 during the prefill (the forward reads the prompt); else t: the forward reads generated
-    token t (its activations are token t's) and yields the logits of token t + 1."""
-    phase: str = "prompt"
-    """"prompt" (prefill) or "generate"."""
-    row_ids: Int[Tensor, " batch"] = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
-    """Global row id (i * n + j) of each batch item; -1 in the prompt phase (item = a prompt)."""
-    prompt_index: Int[Tensor, " batch"] = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
-    """Prompt index of each batch item (valid in both phases)."""
-    sample_index: Int[Tensor, " batch"] = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
-    """Sample index j of each row (row = i * n + j); in the prompt phase the smallest j of the prefill's
-    samples in this batch (every sample of a prefill shares its prefill group)."""
-    active: Bool[Tensor, " batch"] = field(default_factory=lambda: torch.empty(0, dtype=torch.bool))
-    """True for items still generating (always True in the prompt phase)."""
-    tokens: Int[Tensor, "batch step"] = field(default_factory=lambda: torch.empty(0, 0, dtype=torch.long))
-    """Tokens generated so far by each item, the one being read included (`step + 1` columns)."""
-    position_ids: Int[Tensor, "batch seq"] = field(default_factory=lambda: torch.empty(0, 0, dtype=torch.long))
-    """Position ids of the tokens this forward consumes (left padding: pads sit at 0)."""
 
 
 def filtered_logprobs(
@@ -255,6 +173,7 @@ def sample_branches(
     cfg: SamplerConfig,
     intervention: Callable[[SamplingState], AbstractContextManager] | None = None,
     prompt_keys: Sequence[int] | None = None,
+    progress: bool | None = None,
 ) -> Branches:
     """Sample `cfg.n` continuations of each prompt; returns `Branches` with `len(prompts) * n` rows.
 
@@ -270,6 +189,7 @@ def sample_branches(
                          "prompt, or prompt_keys=None.")
     eos, pad = _special_ids(tokenizer)
     dev = _resolve_device(model, cfg)
+    check_context(model, tokenizer, ids, cfg.max_new_tokens)
     params = inspect.signature(type(model).forward).parameters
     fwd = (cache_arg(model),  # "cache" in transformers 5.x; some families name it otherwise
            {"use_cache": True, **({"logits_to_keep": 1} if "logits_to_keep" in params else {})},
@@ -283,14 +203,20 @@ def sample_branches(
     state = SamplingState()
     groups = prefill_groups(intervention, cfg.n, dev)
     was_training = model.training
+    bs = min(cfg.batch_size, sampling_rows(model, max(map(len, ids)) + steps))
+    n_batches = -(-rows // bs)
+    show = progress if progress is not None else (rows * steps >= 2**20 and sys.stderr.isatty())
+    bar = tqdm(total=n_batches * steps, desc="sampling", unit="step", leave=False, disable=not show)
     model.eval()
     try:
         with torch.inference_mode(), (intervention(state) if intervention else nullcontext()):
-            for r0 in range(0, rows, cfg.batch_size):
-                row_ids = torch.arange(r0, min(r0 + cfg.batch_size, rows), device=dev)
+            for b, r0 in enumerate(range(0, rows, bs)):
+                row_ids = torch.arange(r0, min(r0 + bs, rows), device=dev)
                 _run_batch(model, fwd, ids, key_t, row_ids, cfg, eos, pad, state, intervention is not None,
-                           groups, (out_tok, out_mask, out_lp, out_ent))
+                           groups, (out_tok, out_mask, out_lp, out_ent), bar)
+                bar.update((b + 1) * steps - bar.n)  # a batch that finished early skips its remaining steps
     finally:
+        bar.close()
         model.train(was_training)
     eos_hit = ((out_tok == eos) & out_mask).any(-1).tolist()
     all_rows = torch.arange(rows, device=dev)
@@ -311,7 +237,7 @@ def prefill_groups(intervention: Any, n: int, device) -> Int[Tensor, " n"]:
     return g
 
 
-def _run_batch(model, fwd, ids, key_t, row_ids, cfg, eos, pad, state, track, groups, outs) -> None:
+def _run_batch(model, fwd, ids, key_t, row_ids, cfg, eos, pad, state, track, groups, outs, bar=None) -> None:
     """Prefill the unique (prompt, prefill group) items of `row_ids`, expand to rows, decode;
     write into `outs`."""
     out_tok, out_mask, out_lp, out_ent = outs
@@ -379,6 +305,8 @@ def _run_batch(model, fwd, ids, key_t, row_ids, cfg, eos, pad, state, track, gro
         out_ent[loc, t] = torch.where(active, ent, 0.0)
         active = active & (tok != eos)
         any_bad, n_active = torch.stack([bad.any().long(), active.sum()]).tolist()
+        if bar is not None:
+            bar.update(1)
         if any_bad:
             prompts = sorted(set((loc[bad] // n).tolist()))
             raise NonFiniteLogitsError(

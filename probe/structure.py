@@ -39,13 +39,12 @@ from __future__ import annotations
 
 import re
 import weakref
-from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from probe.module_trace import ModuleTrace, TraceError, trace_modules
 from probe.norms import NormConventionError, norm_convention
 
 MIXER_NAMES: dict[str, tuple[str, ...]] = {
@@ -143,7 +142,10 @@ def _discover(model: nn.Module) -> Structure:
     layers_path = over.get("layers") or _find_layer_list(model, cfg, mtype)
     layers = model.get_submodule(layers_path)
     n = len(layers)
-    trace = _trace(model)
+    try:
+        trace = trace_modules(model)
+    except TraceError as e:
+        raise StructureError(str(e)) from e
     struct = Structure(mtype, layers_path, n, [], [], [], Site(None))
     for i, layer in enumerate(layers):
         struct.layer.append(_layer_site(f"{layers_path}.{i}", layer, trace, paths))
@@ -194,70 +196,7 @@ def _find_layer_list(model: nn.Module, cfg, mtype: str) -> str:
     return min(found)[1]
 
 
-@dataclass
-class _Trace:
-    """What the traced forward saw: per module id, its calls' (first input, first output)."""
-
-    calls: dict[int, list[tuple[Any, Any]]]
-    head_input: Tensor | None
-    stream: tuple[int, int, int]
-    """(batch, pos, d_model) of the traced input: the shape of one residual stream."""
-
-
-def _first_tensor(x: Any) -> Tensor | None:
-    if isinstance(x, Tensor):
-        return x
-    if isinstance(x, (tuple, list)) and x and isinstance(x[0], Tensor):
-        return x[0]
-    return getattr(x, "last_hidden_state", None) if not isinstance(x, (tuple, list)) else None
-
-
-def _trace(model: nn.Module) -> _Trace:
-    """One forward of 4 tokens with read-only hooks on every submodule and the unembedding's input."""
-    watch = [m for m in model.modules() if m is not model]
-    calls: dict[int, list] = {}
-    head: dict[str, Tensor] = {}
-
-    def grab_head(mod, args, kwargs):
-        if "x" not in head:
-            head["x"] = args[0] if args else next(iter(kwargs.values()))
-
-    def record(mod, args, kwargs, out):
-        x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
-        y = _first_tensor(out)  # copies: some layers add to a module's output in place afterwards
-        calls.setdefault(id(mod), []).append((x.detach().clone() if isinstance(x, Tensor) else None,
-                                              y.detach().clone() if isinstance(y, Tensor) else None))
-
-    hidden = {m: (m._forward_hooks, m._forward_pre_hooks) for m in model.modules()}
-    for m in hidden:  # the model's own hooks (a user's, a steering) do not see this forward
-        m._forward_hooks, m._forward_pre_hooks = OrderedDict(), OrderedDict()
-    handles = [m.register_forward_hook(record, with_kwargs=True) for m in dict.fromkeys(watch)]
-    unembed = model.get_output_embeddings()
-    if unembed is not None:
-        handles.append(unembed.register_forward_pre_hook(grab_head, with_kwargs=True))
-    vocab = model.get_input_embeddings().num_embeddings
-    device = next(model.parameters()).device
-    ids = torch.tensor([[1, 2, 3, 4]], device=device) % vocab
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
-    except Exception as e:
-        raise StructureError(f"tracing the structure of {type(model).__name__} needs one forward pass of 4 "
-                             f"tokens, which failed: {type(e).__name__}: {e}") from e
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-        for m, (post, pre) in hidden.items():
-            m._forward_hooks, m._forward_pre_hooks = post, pre
-    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-    d_model = getattr(cfg, "hidden_size", None) or model.get_input_embeddings().embedding_dim
-    return _Trace(calls, head.get("x"), (*ids.shape, int(d_model)))
-
-
-def _once(module: nn.Module, path: str, trace: _Trace, paths: dict[int, list[str]]) -> str | None:
+def _once(module: nn.Module, path: str, trace: ModuleTrace, paths: dict[int, list[str]]) -> str | None:
     """Why a hook on `module` would not be one site of one layer (None if it would)."""
     where = paths.get(id(module), [path])
     if len(where) > 1:
@@ -269,7 +208,7 @@ def _once(module: nn.Module, path: str, trace: _Trace, paths: dict[int, list[str
     return None
 
 
-def _layer_site(path: str, layer: nn.Module, trace: _Trace, paths) -> Site:
+def _layer_site(path: str, layer: nn.Module, trace: ModuleTrace, paths) -> Site:
     why = _once(layer, path, trace, paths)
     if why:
         return Site(None, why)
@@ -282,7 +221,7 @@ def _layer_site(path: str, layer: nn.Module, trace: _Trace, paths) -> Site:
     return Site(path)
 
 
-def _is_stream(t: Tensor | None, trace: _Trace) -> bool:
+def _is_stream(t: Tensor | None, trace: ModuleTrace) -> bool:
     return t is not None and tuple(t.shape) == trace.stream
 
 
@@ -290,7 +229,7 @@ def _is_norm(m: nn.Module) -> bool:
     return re.search(NORM_CLASS, type(m).__name__) is not None
 
 
-def _mixer_site(comp: str, path: str, layer: nn.Module, trace: _Trace, paths, mtype: str) -> Site:
+def _mixer_site(comp: str, path: str, layer: nn.Module, trace: ModuleTrace, paths, mtype: str) -> Site:
     kids = [(n, m) for n, m in layer.named_children() if not _is_norm(m)]
     cand = [(n, m) for n, m in kids if n in MIXER_NAMES[comp]
             or re.search(MIXER_CLASSES[comp], type(m).__name__) is not None]
@@ -323,7 +262,7 @@ def _mixer_site(comp: str, path: str, layer: nn.Module, trace: _Trace, paths, mt
 
 
 def _check_update(model: nn.Module, path: str, layer: nn.Module, sites: dict[str, Site], trusted: set[str],
-                  trace: _Trace, mtype: str) -> None:
+                  trace: ModuleTrace, mtype: str) -> None:
     """Keep a mixer site only if its output is a term of the block's update: resid_post must be a
     linear combination of resid_pre and the block's sub-module outputs (scalars allow residual
     multipliers) in which the site's coefficient is not ~0. Edits `sites` in place."""
@@ -372,7 +311,7 @@ def _check_update(model: nn.Module, path: str, layer: nn.Module, sites: dict[str
                       + fix_hint(mtype, c))
 
 
-def _override_site(model: nn.Module, path: str, trace: _Trace, paths, mtype: str, comp: str) -> Site:
+def _override_site(model: nn.Module, path: str, trace: ModuleTrace, paths, mtype: str, comp: str) -> Site:
     try:
         mod = model.get_submodule(path)
     except AttributeError:
@@ -389,7 +328,7 @@ def _same(a: Tensor | None, b: Tensor | None) -> bool:
     return a is not None and b is not None and a.shape == b.shape and bool(torch.equal(a, b))
 
 
-def _final_norm_site(model: nn.Module, layers: nn.ModuleList, trace: _Trace, names, mtype: str) -> Site:
+def _final_norm_site(model: nn.Module, layers: nn.ModuleList, trace: ModuleTrace, names, mtype: str) -> Site:
     """The norm outside the blocks that reads the last block's output (TransformerLens's ln_final)."""
     last = trace.calls.get(id(layers[-1]), [(None, None)])[-1][1]
     inside = {id(m) for m in layers.modules()}

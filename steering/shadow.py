@@ -4,7 +4,7 @@ What it is: the machinery behind every intervention that needs the *other* model
 the same prefix, while `probe.sampler.sample_branches` drives the steered model: the `disagree` and
 `base_entropy` gates of `steering.apply` and cross-model patching (`steering.patching`). Before
 each forward pass of the steered model, `Shadow.step` runs the shadow model on the same
-`input_ids` / `attention_mask` / `position_ids`, with its own `DynamicCache` kept in step with
+`input_ids` / `attention_mask` / `position_ids`, with its own KV cache (`probe.kv_cache`, the model family's own class) kept in step with
 the sampler's: a new cache at each prefill, expanded from prompts to rows (prompt-major) after it,
 and shrunk whenever the sampler drops finished rows (read from `SamplingState.row_ids`). It
 captures the shadow's activations at the requested sites and returns its next-token logits.
@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformers import DynamicCache
 
 from probe.hooks import resolve_hook
+from probe.kv_cache import CACHE_ARGS, cache_arg, new_cache, returned_cache, select_rows
 from probe.sampler import SamplingState
 
 
@@ -51,8 +51,7 @@ def hf_of(model: Any) -> Any:
 def cache_kw(hf: Any) -> tuple[str, dict[str, Any]]:
     """The name of `hf.forward`'s KV-cache argument and the extra kwargs of a cached step."""
     params = inspect.signature(type(hf).forward).parameters
-    return ("cache" if "cache" in params else "past_key_values",  # renamed in transformers 5.x
-            {"use_cache": True, **({"logits_to_keep": 1} if "logits_to_keep" in params else {})})
+    return cache_arg(hf), {"use_cache": True, **({"logits_to_keep": 1} if "logits_to_keep" in params else {})}
 
 
 def forward_inputs(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor | None, Tensor | None, Any]:
@@ -60,7 +59,7 @@ def forward_inputs(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor | None, Te
     ids = kwargs.get("input_ids", args[0] if args else None)
     if ids is None:
         raise ShadowError("the steered forward pass has no input_ids (inputs_embeds?); the shadow needs token ids")
-    cache = kwargs.get("past_key_values", kwargs.get("cache"))
+    cache = next((kwargs[k] for k in CACHE_ARGS if kwargs.get(k) is not None), None)
     return ids, kwargs.get("attention_mask"), kwargs.get("position_ids"), cache
 
 
@@ -102,7 +101,7 @@ class Shadow:
             raise ShadowError(f"shadow cache holds items {self.keys.tolist()[:8]} but the sampler's batch is "
                               f"{want.tolist()[:8]}: out of step. Fix: use one Shadow per sample_branches call.")
         if len(sel) != len(self.keys) or not torch.equal(sel, torch.arange(len(sel), device=sel.device)):
-            self.cache.batch_select_indices(sel)
+            self.cache = select_rows(self.cache, sel)
         self.keys, self.keys_are_prompts = state.row_ids.clone(), False
 
     @torch.inference_mode()
@@ -122,7 +121,11 @@ class Shadow:
             return self.hf(input_ids=move(ids), attention_mask=move(attn), position_ids=move(pos),
                            use_cache=False).logits.float()
         if state.phase == "prompt":
-            self.cache = DynamicCache(config=self.hf.config)
+            if len(torch.unique(state.prompt_index)) != len(state.prompt_index):
+                raise ShadowError("the sampler prefills some prompts more than once (row-level `fraction` or modes), "
+                                  "which a shadow model cannot follow. Fix: run shadowed interventions (patching, "
+                                  "base_entropy / disagree gates) on every sample (fraction=None).")
+            self.cache = new_cache(self.hf)
             self.keys, self.keys_are_prompts = state.prompt_index.clone(), True
         elif self.cache is None:
             raise ShadowError("the sampler is generating but the shadow never saw the prompt. Fix: enter "
@@ -131,4 +134,6 @@ class Shadow:
             self._align(state)
         out = self.hf(input_ids=move(ids), attention_mask=move(attn), position_ids=move(pos),
                       **{self._cache_kw: self.cache}, **self._extra)
+        if self.cache is None:  # a model that makes its own cache in the prefill (probe.kv_cache.new_cache)
+            self.cache = returned_cache(out, self._cache_kw)
         return out.logits[:, -1:].float()

@@ -165,14 +165,16 @@ def test_diversity_metrics_equals_hand_computed_values(tokenizer):
     assert pp == {"n_correct": [3, 2, 0], "distinct_correct": [2, 1, 0], "distinct_eligible": [True, False, True]}
 
 
-def test_distinct_correct_falls_back_to_all_problems_when_task_cannot_count(tokenizer):
+def test_distinct_correct_averages_over_solved_problems_when_task_cannot_count(tokenizer):
     branches, task = hand_branches(), SumTask(enumerable=False)
     scored = score_branches(branches, PROMPTS, task, tokenizer)
-    m = diversity_metrics(branches, scored, PROMPTS, task, n_boot=50)
-    assert (m["distinct_correct_mean"], m["distinct_correct_n_problems"]) == (1.0, 3)
-    assert m["distinct_correct_subset"] == "all", (
+    m = diversity_metrics(branches, scored, PROMPTS, task, n_boot=50, per_problem=True)
+    # distinct [2, 1, 0] with n_correct [3, 2, 0]: the unsolved third problem is not averaged
+    assert (m["distinct_correct_mean"], m["distinct_correct_n_problems"]) == (1.5, 2)
+    assert m["distinct_correct_subset"] == "solved problems (n_solutions unknown)", (
         "the output must record which problems were averaged"
     )
+    assert m["per_problem"]["distinct_eligible"] == [True, True, False]
 
 
 def test_pass_at_64_appears_only_with_64_samples(tokenizer):

@@ -15,6 +15,9 @@ from experiments.organism.grpo_loss import (
     group_advantages,
     grpo_loss,
     kl_cov_select,
+    pass_at_k_advantages,
+    regime_advantages,
+    shapley_distinct_shares,
     token_covariance,
 )
 from experiments.paths import ORGANISMS_DIR
@@ -113,6 +116,72 @@ def test_interventions_change_the_gradient_where_they_should():
     loss, _ = grpo_loss(old.clone().requires_grad_(True), ent_new, batch, LossConfig(intervention="entropy-bonus", entropy_coef=0.5))
     loss.backward()
     assert torch.allclose(ent_new.grad, torch.full((2, 3), -0.5 / 6)), "entropy bonus pushes entropy up"
+
+
+# --- regimes that change the advantage: each against its paper's formula by brute force ------------
+def test_pass_at_k_advantage_equals_the_mean_over_k_subsets_by_brute_force():
+    from itertools import combinations
+
+    rewards = torch.tensor([1.0, 0, 0, 1, 0, 0,  0, 0, 0, 0, 0, 1,  1, 1, 1, 1, 1, 0,  0, 0, 0, 0, 0, 0])
+    g, k = 6, 3
+    for std in (False, True):
+        adv = pass_at_k_advantages(rewards, g, k, std_normalize=std)
+        for p in range(4):
+            grp = rewards[p * g:(p + 1) * g].tolist()
+            subsets = list(combinations(range(g), k))
+            r_group = sum(max(grp[j] for j in s) for s in subsets) / len(subsets)  # expected pass@k
+            sigma = math.sqrt(r_group * (1 - r_group))
+            for i in range(g):
+                mine = [max(grp[j] for j in s) for s in subsets if i in s]
+                want = sum(mine) / len(mine) - r_group  # arXiv:2508.10751: E[subset reward | i in it] - R
+                if std:
+                    want = want / (sigma + 1e-6) if sigma > 0 else 0.0
+                assert adv[p * g + i].item() == pytest.approx(want, abs=1e-6), (
+                    f"group {p} sample {i} (std={std}): the analytical pass@k advantage must equal the subset average")
+    with pytest.raises(ValueError, match="pass_k"):
+        pass_at_k_advantages(rewards, g, 7)
+
+
+def test_vpo_distinct_credit_is_the_shapley_value_of_distinct_correct_by_brute_force():
+    from itertools import permutations
+
+    keys = ["a", "a", None, "b", "c", None, "c", "c"]  # two groups of 4 (4! orderings each)
+    g = 4
+    shares = shapley_distinct_shares(keys, g)
+    for p in range(2):
+        grp = keys[p * g:(p + 1) * g]
+        F = lambda idx, grp=grp: len({grp[j] for j in idx if grp[j] is not None})  # noqa: E731  distinct correct
+        orders = list(permutations(range(g)))
+        for i in range(g):
+            marg = [F(o[:o.index(i) + 1]) - F(o[:o.index(i)]) for o in orders]
+            assert shares[p * g + i].item() == pytest.approx(sum(marg) / len(marg)), "credit must be the Shapley value"
+        assert shares[p * g:(p + 1) * g].sum().item() == pytest.approx(F(range(g))), "shares sum to the set objective"
+    adv = regime_advantages(torch.tensor([float(k is not None) for k in keys]), g, LossConfig(intervention="vpo-distinct"),
+                            keys=keys)
+    assert torch.allclose(adv, shares - shares.view(2, g).mean(1).repeat_interleave(g)), "advantage = share - group mean"
+    assert adv[3] > adv[0] > adv[2], "a unique correct answer beats a duplicated one, which beats a wrong one"
+    with pytest.raises(ValueError, match="canonical key"):
+        regime_advantages(torch.ones(4), 4, LossConfig(intervention="vpo-distinct"))
+
+
+def test_nsr_and_w_reinforce_give_the_papers_reinforce_gradient():
+    # arXiv:2506.01347: grad L_NSR = + sum over wrong samples' tokens of grad log pi; W-REINFORCE adds
+    # - lambda * (the same over right samples); token-normalised here, ratio 1 at the first mini-batch
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    mask = torch.tensor([[True, True, False], [True, False, False], [True, True, True], [True, True, False]])
+    old = torch.log(torch.full((4, 3), 0.5))
+    n_tok = mask.sum().item()
+    for iv, lam in (("nsr", 0.0), ("w-reinforce", 0.1), ("w-reinforce", 0.5)):
+        cfg = LossConfig(intervention=iv, w_reinforce_lambda=lam if iv == "w-reinforce" else 0.1)
+        adv = regime_advantages(rewards, 2, cfg)
+        new = old.clone().requires_grad_(True)
+        loss, _ = grpo_loss(new, torch.zeros(4, 3), _batch(old, adv, mask), cfg)
+        loss.backward()
+        per_row = torch.where(rewards > 0.5, -torch.tensor(lam), torch.tensor(1.0))  # d loss / d log pi
+        want = (per_row[:, None] * mask) / n_tok
+        assert torch.allclose(new.grad, want), f"{iv} (lambda {lam}): gradient must be the paper's REINFORCE term"
+    assert torch.equal(regime_advantages(rewards, 2, LossConfig()), group_advantages(rewards, 2)), \
+        "the token-loss interventions keep GRPO's group advantages"
 
 
 def test_build_rollouts_aligns_prompt_and_completion():

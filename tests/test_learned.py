@@ -181,3 +181,43 @@ def test_bad_input_is_refused(tiny_lm, tmp_path):
         LearnedEdit.load(bad)
     with pytest.raises(ValueError, match="base_model"):
         learn(model, None, ToyTask(), lambda s, k: PROMPTS[:k], LearnConfig(objective="distill"), tmp_path / "x")
+
+
+def test_a_selected_edit_applies_with_its_recommended_settings(tiny_lm, tiny_tokenizer, tmp_path):
+    from steering import load_intervention, save_selected
+
+    model, edit = tiny_lm("qwen2", 0), _random_edit("position")
+    save_selected(edit, tmp_path / "best.safetensors", coef=0.5, fraction=0.5, temperature=0.7,
+                  provenance={"cell": "x"})
+    sel = load_intervention(tmp_path / "best.safetensors")
+    assert sel.temperature == 0.7 and sel.recommended["fraction"] == 0.5 and sel.recommended["provenance"]["cell"] == "x"
+    cfg = SamplerConfig(n=4, max_new_tokens=6, seed=2, temperature=sel.temperature, device="cpu")
+    got = sample_branches(model, tiny_tokenizer, PROMPTS, cfg, intervention=sel.apply(model))
+    want = sample_branches(model, tiny_tokenizer, PROMPTS, cfg,
+                           intervention=edit.apply(model, coef=0.5, fraction=0.5, where="all"))
+    assert torch.equal(got.tokens, want.tokens), "load_intervention(...).apply(model) must use the saved settings"
+    full = sample_branches(model, tiny_tokenizer, PROMPTS, cfg, intervention=sel.apply(model, fraction=1.0))
+    assert not torch.equal(full.tokens, got.tokens), "a keyword overrides the recommended setting"
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        load_intervention(bad)
+    with pytest.raises(ValueError, match="needs objects outside the file"):
+        save_selected(edit, tmp_path / "x.safetensors", gate="detector")
+
+
+def test_shipped_learned_edits_fit_the_budget_and_are_reused_by_forksight_run():
+    """experiments/results/learned: every recipe of `forksight run` ships trained on the shipped pair, within 1% of
+    the RL model's parameters, with the provenance that lets the run reuse it instead of retraining."""
+    from experiments.paths import ORGANISMS_DIR
+    from experiments.study.learn_stage import LEARNED_DIR, MAX_PARAM_SHARE, RECIPES, shipped_edit
+    from probe.checkpoint import load_causal_lm
+
+    rl, _ = load_causal_lm(ORGANISMS_DIR / "rl-none", device="cpu")
+    n_model = sum(p.numel() for p in rl.parameters())
+    for name, recipe in RECIPES.items():
+        path = shipped_edit(name, str(ORGANISMS_DIR / "base"), str(ORGANISMS_DIR / "rl-none"), LearnConfig(**recipe))
+        assert path == str(LEARNED_DIR / f"{name}.safetensors"), f"{name}: no shipped edit matches its recipe"
+        edit = LearnedEdit.load(path)
+        assert edit.n_params() <= MAX_PARAM_SHARE * n_model and edit.meta["provenance"]["model_params"] == n_model
+        edit.check_model(rl)

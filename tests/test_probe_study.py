@@ -5,6 +5,7 @@ import math
 
 import pytest
 
+from experiments.checkpointing import portable
 from experiments.cli import build_parser
 from experiments.study.probe_stage import ProbeConfig, headline, run_probe
 from probe.detector import ForkDetector
@@ -38,7 +39,9 @@ def test_run_probe_writes_metrics_plots_and_a_loadable_detector(organism_pair, t
     cfg = ProbeConfig(base=str(organism_pair / "base"), rl=str(organism_pair / "rl"), out=str(out),
                       n_problems=6, samples=3, backend="nnsight", device="cpu", n_examples=3)
     metrics = run_probe(cfg)
-    assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(portable(metrics, out))), \
+        "the file is the returned record with portable paths"
+    assert str(tmp_path) not in (out / "metrics.json").read_text(), "no absolute path in metrics.json"
     for f in ("entropy_hist.png", "entropy_heatmap.png", "law_fit.png", "fork_detector.safetensors"):
         assert (out / f).stat().st_size > 0, f"{f} missing"
     for src in ("on_base_samples", "on_rl_samples"):

@@ -64,3 +64,13 @@ def test_novel_reward_pays_only_solutions_the_unsteered_samples_missed():
     keys = ["a", "b", "b", None, "a", "c"]  # one group of 6: samples 0..2 steered, 3..5 unsteered (found a, c)
     r = novel_reward(keys, 6, 3)
     assert r.tolist() == [0.0, 0.5, 0.5, 0.0, 0.0, 0.0]
+
+
+def test_a_shadowed_intervention_refuses_separate_prefills(tiny_lm, tiny_tokenizer):
+    from steering import patch
+    from steering.shadow import ShadowError
+
+    rl, base = tiny_lm("qwen2", 0), tiny_lm("qwen2", 1)
+    with pytest.raises(ShadowError, match="prefills some prompts more than once"):
+        sample_branches(rl, tiny_tokenizer, PROMPTS, CFG, intervention=patch(rl, base, 1, 0.5, fraction=0.5))
+    assert not any(m._forward_hooks or m._forward_pre_hooks for model in (rl, base) for m in model.modules())

@@ -186,12 +186,12 @@ def test_quick_run_writes_report_claims_and_figures_and_resumes_after_interrupti
     capsys.readouterr()
     assert main(["run", "--quick", "--out", str(out)]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert line["reused_stages"] == ["probe", "sae", "learn"] and set(line["claims"]) == {"C1", "C2", "C3", "C4", "C5"}
+    assert line["reused_stages"] == ["probe", "sae", "learn"] and set(line["claims"]) == {"C1", "C2", "C3", "C3b", "C4", "C5", "C6"}
     assert (out / "probe" / "metrics.json").read_bytes() == probe_bytes
     assert (out / "sae" / "diff" / "metrics.json").read_bytes() == sae_bytes
 
     res = json.loads((out / "results.json").read_text())
-    assert res["schema_version"] == 2 and [c["id"] for c in res["claims"]] == ["C1", "C2", "C3", "C4", "C5"]
+    assert res["schema_version"] == 2 and [c["id"] for c in res["claims"]] == ["C1", "C2", "C3", "C3b", "C4", "C5", "C6"]
     for c in res["claims"]:
         assert c["status"] in C.STATUSES and c["rule"] and c["reason"]
         assert set(c["effect"]) >= {"name", "value", "ci", "units"}
@@ -215,7 +215,9 @@ def test_quick_run_writes_report_claims_and_figures_and_resumes_after_interrupti
 @pytest.mark.slow
 def test_quickstart_notebook_executes(tmp_path):
     text = execute_notebook("quickstart.ipynb", tmp_path)
-    assert all(f"C{i}" in text for i in range(1, 6)) and "rl + vector" in text
+    assert all(f"C{i}" in text for i in range(1, 6))
+    assert ("rl + best" in text) == (tmp_path / "study" / "steer" / "best.safetensors").is_file(), \
+        "the notebook applies the selected intervention whenever the sweep saved one"
     assert "hooks left on the model: 0" in text
     assert (tmp_path / "study" / "results.json").is_file()
 
@@ -230,7 +232,7 @@ def test_quick_from_scratch_trains_the_organisms_and_studies_them(tmp_path):
         assert (org / name / "model.safetensors").is_file()
     logs = [json.loads(x) for x in (org / "rl-none" / "train_log.jsonl").read_text().splitlines()]
     assert len(logs) == R.stage_configs(R.RunConfig(quick=True))["grpo"]["steps"]
-    assert res["run"]["stages"]["organisms"]["done"] and [c["status"] in C.STATUSES for c in res["claims"]] == [True] * 5
+    assert res["run"]["stages"]["organisms"]["done"] and [c["status"] in C.STATUSES for c in res["claims"]] == [True] * 7
 
 
 def test_shipped_study_claims_follow_from_its_stage_outputs():
@@ -241,8 +243,14 @@ def test_shipped_study_claims_follow_from_its_stage_outputs():
     probe = json.loads((out / "probe" / "metrics.json").read_text())
     steer = json.loads((out / "steer" / "metrics.json").read_text())
     base, rl = pooled_references(out / "steer" / "sweep.json")
+    from experiments.paths import ORGANISMS_DIR
+    from experiments.study.claims_training import claim_phases, claim_regime
+
+    cells = json.loads((out / "steer" / "sweep.json").read_text())["cells"]
     recomputed = [C.claim_law(probe["law"]), C.claim_forks(probe["on_base_samples"], probe["rho"]),
-                  C.claim_breadth(base, rl), C.claim_recovery(steer, base, rl, probe["detector"])]
+                  C.claim_breadth(base, rl), C.claim_recovery(steer, base, rl, probe["detector"]),
+                  claim_phases(str(ORGANISMS_DIR / Path(res["pair"]["rl"]).name / "train_log.jsonl")),
+                  claim_regime(cells, res["pair"]["variants"])[0]]
     for c in recomputed:
         assert c.status == by_id[c.id]["status"] and c.effect["value"] == pytest.approx(by_id[c.id]["effect"]["value"])
         assert c.effect["ci"] == pytest.approx(by_id[c.id]["effect"]["ci"])

@@ -176,6 +176,36 @@ def test_state_seen_by_intervention(tiny_lm, tiny_tokenizer):
     assert min(sizes) < max(sizes), "finished rows should have been dropped from the forward batch"
 
 
+def test_intervention_context_is_entered_once_and_state_updated_before_every_forward(tiny_lm, tiny_tokenizer):
+    """The documented contract: `intervention(state)` is called once per sample_branches call, its
+    context entered once around all forward passes, `state` updated in place before each of them."""
+    from contextlib import contextmanager
+
+    model = boost_eos(tiny_lm("qwen2"), 2.0)
+    calls, entered, seen = [], [], []
+
+    def intervention(state):
+        calls.append(state)
+
+        @contextmanager
+        def ctx():
+            entered.append(1)
+            h = model.model.layers[0].register_forward_hook(lambda m, a, o: seen.append((state.phase, state.step)))
+            try:
+                yield
+            finally:
+                h.remove()
+        return ctx()
+
+    cfg = SamplerConfig(n=2, max_new_tokens=5, batch_size=6)
+    sample_branches(model, tiny_tokenizer, PROMPTS, cfg, intervention=intervention)
+    assert len(calls) == 1 and len(entered) == 1, "one call and one entry per sample_branches call"
+    forwards = [(p, s) for p, s in seen]
+    assert forwards.count(("prompt", -1)) == 2 and ("generate", 0) in forwards
+    steps = [s for p, s in forwards if p == "generate"]
+    assert steps == sorted(steps) or steps.count(0) == 2, "each forward sees the step it reads, updated in place"
+
+
 # 4-6. batching, padding and seeds ---------------------------------------------------------------
 
 def test_batched_equals_one_prompt_at_a_time(tiny_lm, tiny_tokenizer):

@@ -162,3 +162,47 @@ def test_a_sweep_directory_refuses_cells_made_with_other_shared_settings(tmp_pat
         steer_sweep.Sweep(cfg)
     with pytest.raises(ValueError, match="outside"):
         SweepConfig(fractions=(1.5,))
+
+
+def test_shipped_sweep_picks_follow_from_its_cells_and_its_best_file_applies():
+    """experiments/results/steer-sweep: `best` is the selection-half rule applied to the cells in sweep.json, its
+    test numbers recompute from the test cells, and best.safetensors applies to the RL model in one call."""
+    from experiments.paths import ORGANISMS_DIR, RESULTS_DIR
+    from experiments.study.selection import judge
+    from probe.checkpoint import load_causal_lm
+    from steering import load_intervention
+
+    out = RESULTS_DIR / "steer-sweep"
+    m = json.loads((out / "metrics.json").read_text())
+    cells = json.loads((out / "sweep.json").read_text())["cells"]
+    tol, fractions = m["config"]["tolerance"], m["config"]["fractions"]
+
+    def ref(half, model, seed):
+        return next(c for c in cells if c["half"] == half and c["family"] == "reference"
+                    and c["spec"] == {"model": model} and c["seed"] == seed)
+
+    s0 = m["protocol"]["selection_seed"][0]
+    base, rl = ref("selection", "base", s0), ref("selection", "rl", s0)
+    rows = []
+    for c in cells:
+        if c["half"] != "selection" or not c["rl_alone"] or c["family"] in ("temperature", "reference"):
+            continue
+        rows.append({**c, **judge([c], [base], [rl], n_boot=200)})
+        rows += [{**sp, "id": f"{c['id']}|f{f}", **judge([sp], [base], [rl], n_boot=200)}
+                 for f in fractions for sp in [spliced(c, rl, f)]]
+    best = choose_goal(rows, tol)
+    assert best["id"] == m["selection"]["best"]["id"], "best must be the goal rule applied to the selection cells"
+    seeds = m["protocol"]["test_seeds"]
+    cell_id = best["id"].split("|f")[0].replace("selection|s0|", "")
+    tests = [next(c for c in cells if c["id"] == f"test|s{s}|{cell_id}") for s in seeds]
+    t_base, t_rl = [ref("test", "base", s) for s in seeds], [ref("test", "rl", s) for s in seeds]
+    if "|f" in best["id"]:
+        tests = [spliced(t, q, float(best["id"].split("|f")[1])) for t, q in zip(tests, t_rl)]
+    again = judge(tests, t_base, t_rl)
+    for k in ("restoration_distinct", "pass_at_1_change", "frontier_excess"):
+        assert again[k] == pytest.approx(m["best"][k]), f"{k} of best must recompute from the test cells"
+    if m["best_file"]:
+        rl_model, _ = load_causal_lm(ORGANISMS_DIR / "rl-none", device="cpu")
+        with load_intervention(out / m["best_file"]).apply(rl_model) as steer:
+            assert steer is not None
+        assert not any(x._forward_hooks for x in rl_model.modules())

@@ -29,10 +29,11 @@ from experiments.organism.grpo_loss import (
     group_advantages,
     grpo_loss,
     policy_logprobs,
+    regime_advantages,
 )
 from experiments.organism.model import save_checkpoint
 from experiments.paths import ORGANISMS_DIR
-from experiments.tasks.countdown import Countdown
+from experiments.tasks import load_task
 from probe.checkpoint import CheckpointError, load_causal_lm
 from probe.evaluate import score_branches
 from probe.forks import fork_mask
@@ -45,6 +46,8 @@ class GRPOConfig:
 
     base: str = str(ORGANISMS_DIR / "base")
     """The starting checkpoint (an organism HF directory)."""
+    task: str = "countdown"
+    """Task whose training stream is rewarded: "countdown" or "wordproblems" (`experiments.tasks.load_task`)."""
     out: str = "runs/rl"
     """Run directory."""
     steps: int = 250
@@ -90,8 +93,10 @@ class GRPOConfig:
             raise ValueError(f"lr={self.lr} must be > 0")
 
 
-def build_rollouts(branches: Branches, rewards, group_size: int, std_normalize: bool, pad_id: int) -> Rollouts:
-    """Prompt (left-padded) + completion per row, with old log-probs/entropies and advantages."""
+def build_rollouts(branches: Branches, rewards, group_size: int, std_normalize: bool, pad_id: int,
+                   advantages=None) -> Rollouts:
+    """Prompt (left-padded) + completion per row, with old log-probs/entropies and advantages
+    (GRPO's group advantages unless `advantages` is given)."""
     rows, new = branches.tokens.shape
     n = rows // len(branches.prompt_tokens)
     width = max(map(len, branches.prompt_tokens))
@@ -112,17 +117,21 @@ def build_rollouts(branches: Branches, rewards, group_size: int, std_normalize: 
         old_logprobs=torch.cat([zeros, branches.logprobs.float()], 1),
         old_entropy=torch.cat([zeros, branches.entropy.float()], 1),
         rewards=rewards.float(),
-        advantages=group_advantages(rewards.float(), group_size, std_normalize),
+        advantages=(group_advantages(rewards.float(), group_size, std_normalize) if advantages is None
+                    else advantages.float().to(dev)),
     )
 
 
-def training_problems(task: Countdown, cfg: GRPOConfig, start: int):
-    """Problem `start`, `start + 1`, ... of the training stream (or of the cycled pool)."""
+def training_problems(task, cfg: GRPOConfig, start: int):
+    """Prompt `start`, `start + 1`, ... of the task's training stream (or of the cycled pool)."""
     if cfg.problem_pool:
-        stream = task.train_stream(cfg.seed + 1)
-        pool = [next(stream)[1] for _ in range(cfg.problem_pool)]
+        pool = task.train_prompts(cfg.seed + 1, cfg.problem_pool)
         return (pool[i % len(pool)] for i in itertools.count(start))
-    return (p for _, p, _ in task.train_stream(cfg.seed + 1, start=start))
+
+    def stream():
+        for i in itertools.count(start, 256):
+            yield from task.train_prompts(cfg.seed + 1, 256, start=i)
+    return stream()
 
 
 def _role_means(branches: Branches, roles) -> dict:
@@ -134,11 +143,11 @@ def _role_means(branches: Branches, roles) -> dict:
     return out
 
 
-def load_policy(path: str, device: str):
-    """The organism checkpoint to start RL from, validated before any work."""
+def load_policy(path: str, device: str, task=None):
+    """The organism checkpoint to start RL from, validated (against `task`, default Countdown) before any work."""
     try:
         model, tok = load_causal_lm(path, device=device)
-        Countdown().check_tokenizer(tok)
+        (task or load_task("countdown")).check_tokenizer(tok)
     except (CheckpointError, ValueError) as e:
         raise ValueError(f"--base {path!r} is not an organism checkpoint: {e}") from None
     return model, tok
@@ -146,8 +155,8 @@ def load_policy(path: str, device: str):
 
 def train_grpo(cfg: GRPOConfig, loss_cfg: LossConfig, stop_after: int | None = None) -> dict:
     """Run (or resume) GRPO; returns the run summary. `stop_after` simulates an interruption."""
-    task = Countdown()
-    model, tok = load_policy(cfg.base, cfg.device)
+    task = load_task(cfg.task)
+    model, tok = load_policy(cfg.base, cfg.device, task)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
@@ -160,6 +169,7 @@ def train_grpo(cfg: GRPOConfig, loss_cfg: LossConfig, stop_after: int | None = N
     new_tokens = task.max_new_tokens
     eval_prompts = task.heldout_prompts(cfg.eval_problems)
     t0 = time.perf_counter() - progress["train_seconds"]
+    c0 = time.process_time() - progress.get("train_cpu_seconds", 0.0)  # CPU time: the run's cost on an idle machine
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     for step in tqdm(range(start, end), initial=start, total=cfg.steps, desc=f"grpo[{loss_cfg.intervention}]"):
         record = {"step": step, **_step(model, tok, opt, task, stream, new_tokens, cfg, loss_cfg, step)}
@@ -168,6 +178,7 @@ def train_grpo(cfg: GRPOConfig, loss_cfg: LossConfig, stop_after: int | None = N
         done = step + 1
         if done % cfg.save_every == 0 or done == cfg.steps:
             progress["train_seconds"] = time.perf_counter() - t0
+            progress["train_cpu_seconds"] = time.process_time() - c0
             save_state(out, done, model, opt, {**progress, "config": asdict(cfg)})
             _write_log(log_path, log)
             publish_dir(lambda d: save_checkpoint(model, tok, d), out / "checkpoints" / f"step-{done:06d}")
@@ -176,12 +187,12 @@ def train_grpo(cfg: GRPOConfig, loss_cfg: LossConfig, stop_after: int | None = N
         return {"step": end, "stopped_early": True}
     _write_log(log_path, log)
     publish_dir(lambda d: save_checkpoint(model, tok, d), out)
-    return {"steps": cfg.steps, "train_seconds": round(train_seconds, 1), "final": log[-1]}
+    return {"steps": cfg.steps, "train_seconds": round(train_seconds, 1),
+            "train_cpu_seconds": round(time.process_time() - c0, 1), "final": log[-1]}
 
 
 def _step(model, tok, opt, task, stream, new_tokens, cfg: GRPOConfig, loss_cfg: LossConfig, step: int) -> dict:
-    problems = [next(stream) for _ in range(cfg.prompts_per_step)]
-    prompts = [p.prompt for p in problems]
+    prompts = [next(stream) for _ in range(cfg.prompts_per_step)]
     model.eval()
     branches = sample_branches(
         model, tok, prompts,
@@ -191,7 +202,8 @@ def _step(model, tok, opt, task, stream, new_tokens, cfg: GRPOConfig, loss_cfg: 
     )
     scored = score_branches(branches, prompts, task, tok)
     rewards = scored.correct.to(branches.tokens.device)
-    batch = build_rollouts(branches, rewards, cfg.group_size, cfg.std_normalize, tok.pad_token_id)
+    adv = regime_advantages(rewards.float(), cfg.group_size, loss_cfg, cfg.std_normalize, keys=scored.canonical)
+    batch = build_rollouts(branches, rewards, cfg.group_size, cfg.std_normalize, tok.pad_token_id, advantages=adv)
     forks = fork_mask(batch.old_entropy, batch.answer_mask, loss_cfg.fork_rho)
     gen = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
     order = torch.randperm(rewards.numel(), generator=gen).to(rewards.device)

@@ -22,10 +22,40 @@ Everything here is a pure function of tensors, tested against hand-worked exampl
   from the second mini-batch of a rollout batch on (`mini_batches` >= 2).
 - `forks-only` (arXiv:2506.01939): the policy gradient flows only through the top `fork_rho`
   fraction of answer tokens by the sampling policy's entropy (per rollout batch).
+
+Regimes that keep breadth by changing the *advantage* (`regime_advantages`; the clipped token
+loss above is unchanged, so only the per-sample weight differs from GRPO):
+- `nsr` (negative-sample reinforcement, arXiv:2506.01347, L_NSR): reward -1 for an incorrect
+  sample, 0 for a correct one, no baseline: A = -1[wrong]. The loss only pushes probability off
+  wrong answers and lets the model redistribute it by its own prior.
+- `w-reinforce` (same paper, Weighted-REINFORCE, L = lambda * L_PSR + L_NSR): A = lambda for a
+  correct sample, -1 for an incorrect one, no baseline; lambda = `w_reinforce_lambda` (0.1, the
+  paper's recommended value). Departure for both: the paper's objectives are REINFORCE; here the
+  same clipped, token-normalised loss as GRPO, which at the first mini-batch (ratio 1) is exactly
+  REINFORCE with that advantage and clips the later mini-batches like every other regime here.
+  Rewards are 0/1 here, read as +1 / -1.
+- `pass-at-k` (arXiv:2508.10751, the analytical pass@k advantage): with N samples of a prompt,
+  N_neg incorrect, group reward R = 1 - C(N_neg, k) / C(N, k) (expected pass@k of a random
+  k-subset), sigma = sqrt(R (1 - R)); A_pos = (1 - R) / sigma, A_neg = (1 - R - C(N_neg - 1, k - 1)
+  / C(N - 1, k - 1)) / sigma: each sample's mean (max reward of a k-subset holding it) minus R.
+  k = `pass_k` (4). Departure: the division by sigma follows `std_normalize` (off in our GRPO, as
+  in Dr. GRPO), so that only the reward differs from rl-none; groups with all samples alike get 0.
+- `vpo-distinct` (a diversity-rewarding objective in the spirit of VPO, arXiv:2605.22817): the
+  reward is a vector with one component per valid solution of the problem (1 where the sample
+  *is* that solution, by the task's canonical form), and the group is scored as a set:
+  F(S) = number of distinct correct solutions in the group, which is m times the expectation over
+  one-hot scalarizations w of max_{y in S} w . r(y) (VPO's set objective with random weights).
+  Each sample is credited its Shapley share of F, 1 / c for a correct sample whose solution
+  appears c times in the group (0 if incorrect; the shares sum to F), and A = share - group mean
+  (/ std with `std_normalize`). Departure: VPO's vector components are test cases or reward
+  models and its own estimator assigns credit; here the components are the task's solutions and
+  credit is the exact Shapley share, so duplicates of one answer split one unit of reward.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +65,10 @@ from torch import Tensor
 from probe.entropy import entropy_and_logprob
 from probe.forks import fork_mask
 
-INTERVENTIONS = ("none", "entropy-bonus", "clip-cov", "kl-cov", "forks-only")
+INTERVENTIONS = ("none", "entropy-bonus", "clip-cov", "kl-cov", "forks-only", "nsr", "w-reinforce", "pass-at-k",
+                 "vpo-distinct")
+ADVANTAGE_REGIMES = ("nsr", "w-reinforce", "pass-at-k", "vpo-distinct")
+"""Interventions that change the per-sample advantage (`regime_advantages`), not the token loss."""
 
 
 @dataclass
@@ -63,7 +96,7 @@ class LossConfig:
     """How the learner turns a rollout batch into a loss."""
 
     intervention: str = "none"
-    """none | entropy-bonus | clip-cov | kl-cov | forks-only."""
+    """none | entropy-bonus | clip-cov | kl-cov | forks-only | nsr | w-reinforce | pass-at-k | vpo-distinct."""
     clip_eps: float = 0.2
     """PPO ratio clip (epsilon)."""
     entropy_coef: float = 0.02
@@ -80,6 +113,10 @@ class LossConfig:
     """kl-cov: weight of |logp - logp_old| on the selected tokens."""
     fork_rho: float = 0.2
     """forks-only: fraction of answer tokens (highest sampling entropy) that carry the gradient."""
+    w_reinforce_lambda: float = 0.1
+    """w-reinforce: weight of the positive samples (advantage lambda for correct, -1 for incorrect)."""
+    pass_k: int = 4
+    """pass-at-k: the k of the pass@k reward (at most the group size)."""
 
     def __post_init__(self) -> None:
         if self.intervention not in INTERVENTIONS:
@@ -87,6 +124,10 @@ class LossConfig:
         for name in ("clip_cov_ratio", "kl_cov_ratio", "fork_rho"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be in (0, 1]")
+        if self.w_reinforce_lambda < 0:
+            raise ValueError(f"w_reinforce_lambda={self.w_reinforce_lambda} must be >= 0")
+        if self.pass_k < 1:
+            raise ValueError(f"pass_k={self.pass_k} must be >= 1")
         if self.clip_cov_low > self.clip_cov_high:
             raise ValueError(f"clip_cov_low={self.clip_cov_low} > clip_cov_high={self.clip_cov_high}")
 
@@ -105,6 +146,68 @@ def group_advantages(
     if std_normalize:
         adv = adv / (g.std(dim=1, unbiased=False, keepdim=True) + eps)
     return adv.reshape(-1)
+
+
+def pass_at_k_advantages(
+    rewards: Float[Tensor, " rows"], group_size: int, k: int, std_normalize: bool = False, eps: float = 1e-6
+) -> Float[Tensor, " rows"]:
+    """The analytical pass@k advantage of arXiv:2508.10751 (module docstring) per sample, rows in
+    prompt-major groups of `group_size`, rewards 0/1. Divided by the group's sigma when `std_normalize`."""
+    if not 1 <= k <= group_size:
+        raise ValueError(f"pass_k={k} must be in 1..group_size={group_size}; lower --pass-k")
+    g = rewards.view(-1, group_size).double()  # (prompts, N)
+    n_neg = (g < 0.5).sum(1, keepdim=True)  # (prompts, 1)
+    n = torch.tensor(group_size, dtype=torch.float64)
+
+    def comb(a: Tensor, b: int | Tensor) -> Tensor:  # C(a, b) for a >= 0, 0 when a < b
+        b = torch.as_tensor(b, dtype=torch.float64)
+        a = a.double()
+        ok = a >= b
+        out = torch.exp(torch.lgamma(a.clamp(min=0) + 1) - torch.lgamma(b + 1) - torch.lgamma((a - b).clamp(min=0) + 1))
+        return torch.where(ok, out, torch.zeros_like(out))
+
+    r_group = 1 - comb(n_neg, k) / comb(n, k)  # (prompts, 1)
+    p_all_neg = comb(n_neg - 1, k - 1) / comb(n - 1, k - 1)  # the k-1 others all wrong
+    adv = torch.where(g > 0.5, 1 - r_group, 1 - r_group - p_all_neg)
+    if std_normalize:
+        adv = adv / ((r_group * (1 - r_group)).sqrt() + eps)
+    adv = torch.where((n_neg == 0) | (n_neg == group_size), torch.zeros_like(adv), adv)  # no signal
+    return adv.reshape(-1).to(rewards.dtype)
+
+
+def shapley_distinct_shares(keys: Sequence[Hashable | None], group_size: int) -> Float[Tensor, " rows"]:
+    """Each sample's Shapley share of F(group) = distinct correct solutions in its group: 1 / c for
+    a correct sample (key not None) whose key appears c times in the group, 0 if incorrect."""
+    if len(keys) % group_size:
+        raise ValueError(f"{len(keys)} samples do not split into groups of {group_size}")
+    out = []
+    for i in range(0, len(keys), group_size):
+        grp = keys[i:i + group_size]
+        counts = Counter(k for k in grp if k is not None)
+        out += [0.0 if k is None else 1.0 / counts[k] for k in grp]
+    return torch.tensor(out)
+
+
+def regime_advantages(
+    rewards: Float[Tensor, " rows"], group_size: int, cfg: LossConfig, std_normalize: bool = False,
+    keys: Sequence[Hashable | None] | None = None,
+) -> Float[Tensor, " rows"]:
+    """Per-sample advantages of `cfg.intervention` (module docstring): GRPO's `group_advantages` for
+    every token-loss intervention; nsr, w-reinforce, pass-at-k and vpo-distinct their own. `keys`
+    (vpo-distinct): the canonical solution of each sample, None where incorrect."""
+    iv = cfg.intervention
+    if iv == "nsr":
+        return -(rewards < 0.5).to(rewards.dtype)
+    if iv == "w-reinforce":
+        return torch.where(rewards > 0.5, cfg.w_reinforce_lambda, -1.0).to(rewards.dtype)
+    if iv == "pass-at-k":
+        return pass_at_k_advantages(rewards, group_size, cfg.pass_k, std_normalize)
+    if iv == "vpo-distinct":
+        if keys is None or len(keys) != rewards.numel():
+            raise ValueError("vpo-distinct needs one canonical key per sample (None where incorrect)")
+        shares = shapley_distinct_shares(keys, group_size).to(rewards.device, rewards.dtype)
+        return group_advantages(shares, group_size, std_normalize)
+    return group_advantages(rewards, group_size, std_normalize)
 
 
 def token_covariance(

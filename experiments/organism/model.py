@@ -1,4 +1,4 @@
-"""The model organism: a tiny `Qwen2ForCausalLM` for Countdown, sized by one knob.
+"""The model organism: a tiny `Qwen2ForCausalLM` (Countdown or word problems), sized by one knob.
 
 It is a real Hugging Face architecture (rotary positions, RMSNorm, SwiGLU, grouped-query
 attention), so the organism goes through exactly the code paths a real checkpoint does:
@@ -28,7 +28,7 @@ class OrganismConfig:
     depth: int = 4
     """Number of transformer blocks; width is 32 * depth."""
     max_positions: int = 64
-    """Context length (rotary positions); a Countdown sequence is ~20 tokens."""
+    """Context length (rotary positions); a Countdown sequence is ~20 tokens, a word problem ~170."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.depth <= 32:
@@ -56,9 +56,10 @@ class OrganismConfig:
         )
 
 
-def build_organism(config: OrganismConfig, seed: int = 0):
-    """A freshly initialised organism and its tokenizer: `(Qwen2ForCausalLM, tokenizer)`."""
-    tok = build_tokenizer()
+def build_organism(config: OrganismConfig, seed: int = 0, tokenizer=None):
+    """A freshly initialised organism and its tokenizer: `(Qwen2ForCausalLM, tokenizer)`
+    (default: the Countdown tokenizer; pass `build_text_tokenizer(...)` for text tasks)."""
+    tok = tokenizer if tokenizer is not None else build_tokenizer()
     hf = config.hf_config(len(tok), None, tok.eos_token_id, tok.pad_token_id)
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(hf).eval(), tok

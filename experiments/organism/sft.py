@@ -1,8 +1,12 @@
-"""SFT of the base organism: next-token loss on uniformly sampled valid Countdown solutions.
+"""SFT of the base organism: next-token loss on uniformly sampled valid solutions of its task.
 
 Each training problem comes with one solution drawn uniformly from *all* its valid solutions (and a
 random surface order of steps and commutative operands), so the base policy keeps real entropy at
 planning tokens: it has genuine alternatives to choose between, which is what RL later collapses.
+The task (`--task`) is Countdown (one token per character, the Countdown tokenizer) or the word
+problems (`experiments.tasks.wordproblems`: every order of computation is a solution; a
+character-level text tokenizer, `build_text_tokenizer`, with `--max-positions` of context); any
+task with `sft_stream(seed, start)` -> (prompt, answer) pairs can be trained on.
 The loss covers answer tokens and `<eos>` only, not the prompt.
 
 Deterministic and resumable: problem `i` of the stream depends only on (seed, i), batch `s` holds
@@ -26,7 +30,9 @@ from tqdm.auto import tqdm
 
 from experiments.checkpointing import load_state, publish_dir, save_state, write_json_atomic
 from experiments.organism.model import OrganismConfig, build_organism, save_checkpoint
-from experiments.tasks.countdown import Countdown, CountdownConfig
+from experiments.organism.tokenizer import build_text_tokenizer
+from experiments.tasks import load_task
+from experiments.tasks.countdown import Countdown
 from probe.checkpoint import resolve_device
 
 
@@ -36,8 +42,12 @@ class SFTConfig:
 
     out: str = "runs/sft"
     """Run directory: the final HF checkpoint, metrics.json and resumable state."""
+    task: str = "countdown"
+    """Task whose training stream is learned: "countdown" or "wordproblems" (`experiments.tasks.load_task`)."""
     depth: int = 4
     """Organism size knob (see OrganismConfig)."""
+    max_positions: int = 64
+    """Context length of the organism (64 fits Countdown; word problems need ~256)."""
     steps: int = 3500
     """Optimizer steps."""
     batch_size: int = 128
@@ -97,30 +107,31 @@ def lr_at(step: int, cfg: SFTConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
-def train_sft(cfg: SFTConfig, task: Countdown | None = None, stop_after: int | None = None) -> dict:
+def train_sft(cfg: SFTConfig, task=None, stop_after: int | None = None) -> dict:
     """Train (or resume) the base organism; returns the run summary.
 
     `stop_after` ends the run early after that many *total* steps without publishing the final
     checkpoint (it simulates an interruption in tests).
     """
-    task = task or Countdown(CountdownConfig())
+    task = task or load_task(cfg.task)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
-    model, tok = build_organism(OrganismConfig(depth=cfg.depth), seed=cfg.seed)
+    text = None if isinstance(task, Countdown) else build_text_tokenizer(cfg.max_positions)  # Countdown: its own
+    model, tok = build_organism(OrganismConfig(depth=cfg.depth, max_positions=cfg.max_positions), seed=cfg.seed,
+                                tokenizer=text)
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     progress = load_state(out, model, opt) or {"step": 0, "losses": [], "train_seconds": 0.0}
     start = progress["step"]
-    stream = task.train_stream(cfg.seed, start=start * cfg.batch_size)
+    stream = task.sft_stream(cfg.seed, start=start * cfg.batch_size)
     t0 = time.perf_counter() - progress["train_seconds"]
+    c0 = time.process_time() - progress.get("train_cpu_seconds", 0.0)  # CPU time: the run's cost on an idle machine
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, desc="sft", unit="step")
     for step in bar:
-        batch = list(itertools.islice(stream, cfg.batch_size))
-        prompts = [p.prompt for _, p, _ in batch]
-        answers = [task.sample_solution(p, rng) for _, p, rng in batch]
-        ids, mask, labels = (t.to(device) for t in encode_batch(tok, prompts, answers))
+        prompts, answers = zip(*itertools.islice(stream, cfg.batch_size))
+        ids, mask, labels = (t.to(device) for t in encode_batch(tok, list(prompts), list(answers)))
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -133,9 +144,11 @@ def train_sft(cfg: SFTConfig, task: Countdown | None = None, stop_after: int | N
         done = step + 1
         if done % cfg.save_every == 0 or done == cfg.steps:
             progress["train_seconds"] = time.perf_counter() - t0
+            progress["train_cpu_seconds"] = time.process_time() - c0
             save_state(out, done, model, opt, {**progress, "config": asdict(cfg)})
     bar.close()
     progress["train_seconds"] = time.perf_counter() - t0
+    progress["train_cpu_seconds"] = time.process_time() - c0
     if end < cfg.steps:
         return {"step": end, "stopped_early": True, **_loss_summary(progress)}
     model.eval()
@@ -143,10 +156,11 @@ def train_sft(cfg: SFTConfig, task: Countdown | None = None, stop_after: int | N
     summary = {
         "steps": cfg.steps,
         "train_seconds": round(progress["train_seconds"], 1),
+        "train_cpu_seconds": round(progress["train_cpu_seconds"], 1),
         **_loss_summary(progress),
         "config": asdict(cfg),
     }
-    write_json_atomic(out / "train_summary.json", summary)
+    write_json_atomic(out / "train_summary.json", summary, relative_to=out)
     return summary
 
 

@@ -12,6 +12,14 @@ merges over a vocabulary of single characters. Countdown text has no spaces (`3,
 saved tokenizer does, and every loader (`AutoTokenizer`, TransformerLens, nnsight) agrees. This is
 also how real Qwen2.5 checkpoints tokenize numbers: one digit per token.
 There is no BOS token (Qwen2 uses none); `<eos>` ends an answer and `<pad>` pads.
+
+Text with spaces (the word-problem organism, `build_text_tokenizer`) keeps the same construction:
+Qwen's pre-tokenizer ends in a byte-level step that writes a space as 'Ġ' and a newline as 'Ċ'
+(GPT-2's byte alphabet), so a vocabulary of the byte-level images of printable ASCII plus newline,
+with no merges, is still one token per character under every loader, and decodes back to the text
+(round trip through AutoTokenizer, TransformerLens and nnsight tested). Characters outside it are
+dropped by the tokenizer, so the text task checks that its prompts round-trip
+(`MathTask.check_tokenizer`).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 
 from experiments.tasks.countdown import ANSWER_MARK, END_TOKEN, EQ, LIST_SEP, OPS, SEP, TARGET_MARK
+from experiments.tasks.math_task import byte_alphabet
 
 PAD, EOS = "<pad>", END_TOKEN
 SPECIALS = (PAD, EOS)
@@ -46,6 +55,22 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         clean_up_tokenization_spaces=False,
         model_max_length=64,
     )
+    tok.padding_side = "left"
+    return tok
+
+
+def text_vocabulary() -> list[str]:
+    """Specials, then printable ASCII (space to '~') and newline, as byte-level token strings."""
+    image = {b: c for c, b in byte_alphabet().items()}  # byte -> its byte-level character
+    return [*SPECIALS, *(image[b] for b in (*range(32, 127), 10))]
+
+
+def build_text_tokenizer(max_length: int = 256) -> PreTrainedTokenizerFast:
+    """A character-level tokenizer for natural-language text (printable ASCII and newline), built like
+    `build_tokenizer` (a `Qwen2Tokenizer` with no merges), so it survives `AutoTokenizer`."""
+    vocab = {tok: i for i, tok in enumerate(text_vocabulary())}
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, bos_token=None, eos_token=EOS, pad_token=PAD,
+                         clean_up_tokenization_spaces=False, model_max_length=max_length)
     tok.padding_side = "left"
     return tok
 

@@ -7,7 +7,8 @@ Families (`Candidate.family`):
 - `learned`: a `steering.learned.LearnedEdit` file (trained by `forksight steer learn`) at a
   coefficient (RL alone).
 - `sae_edit`: SAE features RL pruned, edited in feature space at gated positions (RL alone;
-  `steering.sae_edit`).
+  `steering.sae_edit`), or moved by learned per-feature gains and offsets (a learned edit of kind
+  "sae").
 - `repulsion`: the samples of one prompt pushed apart in the residual stream (RL alone).
 - `variant`: an entropy-preserving RL checkpoint (another training run, not an intervention).
 - `patching` / `layer_restore`: diagnostics that need the base model at inference (cross-model
@@ -78,16 +79,44 @@ def vector_cells(cfg: Any, vecs: dict, rl: Any, tok: Any) -> list[Candidate]:
 
 
 def learned_cells(paths, coefs, rl: Any) -> list[Candidate]:
-    """Each learned edit file at each coefficient; its parameter count from the file."""
+    """Each learned edit file at each coefficient; its parameter count from the file. Learned gains of SAE
+    features (kind "sae") are judged with the other SAE-feature interventions (family `sae_edit`)."""
     from steering.learned import LearnedEdit
 
     out = []
     for path in paths:
         edit = LearnedEdit.load(path)
+        family = "sae_edit" if edit.kind == "sae" else "learned"
         for coef in coefs:
-            out.append(Candidate("learned", {"method": Path(path).stem, "coef": coef},
+            out.append(Candidate(family, {"method": Path(path).stem, "coef": coef},
                                  lambda e=edit, c=coef: e.apply(rl, coef=c, where=e.meta["recommended"].get("where", "all")),
                                  params=edit.n_params(), extra={"file": str(path), "kind": edit.kind}))
+    return out
+
+
+def sae_edit_cells(specs, coefs, rl: Any, sae_dir: str, diff_path: str, detector: str) -> list[Candidate]:
+    """Each "mode:n_features:gate" spec (e.g. "clamp:10:detector") at each coefficient: the top pruned
+    features of the `forksight sae diff` run (chosen on the selection half) moved to the base
+    model's statistics at forks (`steering.sae_edit.diff_targets`) where the gate fires; the detector
+    gate reads the fork detector at the SAE's own layer (in the same forward pass)."""
+    if not specs:
+        return []
+    from probe.detector import ForkDetector
+    from probe.sae import load_sae
+    from steering.sae_edit import FeatureDictionary, SAEFeatureEdit, diff_targets
+
+    diff = json.loads(Path(diff_path).read_text())
+    sae, layer = load_sae(sae_dir), int(diff["hook_name"].split(".")[1])
+    out = []
+    for spec in specs:
+        mode, n, gate = spec.split(":")
+        feats, t = diff_targets(diff["pruned"][: int(n)], mode)
+        fd = FeatureDictionary.from_sae(sae, feats, hook_name=diff["hook_name"])
+        kw = {"gate": "detector", "detector": ForkDetector.load(detector), "detector_layer": layer} \
+            if gate == "detector" else {"gate": gate}
+        for c in coefs:
+            out.append(Candidate("sae_edit", {"mode": mode, "features": int(n), "gate": gate, "coef": c},
+                                 lambda fd=fd, t=t, c=c, kw=kw, m=mode: SAEFeatureEdit(rl, fd, m, t, c, **kw)))
     return out
 
 

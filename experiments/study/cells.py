@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from experiments.checkpointing import write_json_atomic
+from experiments.checkpointing import write_text_atomic
 
 FINGERPRINT = ("base", "rl", "task", "n", "seed", "test_seeds", "problems", "derive_problems", "batch_size")
 
@@ -55,5 +55,6 @@ class CellCache:
         return row
 
     def save(self) -> None:
-        write_json_atomic(self.path, {"config": self.config, "invocations": self.invocations,
-                                      "cells": list(self.rows.values())})
+        # compact: the cells hold per-sample outcomes (problems x samples), which indentation would bloat 10x
+        write_text_atomic(self.path, json.dumps({"config": self.config, "invocations": self.invocations,
+                                                 "cells": list(self.rows.values())}, separators=(",", ":")))

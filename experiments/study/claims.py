@@ -19,13 +19,16 @@ claim can be recomputed from a finished run directory without sampling again.
   distinct change's upper bound < 0, and pass@k at the largest k is lower for RL (its change's
   upper bound < 0, or the base catches up at some k and ends strictly above). Fails: pass@1 falls (upper bound < 0) or
   distinct-correct rises (lower bound > 0).
-- C5 `claim_recovery`: the lost breadth is latent and recoverable. Effect: restoration of
-  distinct-correct, (steered - RL) / (base - RL), of the best steered cell that runs the RL model
-  alone with pass@1 within the tolerance, interval by resampling problems. Needs a breadth gap (base
-  minus RL distinct-correct, lower bound > 0), else inconclusive. Holds: its lower bound > 0.1
-  and the fork detector reads the base model's forks off the RL residual better than token
-  identity does (AUROC above the token baseline). Fails: neither the best steered cell nor
-  cross-model patching restores more than 0.1 (upper bound, point estimate). Otherwise inconclusive.
+- C5 `claim_recovery`: the lost breadth is latent and can be elicited beyond what a base/RL mixture
+  gives. Effect: the frontier excess (restoration of distinct-correct minus the mixture's at the same
+  pass@1, `probe.frontier`) of the sweep's `best` cell (RL model alone, pass@1 within the tolerance,
+  chosen on the selection half, measured on the test half at unseen seeds), interval by resampling
+  problems with their seeds. Needs a breadth gap (base minus RL distinct-correct, lower bound > 0),
+  else inconclusive. Holds (elicitation): excess lower bound > 0, restoration lower bound > 0.1 and
+  the fork detector reads the base model's forks off the RL residual better than token identity.
+  Fails: excess upper bound < 0 (a mixture gives more), or neither the cell (upper bound) nor
+  cross-model patching restores more than 0.1. Otherwise inconclusive (on the frontier: recovery
+  that only matches a mixture, said so in the reason).
 """
 
 from __future__ import annotations
@@ -211,7 +214,7 @@ def claim_breadth(base: dict, rl: dict, seed: int = 0) -> Claim:
     gap, gap_ci = distinct_gap_ci(base, rl, seed)  # base minus RL
     d_dc = 0.0 if gap is None else -gap
     d_dc_ci = (None, None) if gap_ci is None else (-gap_ci[1], -gap_ci[0])
-    elig = [i for i, e in enumerate(pb["distinct_eligible"]) if e]
+    elig = [i for i, (e, f) in enumerate(zip(pb["distinct_eligible"], pr["distinct_eligible"])) if e or f]
     cross = crossover_k(rl["pass_at_k"], base["pass_at_k"])  # base catches up with RL after trailing it
     overtakes = cross is not None and d_pk < 0  # ... and ends strictly above it at the largest k (not a tie)
     if gain_ci[0] > 0 and d_dc_ci[1] is not None and d_dc_ci[1] < 0 and (d_pk_ci[1] < 0 or overtakes):
@@ -228,7 +231,10 @@ def claim_breadth(base: dict, rl: dict, seed: int = 0) -> Claim:
           "distinct_correct_mean": {"base": base["distinct_correct_mean"], "rl": rl["distinct_correct_mean"],
                                     "relative_change": d_dc / base["distinct_correct_mean"] if base["distinct_correct_mean"] else None},
           "crossover_k_base_overtakes_rl": cross, "n_problems": len(pb["n_correct"]), "n_samples": n,
-          "n_problems_distinct": len(elig)}
+          "n_problems_distinct": len(elig),
+          "distinct_correct_on_paired_problems": {  # the problems the effect is over (may differ from each
+              m: sum(x["distinct_correct"][i] for i in elig) / len(elig) if elig else None  # model's own subset)
+              for m, x in (("base", pb), ("rl", pr))}}
     return Claim("C4", "The collapsed policy gains pass@1 but loses breadth: distinct-correct falls, and at large k "
                  "pass@k approaches or falls below the base.", status,
                  _effect("distinct correct solutions per problem, RL minus base", d_dc, d_dc_ci, "solutions", "problems"),
@@ -237,9 +243,11 @@ def claim_breadth(base: dict, rl: dict, seed: int = 0) -> Claim:
 
 # --- C5 ------------------------------------------------------------------------------------------
 def distinct_gap_ci(base: dict, rl: dict, seed: int = 0) -> tuple[float | None, list | None]:
-    """Mean distinct-correct of base minus RL over eligible problems, with its paired interval."""
+    """Mean distinct-correct of base minus RL over eligible problems, with its paired interval. A
+    problem is eligible if it is for either model (they differ only where eligibility is "solved",
+    for tasks that cannot count their solutions)."""
     pb, pr = _pp(base), _pp(rl)
-    elig = [i for i, e in enumerate(pb["distinct_eligible"]) if e]
+    elig = [i for i, (e, f) in enumerate(zip(pb["distinct_eligible"], pr["distinct_eligible"])) if e or f]
     if not elig:
         return None, None
     cols = ([pb["distinct_correct"][i] for i in elig], [pr["distinct_correct"][i] for i in elig])
@@ -297,8 +305,19 @@ def claim_recovery(steer: dict, base: dict, rl: dict, detector: dict | None, see
                f"{fmt(x, 2)} {_ci(x_ci, 2)}: " + ("on the mixture frontier, recovery but no elicitation beyond what "
                                                    "sampling the base part of the time gives" if x_ci[0] <= 0 <= x_ci[1]
                                                    else "above the frontier but the detector or restoration bar is not met"))
+    curve = steer.get("frontier") or []
+    near = None
+    if curve:
+        from probe.frontier import frontier_at
+
+        rl_p1 = max(c["pass_at_1"] for c in curve if c["m"] == 0)
+        near = {f"{d:.3f}": frontier_at(curve, rl_p1 - d) for d in (0.002, 0.005, 0.01, 0.03)}
     ev = {
         "distinct_gap_base_minus_rl": gap, "distinct_gap_ci": gap_ci,
+        "frontier_restoration_at_pass_at_1_cost": near,
+        "frontier_note": ("the mixture buys breadth steeply near RL's accuracy (a few base samples per problem add new "
+                          "solutions), and no mixture exceeds RL's pass@1; so a cell near RL's pass@1 has a wide excess "
+                          "interval: replicates where its pass@1 falls slightly below RL's face a much higher frontier"),
         "protocol": (f"chosen on the selection half (seed {steer['protocol']['selection_seed']}), measured on the test "
                      f"half at seeds {steer['protocol']['test_seeds']} no choice used"),
         "best": _cell(best), "best_restoration": _cell(steer.get("best_restoration")),

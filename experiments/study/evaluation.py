@@ -1,8 +1,9 @@
-"""Evaluating organism checkpoints on the held-out Countdown split.
+"""Evaluating checkpoints on a task's held-out split (Countdown by default, any `--task`).
 
-Thin glue: load a checkpoint (`probe.checkpoint`), check its tokenizer speaks Countdown, sample
-n branches per held-out problem with the toolkit's sampler and compute the shared metrics
-(`probe.evaluate`). The same numbers go into every `metrics.json` (base, RL, steered).
+Thin glue: load a checkpoint (`probe.checkpoint`), check its tokenizer can write the task
+(`task.check_tokenizer`), sample n branches per held-out problem with the toolkit's sampler and
+compute the shared metrics (`probe.evaluate`). The same numbers go into every `metrics.json`
+(base, RL, steered).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from experiments.tasks.countdown import Countdown
+from experiments.tasks import load_task
 from probe.checkpoint import load_causal_lm
 from probe.entropy import Trajectories, trajectories_from_branches
 from probe.evaluate import Scored, evaluate, score_branches
@@ -33,6 +34,8 @@ class EvalConfig:
     """Rows (problem x sample) per forward pass."""
     device: str = "auto"
     """"auto" = cuda if available, else cpu."""
+    task: str = "countdown"
+    """Task: "countdown" or "math:PATH[,train=PATH][,chat][,max_new_tokens=N]" (`experiments.tasks.load_task`)."""
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -41,9 +44,10 @@ class EvalConfig:
             raise ValueError(f"problems={self.problems} must be >= 0 (0 = all)")
 
 
-def evaluate_model(model, tokenizer, cfg: EvalConfig, task: Countdown | None = None, **kw):
-    """Metrics dict (and branches, scored) of an in-memory model on the held-out split."""
-    task = task or Countdown()
+def evaluate_model(model, tokenizer, cfg: EvalConfig, task=None, **kw):
+    """Metrics dict (and branches, scored) of an in-memory model on the held-out split of `task`
+    (default: `cfg.task`)."""
+    task = task or load_task(cfg.task)
     task.check_tokenizer(tokenizer)
     sampler = SamplerConfig(
         n=cfg.n,
@@ -56,7 +60,7 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, task: Countdown | None = N
     return evaluate(model, tokenizer, task.heldout_prompts(cfg.problems), task, sampler, **kw)
 
 
-def evaluate_checkpoint(path: str | Path, cfg: EvalConfig, task: Countdown | None = None) -> dict:
+def evaluate_checkpoint(path: str | Path, cfg: EvalConfig, task=None) -> dict:
     """Metrics dict of the checkpoint directory `path` on the held-out split."""
     model, tok = load_causal_lm(path, device=cfg.device)
     metrics, _, _ = evaluate_model(model, tok, cfg, task)
@@ -65,11 +69,11 @@ def evaluate_checkpoint(path: str | Path, cfg: EvalConfig, task: Countdown | Non
 
 def sample_scored_trajectories(
     model, tokenizer, prompts: list[str], n: int, seed: int, batch_size: int, device: str,
-    task: Countdown | None = None,
+    task=None,
 ) -> tuple[Branches, Scored, Trajectories]:
-    """`n` completions per prompt at temperature 1, scored, and as role-labelled trajectories
-    (prompt + completion, right-padded) for teacher-forced probing."""
-    task = task or Countdown()
+    """`n` completions per prompt at temperature 1, scored by `task` (default Countdown), and as
+    role-labelled trajectories (prompt + completion, right-padded) for teacher-forced probing."""
+    task = task or load_task("countdown")
     cfg = SamplerConfig(n=n, max_new_tokens=task.max_new_tokens, temperature=1.0, seed=seed,
                         batch_size=max(batch_size, 1), device=device)
     branches = sample_branches(model, tokenizer, prompts, cfg)
@@ -79,7 +83,8 @@ def sample_scored_trajectories(
 
 
 def sample_trajectories(model, prompts: list[str], samples: int, seed: int,
-                        batch_size: int) -> tuple[Trajectories, float]:
+                        batch_size: int, task=None) -> tuple[Trajectories, float]:
     """`samples` completions per prompt (temperature 1) as role-labelled trajectories, and the pass rate."""
-    _, scored, traj = sample_scored_trajectories(model.hf, model.tokenizer, prompts, samples, seed, batch_size, str(model.device))
+    _, scored, traj = sample_scored_trajectories(model.hf, model.tokenizer, prompts, samples, seed, batch_size,
+                                                 str(model.device), task)
     return traj, scored.correct.float().mean().item()

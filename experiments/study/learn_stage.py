@@ -23,6 +23,12 @@ from steering.learn import LearnConfig, learn
 MAX_PARAM_SHARE = 0.01
 LEARNED_DIR = RESULTS_DIR / "learned"
 RECIPES: dict[str, dict] = {
+    # plan like the base, execute like RL: KL(base || steered) at planning tokens, KL(RL || steered) at execution
+    "lowrank-distill": dict(objective="distill", kind="lowrank", distill_at="planning", anchor=1.0, steps=300, lr=0.01),
+    "position-distill": dict(objective="distill", kind="position", distill_at="planning", anchor=1.0, steps=200, lr=0.01),
+    # per-feature gains and offsets of the SAE features RL pruned (`forksight sae diff`), same objective
+    "sae-distill": dict(objective="distill", kind="sae", distill_at="planning", anchor=1.0, steps=200, lr=0.05),
+    # K directions, sample j takes direction j mod K, trained by a reward on distinct correct solutions per group
     "mode8-breadth": dict(objective="breadth", kind="mode", n_modes=8, steps=300, lr=0.01, anchor=1.0),
 }
 """The learned edits `forksight run` evaluates (LearnConfig overrides), shipped trained on the
@@ -30,9 +36,9 @@ shipped pair under `experiments/results/learned/<name>.safetensors` (`forksight 
 <that file>` plus the recipe's flags retrains one)."""
 
 
-def shipped_edit(name: str, base: str, rl: str, cfg: LearnConfig) -> str | None:
-    """The shipped edit file of recipe `name` if it was learned on this pair (by directory name) with
-    exactly `cfg` (the completion-length cap aside, which the task sets); else None."""
+def shipped_edit(name: str, base: str, rl: str, cfg: LearnConfig, task: str = "countdown") -> str | None:
+    """The shipped edit file of recipe `name` if it was learned on this pair (by directory name) and
+    task with exactly `cfg` (the completion-length cap aside, which the task sets); else None."""
     from steering.learned import LearnedEdit
 
     path = LEARNED_DIR / f"{name}.safetensors"
@@ -41,7 +47,7 @@ def shipped_edit(name: str, base: str, rl: str, cfg: LearnConfig) -> str | None:
     prov = LearnedEdit.load(path).meta["provenance"]
     want = {k: v for k, v in asdict(cfg).items() if k != "max_new_tokens"}
     have = {k: v for k, v in prov.get("config", {}).items() if k != "max_new_tokens"}
-    same_pair = (prov.get("rl"), prov.get("base")) == (Path(rl).name, Path(base).name)
+    same_pair = (prov.get("rl"), prov.get("base"), prov.get("task", "countdown")) == (Path(rl).name, Path(base).name, task)
     return str(path) if same_pair and have == {k: list(v) if isinstance(v, tuple) else v for k, v in want.items()} \
         else None
 

@@ -1,6 +1,8 @@
-"""`forksight probe`: base vs RL organism on held-out Countdown, token by token.
+"""`forksight probe`: base vs RL checkpoint on a task's held-out problems (`--task`), token by token.
 
-Loads the pair (`probe.pair`), samples `samples` completions per held-out problem from *each*
+Loads the pair (`probe.pair`), samples `samples` completions per problem of the *selection half* of
+the held-out split (`experiments.study.protocol`: the fork detector is later a steering gate, so it
+never sees the test half) from *each*
 model (`probe.sampler`, temperature 1), teacher-forces both models on both sets of trajectories
 (`probe.entropy`), and writes to `--out`:
 
@@ -30,7 +32,9 @@ import torch
 from experiments.checkpointing import write_json_atomic
 from experiments.paths import ORGANISMS_DIR
 from experiments.study.evaluation import sample_scored_trajectories
-from experiments.tasks.countdown import Countdown
+from experiments.study.protocol import Half
+from experiments.tasks import load_task
+from probe.budget import keep_fraction
 from probe.detector import ForkDetector
 from probe.entropy import PairStats, Trajectories, pair_stats
 from probe.forks import (
@@ -49,7 +53,7 @@ from probe.plots import plot_entropy_heatmap, plot_entropy_histograms, plot_law_
 
 @dataclass
 class ProbeConfig:
-    """Probe a base / RL checkpoint pair on held-out Countdown problems."""
+    """Probe a base / RL checkpoint pair on a task's held-out problems."""
 
     base: str = str(ORGANISMS_DIR / "base")
     """Base checkpoint directory."""
@@ -59,6 +63,8 @@ class ProbeConfig:
     """RL training log (JSONL with entropy_mean and the law_reward_key); "" = RL_DIR/train_log.jsonl if present."""
     out: str = "runs/probe"
     """Output directory (metrics.json, plots, fork_detector.safetensors)."""
+    task: str = "countdown"
+    """Task: "countdown" or "math:PATH[,train=PATH][,chat][,max_new_tokens=N]" (`experiments.tasks.load_task`)."""
     n_problems: int = 64
     """Held-out problems to sample (the first N of the fixed split; >= 2)."""
     samples: int = 8
@@ -84,6 +90,9 @@ class ProbeConfig:
     paper's R); reward_mean (training reward) is noisier, since each step draws new problems."""
     n_examples: int = 6
     """Trajectories shown in the entropy heat-map."""
+    detector_memory_gb: float = 2.0
+    """Memory for the fork detector's residuals (every layer, both sources); beyond it a seeded uniform
+    subsample of answer tokens trains and scores the detector (long generations on large models)."""
 
     def __post_init__(self) -> None:
         self.layers = tuple(int(x) for x in self.layers)
@@ -95,6 +104,8 @@ class ProbeConfig:
             raise ValueError(f"rho={self.rho} must be in (0, 1]; 0.2 selects the top 20% of tokens")
         if self.backend not in ("auto", *BACKENDS):
             raise ValueError(f"backend={self.backend!r}; allowed 'auto', {', '.join(map(repr, BACKENDS))}")
+        if not self.detector_memory_gb > 0:
+            raise ValueError(f"detector_memory_gb={self.detector_memory_gb} must be > 0")
         for name in ("test_fraction", "fit_fraction"):
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be in (0, 1)")
@@ -177,6 +188,16 @@ def _examples(tok, traj: Trajectories, stats: PairStats, forks: dict, k: int, ev
                          grid(traj.roles, -1), out / "entropy_heatmap.png")
 
 
+def _detector_subsample(answer: torch.Tensor, bytes_per_token: int, cfg: ProbeConfig) -> torch.Tensor | None:
+    """Answer tokens whose residuals the detector keeps (None = all): a seeded uniform subsample when
+    one source's share of `detector_memory_gb` cannot hold them all."""
+    frac = keep_fraction(int(answer.sum()), bytes_per_token, int(cfg.detector_memory_gb * 2**29))  # half: per source
+    if frac >= 1:
+        return None
+    g = torch.Generator().manual_seed(cfg.seed)
+    return answer & (torch.rand(answer.shape, generator=g) < frac)
+
+
 def run_probe(cfg: ProbeConfig) -> dict:
     """Run the whole probe; writes metrics.json, the detector and the plots into `cfg.out`."""
     t0 = time.time()
@@ -187,13 +208,13 @@ def run_probe(cfg: ProbeConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     pair: Pair = load_pair(cfg.base, cfg.rl, backend=cfg.backend, device=cfg.device)
     tok = pair.base.tokenizer
-    Countdown().check_tokenizer(tok)
+    task = load_task(cfg.task)
+    task.check_tokenizer(tok)
     layers = list(cfg.layers or range(pair.rl.n_layers))
     bad = [x for x in layers if not 0 <= x < pair.rl.n_layers]
     if bad:
         raise ValueError(f"layers {bad} are out of range; the models have layers 0..{pair.rl.n_layers - 1}")
-    task = Countdown()
-    prompts = task.heldout_prompts(cfg.n_problems)
+    prompts = Half.of(task, "selection", cfg.n_problems).prompts  # the protocol: never the test half
     metrics: dict = {"base": cfg.base, "rl": cfg.rl, "backend": pair.base.backend, "device": str(pair.base.device),
                      "n_problems": len(prompts), "n_samples": cfg.samples, "temperature": 1.0,
                      "seed": cfg.seed, "rho": cfg.rho}
@@ -202,7 +223,9 @@ def run_probe(cfg: ProbeConfig) -> dict:
     for src, model in pair.items():
         branches, scored, traj = sample_scored_trajectories(model.hf, tok, prompts, cfg.samples, cfg.seed,
                                                      cfg.batch_size, str(pair.base.device), task)
-        stats = pair_stats(pair, traj, cfg.batch_size, resid_layers=layers)
+        keep = _detector_subsample(traj.answer_mask, 4 * pair.rl.d_model * len(layers), cfg)
+        stats = pair_stats(pair, traj, cfg.batch_size, resid_layers=layers, resid_keep=keep)
+        kept = stats.mask if keep is None else keep
         rec, forks = source_metrics(stats, traj, cfg.rho)
         own = stats.h_base if src == "base" else stats.h_rl
         rec["pass_rate"] = scored.correct.float().mean().item()
@@ -210,9 +233,9 @@ def run_probe(cfg: ProbeConfig) -> dict:
         metrics[f"on_{src}_samples"] = rec
         for x in layers:
             resid[x].append(stats.resid[x])
-        labels.append(forks["base"][stats.mask])
-        pred_tokens.append(traj.tokens[:, :-1][stats.mask[:, 1:]])  # token at each predicting position
-        groups.append(traj.prompt_index[:, None].expand_as(stats.mask)[stats.mask])
+        labels.append(forks["base"][kept])
+        pred_tokens.append(traj.tokens[:, :-1][kept[:, 1:]])  # token at each predicting position
+        groups.append(traj.prompt_index[:, None].expand_as(kept)[kept])
         for name in hists:
             hists[name].append((stats.h_base if name == "base" else stats.h_rl)[stats.mask])
         if src == "base":
@@ -238,7 +261,7 @@ def run_probe(cfg: ProbeConfig) -> dict:
     metrics["plots"] = ["entropy_hist.png", "entropy_heatmap.png"] + (["law_fit.png"] if metrics["law"]["available"] else [])
     metrics["seconds"] = time.time() - t0
     metrics["config"] = asdict(cfg)
-    write_json_atomic(out / "metrics.json", metrics)
+    write_json_atomic(out / "metrics.json", metrics, relative_to=out)
     return metrics
 
 

@@ -21,6 +21,7 @@ from experiments.study.claims import (
     claim_roles,
     fmt,
 )
+from experiments.study.claims_training import claim_phases, claim_regime, plot_phases
 
 SCHEMA_VERSION = 2
 QUESTION = ("Does entropy collapse in RL training narrow inference-time search, and can the lost breadth be "
@@ -71,7 +72,7 @@ def pooled_references(sweep_json: Path) -> tuple[dict, dict]:
         pp = [r["per_problem"] for r in rows]
         pooled["per_problem"] = {"n_correct": [mean(v) for v in zip(*(x["n_correct"] for x in pp))],
                                  "distinct_correct": [mean(v) for v in zip(*(x["distinct_correct"] for x in pp))],
-                                 "distinct_eligible": pp[0]["distinct_eligible"]}
+                                 "distinct_eligible": [any(v) for v in zip(*(x["distinct_eligible"] for x in pp))]}
         pooled.pop("outcomes", None)
         out.append(pooled)
     return out[0], out[1]
@@ -97,12 +98,23 @@ def build_results(cfg, stage_cfgs: dict, out: str | Path) -> dict[str, Any]:
     c2.figures = ["probe/entropy_hist.png", "probe/entropy_heatmap.png"]
     c3 = claim_roles(str(log) if figs["role_entropy"] else None, seed=cfg.seed)
     c3.figures = [figs["role_entropy"]] if figs["role_entropy"] else []
+    c3b = claim_phases(str(log) if figs["role_entropy"] else None, seed=cfg.seed)
+    if c3b.evidence:
+        c3b.figures = [str(plot_phases(str(log), c3b, out / "figures" / "phases.png").relative_to(out))]
     c4 = claim_breadth(base, rl, seed=cfg.seed)
     c4.figures = [figs["pass_at_k"]]
     c5 = claim_recovery(steer, base, rl, probe.get("detector"), seed=cfg.seed)
     c5.figures = ["steer/pareto.png", "steer/pareto_selection.png", "steer/patching_curve.png", "steer/pass_at_k.png",
                   "sae/diff/fork_frequencies.png"]
-    claims = [c.to_dict() for c in (c1, c2, c3, c4, c5)]
+    c6, matches = claim_regime(json.loads((out / "steer" / "sweep.json").read_text())["cells"], variants, seed=cfg.seed)
+    if matches:
+        from probe.compute_match import plot_compute_match
+
+        curves = {m: mt["pass_at_k_reference"] for m, mt in matches.items()}
+        curves["rl"] = next(iter(matches.values()))["pass_at_k_other"]  # every k' = 1..n
+        plot_compute_match(curves, matches, out / "figures" / "compute_match.png", collapsed="rl")
+        c6.figures = ["figures/compute_match.png"]
+    claims = [c.to_dict() for c in (c1, c2, c3, c3b, c4, c5, c6)]
     for c in claims:
         missing = [f for f in c["figures"] if not (out / f).is_file()]
         c["figures"] = [f for f in c["figures"] if f not in missing]
@@ -123,11 +135,14 @@ def build_results(cfg, stage_cfgs: dict, out: str | Path) -> dict[str, Any]:
         "best_frontier_excess": best.get("frontier_excess"),
         "best_frontier_excess_ci": best.get("frontier_excess_ci"),
         "patching_upper_bound_restoration": ev5["patching_upper_bound_restoration"],
+        "planning_entropy_late_log_change": c3b.effect["value"],
+        "compute_multiplier_k_ref": c6.effect["value"], "compute_multiplier_k_ref_ci": c6.effect["ci"],
     }
     return {
         "schema_version": SCHEMA_VERSION,
         "question": QUESTION,
         "out": str(out),
+        "task": getattr(cfg, "task", "countdown"),
         "pair": {"base": base_dir, "rl": rl_dir, "variants": list(variants)},
         "config": {"run": as_json(cfg), **{k: as_json(v) for k, v in stage_cfgs.items()
                                            if k in ("probe", "sae", "sae_diff", "sweep")},
@@ -140,11 +155,35 @@ def build_results(cfg, stage_cfgs: dict, out: str | Path) -> dict[str, Any]:
         "stages": {"probe": "probe/metrics.json", "sae": "sae/metrics.json", "sae_diff": "sae/diff/metrics.json",
                    "steer": "steer/metrics.json", "steer_cells": "steer/sweep.json"},
         "figures": sorted({f for c in claims for f in c["figures"]}),
+        **replication(cfg, out),
     }
 
 
-def _ci(ci: list | None, nd: int = 3) -> str:
-    return "n/a" if not ci else fmt(list(ci[:2]), nd)
+def replication(cfg, out: Path) -> dict[str, Any]:
+    """{"replication": ...} from `forksight replicate`'s shipped results when this run studies the
+    shipped pair (its depth figure copied into `out/figures/`); {} otherwise."""
+    from experiments.paths import REPLICATE_DIR
+    from experiments.study.replicate_report import copy_for_run, summary_for_results
+
+    path = REPLICATE_DIR / "results.json"
+    if cfg.base or cfg.from_scratch or not path.is_file():
+        return {}
+    rep = json.loads(path.read_text())
+    return {"replication": {**summary_for_results(rep), "source": "experiments/results/replicate/results.json",
+                            "figure": copy_for_run(rep, REPLICATE_DIR, out)}}
+
+
+def _ci(ci: list | None, nd: int = 3, cap: float | None = None) -> str:
+    """[lo, hi]; with `cap` (a censored effect such as C6's multiplier) a None bound reads "more than cap"."""
+    if not ci:
+        return "n/a"
+    if cap is None:
+        return fmt(list(ci[:2]), nd)
+    return "[" + ", ".join(f"more than {cap:g}" if v is None else fmt(v, nd) for v in ci[:2]) + "]"
+
+
+def _value(e: dict) -> str:
+    return f"more than {e['cap']:g}" if e["value"] is None and e.get("cap") else fmt(e["value"])
 
 
 def _evidence_lines(ev: dict, depth: int = 0) -> list[str]:
@@ -167,6 +206,7 @@ def write_report(results: dict, path: str | Path) -> Path:
     path = Path(path)
     h = results["headline"]
     L = ["# forksight run: report", "", f"**Question.** {results['question']}", "",
+         f"Task: `{results.get('task', 'countdown')}`. "
          f"Pair: base `{results['pair']['base']}`, RL `{results['pair']['rl']}`; entropy-preserving variants: "
          + (", ".join(f"`{v}`" for v in results["pair"]["variants"]) or "none") + ".", "",
          "Each claim is tested on this run's data; its status (holds / fails / inconclusive) comes from the rule "
@@ -175,8 +215,8 @@ def write_report(results: dict, path: str | Path) -> Path:
     cell = lambda text: str(text).replace("|", "\\|")  # noqa: E731  a literal | would split the table cell
     for c in results["claims"]:
         e = c["effect"]
-        L.append(f"| {c['id']}: {cell(c['statement'])} | **{c['status']}** | {cell(e['name'])} | {fmt(e['value'])} | "
-                 f"{_ci(e['ci'])} |")
+        L.append(f"| {c['id']}: {cell(c['statement'])} | **{c['status']}** | {cell(e['name'])} | {_value(e)} | "
+                 f"{_ci(e['ci'], cap=e.get('cap'))} |")
     L += ["", "## Headline numbers", ""]
     L += [f"- {k}: " + (", ".join(f"{kk} {fmt(vv)}" for kk, vv in v.items()) if isinstance(v, dict) else
                         (_ci(v) if isinstance(v, list) else fmt(v))) for k, v in h.items()]
@@ -184,11 +224,17 @@ def write_report(results: dict, path: str | Path) -> Path:
         e = c["effect"]
         L += ["", f"## {c['id']}: {c['statement']}", "",
               f"**Status: {c['status']}.** {c['reason']}", "",
-              f"Effect: {e['name']} = {fmt(e['value'])} {_ci(e['ci'])} ({e['units']}; bootstrap over {e['resampled']}).", "",
+              f"Effect: {e['name']} = {_value(e)} {_ci(e['ci'], cap=e.get('cap'))} ({e['units']}; bootstrap over "
+              f"{e['resampled']}).", "",
               f"Rule: {c['rule']}.", "", "Evidence:", ""]
         L += _evidence_lines(c["evidence"])
         for f in c["figures"]:
             L += ["", f"![{c['id']}: {Path(f).stem}]({f})"]
+    if results.get("replication"):
+        from experiments.study.replicate_report import replication_section
+
+        rep = results["replication"]
+        L += [""] + replication_section(rep, rep.get("figure")) + ["", f"Source: `{rep['source']}` (`forksight replicate`)."]
     s = results["sae"]
     L += ["", "## SAE", "", f"{s['hook_name']}: L0 {fmt(s['l0'], 1)}, FVU {fmt(s['fvu'])}, dead fraction "
           f"{fmt(s['dead_fraction'])}, next-token loss increase {fmt(s['ce_loss_increase'])} nats; "

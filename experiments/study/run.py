@@ -30,7 +30,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from experiments.checkpointing import as_json, write_json_atomic
+from experiments.checkpointing import as_json, portable, write_json_atomic
 from experiments.paths import ORGANISMS_DIR
 
 STAGES = ("organisms", "probe", "sae", "learn", "steer", "report")
@@ -48,6 +48,8 @@ class RunConfig:
     """RL checkpoint trained from the base ("" = the shipped rl-none)."""
     variants: tuple[str, ...] = ()
     """Entropy-preserving RL checkpoints compared in C5 (default with the shipped pair: rl-clip-cov)."""
+    task: str = "countdown"
+    """Task: "countdown" (the shipped pair's) or "math:PATH[,train=PATH][,chat][,max_new_tokens=N]" (needs --base/--rl)."""
     quick: bool = False
     """A small configuration (about 20 s on a laptop CPU) for tests and a first look; numbers are noisy."""
     from_scratch: bool = False
@@ -66,6 +68,10 @@ class RunConfig:
             raise ValueError("pass both --base and --rl (a pair), or neither for the shipped organisms")
         if self.from_scratch and self.base:
             raise ValueError("--from-scratch trains its own pair; drop --base/--rl, or drop --from-scratch")
+        if self.task != "countdown" and not self.base:
+            raise ValueError(f"--task {self.task!r} needs the pair that speaks it: pass --base DIR --rl DIR (the shipped "
+                             "pair and --from-scratch are Countdown organisms; the word-problem organism is in "
+                             "experiments/organisms/wordproblems/)")
         if not 0 <= self.tolerance < 1:
             raise ValueError(f"tolerance={self.tolerance} must be in [0, 1)")
 
@@ -97,22 +103,25 @@ def stage_configs(cfg: RunConfig) -> dict[str, Any]:
     grpo = dict(base=str(org / "base"), steps=6 if q else 250, prompts_per_step=8 if q else 32, group_size=8 if q else 16,
                 eval_problems=8 if q else 64, final_eval_samples=0, save_every=3 if q else 25, seed=seed, device=cfg.device)
     probe = ProbeConfig(base=base, rl=rl, out=str(out / "probe"), n_problems=8 if q else 64, samples=4 if q else 8,
-                        seed=seed, device=cfg.device)
+                        seed=seed, device=cfg.device, task=cfg.task)
     sae = SAETrainConfig(base=base, rl=rl, out=str(out / "sae"), train_samples=30_000 if q else 400_000,
                          n_train_problems=32 if q else 512, samples=4 if q else 8, n_eval_problems=8 if q else 128,
-                         eval_samples=4 if q else 8, d_sae=128 if q else 512, seed=seed, device=cfg.device)
+                         eval_samples=4 if q else 8, d_sae=128 if q else 512, seed=seed, device=cfg.device,
+                         task=cfg.task)
     diff = SAEDiffConfig(base=base, rl=rl, sae=str(out / "sae" / "sae"), out=str(out / "sae" / "diff"),
-                         n_problems=8 if q else 128, samples=4 if q else 8, seed=seed, device=cfg.device)
+                         n_problems=8 if q else 128, samples=4 if q else 8, seed=seed, device=cfg.device,
+                         task=cfg.task)
     learn = learn_plan(cfg, base, rl, out, q)
     sweep = SweepConfig(
         base=base, rl=rl, variants=variants, out=str(out / "steer"), methods=("dom-position",),
         layers=("0+1+2+3",), coefs=(0.5,) if q else (0.4,), gates=("always",),
-        learned=tuple(stage.out for stage, _ in learn.values()), learned_coefs=(1.0,),
+        learned=tuple(stage.out for stage, _ in learn.values()), learned_coefs=(1.0,) if q else (0.5, 1.0),
         fractions=(0.25,) if q else (0.125, 0.25, 0.5), temperatures=(1.5,) if q else (1.2,),
         patch_layers=(3,) if q else (1, 2, 3), alphas=(1.0,), restore_layers=(3,) if q else (1, 2, 3),
         problems=8 if q else 0, n=16 if q else 64, test_seeds=1, derive_problems=16 if q else 256,
         detector=str(out / "probe" / "fork_detector.safetensors"), sae=str(out / "sae" / "sae"),
-        sae_diff=str(out / "sae" / "diff" / "metrics.json"), tolerance=cfg.tolerance, seed=seed, device=cfg.device)
+        sae_diff=str(out / "sae" / "diff" / "metrics.json"), tolerance=cfg.tolerance, seed=seed, device=cfg.device,
+        task=cfg.task)
     return {"sft": sft, "grpo": grpo, "loss": {"none": LossConfig(intervention="none"),
                                                 "clip-cov": LossConfig(intervention="clip-cov")},
             "probe": probe, "sae": sae, "sae_diff": diff, "learn": learn, "sweep": sweep}
@@ -128,10 +137,10 @@ def learn_plan(cfg: RunConfig, base: str, rl: str, out: Path, quick: bool) -> di
     plan = {}
     for name, recipe in RECIPES.items():
         lc = LearnConfig(**{**recipe, **({"steps": 4, "prompts_per_step": 4, "group_size": 8} if quick else {})})
-        ship = None if (quick or cfg.from_scratch) else shipped_edit(name, base, rl, lc)
+        ship = None if (quick or cfg.from_scratch) else shipped_edit(name, base, rl, lc, cfg.task)
         stage = LearnStageConfig(base=base, rl=rl, out=ship or str(out / "learn" / f"{name}.safetensors"),
                                  sae=str(out / "sae" / "sae"), sae_diff=str(out / "sae" / "diff" / "metrics.json"),
-                                 device=cfg.device)
+                                 device=cfg.device, task=cfg.task)
         plan[name] = (stage, lc)
     return plan
 
@@ -139,7 +148,8 @@ def learn_plan(cfg: RunConfig, base: str, rl: str, out: Path, quick: bool) -> di
 # --- pre-flight ----------------------------------------------------------------------------------
 def preflight(cfg: RunConfig) -> None:
     """Everything that can be checked before any work: a writable --out, no other configuration in
-    it, and (unless the pair is trained here) a loadable, compatible Countdown pair and variants."""
+    it, and (unless the pair is trained here) a loadable, compatible pair and variants whose tokenizer
+    writes the task and whose context holds its prompts plus the completion budget."""
     from experiments.checkpointing import check_writable
 
     out = check_writable(cfg.out)
@@ -153,12 +163,15 @@ def preflight(cfg: RunConfig) -> None:
                              "use a new --out, or the same flags to resume it")
     if cfg.from_scratch:
         return
-    from experiments.tasks.countdown import Countdown
+    from experiments.tasks import load_task
     from probe.pair import load_pair
+    from probe.sampler import check_context
 
     base, rl, variants = cfg.pair()
+    task = load_task(cfg.task)  # a bad --task fails here
     pair = load_pair(base, rl, device="cpu")  # raises PairMismatchError naming every difference
-    Countdown().check_tokenizer(pair.base.tokenizer)
+    task.check_tokenizer(pair.base.tokenizer)
+    check_context(pair.base.hf, pair.base.tokenizer, task.heldout_prompts(), task.max_new_tokens)
     for v in variants:
         load_pair(pair.base, v, device="cpu")  # the loaded base is reused; raises on any mismatch
 
@@ -251,8 +264,9 @@ def run_study(cfg: RunConfig) -> dict:
         results["run"] = {"stages": {k: {kk: v[kk] for kk in ("done", "seconds")} for k, v in run.state["stages"].items()
                                      if k != "report"},
                           "reused_stages": run.reused, "seconds_this_invocation": time.time() - t0}
-        write_json_atomic(run.out / "results.json", results)
-        write_report(results, run.out / "report.md")
+        shipped = portable(results, run.out)  # paths relative to the run directory or the repository
+        write_json_atomic(run.out / "results.json", shipped)
+        write_report(shipped, run.out / "report.md")
         run.mark("report", time.time() - t_report, None)
         bar.update(1)
     return results

@@ -1,13 +1,14 @@
 """`forksight sae train` and `forksight sae diff`: SAE features that RL pruned at forks.
 
-`sae train` samples the base organism on *training-distribution* Countdown problems (the
-`Countdown.train_stream`, never the held-out split; optionally a fraction sampled from the RL model
+`sae train` samples the base model on *training-distribution* problems of the task (`--task`:
+`task.train_prompts`, never the held-out test half; optionally a fraction sampled from the RL model
 instead, `--rl-mix`), collects the residual at one site on every real token, trains a sae-lens SAE
-on it (`probe.sae.train_sae`) and scores it on held-out trajectories of the base model (and of the
+on it (`probe.sae.train_sae`) and scores it on trajectories of the selection half of the held-out split, base model (and
 RL model when `--rl` is set). It writes `OUT/sae/` (sae-lens format), `metrics.json`,
 `sae_training.png` and `feature_density.png`.
 
-`sae diff` samples one model (default: base) on held-out problems, teacher-forces both models on
+`sae diff` samples one model (default: base) on the selection half of the held-out split (the
+features it ranks are later chosen for steering, so it never sees the test half), teacher-forces both models on
 those same trajectories (`probe.entropy.pair_stats`), takes the base model's forks (top-rho answer
 tokens by base entropy), encodes both models' residuals at the positions predicting each answer
 token, and ranks pruned / amplified features (`probe.features`) with their top-activating contexts
@@ -27,7 +28,9 @@ import torch
 from experiments.checkpointing import write_json_atomic
 from experiments.paths import ORGANISMS_DIR, RESULTS_DIR
 from experiments.study.evaluation import sample_trajectories
-from experiments.tasks.countdown import Countdown
+from experiments.study.protocol import Half
+from experiments.tasks import load_task
+from probe.budget import keep_fraction
 from probe.checkpoint import load_causal_lm, resolve_device
 from probe.features import DiffResult, feature_records, fork_feature_diff
 from probe.forks import fork_threshold
@@ -64,6 +67,8 @@ class SAETrainConfig:
     """RL checkpoint, for --rl-mix and for scoring the SAE on RL trajectories ("" = none)."""
     out: str = "runs/sae"
     """Output directory (sae/, metrics.json, plots)."""
+    task: str = "countdown"
+    """Task: "countdown" or "math:PATH[,train=PATH][,chat][,max_new_tokens=N]" (`experiments.tasks.load_task`)."""
     layer: int = 2
     """Block whose output is learned (2: best fork-detector AUROC of `forksight probe` on the shipped pair)."""
     site: str = RESID_POST
@@ -102,8 +107,13 @@ class SAETrainConfig:
     """Sampling and SAE seed."""
     batch_size: int = 256
     """Trajectories per model forward pass."""
+    activation_memory_gb: float = 4.0
+    """Memory for the training activations; beyond it a seeded uniform subsample of positions is kept
+    (long generations on large models: activations are collected batch by batch, never all at once)."""
 
     def __post_init__(self) -> None:
+        if not self.activation_memory_gb > 0:
+            raise ValueError(f"activation_memory_gb={self.activation_memory_gb} must be > 0")
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"architecture={self.architecture!r}; allowed {ARCHITECTURES}")
         if not 0 <= self.rl_mix <= 1:
@@ -133,6 +143,8 @@ class SAEDiffConfig:
     """SAE directory (sae-lens format, hook site in its metadata); default: the shipped one."""
     out: str = "runs/sae/diff"
     """Output directory (metrics.json, plots)."""
+    task: str = "countdown"
+    """Task: "countdown" or "math:PATH[,train=PATH][,chat][,max_new_tokens=N]" (`experiments.tasks.load_task`)."""
     n_problems: int = 128
     """Held-out problems (the first N of the fixed split)."""
     samples: int = 8
@@ -183,29 +195,33 @@ def run_sae_train(cfg: SAETrainConfig) -> dict:
     else:
         hf, tok = load_causal_lm(cfg.base, device="cpu")
         models = {"base": wrap(hf, tok, cfg.backend, cfg.device, cfg.base)}
-    Countdown().check_tokenizer(models["base"].tokenizer)
+    task = load_task(cfg.task)
+    task.check_tokenizer(models["base"].tokenizer)
     hook_name = site_name(cfg.site, cfg.layer)
     for m in models.values():
         resolve_hook(hook_name, m)  # a bad --layer / --site fails before any work
-    stream = Countdown().train_stream(cfg.problem_seed)
-    prompts = [next(stream)[1].prompt for _ in range(cfg.n_train_problems)]
+    prompts = task.train_prompts(cfg.problem_seed, cfg.n_train_problems)
     n_rl = round(cfg.rl_mix * len(prompts))
     acts, n_traj = [], 0
     for src, part in (("base", prompts[n_rl:]), ("rl", prompts[:n_rl])):
         if part:
-            traj, _ = sample_trajectories(models[src], part, cfg.samples, cfg.seed, cfg.batch_size)
-            attn = traj.attention_mask
-            acts.append(collect_activations(models[src], traj.tokens, attn, attn, hook_name, cfg.batch_size))
+            traj, _ = sample_trajectories(models[src], part, cfg.samples, cfg.seed, cfg.batch_size, task)
+            attn, where = traj.attention_mask, traj.attention_mask
+            frac = keep_fraction(int(attn.sum()), 4 * models[src].d_model,
+                                 int(cfg.activation_memory_gb * 2**30 * len(part) / len(prompts)))
+            if frac < 1:  # a seeded uniform subsample of positions fits the budget
+                where = attn & (torch.rand(attn.shape, generator=torch.Generator().manual_seed(cfg.seed)) < frac)
+            acts.append(collect_activations(models[src], traj.tokens, attn, where, hook_name, cfg.batch_size))
             n_traj += traj.tokens.shape[0]
     x = torch.cat(acts)
     t_collect = time.time()
     sae, history = train_sae(x, hook_name, cfg.spec(), model_name=cfg.base)
     t_train = time.time() - t_collect
     save_sae(sae, out / "sae")
-    heldout = Countdown().heldout_prompts(cfg.n_eval_problems)
+    heldout = Half.of(task, "selection", cfg.n_eval_problems).prompts  # the protocol: never the test half
     quality, freqs, ntok = {}, {}, {}
     for name, m in models.items():
-        traj, pass_rate = sample_trajectories(m, heldout, cfg.eval_samples, cfg.seed, cfg.batch_size)
+        traj, pass_rate = sample_trajectories(m, heldout, cfg.eval_samples, cfg.seed, cfg.batch_size, task)
         q, freqs[name] = sae_quality(sae, m, traj.tokens, traj.attention_mask, traj.answer_mask, hook_name, cfg.batch_size)
         quality[name] = {**q, "pass_rate": pass_rate, "n_trajectories": int(traj.tokens.shape[0])}
         ntok[name] = q["n_tokens"]
@@ -221,23 +237,26 @@ def run_sae_train(cfg: SAETrainConfig) -> dict:
         "quality": quality,
         "quality_note": "held-out problems; l0/fvu/dead over every real token, losses over answer tokens",
         "train": {"n_activations": int(x.shape[0]), "n_trajectories": n_traj, "n_problems": len(prompts),
-                  "n_problems_from_rl": n_rl, "problems": f"Countdown.train_stream(seed={cfg.problem_seed})",
+                  "n_problems_from_rl": n_rl, "problems": f"{cfg.task} train_prompts(seed={cfg.problem_seed})",
                   "positions": "every real token (prompt and completion)", "steps": cfg.spec().steps,
                   "seconds": t_train, "history": history},
         "plots": ["sae_training.png", "feature_density.png"],
         "seconds": time.time() - t0, "config": asdict(cfg),
     }
-    write_json_atomic(out / "metrics.json", metrics)
+    write_json_atomic(out / "metrics.json", metrics, relative_to=out)
     return metrics
 
 
 def compute_diff(cfg: SAEDiffConfig, pair: Pair, sae) -> DiffResult:
-    """Sample held-out trajectories (`cfg.sample_from`), then `probe.features.fork_feature_diff`."""
+    """Sample trajectories (`cfg.sample_from`) on the selection half of the held-out split, then
+    `probe.features.fork_feature_diff`."""
     check_sae(sae, pair.base)
     check_sae(sae, pair.rl)
     sampler = pair.base if cfg.sample_from == "base" else pair.rl
-    traj, pass_rate = sample_trajectories(sampler, Countdown().heldout_prompts(cfg.n_problems), cfg.samples,
-                                          cfg.seed, cfg.batch_size)
+    task = load_task(cfg.task)
+    task.check_tokenizer(pair.base.tokenizer)
+    prompts = Half.of(task, "selection", cfg.n_problems).prompts  # features are chosen here: never the test half
+    traj, pass_rate = sample_trajectories(sampler, prompts, cfg.samples, cfg.seed, cfg.batch_size, task)
     res = fork_feature_diff(pair, sae, traj, cfg.rho, cfg.min_freq, cfg.batch_size)
     res.pass_rate = pass_rate
     return res
@@ -248,7 +267,7 @@ def run_sae_diff(cfg: SAEDiffConfig) -> dict:
     t0, out = time.time(), Path(cfg.out)
     sae = load_sae(cfg.sae, device=str(resolve_device(cfg.device)))  # a bad --sae fails before any work
     pair = load_pair(cfg.base, cfg.rl, backend=cfg.backend, device=cfg.device)
-    Countdown().check_tokenizer(pair.base.tokenizer)
+    load_task(cfg.task).check_tokenizer(pair.base.tokenizer)  # fails before any work
     res = compute_diff(cfg, pair, sae)
     lists = feature_records(res, sae, pair.base.hf, pair.base.tokenizer, cfg.top, cfg.n_contexts,
                             cfg.context_window, cfg.through_final_norm)
@@ -281,7 +300,7 @@ def run_sae_diff(cfg: SAEDiffConfig) -> dict:
         **lists,
         "plots": ["fork_frequencies.png", "top_features.png"], "seconds": time.time() - t0, "config": asdict(cfg),
     }
-    write_json_atomic(out / "metrics.json", metrics)
+    write_json_atomic(out / "metrics.json", metrics, relative_to=out)
     return metrics
 
 

@@ -1,7 +1,7 @@
 """`forksight steer derive | apply | sweep`: steering the collapsed RL organism back toward breadth.
 
-`steer derive` samples the base organism on *training-distribution* Countdown problems (never the
-held-out split), teacher-forces both models on those trajectories (`steering.collect`), takes the
+`steer derive` samples the base model on *training-distribution* problems of the task (`--task`:
+`task.train_prompts`, never the held-out test half), teacher-forces both models on those trajectories (`steering.collect`), takes the
 base model's forks (top-rho answer tokens by base entropy) and writes one `SteeringVector` file:
 difference of means (global, per answer position, per token role), PCA of the differences, or the
 SAE decoder rows of the features RL pruned (weights = mean_base - mean_rl of each feature at forks,
@@ -33,7 +33,7 @@ import torch
 
 from experiments.paths import ORGANISMS_DIR, RESULTS_DIR
 from experiments.study.evaluation import sample_trajectories
-from experiments.tasks.countdown import Countdown
+from experiments.tasks import load_task
 from probe.checkpoint import load_causal_lm
 from probe.detector import ForkDetector
 from probe.forks import fork_threshold
@@ -77,6 +77,8 @@ class DeriveConfig:
     """RL checkpoint (trained from the base)."""
     out: str = "runs/steer/vector.safetensors"
     """Output vector file (safetensors)."""
+    task: str = "countdown"
+    """Task: "countdown" or "math:PATH[,train=PATH][,chat][,max_new_tokens=N]" (`experiments.tasks.load_task`)."""
     method: str = "dom-global"
     """One of dom-global, dom-position, dom-role, dom-cluster, pca, sae; optionally ":pruned" (see forks)."""
     layers: tuple[int, ...] = (2,)
@@ -125,15 +127,15 @@ def derive_vectors(cfg: DeriveConfig, methods: tuple[str, ...] | None = None) ->
     collection of residuals."""
     methods = methods or (cfg.method,)
     pair = load_pair(cfg.base, cfg.rl, device=cfg.device)
-    Countdown().check_tokenizer(pair.base.tokenizer)
-    stream = Countdown().train_stream(cfg.problem_seed)
-    prompts = [next(stream)[1].prompt for _ in range(cfg.n_problems)]
-    traj, _ = sample_trajectories(pair.base, prompts, cfg.samples, cfg.seed, cfg.batch_size)
+    task = load_task(cfg.task)
+    task.check_tokenizer(pair.base.tokenizer)
+    prompts = task.train_prompts(cfg.problem_seed, cfg.n_problems)
+    traj, _ = sample_trajectories(pair.base, prompts, cfg.samples, cfg.seed, cfg.batch_size, task)
     res = collect(pair, traj, cfg.layers, batch_size=cfg.batch_size)
     st = res.stats
     info = {"fork_threshold_base": fork_threshold(st.h_base, st.mask, cfg.rho),
             "fork_threshold_rl": fork_threshold(st.h_rl, st.mask, cfg.rho), "rho": cfg.rho,
-            "problems": f"Countdown.train_stream(seed={cfg.problem_seed})[:{cfg.n_problems}]",
+            "problems": f"{cfg.task} train_prompts(seed={cfg.problem_seed})[:{cfg.n_problems}]",
             "n_trajectories": int(traj.tokens.shape[0]), "sampled_from": "base"}
     out = {}
     for spec in methods:
@@ -256,7 +258,7 @@ def run_apply(cfg: ApplyConfig) -> dict:
     m.pop("outcomes")
     m["config"], m["recommended"] = asdict(cfg), sel.recommended
     if cfg.out:
-        write_json_atomic(cfg.out, m)
+        write_json_atomic(cfg.out, m, relative_to=Path(cfg.out).parent)
     return m
 
 

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from experiments.paths import ORGANISMS_DIR, RESULTS_DIR
 from experiments.study import candidates as C
 from experiments.study.cells import CellCache
@@ -38,6 +40,7 @@ from experiments.study.selection import (
     choose_goal,
     judge,
     matched_temperature,
+    outcomes_of,
     parse_layers,
     spliced,
 )
@@ -74,6 +77,10 @@ class SweepConfig:
     """Learned edit files (`forksight steer learn`), each evaluated at every learned coefficient."""
     learned_coefs: tuple[float, ...] = (1.0,)
     """Coefficients of the learned edits (1 = as trained)."""
+    sae_edits: tuple[str, ...] = ()
+    """SAE-feature edits "mode:n_features:gate" (modes clamp, add, scale; gates always, entropy, detector)."""
+    sae_edit_coefs: tuple[float, ...] = (3.0, 6.0)
+    """Coefficients of the SAE-feature edits (clamp / add: times the base model's mean activation at forks)."""
     repulsion: tuple[float, ...] = ()
     """Repulsion strengths (fractions of the residual norm)."""
     repulsion_layers: tuple[int, ...] = (2,)
@@ -147,7 +154,7 @@ def vectors(cfg: SweepConfig) -> dict[str, SteeringVector]:
     need = [m for m in cfg.methods if m not in have or (split_method(m)[0] != "sae" and not set(layers) <= set(have[m].layers))]
     if need:
         dc = DeriveConfig(base=cfg.base, rl=cfg.rl, layers=tuple(layers), n_problems=cfg.derive_problems, seed=cfg.seed,
-                          sae=cfg.sae, sae_diff=cfg.sae_diff, device=cfg.device)
+                          sae=cfg.sae, sae_diff=cfg.sae_diff, device=cfg.device, task=cfg.task)
         for m, v in derive_vectors(dc, tuple(need)).items():
             v.save(paths[m])
             have[m] = v
@@ -196,6 +203,7 @@ def candidates(sw: Sweep) -> list[C.Candidate]:
     vecs = vectors(cfg)
     cands = C.temperature_cells(cfg.temperatures) + C.vector_cells(cfg, vecs, sw.rl, sw.tok)
     cands += C.learned_cells(cfg.learned, cfg.learned_coefs, sw.rl)
+    cands += C.sae_edit_cells(cfg.sae_edits, cfg.sae_edit_coefs, sw.rl, cfg.sae, cfg.sae_diff, cfg.detector)
     cands += C.repulsion_cells(cfg.repulsion, cfg.repulsion_layers, sw.rl)
     cands += C.variant_cells([v for v in cfg.variants if Path(v).is_dir()])
     thr = next(iter(vecs.values())).config["fork_threshold_base"] if vecs else 1.0
@@ -209,7 +217,7 @@ def select(sw: Sweep, cands: list[C.Candidate]) -> dict[str, Any]:
     s0 = sw.seeds["selection"][0]
     base, rl = (sw.cell(REFERENCE[k], "selection", s0) for k in ("base", "rl"))
     rows = []
-    for cand in cands:
+    for cand in tqdm(cands, desc="sweep: selection half", unit="cell"):
         row = sw.cell(cand, "selection", s0)
         rows.append({**row, "candidate": cand, "fraction": 1.0, **judge([row], [base], [rl], n_boot=200)})
         if cand.rl_alone and cand.family != "temperature":
@@ -241,10 +249,12 @@ def test(sw: Sweep, sel: dict[str, Any], cands: list[C.Candidate]) -> dict[str, 
         if pick is None:
             return None
         rows = [sw.cell(pick["candidate"], "test", s) for s in seeds]
+        extra = {}
         if pick["fraction"] < 1:
             rows = [{**spliced(r, q, pick["fraction"]), "seed": r["seed"]} for r, q in zip(rows, rl)]
+            extra["mixture_at_fraction"] = mixture_at(base, rl, pick["fraction"])
         return {**{k: pick.get(k) for k in ("family", "spec", "fraction", "params")}, "id": pick["id"],
-                "fork_entropy_mean": _mean(rows, "fork_entropy_mean"), **judge(rows, base, rl)}
+                "fork_entropy_mean": _mean(rows, "fork_entropy_mean"), **judge(rows, base, rl), **extra}
 
     picks = {f: {rule: {"selection": brief(p), "test": measure(p)} for rule, p in d.items()} for f, d in sel["picks"].items()}
     by = lambda fam: [c for c in cands if c.family == fam]  # noqa: E731
@@ -262,6 +272,16 @@ def test(sw: Sweep, sel: dict[str, Any], cands: list[C.Candidate]) -> dict[str, 
     }
 
 
+def mixture_at(base: list[dict], rl: list[dict], fraction: float) -> dict:
+    """The base/RL mixture at the same fraction as a row-level cell (base samples where it steers)."""
+    from probe.frontier import m_of_q, mixture_curve
+
+    b, _ = outcomes_of(base)
+    r, _ = outcomes_of(rl)
+    point = mixture_curve(b, r, ms=[m_of_q(fraction, b.n)])[0]
+    return {k: point[k] for k in ("q", "pass_at_1", "restoration_distinct", "restoration_pass_at_64")}
+
+
 def _mean(rows: list[dict], key: str) -> float | None:
     vals = [r.get(key) for r in rows]
     return None if any(v is None for v in vals) else sum(vals) / len(vals)
@@ -269,14 +289,14 @@ def _mean(rows: list[dict], key: str) -> float | None:
 
 def save_best(sw: Sweep, pick: dict | None) -> str | None:
     """`best.safetensors`: the selection half's `best` pick as one self-contained intervention file
-    (`steering.save_selected`), when its family has a file format (vectors, learned edits)."""
+    (`steering.save_selected`), when it has a file format (vectors, learned edits)."""
     from steering.learned import LearnedEdit
     from steering.selected import save_selected
 
-    if pick is None or pick["family"] not in ("vector", "learned"):
+    cand, spec = (pick or {}).get("candidate"), (pick or {}).get("spec", {})
+    if cand is None or not ("vector" in cand.extra or "file" in cand.extra):
         return None
-    cand, spec = pick["candidate"], pick["spec"]
-    inner = cand.extra["vector"] if pick["family"] == "vector" else LearnedEdit.load(cand.extra["file"])
+    inner = cand.extra["vector"] if "vector" in cand.extra else LearnedEdit.load(cand.extra["file"])
     if spec.get("gate", "always") not in ("always", "entropy"):
         return None
     prov = {"chosen_by": "sweep `best` (selection half)", "cell": pick["id"], "sweep": "metrics.json"}

@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from probe.evaluate import plot_pass_at_k
-from probe.frontier import mixture_curve, plot_frontier
+from probe.frontier import mixture_curve
+from probe.frontier_plots import plot_frontier
 from probe.plots import new_figure, save_figure_atomic
 
 COLORS = {"temperature": "tab:orange", "vector": "tab:blue", "learned": "tab:green", "sae_edit": "tab:brown",

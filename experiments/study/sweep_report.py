@@ -58,13 +58,19 @@ def goals(tst: dict, tol: float, gtol: float) -> dict[str, Any]:
     b, base, rl = tst["best"], summary(outcomes_of(tst["base"])[0]), summary(outcomes_of(tst["rl"])[0])
     dom = None if b is None else all(b["pass_at_k"][k] >= max(base["pass_at_k"][k], rl["pass_at_k"][k]) - 1e-12
                                      for k in b["pass_at_k"])
+    brief = lambda r: {k: r.get(k) for k in ("family", "spec", "fraction", "params", "pass_at_1_change",  # noqa: E731
+                                             "pass_at_1_change_ci", "restoration_distinct", "restoration_distinct_ci",
+                                             "frontier_excess", "frontier_excess_ci")}
+    unique = lambda rows: list({r["id"]: brief(r) for r in rows}.values())  # noqa: E731
     return {
         "learned_restoration_0.45": {"met": bool(best_l and best_l["restoration_distinct"] >= 0.45),
-                                     "cell": best_l and {k: best_l.get(k) for k in ("spec", "fraction", "params",
-                                                                                  "restoration_distinct", "pass_at_1_change")}},
-        "on_frontier": {"met": bool(on), "cells": [r["id"] for r in on],
+                                     "cell": best_l and brief(best_l),
+                                     "rule": f"a learned pick with restoration_distinct >= 0.45 at pass@1 >= RL - {tol}"},
+        "on_frontier": {"met": bool(on), "cells": unique(on),
                         "rule": f"an RL-alone pick whose frontier_excess interval reaches 0, pass@1 >= RL - {tol}"},
-        "above_frontier": {"met": bool(above), "cells": [r["id"] for r in above],
+        "above_frontier": {"met": bool(above), "cells": unique(above),
+                           "interval_above_zero": any(r["frontier_excess_ci"] and r["frontier_excess_ci"][0] > 0
+                                                      for r in above),
                            "rule": f"an RL-alone pick with frontier_excess >= 0.10 at pass@1 >= RL - {gtol}"},
         "pass_at_k_dominance": {"met": dom, "rule": "the best cell's pass@k >= max(base, RL) at every k"},
     }
@@ -115,7 +121,7 @@ def write_outputs(sw: Any, sel: dict, tst: dict, seconds: float, best_file: str 
     }
     if metrics["best"] and metrics["best"]["family"] == "vector":
         metrics["best"]["layers"] = parse_layers(metrics["best"]["spec"]["layer"])
-    write_json_atomic(out / "metrics.json", metrics)
+    write_json_atomic(out / "metrics.json", metrics, relative_to=out)
     plot_test(curve, metrics, out / "pareto.png")
     plot_selection(sel, out / "pareto_selection.png")
     plot_restoration_curves(metrics["patching_curve"], metrics["layer_restore_curve"], out / "patching_curve.png")

@@ -292,6 +292,12 @@ class Countdown:
             yield i, p, rng
             i += 1
 
+    def sft_stream(self, seed: int, start: int = 0):
+        """(prompt, answer text) pairs of `train_stream(seed)`, each answer a uniformly random solution
+        drawn with the problem's own generator (what SFT learns from)."""
+        for _, p, rng in self.train_stream(seed, start):
+            yield p.prompt, self.sample_solution(p, rng)
+
     def solution_histogram(self) -> dict[str, int]:
         """How many held-out problems have 1, 2, ..., 9, and >= 10 distinct solutions."""
         counts = [min(len(self.solutions(p)), 10) for p in self.heldout()]
