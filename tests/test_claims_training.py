@@ -46,6 +46,8 @@ def test_claim_phases_holds_only_for_the_predicted_order(tmp_path):
     late = claim_phases(_log(tmp_path, plan, exe_late))
     assert late.status == "inconclusive" and "did not consolidate first" in late.reason
     assert claim_phases(None).status == "inconclusive"
+    short = claim_phases(_log(tmp_path, plan[:6], exe[:6]))  # a quick run's log: too short for a change point
+    assert short.status == "inconclusive" and "needs at least 8" in short.reason
 
 
 # --- compute-matched pass@k ----------------------------------------------------------------------

@@ -63,8 +63,6 @@ def test_portable_makes_paths_relative_to_the_run_or_the_repository(tmp_path):
     assert not re.search(r'"/[^"]', json.dumps(got)), "no absolute path survives"
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped study predates portable outputs; regenerating it with "
-                   "`forksight run --out experiments/results/study` makes this pass (then drop this marker)")
 def test_shipped_study_results_hold_no_absolute_path():
     out = REPO_DIR / "experiments" / "results" / "study"
     for f in (out / "results.json", out / "report.md", *out.rglob("metrics.json")):

@@ -40,10 +40,12 @@ def test_row_level_cell_is_the_splice_of_the_steered_cell_and_rl():
 
     steered = Outcomes([["a", "b", None, "c"], [None, "x", "y", "y"]], [True, True])
     rl = Outcomes([["a", "a", "a", None], ["x", "x", None, "x"]], [True, True])
-    row = spliced({"outcomes": steered.to_json(), "half": "test", "seed": 1000}, {"outcomes": rl.to_json()}, 0.5)
+    row = spliced({"outcomes": steered.to_json(), "half": "test", "seed": 1000, "params": 512}, {"outcomes": rl.to_json()},
+                  0.5)
     back = Outcomes.from_json(row["outcomes"])
     assert back.keys == [["a", "b", "a", None], [None, "x", None, "x"]], "samples 0..1 steered, 2..3 from RL"
     assert row["distinct_correct_mean"] == pytest.approx((2 + 1) / 2) and row["seed"] == 1000
+    assert row["params"] == 512, "a row-level cell keeps its intervention's parameter count"
 
 
 def test_countdown_role_condition_says_execution_after_equals_until_semicolon():

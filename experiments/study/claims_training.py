@@ -39,6 +39,7 @@ from probe.law import read_log_keys
 RISE = 0.1
 """C3b: the least log change of planning entropy over the late phase that counts as a rise (~10%)."""
 MULTIPLIER_HOLDS = 2.0
+MIN_LOG_STEPS = 8  # C3b needs this many logged steps for a change point with windows on either side
 """C6: the lower bound of the compute multiplier above which the claim holds."""
 
 
@@ -73,9 +74,13 @@ def claim_phases(train_log: str | None, window: float = 0.1, seed: int = 0) -> C
     if not train_log:
         return Claim("C3b", statement, "inconclusive", _effect(name, None, None, "log ratio", "logged steps"), rule, {},
                      "no RL training log with per-role entropies")
-    cols = read_log_keys(train_log, ("planning_entropy_mean", "execution_entropy_mean"), min_rows=8)
+    cols = read_log_keys(train_log, ("planning_entropy_mean", "execution_entropy_mean"), min_rows=0)
     plan, exe = cols["planning_entropy_mean"], cols["execution_entropy_mean"]
     n = plan.numel()
+    if n < MIN_LOG_STEPS:
+        return Claim("C3b", statement, "inconclusive", _effect(name, None, None, "log ratio", "logged steps"), rule,
+                     {"n_steps": n}, f"the RL log has {n} steps with per-role entropies; a change point needs at "
+                     f"least {MIN_LOG_STEPS} (log more often, e.g. a longer run)")
     w = min(max(2, int(round(window * n))), n // 4)
     tau, slope_before, slope_after = hinge_change_point(plan.clamp_min(1e-12).log(), margin=w)
     starts = {"first": 0, "tau": min(max(0, tau - w // 2), n - w), "last": n - w}
@@ -123,7 +128,7 @@ def plot_phases(train_log: str, claim: Claim, path: str | Path) -> Path:
     """Planning and execution entropy over the RL log with C3b's change point and windows marked."""
     from probe.plots import new_figure, save_figure_atomic
 
-    cols = read_log_keys(train_log, ("planning_entropy_mean", "execution_entropy_mean"), min_rows=8)
+    cols = read_log_keys(train_log, ("planning_entropy_mean", "execution_entropy_mean"), min_rows=MIN_LOG_STEPS)
     ev = claim.evidence
     n, w, tau = ev["n_steps"], ev["window_steps"], ev["change_point_step"]
     fig = new_figure(8, 3.4)

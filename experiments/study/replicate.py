@@ -38,6 +38,11 @@ REPLICATE_ORGANISMS = REPLICATE_DIR / "organisms"
 CANDIDATE_VARIANTS = ("rl-clip-cov", "rl-nsr", "rl-w-reinforce", "rl-pass-at-k", "rl-vpo-distinct")
 """The entropy-preserving regimes trained from the shipped base at seed 0 (rl-clip-cov is shipped in
 `experiments/organisms/countdown`, the others in `experiments/results/replicate/organisms`)."""
+DEPTHS = (2, 6)
+"""The other model sizes, base and vanilla GRPO by the shipped recipe (SFT 3500 steps x 128, GRPO 250
+steps x 32 x 16). Width grows with depth (32 * depth), so the cost per step grows ~depth^3: depth 8 takes
+1.6 s per SFT step on one core of the 2-core CPU here (93 min for the recipe, over the 45-minute budget
+per base), depth 6 fits the budget with the recipe unchanged, so depth 6 is the larger size."""
 PASS_AT_1_SLACK = 0.05
 BEST_RULE = (f"among the entropy-preserving regimes trained from the shipped base (seed 0), the one with the most "
              f"distinct-correct on the trainer's held-out evaluation (256 problems, 64 samples) whose pass@1 is at "
@@ -126,7 +131,7 @@ def best_variant() -> tuple[str | None, dict]:
 
 def default_pairs() -> list[Pair]:
     """The shipped replication set: depth 4 at training seeds 0-2 (vanilla GRPO with the best
-    preserving regime of the same seed; seed 0 also carries every other regime), depths 2 and 8."""
+    preserving regime of the same seed; seed 0 also carries every other regime), and base + vanilla GRPO at each of `DEPTHS`."""
     best, _ = best_variant()
     R = REPLICATE_ORGANISMS
     seed0 = [str(_organism(best))] if best else []
@@ -135,7 +140,7 @@ def default_pairs() -> list[Pair]:
     for s in (1, 2):
         var = (str(R / f"{best}-s{s}"),) if best and (R / f"{best}-s{s}").is_dir() else ()
         pairs.append(Pair(f"d4-s{s}", str(ORGANISMS_DIR / "base"), str(R / f"rl-none-s{s}"), var))
-    for d in (2, 8):
+    for d in DEPTHS:
         pairs.append(Pair(f"d{d}", str(R / f"d{d}-base"), str(R / f"d{d}-rl-none")))
     return [p for p in pairs if Path(p.rl).is_dir() and Path(p.base).is_dir()]
 
@@ -147,7 +152,7 @@ class ReplicateConfig:
     out: str = str(REPLICATE_DIR)
     """Output directory (results.json, report.md, figures/, pairs/NAME/ per pair)."""
     pairs: tuple[str, ...] = ()
-    """Pairs "NAME=BASE,RL[,VARIANT...]" ("" = the shipped replication set: depth 4 at seeds 0-2, depths 2, 8)."""
+    """Pairs "NAME=BASE,RL[,VARIANT...]" ("" = the shipped replication set: depth 4 at seeds 0-2, the depths in `DEPTHS`)."""
     learned: bool = True
     """Train and sweep the learned edits of `forksight run` (off: vectors, temperature, variants, patching)."""
     learned_recipes: tuple[str, ...] = ("lowrank-distill",)

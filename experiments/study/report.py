@@ -99,7 +99,7 @@ def build_results(cfg, stage_cfgs: dict, out: str | Path) -> dict[str, Any]:
     c3 = claim_roles(str(log) if figs["role_entropy"] else None, seed=cfg.seed)
     c3.figures = [figs["role_entropy"]] if figs["role_entropy"] else []
     c3b = claim_phases(str(log) if figs["role_entropy"] else None, seed=cfg.seed)
-    if c3b.evidence:
+    if "change_point_step" in c3b.evidence:
         c3b.figures = [str(plot_phases(str(log), c3b, out / "figures" / "phases.png").relative_to(out))]
     c4 = claim_breadth(base, rl, seed=cfg.seed)
     c4.figures = [figs["pass_at_k"]]

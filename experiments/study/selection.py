@@ -64,7 +64,7 @@ def spliced(cell: dict, rl: dict, fraction: float) -> dict:
 
     c, r = Outcomes.from_json(cell["outcomes"]), Outcomes.from_json(rl["outcomes"])
     o = splice(c, r, m_of_q(fraction, c.n))
-    return {**{k: cell.get(k) for k in ("half", "seed", "n_problems", "n_samples", "temperature")},
+    return {**{k: cell.get(k) for k in ("half", "seed", "n_problems", "n_samples", "temperature", "params")},
             **summary(o), "outcomes": o.to_json(), "fork_entropy_mean": None, "planning_entropy_mean": None,
             "execution_entropy_mean": None}
 

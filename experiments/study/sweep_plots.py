@@ -52,7 +52,8 @@ def plot_test(curve: list[dict], metrics: dict, path: str | Path) -> None:
     ax.set_xlabel("pass@1 (test half, pooled seeds)")
     ax.set_ylabel("restoration of distinct-correct (RL = 0, base = 1)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, loc="best")
+    if ax.get_legend_handles_labels()[0]:  # an empty sweep (e.g. --quick with no cell in tolerance) has none
+        ax.legend(fontsize=6, loc="best")
     save_figure_atomic(fig, path)
 
 
@@ -73,7 +74,8 @@ def plot_selection(sel: dict, path: str | Path) -> None:
     ax.set_xlabel("pass@1 (selection half)")
     ax.set_ylabel("restoration of distinct-correct")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     save_figure_atomic(fig, path)
 
 
@@ -94,7 +96,8 @@ def plot_restoration_curves(patching: list[dict | None], restore: list[dict | No
     ax.set_xlabel("layer L (patched residual / restored block)")
     ax.set_ylabel("restoration of distinct-correct")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     save_figure_atomic(fig, path)
 
 

@@ -128,3 +128,32 @@ def write_outputs(sw: Any, sel: dict, tst: dict, seconds: float, best_file: str 
     plot_pass_at_k_best({"base": metrics["base"], "rl": metrics["rl"], "steered (best)": metrics["best"],
                          "rl, matched T": metrics["temperature_baseline"]}, out / "pass_at_k.png")
     return metrics
+
+
+def findings_table(metrics: dict) -> list[str]:
+    """Markdown rows (header included) of a finished sweep's test-half headline: `best`, the learned
+    restoration pick, each other family's restoration pick, the matched temperature and the variants;
+    columns fraction steered, restoration of distinct-correct, pass@1 change and frontier excess, each
+    with its 95% interval. The README's findings table is this function's output on the shipped sweep."""
+    def ci(c: list) -> str:
+        return f"[{c[0]:+.3f}, {c[1]:+.3f}]"
+
+    def spec(s: dict) -> str:
+        return " ".join(f"{k}={'+'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in s.items())
+
+    rows = [("`best` (excess rule, every family)", metrics["best"]),
+            ("learned, restoration rule", metrics.get("best_restoration"))]
+    rows += [(f"{fam}, restoration rule", (d.get("restoration") or {}).get("test"))
+             for fam, d in metrics["picks"].items() if fam not in ("learned", "temperature")]
+    rows += [("temperature, matched to `best`", metrics.get("temperature_baseline"))]
+    rows += [(f"variant (retrained RL), {k}", v) for k, v in (metrics.get("variants") or {}).items()]
+    out = ["| cell | intervention | fraction | restoration [95% CI] | pass@1 change [95% CI] | frontier excess [95% CI] |",
+           "|---|---|---|---|---|---|"]
+    for label, r in rows:
+        if not r or r.get("restoration_distinct") is None:
+            continue
+        out.append(f"| {label} | {r['family']}: {spec(r['spec'])} | {r['fraction']:g} | "
+                   f"{r['restoration_distinct']:.3f} {ci(r['restoration_distinct_ci'])} | "
+                   f"{r['pass_at_1_change']:+.3f} {ci(r['pass_at_1_change_ci'])} | "
+                   f"{r['frontier_excess']:+.3f} {ci(r['frontier_excess_ci'])} |")
+    return out
