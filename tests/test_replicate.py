@@ -46,6 +46,7 @@ def test_pool_uses_a_student_t_interval_over_training_seeds_and_each_claims_bar(
     pairs = [_pair(f"s{i}", "g4", i, [_claim("C2", "holds", v), _claim("C6", "holds", None, [3.0, None], cap=8.0)])
              for i, v in enumerate(vals)]
     pairs.append(_pair("d8", "g8", 0, [_claim("C2", "inconclusive", 0.55, [0.45, 0.65])]))
+    pairs.append(_pair("d6", "g6", 0, [_claim("C1", "holds", 0.55, [0.45, 0.65])]))  # C1's own rule: point R^2
     rows = {(r["group"], r["claim"]): r for r in R.pool(pairs)}
     c2 = rows[("g4", "C2")]
     m, h = mean_ci(vals)
@@ -58,6 +59,7 @@ def test_pool_uses_a_student_t_interval_over_training_seeds_and_each_claims_bar(
     one = rows[("g8", "C2")]
     assert one["n_seeds"] == 1 and one["ci"] == [0.45, 0.65] and "one pair" in one["interval"]
     assert one["status"] == "inconclusive"
+    assert rows[("g6", "C1")]["status"] == "holds", "a group of one pair keeps that pair's status by its own rule"
 
 
 def test_the_replication_section_has_a_row_per_claim_and_the_closing_note_counts_pairs():
@@ -82,3 +84,23 @@ def test_replicate_quick_runs_two_pairs_and_writes_the_pooled_report(tmp_path):
     assert {r["claim"] for r in res["pooled"]} == {"C1", "C2", "C3", "C3b", "C4", "C5", "C6"}
     assert all(r["interval"] == "Student-t over training seeds" for r in res["pooled"] if r["claim"] != "C6")
     assert (out / "figures" / "depth.png").stat().st_size > 0 and "Closing note" in (out / "report.md").read_text()
+
+
+def test_shipped_replication_covers_the_seeds_regimes_and_depths_within_budget():
+    from experiments.paths import REPLICATE_DIR
+
+    res = json.loads((REPLICATE_DIR / "results.json").read_text())
+    assert "/" + "work" not in json.dumps(res) and not any(str(v).startswith("/") for v in res["config"].values())
+    seeds = {p["depth"]: [] for p in res["pairs"]}
+    for p in res["pairs"]:
+        seeds[p["depth"]].append(p["train_seed"])
+        assert {c["id"] for c in p["claims"]} == {"C1", "C2", "C3", "C3b", "C4", "C5", "C6"}
+    assert sorted(seeds[4]) == [0, 1, 2] and len(seeds) >= 3, "vanilla GRPO at three seeds, and two more depths"
+    regimes = {r["intervention"] for r in res["organisms"]}
+    assert {"none", "clip-cov", "nsr", "w-reinforce", "pass-at-k", "vpo-distinct"} <= regimes
+    for r in res["organisms"]:  # RL runs <= 20 minutes here: wall time, or CPU time where the wall includes
+        # waiting on other jobs of the shared 2-core machine (CPU time of a 2-thread run counts both threads)
+        took = min(r["train_seconds"], r.get("train_cpu_seconds") or float("inf"))
+        assert took <= 20 * 60, f"{r['model']}: {took:.0f} s"
+    bases = list((REPLICATE_DIR / "organisms").glob("d*-base/metrics.json"))
+    assert len(bases) >= 2 and all(json.loads(b.read_text())["train_seconds"] <= 45 * 60 for b in bases)

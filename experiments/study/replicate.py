@@ -18,7 +18,7 @@ Pooled, per group: each claim's effect averaged over the group's pairs (training
 Student-t interval over those seeds (the spread between RL runs, not the bootstrap over problems
 inside one), the pooled status by the claim's own thresholds applied to that interval (`POOLED`),
 and on how many pairs the claim holds. Groups of one pair keep that pair's bootstrap interval and
-say so. Outputs: `results.json`, `report.md`, `figures/depth.png` (fork share, law R^2, distinct
+say so and its status. Outputs: `results.json`, `report.md`, `figures/depth.png` (fork share, law R^2, distinct
 drop, patching curve and best RL-alone restoration against depth).
 """
 
@@ -61,7 +61,8 @@ POOLED_RULE = ("the claim's effect averaged over the group's training seeds, 95%
                "outside / inside +-0.1; C3b: above / below +0.1; C4: distinct change < 0 / > 0; C5: frontier excess > 0 "
                "/ < 0; C6: multiplier >= 2 / <= 1); the parts of a rule that are not the effect (C1's sign of a, C3b's "
                "order, C4's pass@1 gain, C5's breadth gap and detector) are counted per pair in 'holds on'. A censored C6 "
-               "multiplier (never matched) enters the mean at its cap n/k_ref, a lower bound")
+               "multiplier (never matched) enters the mean at its cap n/k_ref, a lower bound; a group of one pair keeps that "
+               "pair's bootstrap interval and its status by the claim's own rule")
 
 
 @dataclass
@@ -158,8 +159,9 @@ class ReplicateConfig:
     learned_recipes: tuple[str, ...] = ("lowrank-distill",)
     """Recipes of `forksight run`'s learned edits (`learn_stage.RECIPES`) trained per pair (default: the one
     the shipped sweep picked as `best`); kind "sae" needs an SAE, which the lean replication does not train."""
-    learned_max_depth: int = 4
-    """Learned edits only for pairs up to this depth (on a CPU their training costs ~8x per doubling of depth)."""
+    learned_max_depth: int = 6
+    """Learned edits only for pairs up to this depth (on a CPU their training cost grows ~depth^3: ~5 min at depth 4,
+    ~15 min at depth 6 on one core here)."""
     curve_points: int = 4
     """Blocks of the patching / layer-restoration curves: all when depth <= this, else this many spread evenly."""
     quick: bool = False
@@ -322,7 +324,9 @@ def pool(pairs: list[dict]) -> list[dict]:
             else:
                 rec.update(mean=None, ci=None, interval="no value", n_seeds=0)
             lo_hi = rec["ci"]
-            if lo_hi and None not in lo_hi:
+            if len(cs) == 1:  # one pair: its own rule (which may test more than the effect's interval)
+                rec["status"] = cs[0]["status"]
+            elif lo_hi and None not in lo_hi:
                 holds, fails = POOLED[cid]
                 rec["status"] = "holds" if holds(*lo_hi) else "fails" if fails(*lo_hi) else "inconclusive"
             else:
@@ -368,7 +372,8 @@ def organism_table(pairs: list[dict]) -> list[dict]:
             rows.append({"model": Path(d).name, "pair": p["name"], "depth": p["depth"],
                          "intervention": m.get("intervention"), "train_seed": m.get("train_seed"),
                          **{k: m.get(k) for k in ("pass_at_1", "pass_at_64", "distinct_correct_mean",
-                                                  "planning_entropy_mean", "execution_entropy_mean", "train_seconds")}})
+                                                  "planning_entropy_mean", "execution_entropy_mean", "train_seconds",
+                                                  "train_cpu_seconds")}})
     return rows
 
 

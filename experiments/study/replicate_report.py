@@ -169,11 +169,11 @@ def write_replicate_report(results: dict, path: str | Path) -> Path:
                  + (", ".join(f"`{Path(v).name}`" for v in p["variants"]) or "-") + f" | {secs} |")
     L += ["", "## RL checkpoints (the trainer's held-out evaluation: 256 problems, 64 samples, T=1)", "",
           "| model | pair | depth | intervention | seed | pass@1 | pass@64 | distinct-correct | planning entropy | "
-          "train seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
+          "train seconds (wall) | train CPU seconds |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["organisms"]:
         L.append(f"| `{r['model']}` | {r['pair']} | {r['depth']} | {r['intervention']} | {r['train_seed']} | "
                  f"{fmt(r['pass_at_1'])} | {fmt(r['pass_at_64'])} | {fmt(r['distinct_correct_mean'], 2)} | "
-                 f"{fmt(r['planning_entropy_mean'])} | {fmt(r['train_seconds'], 0)} |")
+                 f"{fmt(r['planning_entropy_mean'])} | {fmt(r['train_seconds'], 0)} | {fmt(r.get('train_cpu_seconds'), 0)} |")
     b = results["best_variant"]
     L += ["", "## The best entropy-preserving regime", "", f"Rule: {b['rule']}. Floor: pass@1 >= {fmt(b['pass_at_1_floor'])}.",
           "", "| regime | pass@1 | distinct-correct | eligible |", "|---|---|---|---|"]
