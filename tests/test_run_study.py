@@ -150,6 +150,28 @@ def test_a_run_interrupted_in_its_first_stage_still_guards_its_configuration(tmp
     R.preflight(R.RunConfig(out=str(out) + "/", quick=True, from_scratch=True))  # same run, trailing slash
 
 
+def test_run_state_holds_portable_paths_and_a_moved_run_directory_still_resumes(tmp_path):
+    import shutil
+    from dataclasses import dataclass
+
+    @dataclass
+    class Stage:
+        out: str
+        base: str
+
+    a, b = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    run = R.Run(R.RunConfig(out=str(a), quick=True, from_scratch=True))
+    run.mark("probe", 1.0, Stage(out=str(a / "probe"), base=str(R.ORGANISMS_DIR / "base")))
+    text = (a / "run_state.json").read_text()
+    assert str(tmp_path) not in text and str(R.ORGANISMS_DIR) not in text, text
+    assert json.loads(text)["stages"]["probe"]["config"] == {"out": "probe", "base": "experiments/organisms/countdown/base"}
+    shutil.copytree(a, b)  # the same run, found at another path (a clone elsewhere)
+    moved = R.Run(R.RunConfig(out=str(b), quick=True, from_scratch=True))
+    assert moved.done("probe", Stage(out=str(b / "probe"), base=str(R.ORGANISMS_DIR / "base")))
+    assert not moved.done("probe", Stage(out=str(b / "other"), base=str(R.ORGANISMS_DIR / "base")))
+    R.preflight(R.RunConfig(out=str(b), quick=True, from_scratch=True))  # its configuration still matches
+
+
 def test_another_configuration_in_an_existing_out_is_refused(tmp_path):
     out = tmp_path / "run"
     out.mkdir()

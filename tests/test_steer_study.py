@@ -208,3 +208,32 @@ def test_shipped_sweep_picks_follow_from_its_cells_and_its_best_file_applies():
         with load_intervention(out / m["best_file"]).apply(rl_model) as steer:
             assert steer is not None
         assert not any(x._forward_hooks for x in rl_model.modules())
+
+
+def test_cell_cache_stores_portable_paths_and_reuses_cells_after_a_move(tmp_path):
+    import shutil
+    from dataclasses import dataclass
+
+    from experiments.study.cells import CellCache
+
+    @dataclass
+    class Cfg:
+        out: str
+        base: str
+        rl: str
+        task: str = "countdown"
+        n: int = 4
+
+    def cfg(root):
+        return Cfg(out=str(root), base=str(tmp_path / "m" / "base"), rl=str(tmp_path / "m" / "rl-none"))
+
+    a, b = tmp_path / "a" / "sweep", tmp_path / "b" / "sweep"
+    cache = CellCache(a, cfg(a))
+    cache.get("c1", lambda: {"pass_at_1": 0.5})
+    assert str(tmp_path) not in (a / "sweep.json").read_text(), "no absolute path in sweep.json"
+    shutil.copytree(a, b)
+    moved = CellCache(b, cfg(b))
+    assert moved.get("c1", lambda: pytest.fail("a cached cell must not be evaluated again"))["pass_at_1"] == 0.5
+    assert len(moved.invocations) == 1, "the same configuration, found at another path, is one invocation"
+    with pytest.raises(ValueError, match="other \\['n'\\]"):
+        CellCache(b, Cfg(out=str(b), base=str(tmp_path / "m" / "base"), rl=str(tmp_path / "m" / "rl-none"), n=8))

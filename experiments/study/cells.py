@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from experiments.checkpointing import write_text_atomic
+from experiments.checkpointing import portable, write_text_atomic
 
 FINGERPRINT = ("base", "rl", "task", "n", "seed", "test_seeds", "problems", "derive_problems", "batch_size")
 
@@ -29,18 +29,21 @@ class CellCache:
     """Cells by id, read back from `out/sweep.json`; `get` evaluates the missing ones."""
 
     def __init__(self, out: str | Path, config: Any):
-        self.out, self.config = Path(out), asdict(config)
+        self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
+        self.config = portable(asdict(config), self.out)  # stored and compared with portable paths
         self.path = self.out / "sweep.json"
         old = json.loads(self.path.read_text()) if self.path.is_file() else {}
         if "config" in old:
-            changed = [k for k in FINGERPRINT if _norm(k, old["config"].get(k)) != _norm(k, self.config.get(k))]
+            was_cfg = portable(old["config"], self.out)
+            changed = [k for k in FINGERPRINT if _norm(k, was_cfg.get(k)) != _norm(k, self.config.get(k))]
             if changed:
-                was = ", ".join(f"{k}={old['config'].get(k)!r}" for k in changed)
+                was = ", ".join(f"{k}={was_cfg.get(k)!r}" for k in changed)
                 raise ValueError(f"{self.path} holds cells made with other {changed} ({was}); reusing them would mix "
                                  "settings. Use a new --out, or the same values to extend that sweep")
         self.rows: dict[str, dict] = {r["id"]: r for r in old.get("cells", [])}
-        self.invocations = [c for c in old.get("invocations", []) if c != self.config] + [self.config]
+        earlier = [portable(c, self.out) for c in old.get("invocations", [])]
+        self.invocations = [c for c in earlier if c != self.config] + [self.config]
         self.reused, self.evaluated = 0, 0
 
     def get(self, cell_id: str, evaluate: Callable[[], dict], **fields: Any) -> dict:

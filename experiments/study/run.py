@@ -156,8 +156,9 @@ def preflight(cfg: RunConfig) -> None:
     state = out / "run_state.json"
     if state.is_file():
         old = json.loads(state.read_text()).get("config")
-        if old is not None and old != as_json(cfg):
-            new = as_json(cfg)
+        new = stored_config(cfg, out)
+        if old is not None and stored_config(old, out) != new:
+            old = stored_config(old, out)
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise ValueError(f"--out {cfg.out!r} holds a run with another configuration (differs in {diff}); "
                              "use a new --out, or the same flags to resume it")
@@ -177,6 +178,12 @@ def preflight(cfg: RunConfig) -> None:
 
 
 # --- stages --------------------------------------------------------------------------------------
+def stored_config(config: Any, out: str | Path) -> Any:
+    """`config` as `run_state.json` holds it: JSON values with portable paths (`portable`), so a run
+    directory compares equal, and resumes, wherever the repository is cloned."""
+    return portable(as_json(config), out)
+
+
 class Run:
     """Stage bookkeeping in `run_state.json` (atomically rewritten): the run's configuration, written
     before any stage starts, and per finished stage its own configuration and seconds. A stage is
@@ -188,7 +195,7 @@ class Run:
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / "run_state.json"
         self.state = json.loads(path.read_text()) if path.is_file() else {}
-        self.state["config"] = as_json(cfg)
+        self.state["config"] = stored_config(cfg, self.out)
         self.state.setdefault("stages", {})
         self.reused: list[str] = []
         self._save()
@@ -198,10 +205,10 @@ class Run:
 
     def done(self, name: str, config: Any) -> bool:
         rec = self.state["stages"].get(name, {})
-        return bool(rec.get("done")) and rec.get("config") == as_json(config)
+        return bool(rec.get("done")) and stored_config(rec.get("config"), self.out) == stored_config(config, self.out)
 
     def mark(self, name: str, seconds: float, config: Any = None) -> None:
-        self.state["stages"][name] = {"done": True, "seconds": seconds, "config": as_json(config)}
+        self.state["stages"][name] = {"done": True, "seconds": seconds, "config": stored_config(config, self.out)}
         self._save()
 
     def stage(self, name: str, fn, config: Any, bar) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.checkpointing import write_json_atomic
+from experiments.checkpointing import portable, write_json_atomic
 from experiments.paths import ORGANISMS_DIR, RESULTS_DIR
 from experiments.study.evaluation import sample_trajectories
 from experiments.study.protocol import Half
@@ -215,7 +215,7 @@ def run_sae_train(cfg: SAETrainConfig) -> dict:
             n_traj += traj.tokens.shape[0]
     x = torch.cat(acts)
     t_collect = time.time()
-    sae, history = train_sae(x, hook_name, cfg.spec(), model_name=cfg.base)
+    sae, history = train_sae(x, hook_name, cfg.spec(), model_name=portable(cfg.base, out))  # no machine path in cfg.json
     t_train = time.time() - t_collect
     save_sae(sae, out / "sae")
     heldout = Half.of(task, "selection", cfg.n_eval_problems).prompts  # the protocol: never the test half
