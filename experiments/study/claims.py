@@ -36,12 +36,23 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from probe.diversity import bootstrap_ci, crossover_k
 from probe.law import read_log_keys
+
+ROLE_KEYS = ("planning_entropy_mean", "execution_entropy_mean")
+"""The RL log's per-step mean entropy of planning and of execution tokens (C3, C3b)."""
+
+
+def role_entropies(train_log: str | Path, min_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(planning, execution) mean entropy per logged step of an RL `train_log.jsonl`, shape (n_steps,)
+    each; fewer than `min_rows` steps with both is an error naming the keys the log has."""
+    cols = read_log_keys(train_log, ROLE_KEYS, min_rows=min_rows)
+    return cols[ROLE_KEYS[0]], cols[ROLE_KEYS[1]]
 
 STATUSES = ("holds", "fails", "inconclusive")
 N_BOOT = 1000
@@ -159,8 +170,7 @@ def claim_roles(train_log: str | None, window: float = 0.1, seed: int = 0) -> Cl
     if not train_log:
         return Claim("C3", statement, "inconclusive", _effect(name, None, None, "log ratio", "logged steps"), rule, {},
                      "no RL training log with per-role entropies")
-    cols = read_log_keys(train_log, ("planning_entropy_mean", "execution_entropy_mean"), min_rows=4)
-    plan, exe = cols["planning_entropy_mean"], cols["execution_entropy_mean"]
+    plan, exe = role_entropies(train_log, min_rows=4)
     n = plan.numel()
     w = max(2, int(round(window * n)))
     w = min(w, n // 2)

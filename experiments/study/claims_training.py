@@ -33,8 +33,7 @@ from typing import Any
 
 import torch
 
-from experiments.study.claims import N_BOOT, Claim, _effect, fmt
-from probe.law import read_log_keys
+from experiments.study.claims import N_BOOT, Claim, _effect, fmt, role_entropies
 
 RISE = 0.1
 """C3b: the least log change of planning entropy over the late phase that counts as a rise (~10%)."""
@@ -74,8 +73,7 @@ def claim_phases(train_log: str | None, window: float = 0.1, seed: int = 0) -> C
     if not train_log:
         return Claim("C3b", statement, "inconclusive", _effect(name, None, None, "log ratio", "logged steps"), rule, {},
                      "no RL training log with per-role entropies")
-    cols = read_log_keys(train_log, ("planning_entropy_mean", "execution_entropy_mean"), min_rows=0)
-    plan, exe = cols["planning_entropy_mean"], cols["execution_entropy_mean"]
+    plan, exe = role_entropies(train_log, min_rows=0)
     n = plan.numel()
     if n < MIN_LOG_STEPS:
         return Claim("C3b", statement, "inconclusive", _effect(name, None, None, "log ratio", "logged steps"), rule,
@@ -128,13 +126,13 @@ def plot_phases(train_log: str, claim: Claim, path: str | Path) -> Path:
     """Planning and execution entropy over the RL log with C3b's change point and windows marked."""
     from probe.plots import new_figure, save_figure_atomic
 
-    cols = read_log_keys(train_log, ("planning_entropy_mean", "execution_entropy_mean"), min_rows=MIN_LOG_STEPS)
+    roles = dict(zip(("planning", "execution"), role_entropies(train_log, min_rows=MIN_LOG_STEPS)))
     ev = claim.evidence
     n, w, tau = ev["n_steps"], ev["window_steps"], ev["change_point_step"]
     fig = new_figure(8, 3.4)
-    for i, (role, key) in enumerate((("planning", "planning_entropy_mean"), ("execution", "execution_entropy_mean"))):
+    for i, (role, values) in enumerate(roles.items()):
         ax = fig.add_subplot(1, 2, i + 1)
-        y = cols[key].numpy()
+        y = values.numpy()
         ax.plot(range(n), y, lw=1, color=f"C{i}")
         ax.axvline(tau, color="k", ls="--", lw=1, label=f"change point (step {tau})")
         for start in (0, min(max(0, tau - w // 2), n - w), n - w):  # the first, at-tau and last windows

@@ -30,7 +30,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from experiments.checkpointing import write_json_atomic
+from experiments.checkpointing import portable, write_json_atomic
 from experiments.paths import EXPERIMENTS_DIR, ORGANISMS_DIR, REPLICATE_DIR
 from experiments.study.replicate_report import mean_ci, plot_depth, write_replicate_report
 
@@ -100,11 +100,8 @@ class Pair:
 
 
 def _rel(path: str | Path) -> str:
-    """`path` relative to the repository root when it lies inside it (portable results), else as given."""
-    try:
-        return str(Path(path).resolve().relative_to(EXPERIMENTS_DIR.parent))
-    except ValueError:
-        return str(path)
+    """`path` as results.json records it: relative to the repository root (`portable`)."""
+    return portable(str(path), EXPERIMENTS_DIR.parent)
 
 
 def _organism(name: str) -> Path:

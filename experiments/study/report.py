@@ -20,6 +20,7 @@ from experiments.study.claims import (
     claim_recovery,
     claim_roles,
     fmt,
+    role_entropies,
 )
 from experiments.study.claims_training import claim_phases, claim_regime, plot_phases
 
@@ -37,7 +38,6 @@ def _read(path: Path) -> dict:
 def _figures(out: Path, log: Path, curves: dict[str, dict]) -> dict[str, str | None]:
     """Draw pass@k of `curves` and, if the RL training `log` has per-role entropies, their trajectories."""
     from probe.evaluate import plot_pass_at_k
-    from probe.law import read_log_keys
     from probe.plots import plot_role_entropy
 
     figs: dict[str, str | None] = {"role_entropy": None, "pass_at_k": "figures/pass_at_k.png"}
@@ -45,12 +45,11 @@ def _figures(out: Path, log: Path, curves: dict[str, dict]) -> dict[str, str | N
     plot_pass_at_k(curves, out / figs["pass_at_k"])
     if log.is_file():
         try:
-            cols = read_log_keys(log, ("planning_entropy_mean", "execution_entropy_mean"), min_rows=4)
+            roles = dict(zip(("planning", "execution"), role_entropies(log, min_rows=4)))
         except ValueError:
-            cols = None
-        if cols is not None:
-            plot_role_entropy({"planning": cols["planning_entropy_mean"], "execution": cols["execution_entropy_mean"]},
-                              out / "figures" / "role_entropy.png")
+            roles = None
+        if roles is not None:
+            plot_role_entropy(roles, out / "figures" / "role_entropy.png")
             figs["role_entropy"] = "figures/role_entropy.png"
     return figs
 
