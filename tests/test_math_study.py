@@ -70,7 +70,7 @@ def test_shipped_study_results_hold_no_absolute_path():
 
 
 def test_shipped_word_problem_files_are_the_generators_split():
-    from experiments.tasks.math_task import read_jsonl
+    from experiments.tasks.math_file import read_jsonl
     from experiments.tasks.wordproblems import WordProblems
 
     wp = WordProblems()

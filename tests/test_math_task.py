@@ -11,15 +11,14 @@ import pytest
 import torch
 
 from experiments.tasks import load_task
+from experiments.tasks.math_file import MathRow, read_jsonl
 from experiments.tasks.math_task import (
-    MathRow,
     MathTask,
     _math_verify,
     canonical_key,
     equivalent,
     extract_answer,
     parse_spec,
-    read_jsonl,
     roles_by_rule,
     solution_steps,
 )

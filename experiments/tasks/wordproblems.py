@@ -30,7 +30,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from experiments.tasks.math_task import MathRow, MathTask, solution_steps, write_jsonl
+from experiments.tasks.math_file import MathRow, write_jsonl
+from experiments.tasks.math_task import MathTask, solution_steps
 
 NAMES = ("Ann", "Ben", "Cal", "Dee", "Eva", "Finn", "Gus", "Ida", "Jo", "Kim", "Lou", "Max", "Nia", "Pat", "Rex",
          "Sue", "Tom", "Zoe")
