@@ -31,6 +31,7 @@ import re
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
+from experiments.tasks.streams import training_stream
 from probe.task import Role
 
 OPS: tuple[str, ...] = ("+", "-", "*", "/")
@@ -281,16 +282,7 @@ class Countdown:
     def train_stream(self, seed: int, start: int = 0):
         """Problems never in the held-out split, deterministic in (seed, index): problem i is drawn
         from `random.Random(f"{seed}:{i}")`, so a resumed stream continues exactly."""
-        held = {p.key for p in self.heldout()}
-        i = start
-        while True:
-            rng = random.Random(f"{seed}:{i}")
-            while True:
-                p = self._draw(rng)
-                if p.key not in held:
-                    break
-            yield i, p, rng
-            i += 1
+        return training_stream(self._draw, lambda p: p.key, {p.key for p in self.heldout()}, seed, start)
 
     def sft_stream(self, seed: int, start: int = 0):
         """(prompt, answer text) pairs of `train_stream(seed)`, each answer a uniformly random solution

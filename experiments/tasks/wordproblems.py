@@ -32,6 +32,7 @@ from pathlib import Path
 
 from experiments.tasks.math_file import MathRow, write_jsonl
 from experiments.tasks.math_task import MathTask, solution_steps
+from experiments.tasks.streams import training_stream
 
 NAMES = ("Ann", "Ben", "Cal", "Dee", "Eva", "Finn", "Gus", "Ida", "Jo", "Kim", "Lou", "Max", "Nia", "Pat", "Rex",
          "Sue", "Tom", "Zoe")
@@ -188,18 +189,10 @@ class WordProblems(MathTask):
     def train_stream(self, seed: int, start: int = 0) -> Iterator[tuple[int, Problem, random.Random]]:
         """Problems never in the held-out split, deterministic in (seed, index): problem i is drawn from
         `random.Random(f"{seed}:{i}")`, so a resumed stream continues exactly."""
-        held = {p.prompt for p in self.heldout()}
-        i = start
-        while True:
-            rng = random.Random(f"{seed}:{i}")
-            while True:
-                p = self._draw(rng)
-                if p.prompt not in held:
-                    break
+        for i, p, rng in training_stream(self._draw, lambda p: p.prompt, {p.prompt for p in self.heldout()}, seed, start):
             self._problems[p.prompt] = p
             self._gold[p.prompt] = str(p.value)
             yield i, p, rng
-            i += 1
 
     def train_prompts(self, seed: int, count: int, start: int = 0) -> list[str]:
         """Prompts `start .. start + count - 1` of `train_stream(seed)`."""
