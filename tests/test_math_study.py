@@ -69,6 +69,31 @@ def test_shipped_study_results_hold_no_absolute_path():
         assert str(REPO_DIR) not in f.read_text(), f"{f} names an absolute path"
 
 
+def test_no_shipped_output_records_a_machine_path():
+    """Every shipped result and organism file (text, and the metadata of safetensors files) is free
+    of absolute paths, whichever machine produced it (not only this clone's root)."""
+    from safetensors import safe_open
+
+    from experiments.checkpointing import _ABS_IN_TEXT
+
+    checked = 0
+    for root in (REPO_DIR / "experiments" / "results", REPO_DIR / "experiments" / "organisms"):
+        for f in root.rglob("*"):
+            if not f.is_file() or {"state", "checkpoints"} & set(f.relative_to(root).parts):
+                continue
+            if f.suffix in (".json", ".jsonl", ".md", ".csv"):
+                text = f.read_text()
+            elif f.suffix == ".safetensors":
+                with safe_open(str(f), "pt") as h:
+                    text = json.dumps(h.metadata() or {})
+            else:
+                continue
+            hit = _ABS_IN_TEXT.search(text)
+            assert hit is None, f"{f.relative_to(REPO_DIR)} records the machine path {hit.group(0)!r}"
+            checked += 1
+    assert checked > 100
+
+
 def test_shipped_word_problem_files_are_the_generators_split():
     from experiments.tasks.math_file import read_jsonl
     from experiments.tasks.wordproblems import WordProblems

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.checkpointing import write_json_atomic
+from experiments.checkpointing import portable, write_json_atomic
 from experiments.paths import ORGANISMS_DIR
 from experiments.study.evaluation import sample_scored_trajectories
 from experiments.study.protocol import Half
@@ -243,7 +243,7 @@ def run_probe(cfg: ProbeConfig) -> dict:
             _examples(tok, traj, stats, forks, cfg.n_examples, cfg.samples, out)
     det = ForkDetector.fit({x: torch.cat(v) for x, v in resid.items()}, torch.cat(labels), torch.cat(groups),
                            test_fraction=cfg.test_fraction, seed=cfg.seed,
-                           meta={"hook_site": "blocks.{L}.hook_resid_post", "base": cfg.base, "rl": cfg.rl,
+                           meta={"hook_site": "blocks.{L}.hook_resid_post", "base": portable(cfg.base, out), "rl": portable(cfg.rl, out),
                                  "rho": cfg.rho, "label": "base-model fork at the token (per sampling-source batch)",
                                  "feature": "RL residual at the position predicting the token"})
     det.save(out / "fork_detector.safetensors")

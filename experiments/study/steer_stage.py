@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from experiments.checkpointing import REPO_DIR, portable
 from experiments.paths import ORGANISMS_DIR, RESULTS_DIR
 from experiments.study.evaluation import sample_trajectories
 from experiments.tasks import load_task
@@ -141,7 +142,8 @@ def derive_vectors(cfg: DeriveConfig, methods: tuple[str, ...] | None = None) ->
     for spec in methods:
         m, forks = split_method(spec, cfg.forks)
         sel = fork_tokens(st, cfg.rho, forks)
-        kw = dict(source_models={"base": cfg.base, "rl": cfg.rl}, positions=f"{forks} forks", normalisation="none")
+        kw = dict(source_models=portable({"base": cfg.base, "rl": cfg.rl}, REPO_DIR),  # no machine path in the file
+                  positions=f"{forks} forks", normalisation="none")
         if m.startswith("dom-"):
             out[spec] = diff_of_means_vector(res, sel, conditioning=m[4:], n_positions=cfg.n_positions,
                                              n_clusters=cfg.n_clusters, seed=cfg.seed, config=info, **kw)
