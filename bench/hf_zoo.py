@@ -63,6 +63,8 @@ SIZES: dict[str, Any] = {
     "unpadded_vocab_size": VOCAB, "swa_num_attention_heads": 4, "swa_num_key_value_heads": 2,
     "swa_head_dim": 16, "hidden_size_global": 64, "encoder_hash_byte_group_vocab": 64,
     "backbone_hidden_size": 64, "num_centroids": 16, "centroid_intermediate_top_k": 4,
+    "first_dense_intermediate_size": 128,
+    "index_num_heads": 2,  # at most the query heads per key head (4 / 2); validators reject more
 }
 """Small sizes, set on every config that has the attribute (directly or through attribute_map)."""
 

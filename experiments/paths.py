@@ -16,3 +16,6 @@ WORDPROBLEMS_DIR = EXPERIMENTS_DIR / "organisms" / "wordproblems"
 RESULTS_DIR = EXPERIMENTS_DIR / "results"
 REPLICATE_DIR = RESULTS_DIR / "replicate"
 """`forksight replicate`'s shipped results, and under `organisms/` the RL seeds, regimes and depths it studies."""
+REAL_DIR = EXPERIMENTS_DIR / "real" / "smollm2"
+"""The real pair: SmolLM2-135M-Instruct (installed under `base/` by `forksight fetch-real-base`, never
+committed), its GRPO runs as LoRA adapters (`rl-none`, `rl-clip-cov`) and their task files."""

@@ -1,10 +1,16 @@
-"""Loading Hugging Face causal-LM checkpoints from local directories, safely and offline.
+"""Loading Hugging Face causal-LM checkpoints, safely and offline, in any of three forms.
 
-What it is: the one place that turns a directory into `(model, tokenizer)`. It validates the
-directory before any work (exists, has `config.json`, has safetensors weights, no pickle-only
-weights, weights readable), never passes `trust_remote_code=True` unless asked, and resolves
-`device="auto"` to CUDA when present. What it is not: hooking (see `probe.backends`), or anything
-task-specific.
+What it is: the one place that turns a checkpoint spec into `(model, tokenizer)`. A spec is
+- a directory: validated before any work (exists, has `config.json`, has safetensors weights, no
+  pickle-only weights, weights readable);
+- a `.gguf` file: dequantised through transformers once and cached as a directory (`probe.gguf`);
+- `BASE+ADAPTER`: BASE in either form above plus a PEFT LoRA directory trained from it
+  (`probe.adapters`), merged into the weights unless the caller keeps it separate.
+`checkpoint_provenance(spec)` describes any of them for outputs (source file and sha256,
+dequantisation, adapter base). `trust_remote_code=True` is never passed unless asked, and
+`device="auto"` resolves to CUDA when present; `dtype` picks float32 (the default, bit-for-bit
+reproducible) or bfloat16 (fast where the hardware has it). What it is not: hooking (see
+`probe.backends`), or anything task-specific.
 """
 
 from __future__ import annotations
@@ -73,34 +79,89 @@ def validate_checkpoint(path: str | Path) -> Path:
     return path
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+"""The precisions a command accepts by name (`--dtype`)."""
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """"float32" / "bfloat16" (or a torch dtype among them; None = float32) -> torch dtype."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"dtype={dtype!r} is not supported; allowed: {', '.join(DTYPES)}. Fix: --dtype float32 "
+                     "(bit-for-bit reproducible) or --dtype bfloat16 (about 2x faster on CPUs with avx512_bf16 and on GPUs)")
+
+
+def resolve_checkpoint(spec: str | Path) -> Path:
+    """The local directory behind a plain spec (a directory, or a `.gguf` file converted once)."""
+    from probe.gguf import gguf_to_directory, is_gguf
+
+    return gguf_to_directory(spec) if is_gguf(spec) else validate_checkpoint(spec)
+
+
 def load_causal_lm(
     path: str | Path,
     device: str | torch.device = "auto",
-    dtype: torch.dtype | None = torch.float32,
+    dtype: str | torch.dtype | None = torch.float32,
     trust_remote_code: bool = False,
+    merge_adapter: bool = True,
 ):
-    """Load `(model, tokenizer)` from a local directory, in eval mode, on `device`.
+    """Load `(model, tokenizer)` from a checkpoint spec (directory, `.gguf`, `BASE+ADAPTER`), in eval
+    mode, on `device`, in `dtype` ("float32" or "bfloat16").
 
-    The tokenizer is loaded as the class recorded in `tokenizer_config.json` (for forksight's
-    organisms, `PreTrainedTokenizerFast`; see `experiments.organism.tokenizer` for the trap this avoids).
+    merge_adapter: for `BASE+ADAPTER`, True merges the LoRA weights (a plain model, fastest);
+    False returns the `PeftModel` (adapter separate, trainable). The tokenizer is loaded as the
+    class recorded in `tokenizer_config.json` (for forksight's organisms, `PreTrainedTokenizerFast`;
+    see `experiments.organism.tokenizer` for the trap this avoids); for a GGUF file, from the file.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = validate_checkpoint(path)
+    from probe.adapters import attach_adapter, split_adapter_spec
+
+    base_spec, adapter = split_adapter_spec(path)
+    directory = resolve_checkpoint(base_spec)
     dev = resolve_device(device)
+    want = parse_dtype(dtype)
     model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        str(directory), dtype=torch.float32 if adapter else want, trust_remote_code=trust_remote_code,
+        use_safetensors=True,
     )
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
+    if adapter:  # merge in float32, then cast: the merged weights do not depend on the target dtype
+        model = attach_adapter(model, adapter, base_name=str(base_spec), merge=merge_adapter).to(want)
     return model.to(dev).eval(), tokenizer
+
+
+def checkpoint_provenance(spec: str | Path) -> dict:
+    """What a checkpoint spec names, for outputs: its form, and for a GGUF its source file, sha256
+    and dequantisation; for `BASE+ADAPTER` the adapter's recorded base and training record."""
+    from probe.adapters import adapter_provenance, split_adapter_spec
+    from probe.gguf import gguf_provenance, gguf_to_directory, is_gguf
+
+    base_spec, adapter = split_adapter_spec(spec)
+    if is_gguf(base_spec):
+        out = {"form": "gguf", "gguf": gguf_provenance(gguf_to_directory(base_spec))}
+    else:
+        out = {"form": "directory", "gguf": gguf_provenance(base_spec) if Path(base_spec).is_dir() else None}
+    if adapter:
+        out = {"form": "adapter", "base": out, "adapter": adapter_provenance(adapter)}
+    return out
 
 
 def save_safetensors_atomic(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
     """Write `tensors` (made contiguous, on the CPU) with a string `metadata` header to `path`
-    via a temporary file and `os.replace`, so a reader never sees a half-written file."""
+    via a temporary file and `os.replace`, so a reader never sees a half-written file. The header
+    also records the software environment (`probe.environment`, key "environment", JSON) unless
+    `metadata` brings its own."""
+    from probe.environment import KEY, environment
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
+    metadata = {KEY: json.dumps(environment()), **metadata}
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     tmp.replace(path)
     return path

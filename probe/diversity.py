@@ -12,7 +12,13 @@ Where it departs from the papers:
   log space for the vectorised form, so it stays exact to ~1e-12 for n in the thousands.
 - A problem counts as *solved at k* when its pass@k estimate is >= a threshold (0.5 by default:
   "more likely than not within k tries"). With k = n that is simply "some sample is correct",
-  which is the default (`k=None`) and what Yue et al. (2025) call coverage.
+  which is the default (`k=None`) and what Yue et al. (2025) call coverage. Coverage at k (the
+  expected share of problems that k of the n samples solve) is the mean unbiased pass@k, so
+  `pass_at_k_curve` is the coverage curve; there is no second estimator of it.
+- Distinct-correct is averaged over a stated subset of problems (`distinct_eligible`): the task's
+  `n_solutions >= 3` where it can count solutions, else the problems solved. A comparison of
+  models averages every model over the problems eligible for all of them (`paired_eligible`), so a
+  model that solves more problems is not averaged over other problems than its rival.
 - Confidence intervals are percentile bootstraps over *problems* (samples of one problem are not
   independent draws of the metric), seeded, with `n_boot` replicates.
 """
@@ -122,6 +128,49 @@ def distinct_correct(keys: Sequence[Sequence[Hashable | None]]) -> Int[Tensor, "
     `canonical` contract). Equal keys are one solution. Returns int64 counts (problems,).
     """
     return torch.tensor([len({k for k in row if k is not None}) for row in keys], dtype=torch.long)
+
+
+def distinct_eligible(
+    rule: Sequence[bool | None], solved: Bool[Tensor, "*models problems"]
+) -> Bool[Tensor, "*models problems"]:
+    """Which problems a distinct-correct mean is over, per model.
+
+    rule: per problem, the task's verdict where it can count solutions (True: n_solutions >= 3,
+    False: fewer) or None where it cannot (a math file). solved: per model and problem, whether
+    some sample was correct (one row for one model). A problem with a rule counts by the rule, the
+    same for every model; one without counts where that model solved it.
+    """
+    solved = torch.as_tensor(solved, dtype=torch.bool)
+    if solved.shape[-1] != len(rule):
+        raise ValueError(f"rule has {len(rule)} problems, solved has {solved.shape[-1]}; pass one entry per problem")
+    known = torch.tensor([r is not None for r in rule], dtype=torch.bool)  # (problems,)
+    by_rule = torch.tensor([bool(r) for r in rule], dtype=torch.bool)  # (problems,)
+    return torch.where(known, by_rule, solved)
+
+
+def paired_eligible(eligible: Bool[Tensor, "models problems"]) -> Bool[Tensor, " problems"]:
+    """The problems a comparison of models averages distinct-correct over: eligible for every model.
+
+    eligible: each model's `distinct_eligible`. Where the task counts solutions every model's
+    eligibility is the same rule, so this keeps it; where it cannot, it keeps the problems every
+    compared model solved at least once (the paired subset). Means over it are like with like.
+    """
+    eligible = torch.as_tensor(eligible, dtype=torch.bool)
+    if eligible.ndim != 2 or eligible.shape[0] < 1:
+        raise ValueError(f"eligible must be (models, problems) with >= 1 model; got shape {tuple(eligible.shape)}")
+    return eligible.all(0)
+
+
+def subset_label(rule: Sequence[bool | None], *, paired: bool) -> str:
+    """Words for the problems `distinct_eligible` (paired=False) or `paired_eligible` (paired=True)
+    selects under `rule`: what `distinct_correct_subset` records beside a mean."""
+    known = sum(r is not None for r in rule)
+    solved = "solved by every compared model" if paired else "solved"
+    if known == len(rule):
+        return "n_solutions>=3"
+    if known == 0:
+        return ("problems every compared model solved" if paired else "solved problems") + " (n_solutions unknown)"
+    return f"n_solutions>=3, or {solved} where n_solutions is unknown"
 
 
 def solved_coverage(

@@ -16,7 +16,13 @@ Conventions where docs/architecture.md is silent:
   forks are taken over the whole evaluated batch, eos tokens included. Undefined means are None.
 - `distinct_correct_mean` averages over problems with `task.n_solutions(prompt) >= 3`; a problem
   whose n_solutions is None (the task cannot enumerate solutions, e.g. a math file) counts when it
-  was solved (at least one correct sample); `distinct_correct_subset` records which rule held.
+  was solved (at least one correct sample); `distinct_correct_subset` records which rule held. That
+  subset is this model's own: to compare models use `probe.breadth.compare_breadth`, which averages
+  them all over the same problems. `distinct_correct_all_mean` averages over every problem, an
+  unsolved one counting 0 (comparable across models as it is).
+- `truncated_share`: rows that never emitted eos within `max_new_tokens` (finish reason "length"),
+  over all rows; `fraction_finished_eos` is the rest. A budget that cuts a model off measures its
+  verbosity, not its search (`probe.breadth.TRUNCATION_LIMIT`).
 - `seed` is both recorded (the sampler's seed) and used to seed the bootstrap.
 """
 
@@ -36,7 +42,9 @@ from probe.diversity import (
     check_k,
     crossover_k,
     distinct_correct,
+    distinct_eligible,
     pass_at_k_per_problem,
+    subset_label,
 )
 from probe.forks import fork_mask
 from probe.sampler import Branches, SamplerConfig, sample_branches
@@ -163,8 +171,10 @@ def diversity_metrics(
     ks: pass@k budgets (default 1, 2, 4, ... <= n plus n); each must be in 1..n. rho: fork
     fraction. n_boot, seed: percentile bootstrap over problems for the `*_ci` entries ([lo, hi],
     95%). temperature, seed: recorded as given (pass the sampler's). per_problem: also return
-    `per_problem` = {"n_correct", "distinct_correct", "distinct_eligible"}, one entry per problem in
-    prompt order (for paired bootstraps between models evaluated on the same problems).
+    `per_problem` = {"n_correct", "distinct_correct", "distinct_eligible", "distinct_rule"}, one entry
+    per problem in prompt order (for paired bootstraps and paired subsets between models evaluated
+    on the same problems, `probe.breadth.compare_breadth`); `distinct_rule` is True / False where the
+    task counts solutions (n_solutions >= 3 or not), None where it cannot.
     """
     n = _check_layout(branches, prompts)
     n_prompts, rows = len(prompts), len(scored.completions)
@@ -188,28 +198,26 @@ def diversity_metrics(
     out["pass_at_k"] = {str(k): per_k[k].mean().item() for k in ks}
     out["pass_at_k_ci"] = {str(k): ci(per_k[k]) for k in ks}
 
-    n_sol = [task.n_solutions(p) for p in prompts]
-    solved = (counts > 0).tolist()
-    eligible = torch.tensor([ok if s is None else s >= 3 for s, ok in zip(n_sol, solved)], dtype=torch.bool)
+    rule = [None if s is None else s >= 3 for s in map(task.n_solutions, prompts)]
+    eligible = distinct_eligible(rule, counts > 0)  # (problems,) this model's own subset
     distinct = distinct_correct([scored.canonical[i * n : (i + 1) * n] for i in range(n_prompts)])
     picked = distinct[eligible].double()  # (eligible problems,)
-    known = sum(s is not None for s in n_sol)
     out["distinct_correct_mean"] = picked.mean().item() if len(picked) else None
     out["distinct_correct_mean_ci"] = ci(picked) if len(picked) else None
     out["distinct_correct_n_problems"] = len(picked)
-    subset = {n_prompts: "n_solutions>=3", 0: "solved problems (n_solutions unknown)"}.get(
-        known, "n_solutions>=3, or solved where n_solutions is unknown")
-    out["distinct_correct_subset"] = subset  # which problems the mean is over
+    out["distinct_correct_subset"] = subset_label(rule, paired=False)  # which problems the mean is over
+    out["distinct_correct_all_mean"] = distinct.double().mean().item()  # every problem, unsolved = 0
 
     entropy, mask = branches.entropy.cpu(), branches.mask.cpu()
     out["planning_entropy_mean"] = _mean_or_none(entropy, scored.planning & mask)
     out["execution_entropy_mean"] = _mean_or_none(entropy, scored.execution & mask)
     out["fork_entropy_mean"] = _mean_or_none(entropy, fork_mask(entropy, mask, rho))
     out["fraction_finished_eos"] = sum(f == "eos" for f in branches.finish_reason) / rows
+    out["truncated_share"] = sum(f == "length" for f in branches.finish_reason) / rows
     out.update(n_problems=n_prompts, n_samples=n, temperature=temperature, seed=seed)
     if per_problem:
         out["per_problem"] = {"n_correct": counts.tolist(), "distinct_correct": distinct.tolist(),
-                              "distinct_eligible": eligible.tolist()}
+                              "distinct_eligible": eligible.tolist(), "distinct_rule": rule}
     return out
 
 

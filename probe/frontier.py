@@ -22,6 +22,15 @@ Definitions (issue #12):
 - Row-level steering at fraction q equals `splice(steered, rl, m)`: each row's randomness depends
   only on (seed, prompt, sample index, step) (`probe.sampler`).
 
+Which problems distinct-correct is averaged over (issue #23): `Outcomes.eligible` holds the task's
+rule per problem (True / False: n_solutions >= 3 or not) or None where the task cannot count
+solutions. A None problem counts, in a comparison (`mixture_curve`, `compare_to_frontier`), where
+both the base and the RL model solved it at least once (over all rows of its cluster: all its
+seeds), the same problems for base, RL, every mixture point and the cell (a cell that misses one
+of them counts 0 there: it is measured on the reference pair's problems, so it cannot shrink its
+own average by failing problems); alone (`summary`), where that model solved it. Countdown has a
+rule for every problem, so nothing changes there.
+
 Intervals: paired percentile bootstrap over problems (same resampled indices for base, RL, cell
 and every mixture point), vectorised as a [replicates, problems] count matrix times per-problem
 columns. Sums of integer columns (correct counts, distinct counts) are exact in float64, so a cell
@@ -46,7 +55,13 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from probe.diversity import distinct_correct, pass_at_k_per_problem
+from probe.diversity import (
+    distinct_correct,
+    distinct_eligible,
+    paired_eligible,
+    pass_at_k_per_problem,
+    subset_label,
+)
 
 if TYPE_CHECKING:
     from probe.evaluate import Scored
@@ -78,8 +93,9 @@ class Outcomes:
 
     keys: list[list[str | None]]
     """[problem][sample]: stable key of the canonical solution of a correct sample, None if incorrect."""
-    eligible: list[bool]
-    """Per problem: counts toward distinct_correct_mean (e.g. n_solutions >= 3)."""
+    eligible: list[bool | None]
+    """Per problem: counts toward distinct_correct_mean by the task's rule (n_solutions >= 3), or
+    None where the task cannot count solutions (decided by who solved it; module docstring)."""
 
     def __post_init__(self) -> None:
         if not self.keys:
@@ -94,7 +110,7 @@ class Outcomes:
         if len(self.eligible) != len(self.keys):
             raise ValueError(f"eligible has {len(self.eligible)} entries for {len(self.keys)} problems")
         self.keys = [list(row) for row in self.keys]
-        self.eligible = [bool(e) for e in self.eligible]
+        self.eligible = [None if e is None else bool(e) for e in self.eligible]
 
     @property
     def n(self) -> int:
@@ -110,7 +126,7 @@ class Outcomes:
         return torch.tensor([[k is not None for k in row] for row in self.keys], dtype=torch.bool)
 
     @classmethod
-    def from_scored(cls, scored: Scored, n: int, eligible: Sequence[bool]) -> Outcomes:
+    def from_scored(cls, scored: Scored, n: int, eligible: Sequence[bool | None]) -> Outcomes:
         """From `probe.evaluate.Scored` rows (prompt-major, row = problem * n + sample)."""
         rows, p = len(scored.canonical), len(eligible)
         if p == 0 or rows != p * n:
@@ -195,18 +211,45 @@ def _ks(n: int) -> list[int]:
     return sorted({2**i for i in range(n.bit_length()) if 2**i <= n} | {n})
 
 
-def summary(o: Outcomes) -> dict[str, Any]:
+def _unit_ids(rows: int, clusters: Sequence[int] | None) -> Int[Tensor, " rows"]:
+    """Unit id 0..U-1 of each row (default: every row its own unit)."""
+    unit = torch.arange(rows) if clusters is None else torch.as_tensor(list(clusters), dtype=torch.long)
+    if unit.shape != (rows,):
+        raise ValueError(f"clusters has {unit.numel()} entries for {rows} rows; give one unit id per row")
+    return torch.unique(unit, return_inverse=True)[1]
+
+
+def resolved_eligible(
+    models: Sequence[Outcomes], clusters: Sequence[int] | None = None
+) -> Bool[Tensor, " problems"]:
+    """Per row: does it count toward distinct_correct_mean when `models` are compared (one model:
+    its own subset). The rule where `eligible` has one; else every model solved the problem in some
+    row of its cluster (`probe.diversity.distinct_eligible`, `paired_eligible`)."""
+    if not models:
+        raise ValueError("no outcomes; pass at least one model's")
+    for o in models[1:]:
+        _check_same(models[0], o, "of the compared models")
+    unit = _unit_ids(models[0].n_problems, clusters)  # (P,)
+    n_units = int(unit.max()) + 1
+    solved = torch.stack([torch.zeros(n_units, dtype=torch.long).index_add_(0, unit, o.correct.any(1).long())[unit] > 0
+                          for o in models])  # (models, P): solved somewhere in the row's unit
+    return paired_eligible(distinct_eligible(models[0].eligible, solved))
+
+
+def summary(o: Outcomes, clusters: Sequence[int] | None = None) -> dict[str, Any]:
     """pass_at_1, pass_at_64 (n >= 64), pass_at_k {str(k)} for k = 1, 2, 4, ..., n, and
-    distinct_correct_mean (over eligible problems; None when none is eligible)."""
-    return _summaries(*(x[:, None] for x in per_problem(o)), o.eligible, o.n)[0]
+    distinct_correct_mean (over this model's eligible problems, `resolved_eligible([o], clusters)`;
+    None when none is eligible) with `distinct_correct_subset` naming them."""
+    out = _summaries(*(x[:, None] for x in per_problem(o)), resolved_eligible([o], clusters), o.n)[0]
+    return {**out, "distinct_correct_subset": subset_label(o.eligible, paired=False)}
 
 
-def _summaries(counts: Tensor, distinct: Tensor, eligible: Sequence[bool], n: int) -> list[dict]:
-    """Metrics of each column of per-problem (counts, distinct) [P, M]."""
+def _summaries(counts: Tensor, distinct: Tensor, eligible: Bool[Tensor, " problems"], n: int) -> list[dict]:
+    """Metrics of each column of per-problem (counts, distinct) [P, M]; distinct over `eligible` rows."""
     p, cols = counts.shape
     per_k = {k: pass_at_k_per_problem(counts.flatten(), n, k).view(p, cols).mean(0) for k in _ks(n)}
     p64 = pass_at_k_per_problem(counts.flatten(), n, 64).view(p, cols).mean(0) if n >= 64 else None
-    el = torch.tensor(eligible, dtype=torch.bool)
+    el = torch.as_tensor(eligible, dtype=torch.bool)
     dmean = distinct[el].double().mean(0) if el.any() else None
     return [{"pass_at_1": counts[:, j].sum().item() / (n * p),  # exact sum, as in the bootstrap
              "pass_at_64": None if p64 is None else p64[j].item(),
@@ -270,17 +313,20 @@ def _grid(n: int, ms: Sequence[int] | None, qs: Sequence[float] | None) -> list[
 
 
 def mixture_curve(
-    base: Outcomes, rl: Outcomes, ms: Sequence[int] | None = None, qs: Sequence[float] | None = None
+    base: Outcomes, rl: Outcomes, ms: Sequence[int] | None = None, qs: Sequence[float] | None = None,
+    clusters: Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:
     """The mixture's metrics at each grid point, in increasing m (duplicates after rounding merged).
 
     ms: base samples per problem (default every m in 0..n); or qs: fractions in [0, 1]. Each dict:
     q (= m / n, the fraction realised), m, pass_at_1, pass_at_64 (None if n < 64), pass_at_k,
-    distinct_correct_mean, restoration_distinct, restoration_pass_at_64 (vs base and RL).
+    distinct_correct_mean (over the problems paired for base and RL, `resolved_eligible`),
+    restoration_distinct, restoration_pass_at_64 (vs base and RL). clusters: as in
+    `compare_to_frontier` (the problem id of each row of `stack`ed seeds).
     """
     grid = _grid(base.n, ms, qs)
     counts, distinct = mixture_per_problem(base, rl, [0, base.n, *grid])
-    rows = _summaries(counts, distinct, base.eligible, base.n)
+    rows = _summaries(counts, distinct, resolved_eligible([base, rl], clusters), base.n)
     r, b = rows[0], rows[1]
     return [{"q": m / base.n, "m": m, **row,
              "restoration_distinct": restoration(row["distinct_correct_mean"], base=b["distinct_correct_mean"],
@@ -333,7 +379,9 @@ def compare_to_frontier(
     Returns restoration_distinct, restoration_pass_at_64 (None if n < 64), pass_at_1_change (cell
     minus RL, fraction), frontier_restoration (frontier at the cell's pass@1), frontier_excess
     (restoration_distinct - frontier_restoration), each with `*_ci` [lo, hi] ((1 - alpha)
-    percentile; None when undefined), plus pass_at_1, distinct_correct_mean, n_boot_used.
+    percentile; None when undefined), plus pass_at_1, distinct_correct_mean, n_boot_used, and
+    `distinct_correct_subset` / `distinct_correct_n_problems` (units): the problems every
+    distinct-correct mean here is over, the same for base, RL, mixture and cell (module docstring).
     clusters: the unit each row belongs to, resampled together (e.g. the problem id of each row of
     `stack`ed seeds, so a problem's seeds stay together); default: every row its own unit.
     """
@@ -347,17 +395,15 @@ def compare_to_frontier(
     cc, cd = per_problem(cell)
     counts = torch.cat([mc, cc[:, None]], 1).double()  # (P, 3 + M): RL, base, grid..., cell
     dist = torch.cat([md, cd[:, None]], 1).double()
-    unit = torch.arange(p_count) if clusters is None else torch.as_tensor(list(clusters), dtype=torch.long)
-    if unit.shape != (p_count,):
-        raise ValueError(f"clusters has {unit.numel()} entries for {p_count} rows; give one unit id per row")
-    _, unit = torch.unique(unit, return_inverse=True)  # ids 0..U-1
+    unit = _unit_ids(p_count, clusters)  # (P,) ids 0..U-1
     n_units = int(unit.max()) + 1
+    eligible = resolved_eligible([base, rl], clusters)  # (P,)
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(n_units, (n_boot, n_units), generator=g)  # (B, U)
     wu = torch.ones(n_boot + 1, n_units, dtype=torch.float64)  # row 0: the full sample
     wu[1:] = torch.zeros(n_boot, n_units, dtype=torch.float64).scatter_add_(1, idx, torch.ones_like(wu[1:]))
     w = wu[:, unit]  # (B+1, P): a row weighs what its unit weighs
-    we = w * torch.tensor(base.eligible, dtype=torch.float64)  # (B+1, P)
+    we = w * eligible.double()  # (B+1, P)
     p1 = (w @ counts) / (n * p_count)  # (B+1, 3+M): pass@1, exact integer sums
     dm = (we @ dist) / we.sum(1, keepdim=True)  # NaN where no eligible problem was drawn
     gap = dm[:, 1] - dm[:, 0]
@@ -386,5 +432,7 @@ def compare_to_frontier(
         out[name] = v[0].item() if defined else None
         out[f"{name}_ci"] = torch.quantile(good, q).tolist() if defined and good.numel() else None
     out.update(pass_at_1=p1[0, -1].item(), distinct_correct_mean=None if dm[0, -1].isnan() else dm[0, -1].item(),
-               n_boot_used=int(ok["frontier_excess"][1:].sum()), n_boot=n_boot)
+               n_boot_used=int(ok["frontier_excess"][1:].sum()), n_boot=n_boot,
+               distinct_correct_subset=subset_label(base.eligible, paired=True),
+               distinct_correct_n_problems=int(unit[eligible].unique().numel()))
     return out

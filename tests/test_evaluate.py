@@ -137,8 +137,8 @@ def test_diversity_metrics_equals_hand_computed_values(tokenizer):
     assert set(m) == {
         "pass_at_1", "pass_at_1_ci", "pass_at_k", "pass_at_k_ci", "distinct_correct_mean",
         "distinct_correct_mean_ci", "distinct_correct_n_problems", "distinct_correct_subset",
-        "planning_entropy_mean", "execution_entropy_mean", "fork_entropy_mean",
-        "fraction_finished_eos", "n_problems", "n_samples", "temperature", "seed",
+        "distinct_correct_all_mean", "planning_entropy_mean", "execution_entropy_mean", "fork_entropy_mean",
+        "fraction_finished_eos", "truncated_share", "n_problems", "n_samples", "temperature", "seed",
     }, "metrics.json keys are shared across models; pass_at_64 only exists when n >= 64"  # fmt: skip
     # pass@k per problem with c = 3, 2, 0 of n = 4: k=1: 3/4, 1/2, 0; k=2: 1, 1 - 1/6, 0; k=4: 1, 1, 0
     assert m["pass_at_1"] == pytest.approx(5 / 12)
@@ -159,10 +159,13 @@ def test_diversity_metrics_equals_hand_computed_values(tokenizer):
     # 44 real tokens (12 + 23 + 9 eos) -> ceil(8.8) = 9 forks: the planning tokens 1.3 .. 2.1
     assert m["fork_entropy_mean"] == pytest.approx(1.7)
     assert m["fraction_finished_eos"] == 0.75
+    assert m["truncated_share"] == 0.25, "rows 3, 7 and 11 never emitted eos within the 4-token budget"
+    assert m["distinct_correct_all_mean"] == pytest.approx(1.0), "distinct [2, 1, 0] over all three problems"
     assert (m["n_problems"], m["n_samples"], m["temperature"], m["seed"]) == (3, 4, 0.7, 11)
     json.dumps(m, allow_nan=False)  # metrics.json must be strict JSON
     pp = diversity_metrics(branches, scored, PROMPTS, task, n_boot=200, seed=11, per_problem=True)["per_problem"]
-    assert pp == {"n_correct": [3, 2, 0], "distinct_correct": [2, 1, 0], "distinct_eligible": [True, False, True]}
+    assert pp == {"n_correct": [3, 2, 0], "distinct_correct": [2, 1, 0], "distinct_eligible": [True, False, True],
+                  "distinct_rule": [True, False, True]}
 
 
 def test_distinct_correct_averages_over_solved_problems_when_task_cannot_count(tokenizer):
@@ -175,6 +178,8 @@ def test_distinct_correct_averages_over_solved_problems_when_task_cannot_count(t
         "the output must record which problems were averaged"
     )
     assert m["per_problem"]["distinct_eligible"] == [True, True, False]
+    assert m["per_problem"]["distinct_rule"] == [None, None, None], "no rule: eligibility is decided by who solved it"
+    assert m["distinct_correct_all_mean"] == pytest.approx(1.0), "the unsolved problem counts 0 over all problems"
 
 
 def test_pass_at_64_appears_only_with_64_samples(tokenizer):
@@ -259,6 +264,11 @@ def test_evaluate_end_to_end_with_the_real_sampler(tokenizer):
     m, branches, scored = evaluate(model, tokenizer, PROMPTS, SumTask(), cfg, n_boot=20)
     assert m["pass_at_1"] == pytest.approx(scored.correct.double().mean().item())
     assert m["fraction_finished_eos"] == branches.finish_reason.count("eos") / 24
+    # oracle from the raw tokens: truncated = no eos among a row's real tokens, the whole budget used
+    no_eos = [VOCAB["<eos>"] not in branches.tokens[r][branches.mask[r]].tolist() for r in range(24)]
+    assert m["truncated_share"] == sum(no_eos) / 24
+    assert all(branches.mask[r].all() for r in range(24) if no_eos[r]), "a truncated row ran to max_new_tokens"
+    assert 0 < sum(no_eos) < 24, "vacuous: the random model must both finish and run out of tokens here"
     for r in range(24):  # the completion is the text of the real tokens before eos
         ids = branches.tokens[r][branches.mask[r]].tolist()
         ids = ids[:-1] if branches.finish_reason[r] == "eos" else ids

@@ -209,7 +209,7 @@ def test_bad_rl_configs_fail_before_work(tmp_path):
         GRPOConfig(group_size=1)
     with pytest.raises(ValueError, match="unknown intervention"):
         LossConfig(intervention="entropy-magic")
-    with pytest.raises(ValueError, match="not an organism checkpoint"):
+    with pytest.raises(ValueError, match="cannot start this RL run"):
         train_grpo(GRPOConfig(base=str(tmp_path), out=str(tmp_path / "o")), LossConfig())
 
 
@@ -247,3 +247,40 @@ def test_a_few_rl_steps_raise_reward(tmp_path):
     first = sum(r["reward_mean"] for r in log[:3]) / 3
     last = sum(r["reward_mean"] for r in log[-3:]) / 3
     assert last > first + 0.03, f"reward did not rise on a fixed problem pool: {first:.3f} -> {last:.3f}"
+
+
+@pytest.mark.slow
+def test_lora_rl_resumes_exactly_and_ships_an_adapter_that_loads_as_base_plus_adapter(tmp_path):
+    from probe.adapters import AdapterError
+    from probe.checkpoint import load_causal_lm
+
+    loss = LossConfig()
+    kw = dict(lora_rank=4, steps=3, save_every=1, eval_every=2)
+    train_grpo(_tiny(tmp_path / "a", **kw), loss)
+    train_grpo(_tiny(tmp_path / "c", **kw), loss, stop_after=2)  # killed after step 2
+    train_grpo(_tiny(tmp_path / "c", **kw), loss)
+    files = sorted(p.name for p in (tmp_path / "a").iterdir() if p.is_file())
+    assert "adapter_model.safetensors" in files and "model.safetensors" not in files, \
+        f"a LoRA run ships its adapter, never merged weights: {files}"
+    a = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    c = load_file(str(tmp_path / "c" / "adapter_model.safetensors"))
+    assert a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a), \
+        "a resumed float32 LoRA run must equal the uninterrupted one bit for bit (same seed, device, versions)"
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k), "the adapter never moved off its init"
+    state = load_file(str(next((tmp_path / "a" / "state").glob("step-*")) / "model.safetensors"))
+    assert state and all("lora" in k for k in state), "the resumable state holds only the adapter's parameters"
+    log = [json.loads(x) for x in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
+    assert ["pass_at_1" in r for r in log] == [True, False, True], "eval_every=2 scores steps 0 and 2 (the last)"
+
+    tokens = torch.tensor([[1, 5, 9, 12, 7]])
+    merged, _ = load_causal_lm(f"{BASE}+{tmp_path / 'a'}", device="cpu")
+    base, _ = load_causal_lm(BASE, device="cpu")
+    with torch.no_grad():
+        diff = (merged(tokens).logits - base(tokens).logits).abs().max().item()
+    assert diff > 0, "BASE+ADAPTER must apply the adapter"
+    other = tmp_path / "other-base"
+    base.model.embed_tokens.weight.data[0] += 1.0  # another base: same architecture, other weights
+    base.save_pretrained(str(other))
+    _.save_pretrained(str(other))
+    with pytest.raises(AdapterError, match="trained from base"):
+        load_causal_lm(f"{other}+{tmp_path / 'a'}", device="cpu")

@@ -42,6 +42,10 @@ def test_run_probe_writes_metrics_plots_and_a_loadable_detector(organism_pair, t
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(portable(metrics, out))), \
         "the file is the returned record with portable paths"
     assert str(tmp_path) not in (out / "metrics.json").read_text(), "no absolute path in metrics.json"
+    from probe.environment import environment, recorded
+
+    assert metrics["environment"] == environment() == recorded(out / "fork_detector.safetensors"), \
+        "metrics.json and the detector's header record the versions that made them"
     for f in ("entropy_hist.png", "entropy_heatmap.png", "law_fit.png", "fork_detector.safetensors"):
         assert (out / f).stat().st_size > 0, f"{f} missing"
     for src in ("on_base_samples", "on_rl_samples"):

@@ -85,6 +85,10 @@ def test_replicate_quick_runs_two_pairs_and_writes_the_pooled_report(tmp_path):
     assert {r["claim"] for r in res["pooled"]} == {"C1", "C2", "C3", "C3b", "C4", "C5", "C6"}
     assert all(r["interval"] == "Student-t over training seeds" for r in res["pooled"] if r["claim"] != "C6")
     assert (out / "figures" / "depth.png").stat().st_size > 0 and "Closing note" in (out / "report.md").read_text()
+    from probe.environment import describe, environment
+
+    assert res["environment"] == environment() and f"Environment: {describe(environment())}." in \
+        (out / "report.md").read_text(), "results.json records the versions that made it and the report prints them"
 
 
 def test_shipped_replication_covers_the_seeds_regimes_and_depths_within_budget():

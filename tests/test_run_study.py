@@ -226,6 +226,11 @@ def test_quick_run_writes_report_claims_and_figures_and_resumes_after_interrupti
     assert by_id["C2"]["effect"]["ci"][0] <= by_id["C2"]["effect"]["value"] <= by_id["C2"]["effect"]["ci"][1]
 
     report = (out / "report.md").read_text()
+    from probe.environment import describe, environment
+
+    assert res["environment"] == environment() and describe(res["environment"]) in report, \
+        "results.json records the versions that made it and the report prints them"
+    assert json.loads((out / "steer" / "metrics.json").read_text())["environment"] == environment()
     figs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
     assert {"figures/pass_at_k.png", "probe/law_fit.png", "steer/patching_curve.png"} <= set(figs)
     assert all((out / f).is_file() and (out / f).stat().st_size > 0 for f in figs)

@@ -203,6 +203,13 @@ def test_shipped_sweep_picks_follow_from_its_cells_and_its_best_file_applies():
     again = judge(tests, t_base, t_rl)
     for k in ("restoration_distinct", "pass_at_1_change", "frontier_excess"):
         assert again[k] == pytest.approx(m["best"][k]), f"{k} of best must recompute from the test cells"
+    assert again["distinct_correct_subset"] == "n_solutions>=3", "Countdown's rule: the paired subset is the same"
+    from experiments.study.selection import outcomes_of
+    from probe.frontier import mixture_curve
+
+    (b, clusters), (r, _) = outcomes_of(t_base), outcomes_of(t_rl)
+    curve = [{k: c[k] for k in m["frontier"][0]} for c in mixture_curve(b, r, clusters=clusters)]
+    assert curve == m["frontier"], "the shipped frontier must recompute exactly (paired subsets change no Countdown number)"
     if m["best_file"]:
         rl_model, _ = load_causal_lm(ORGANISMS_DIR / "rl-none", device="cpu")
         with load_intervention(out / m["best_file"]).apply(rl_model) as steer:

@@ -45,9 +45,10 @@ def test_save_load_keeps_every_metadata_field(tiny_lm, tiny_tokenizer, tmp_path)
         assert set(vec.metadata()) == set(META_FIELDS), "metadata() must list every provenance field"
         for f in META_FIELDS:
             assert getattr(back, f) == getattr(vec, f), f"{name}: {f} changed on save/load: provenance lost"
-        assert back.layers == vec.layers and all(torch.equal(back.directions[k], vec.directions[k]) for k in vec.layers)
+        assert back.layers == vec.layers and all(torch.equal(back.directions[k], vec.directions[k]) for k in vec.layers), \
+            f"{name}: a file stores float32 directions bit for bit (a promise)"
         if vec.centroids is not None:
-            assert all(torch.equal(back.centroids[k], vec.centroids[k]) for k in vec.layers)
+            assert all(torch.equal(back.centroids[k], vec.centroids[k]) for k in vec.layers), f"{name}: centroids changed"
         else:
             assert back.centroids is None
     assert vecs["role"].conditions == ["planning", "execution", "other"] and vecs["role"].directions[0].shape == (3, 32)

@@ -252,11 +252,28 @@ def policy_logprobs(
 ) -> tuple[Float[Tensor, "rows seq"], Float[Tensor, "rows seq"]]:
     """Teacher-forced log-prob of each token and entropy (nats, temperature 1) of the distribution
     that predicted it, aligned with `batch.input_ids` (position 0 gets 0)."""
+    # Only the positions that predict generated tokens need logits: with left-padded prompts and
+    # right-padded completions those are the last `keep` columns (the vocabulary projection and the
+    # [rows, seq, vocab] softmax of a real model's long prompts are most of the loss's memory).
+    first = int(batch.answer_mask.any(0).float().argmax()) if batch.answer_mask.any() else 1
+    keep = batch.input_ids.shape[1] - max(first - 1, 0)
+    kwargs = {"logits_to_keep": keep} if keep < batch.input_ids.shape[1] and _takes_logits_to_keep(model) else {}
     logits = model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, **kwargs
     ).logits
-    entropy, logp = entropy_and_logprob(logits, batch.input_ids)
+    start = batch.input_ids.shape[1] - logits.shape[1]  # 0, or the columns cut off in front
+    entropy, logp = entropy_and_logprob(logits, batch.input_ids[:, start:])
+    if start:
+        pad = logp.new_zeros(logp.shape[0], start)
+        entropy, logp = torch.cat([pad, entropy], 1), torch.cat([pad, logp], 1)
     return logp, entropy
+
+
+def _takes_logits_to_keep(model) -> bool:
+    import inspect
+
+    inner = getattr(model, "get_base_model", lambda: model)()
+    return "logits_to_keep" in inspect.signature(type(inner).forward).parameters
 
 
 def grpo_loss(

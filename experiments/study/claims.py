@@ -15,17 +15,23 @@ claim can be recomputed from a finished run directory without sampling again.
   of the logged steps), interval by resampling steps within each window. Holds: the interval lies
   outside +-0.1. Fails: the interval lies inside +-0.1 (the same relative change within ~10%).
 - C4 `claim_breadth`: RL gains pass@1 and loses breadth. Effect: distinct correct solutions per
-  problem, RL minus base (paired over problems). Holds: the pass@1 gain's lower bound > 0, the
-  distinct change's upper bound < 0, and pass@k at the largest k is lower for RL (its change's
-  upper bound < 0, or the base catches up at some k and ends strictly above). Fails: pass@1 falls (upper bound < 0) or
-  distinct-correct rises (lower bound > 0).
+  problem, RL minus base, over the same problems for both (`probe.breadth.compare_breadth`: the
+  task's n_solutions >= 3 rule where it counts solutions, else the problems both models solved;
+  the evidence names the subset and its size, and reports beside it distinct-correct over every
+  problem with unsolved = 0 and coverage at k = pass@k), interval paired over problems. Holds:
+  the pass@1 gain's lower bound > 0, the distinct change's upper bound < 0, and pass@k at the
+  largest k is lower for RL (its change's upper bound < 0, or the base catches up at some k and
+  ends strictly above). Fails: pass@1 falls (upper bound < 0) or distinct-correct rises (lower
+  bound > 0). No problem eligible for both: no effect (None), inconclusive.
 - C5 `claim_recovery`: the lost breadth is latent and can be elicited beyond what a base/RL mixture
   gives. Effect: the frontier excess (restoration of distinct-correct minus the mixture's at the same
   pass@1, `probe.frontier`) of the sweep's `best` cell (RL model alone, pass@1 within the tolerance,
   chosen on the selection half, measured on the test half at unseen seeds), interval by resampling
   problems with their seeds. Needs a breadth gap (base minus RL distinct-correct, lower bound > 0),
-  else inconclusive. Holds (elicitation): excess lower bound > 0, restoration lower bound > 0.1 and
-  the fork detector reads the base model's forks off the RL residual better than token identity.
+  else inconclusive (the gap is over C4's paired subset; the cell's restoration and excess over the
+  sweep's, `probe.frontier`: the problems both base and RL solved where the task cannot count).
+  Holds (elicitation): excess lower bound > 0, restoration lower bound > 0.1 and the fork detector
+  reads the base model's forks off the RL residual better than token identity.
   Fails: excess upper bound < 0 (a mixture gives more), or neither the cell (upper bound) nor
   cross-model patching restores more than 0.1. Otherwise inconclusive (on the frontier: recovery
   that only matches a mixture, said so in the reason).
@@ -41,7 +47,8 @@ from typing import Any
 
 import torch
 
-from probe.diversity import bootstrap_ci, crossover_k
+from probe.breadth import COVERAGE_NOTE, compare_breadth
+from probe.diversity import bootstrap_ci, crossover_k, paired_eligible
 from probe.law import read_log_keys
 
 ROLE_KEYS = ("planning_entropy_mean", "execution_entropy_mean")
@@ -74,6 +81,8 @@ class Claim:
     """Why the status came out as it did, in words (with the numbers that decided it)."""
     figures: list[str] = field(default_factory=list)
     """Figure paths relative to the run directory."""
+    flags: list[str] = field(default_factory=list)
+    """Caveats the status does not account for (e.g. samples cut off by the token budget), in words."""
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -221,43 +230,55 @@ def claim_breadth(base: dict, rl: dict, seed: int = 0) -> Claim:
     diff = lambda x: (x[:, 1] - x[:, 0]).mean()  # noqa: E731  RL minus base
     gain, gain_ci = sum(p1[1]) / len(p1[1]) - sum(p1[0]) / len(p1[0]), paired_ci(p1, diff, seed)
     d_pk, d_pk_ci = sum(pk[1]) / len(pk[1]) - sum(pk[0]) / len(pk[0]), paired_ci(pk, diff, seed)
-    gap, gap_ci = distinct_gap_ci(base, rl, seed)  # base minus RL
-    d_dc = 0.0 if gap is None else -gap
+    gap, gap_ci = distinct_gap_ci(base, rl, seed)  # base minus RL, over the paired subset
+    d_dc = None if gap is None else -gap  # None: no problem is eligible for both (e.g. none both solved)
     d_dc_ci = (None, None) if gap_ci is None else (-gap_ci[1], -gap_ci[0])
-    elig = [i for i, (e, f) in enumerate(zip(pb["distinct_eligible"], pr["distinct_eligible"])) if e or f]
+    br = compare_breadth({"base": base, "rl": rl})
+    over = f" over {br['distinct_correct_n_problems']} problems ({br['distinct_correct_subset']})"
     cross = crossover_k(rl["pass_at_k"], base["pass_at_k"])  # base catches up with RL after trailing it
     overtakes = cross is not None and d_pk < 0  # ... and ends strictly above it at the largest k (not a tie)
     if gain_ci[0] > 0 and d_dc_ci[1] is not None and d_dc_ci[1] < 0 and (d_pk_ci[1] < 0 or overtakes):
         status = "holds"
         why = (f"pass@1 +{fmt(gain)} [{fmt(gain_ci[0])}, {fmt(gain_ci[1])}], distinct-correct {fmt(d_dc, 2)} "
-               f"[{fmt(d_dc_ci[0], 2)}, {fmt(d_dc_ci[1], 2)}], pass@{n} {fmt(d_pk)}, base overtakes RL at k={cross}")
+               f"[{fmt(d_dc_ci[0], 2)}, {fmt(d_dc_ci[1], 2)}]{over}, pass@{n} {fmt(d_pk)}, base overtakes RL at k={cross}")
     elif gain_ci[1] < 0 or (d_dc_ci[0] is not None and d_dc_ci[0] > 0):
-        status, why = "fails", f"pass@1 change {fmt(gain)} [{fmt(gain_ci[0])}, {fmt(gain_ci[1])}], distinct change {fmt(d_dc, 2)}"
+        status, why = "fails", f"pass@1 change {fmt(gain)} [{fmt(gain_ci[0])}, {fmt(gain_ci[1])}], distinct change {fmt(d_dc, 2)}{over}"
     else:
-        status, why = "inconclusive", f"pass@1 change {fmt(gain)} [{fmt(gain_ci[0])}, {fmt(gain_ci[1])}], distinct change {fmt(d_dc, 2)}, pass@{n} change {fmt(d_pk)}"
+        status, why = "inconclusive", (f"pass@1 change {fmt(gain)} [{fmt(gain_ci[0])}, {fmt(gain_ci[1])}], distinct change "
+                                       f"{fmt(d_dc, 2)}{over}, pass@{n} change {fmt(d_pk)}")
+    paired_base = br["distinct_correct_mean"]["base"]
     ev = {"pass_at_1": {"base": base["pass_at_1"], "rl": rl["pass_at_1"], "gain": gain, "gain_ci": list(gain_ci)},
           f"pass_at_{n}": {"base": base["pass_at_k"][str(n)], "rl": rl["pass_at_k"][str(n)], "change": d_pk,
                            "change_ci": list(d_pk_ci)},
-          "distinct_correct_mean": {"base": base["distinct_correct_mean"], "rl": rl["distinct_correct_mean"],
-                                    "relative_change": d_dc / base["distinct_correct_mean"] if base["distinct_correct_mean"] else None},
+          "distinct_correct_mean": {**br["distinct_correct_mean"],  # the effect's problems: the same for both
+                                    "relative_change": d_dc / paired_base if paired_base and d_dc is not None else None,
+                                    "subset": br["distinct_correct_subset"],
+                                    "n_problems": br["distinct_correct_n_problems"]},
+          "distinct_correct_all_problems": {**br["distinct_correct_all_mean"], "unsolved": "counts 0",
+                                            "n_problems": br["n_problems"]},
+          "distinct_correct_own_subsets": {  # what each model's own metrics.json says: not comparable
+              **{m: br["distinct_correct_own_mean"][m] for m in ("base", "rl")},
+              **{f"n_problems_{m}": br["distinct_correct_own_n_problems"][m] for m in ("base", "rl")}},
+          "solved_problems": {**br["solved"], "of": br["n_problems"]},
+          "coverage_at_k": {"k": [int(k) for k in base["pass_at_k"]],
+                            **{m: [br["coverage_at_k"][m].get(k) for k in base["pass_at_k"]] for m in ("base", "rl")},
+                            "note": COVERAGE_NOTE},
           "crossover_k_base_overtakes_rl": cross, "n_problems": len(pb["n_correct"]), "n_samples": n,
-          "n_problems_distinct": len(elig),
-          "distinct_correct_on_paired_problems": {  # the problems the effect is over (may differ from each
-              m: sum(x["distinct_correct"][i] for i in elig) / len(elig) if elig else None  # model's own subset)
-              for m, x in (("base", pb), ("rl", pr))}}
+          "n_problems_distinct": br["distinct_correct_n_problems"]}
     return Claim("C4", "The collapsed policy gains pass@1 but loses breadth: distinct-correct falls, and at large k "
                  "pass@k approaches or falls below the base.", status,
-                 _effect("distinct correct solutions per problem, RL minus base", d_dc, d_dc_ci, "solutions", "problems"),
-                 rule, ev, why)
+                 _effect("distinct correct solutions per problem (same problems for both), RL minus base", d_dc,
+                         None if gap_ci is None else d_dc_ci, "solutions", "problems"), rule, ev, why)
 
 
 # --- C5 ------------------------------------------------------------------------------------------
 def distinct_gap_ci(base: dict, rl: dict, seed: int = 0) -> tuple[float | None, list | None]:
-    """Mean distinct-correct of base minus RL over eligible problems, with its paired interval. A
-    problem is eligible if it is for either model (they differ only where eligibility is "solved",
-    for tasks that cannot count their solutions)."""
+    """Mean distinct-correct of base minus RL over the problems eligible for both
+    (`probe.diversity.paired_eligible`: the task's rule where it counts solutions, else the problems
+    both models solved), with its paired interval; (None, None) when that subset is empty."""
     pb, pr = _pp(base), _pp(rl)
-    elig = [i for i, (e, f) in enumerate(zip(pb["distinct_eligible"], pr["distinct_eligible"])) if e or f]
+    both = paired_eligible(torch.tensor([pb["distinct_eligible"], pr["distinct_eligible"]], dtype=torch.bool))
+    elig = both.nonzero().flatten().tolist()
     if not elig:
         return None, None
     cols = ([pb["distinct_correct"][i] for i in elig], [pr["distinct_correct"][i] for i in elig])
@@ -267,7 +288,7 @@ def distinct_gap_ci(base: dict, rl: dict, seed: int = 0) -> tuple[float | None, 
 def _cell(m: dict | None) -> dict | None:
     keep = ("family", "spec", "fraction", "params", "pass_at_1", "pass_at_1_change", "pass_at_1_change_ci",
             "restoration_distinct", "restoration_distinct_ci", "frontier_restoration", "frontier_excess",
-            "frontier_excess_ci", "restoration_pass_at_64")
+            "frontier_excess_ci", "restoration_pass_at_64", "distinct_correct_subset")
     return None if m is None else {k: m.get(k) for k in keep}
 
 
@@ -322,8 +343,12 @@ def claim_recovery(steer: dict, base: dict, rl: dict, detector: dict | None, see
 
         rl_p1 = max(c["pass_at_1"] for c in curve if c["m"] == 0)
         near = {f"{d:.3f}": frontier_at(curve, rl_p1 - d) for d in (0.002, 0.005, 0.01, 0.03)}
+    br = compare_breadth({"base": base, "rl": rl})
     ev = {
         "distinct_gap_base_minus_rl": gap, "distinct_gap_ci": gap_ci,
+        "distinct_gap_subset": f"{br['distinct_correct_n_problems']} problems ({br['distinct_correct_subset']})",
+        "frontier_subset": (None if not (best or {}).get("distinct_correct_subset") else
+                            f"{best.get('distinct_correct_n_problems')} problems ({best['distinct_correct_subset']})"),
         "frontier_restoration_at_pass_at_1_cost": near,
         "frontier_note": ("the mixture buys breadth steeply near RL's accuracy (a few base samples per problem add new "
                           "solutions), and no mixture exceeds RL's pass@1; so a cell near RL's pass@1 has a wide excess "

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from experiments.tasks import load_task
-from probe.checkpoint import load_causal_lm
+from probe.checkpoint import load_causal_lm, parse_dtype
 from probe.entropy import Trajectories, trajectories_from_branches
 from probe.evaluate import Scored, evaluate, score_branches
 from probe.sampler import Branches, SamplerConfig, sample_branches
@@ -36,8 +36,11 @@ class EvalConfig:
     """"auto" = cuda if available, else cpu."""
     task: str = "countdown"
     """Task: "countdown" or "math:PATH[,train=PATH][,chat][,max_new_tokens=N]" (`experiments.tasks.load_task`)."""
+    dtype: str = "float32"
+    """Model precision: float32 (bit-for-bit reproducible) or bfloat16 (faster; logits read in float32)."""
 
     def __post_init__(self) -> None:
+        parse_dtype(self.dtype)
         if self.n < 1:
             raise ValueError(f"n={self.n} must be >= 1 sample per problem")
         if self.problems < 0:
@@ -60,10 +63,11 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, task=None, **kw):
     return evaluate(model, tokenizer, task.heldout_prompts(cfg.problems), task, sampler, **kw)
 
 
-def evaluate_checkpoint(path: str | Path, cfg: EvalConfig, task=None) -> dict:
-    """Metrics dict of the checkpoint directory `path` on the held-out split."""
-    model, tok = load_causal_lm(path, device=cfg.device)
-    metrics, _, _ = evaluate_model(model, tok, cfg, task)
+def evaluate_checkpoint(path: str | Path, cfg: EvalConfig, task=None, **kw) -> dict:
+    """Metrics dict of the checkpoint directory `path` on the held-out split (kw go to
+    `probe.evaluate.diversity_metrics`, e.g. per_problem=True)."""
+    model, tok = load_causal_lm(path, device=cfg.device, dtype=cfg.dtype)
+    metrics, _, _ = evaluate_model(model, tok, cfg, task, **kw)
     return metrics
 
 

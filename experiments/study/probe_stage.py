@@ -37,6 +37,7 @@ from experiments.tasks import load_task
 from probe.budget import keep_fraction
 from probe.detector import ForkDetector
 from probe.entropy import PairStats, Trajectories, pair_stats
+from probe.environment import environment
 from probe.forks import (
     ROLE_CODES,
     entropy_change_share_ci,
@@ -261,6 +262,7 @@ def run_probe(cfg: ProbeConfig) -> dict:
     metrics["plots"] = ["entropy_hist.png", "entropy_heatmap.png"] + (["law_fit.png"] if metrics["law"]["available"] else [])
     metrics["seconds"] = time.time() - t0
     metrics["config"] = asdict(cfg)
+    metrics["environment"] = environment()
     write_json_atomic(out / "metrics.json", metrics, relative_to=out)
     return metrics
 

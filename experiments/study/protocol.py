@@ -29,7 +29,8 @@ from probe.sampler import SamplerConfig
 
 HALVES = ("selection", "test")
 KEPT = ("n_problems", "n_samples", "pass_at_1", "pass_at_64", "pass_at_k", "distinct_correct_mean",
-        "fork_entropy_mean", "planning_entropy_mean", "execution_entropy_mean", "temperature", "seed")
+        "distinct_correct_subset", "distinct_correct_all_mean", "fork_entropy_mean", "planning_entropy_mean",
+        "execution_entropy_mean", "truncated_share", "temperature", "seed")
 
 
 def split_heldout(prompts: Sequence[str]) -> dict[str, list[str]]:
@@ -54,8 +55,9 @@ class Half:
 
     name: str
     prompts: list[str]
-    eligible: list[bool]
-    """Per problem: counts toward distinct_correct_mean (n_solutions >= 3, or unknown)."""
+    eligible: list[bool | None]
+    """Per problem: counts toward distinct_correct_mean by the task's rule (n_solutions >= 3), or None
+    where the task cannot count solutions (then: where the compared models solved it, `probe.frontier`)."""
 
     @classmethod
     def of(cls, task: Any, name: str, limit: int = 0) -> Half:
@@ -65,7 +67,7 @@ class Half:
         prompts = split_heldout(task.heldout_prompts())[name]
         prompts = prompts[:limit] if limit else prompts
         sols = [task.n_solutions(p) for p in prompts]
-        return cls(name, prompts, [s is None or s >= 3 for s in sols])
+        return cls(name, prompts, [None if s is None else s >= 3 for s in sols])
 
 
 def evaluate_cell(model: Any, tokenizer: Any, task: Any, half: Half, *, n: int, seed: int, temperature: float = 1.0,

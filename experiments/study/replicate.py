@@ -33,6 +33,7 @@ from typing import Any
 from experiments.checkpointing import portable, write_json_atomic
 from experiments.paths import EXPERIMENTS_DIR, ORGANISMS_DIR, REPLICATE_DIR
 from experiments.study.replicate_report import mean_ci, plot_depth, write_replicate_report
+from probe.environment import environment
 
 REPLICATE_ORGANISMS = REPLICATE_DIR / "organisms"
 CANDIDATE_VARIANTS = ("rl-clip-cov", "rl-nsr", "rl-w-reinforce", "rl-pass-at-k", "rl-vpo-distinct")
@@ -348,7 +349,7 @@ def run_replicate(cfg: ReplicateConfig) -> dict:
     _, choice = best_variant()
     results = {"config": {**{f.name: getattr(cfg, f.name) for f in fields(cfg)}, "out": _rel(cfg.out)},
                "best_variant": choice, "pairs": done, "pooled": pooled, "pooled_rule": POOLED_RULE,
-               "organisms": organism_table(done), "seconds": time.time() - t0}
+               "organisms": organism_table(done), "seconds": time.time() - t0, "environment": environment()}
     results["figures"] = [str(plot_depth(results, out / "figures" / "depth.png").relative_to(out))]
     results["figures"] += [p["compute_match_figure"] for p in done if p["compute_match_figure"]]
     write_json_atomic(out / "results.json", results)

@@ -14,6 +14,7 @@ from typing import Any
 
 from experiments.checkpointing import write_text_atomic
 from experiments.study.claims import fmt
+from probe.environment import describe
 
 CLAIM_ORDER = ("C1", "C2", "C3", "C3b", "C4", "C5", "C6")
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -193,7 +194,8 @@ def write_replicate_report(results: dict, path: str | Path) -> Path:
     L += [""] + replication_section(results, results["figures"][0] if results.get("figures") else None,
                                     heading="## Claims per pair and pooled")
     L += ["", f"Total seconds this invocation: {fmt(results['seconds'], 0)}. Numbers: `results.json`; per pair, "
-          "`pairs/NAME/` holds its probe, learn and steer stages."]
+          "`pairs/NAME/` holds its probe, learn and steer stages.", "",
+          f"Environment: {describe(results.get('environment'))}."]
     write_text_atomic(path, "\n".join(L) + "\n")
     return path
 

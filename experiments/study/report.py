@@ -4,6 +4,12 @@
 entropy over the RL log, pass@k of every model), tests the claims (`experiments.study.claims`) and
 returns the results dict (schema in README.md, "results.json"). `write_report` renders it as
 Markdown; every figure it references is a path relative to the run directory that exists.
+
+Breadth is reported like with like (issue #23): the headline's distinct-correct is C4's paired
+subset (named beside it), and `truncation` records the share of each model's test-half samples
+that ended at the token budget; above `probe.breadth.TRUNCATION_LIMIT` for any model, the claims
+built on pass@k or distinct-correct (`BREADTH_CLAIMS`) carry a flag in results.json and the report.
+Stage outputs written before `truncated_share` existed leave it unknown (None), flagging nothing.
 """
 
 from __future__ import annotations
@@ -23,8 +29,12 @@ from experiments.study.claims import (
     role_entropies,
 )
 from experiments.study.claims_training import claim_phases, claim_regime, plot_phases
+from probe.breadth import check_truncation
+from probe.environment import describe, environment
 
 SCHEMA_VERSION = 2
+BREADTH_CLAIMS = ("C4", "C5", "C6")
+"""Claims whose numbers are pass@k or distinct-correct of sampled completions (flagged when truncated)."""
 QUESTION = ("Does entropy collapse in RL training narrow inference-time search, and can the lost breadth be "
             "recovered from the trained network?")
 
@@ -65,16 +75,47 @@ def pooled_references(sweep_json: Path) -> tuple[dict, dict]:
         if not rows:
             raise FileNotFoundError(f"{sweep_json} has no test-half {model} cell: the steer stage did not finish")
         mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-        pooled = {**rows[0], **{k: mean([r[k] for r in rows]) for k in ("pass_at_1", "distinct_correct_mean")},
+        pooled = {**rows[0], "pass_at_1": mean([r["pass_at_1"] for r in rows]),  # a model that solves nothing has
+                  "distinct_correct_mean": _mean_or_none([r["distinct_correct_mean"] for r in rows]),  # no mean
                   "pass_at_k": {k: mean([r["pass_at_k"][k] for r in rows]) for k in rows[0]["pass_at_k"]},
                   "seeds": [r["seed"] for r in rows]}
         pp = [r["per_problem"] for r in rows]
         pooled["per_problem"] = {"n_correct": [mean(v) for v in zip(*(x["n_correct"] for x in pp))],
                                  "distinct_correct": [mean(v) for v in zip(*(x["distinct_correct"] for x in pp))],
                                  "distinct_eligible": [any(v) for v in zip(*(x["distinct_eligible"] for x in pp))]}
+        if "distinct_rule" in pp[0]:  # the task's rule per problem (same at every seed); absent in older cells
+            pooled["per_problem"]["distinct_rule"] = pp[0]["distinct_rule"]
+        pooled["truncated_share"] = _mean_or_none([r.get("truncated_share") for r in rows])
         pooled.pop("outcomes", None)
         out.append(pooled)
     return out[0], out[1]
+
+
+def _mean_or_none(xs: list) -> float | None:
+    return None if not xs or any(x is None for x in xs) else sum(xs) / len(xs)
+
+
+def truncated_shares(cells: list[dict], variants: list[str] | tuple[str, ...]) -> dict[str, float | None]:
+    """Share of samples that ended at the token budget, per model (base, rl, each variant by directory
+    name), over the sweep's test-half cells and seeds; None where a cell does not record it."""
+    specs = {"base": ("reference", {"model": "base"}), "rl": ("reference", {"model": "rl"}),
+             **{Path(v).name: ("variant", {"method": Path(v).name}) for v in variants}}
+    out = {}
+    for name, (family, spec) in specs.items():
+        rows = [c for c in cells if c["half"] == "test" and c["family"] == family and c["spec"] == spec]
+        out[name] = _mean_or_none([c.get("truncated_share") for c in rows])
+    return out
+
+
+def flag_truncation(claims: list, truncation: dict) -> list[str]:
+    """Add the truncation warning to every claim in `BREADTH_CLAIMS` (when some model is over the
+    limit); returns the ids flagged."""
+    if not truncation["message"]:
+        return []
+    flagged = [c for c in claims if c.id in BREADTH_CLAIMS]
+    for c in flagged:
+        c.flags.append(f"token budget: {truncation['message']}")
+    return [c.id for c in flagged]
 
 
 def build_results(cfg, stage_cfgs: dict, out: str | Path) -> dict[str, Any]:
@@ -105,7 +146,8 @@ def build_results(cfg, stage_cfgs: dict, out: str | Path) -> dict[str, Any]:
     c5 = claim_recovery(steer, base, rl, probe.get("detector"), seed=cfg.seed)
     c5.figures = ["steer/pareto.png", "steer/pareto_selection.png", "steer/patching_curve.png", "steer/pass_at_k.png",
                   "sae/diff/fork_frequencies.png"]
-    c6, matches = claim_regime(json.loads((out / "steer" / "sweep.json").read_text())["cells"], variants, seed=cfg.seed)
+    cells = json.loads((out / "steer" / "sweep.json").read_text())["cells"]
+    c6, matches = claim_regime(cells, variants, seed=cfg.seed)
     if matches:
         from probe.compute_match import plot_compute_match
 
@@ -113,6 +155,8 @@ def build_results(cfg, stage_cfgs: dict, out: str | Path) -> dict[str, Any]:
         curves["rl"] = next(iter(matches.values()))["pass_at_k_other"]  # every k' = 1..n
         plot_compute_match(curves, matches, out / "figures" / "compute_match.png", collapsed="rl")
         c6.figures = ["figures/compute_match.png"]
+    truncation = check_truncation(truncated_shares(cells, variants))
+    truncation["claims_flagged"] = flag_truncation([c1, c2, c3, c3b, c4, c5, c6], truncation)
     claims = [c.to_dict() for c in (c1, c2, c3, c3b, c4, c5, c6)]
     for c in claims:
         missing = [f for f in c["figures"] if not (out / f).is_file()]
@@ -123,7 +167,11 @@ def build_results(cfg, stage_cfgs: dict, out: str | Path) -> dict[str, Any]:
     headline = {
         "pass_at_1": {"base": base["pass_at_1"], "rl": rl["pass_at_1"]},
         f"pass_at_{n}": {"base": base["pass_at_k"][str(n)], "rl": rl["pass_at_k"][str(n)]},
-        "distinct_correct_mean": {"base": base["distinct_correct_mean"], "rl": rl["distinct_correct_mean"]},
+        "distinct_correct_mean": {m: c4.evidence["distinct_correct_mean"][m] for m in ("base", "rl")},
+        "distinct_correct_subset": (f"{c4.evidence['distinct_correct_mean']['n_problems']} problems, the same for both "
+                                    f"({c4.evidence['distinct_correct_mean']['subset']})"),
+        "distinct_correct_all_problems": {m: c4.evidence["distinct_correct_all_problems"][m] for m in ("base", "rl")},
+        "truncated_share": {m: truncation["truncated_share"][m] for m in ("base", "rl")},
         "entropy_change_share_on_forks": c2.effect["value"],
         "law_r2": c1.effect["value"],
         "detector_auroc": ev5["detector_auroc"],
@@ -154,7 +202,9 @@ def build_results(cfg, stage_cfgs: dict, out: str | Path) -> dict[str, Any]:
         "stages": {"probe": "probe/metrics.json", "sae": "sae/metrics.json", "sae_diff": "sae/diff/metrics.json",
                    "steer": "steer/metrics.json", "steer_cells": "steer/sweep.json"},
         "figures": sorted({f for c in claims for f in c["figures"]}),
+        "truncation": truncation,
         **replication(cfg, out),
+        "environment": environment(),
     }
 
 
@@ -214,8 +264,13 @@ def write_report(results: dict, path: str | Path) -> Path:
     cell = lambda text: str(text).replace("|", "\\|")  # noqa: E731  a literal | would split the table cell
     for c in results["claims"]:
         e = c["effect"]
-        L.append(f"| {c['id']}: {cell(c['statement'])} | **{c['status']}** | {cell(e['name'])} | {_value(e)} | "
+        flag = " (flagged: see its caveats)" if c.get("flags") else ""
+        L.append(f"| {c['id']}: {cell(c['statement'])}{flag} | **{c['status']}** | {cell(e['name'])} | {_value(e)} | "
                  f"{_ci(e['ci'], cap=e.get('cap'))} |")
+    trunc = results.get("truncation") or {}
+    if trunc.get("message"):
+        L += ["", "## Warning: samples cut off by the token budget", "",
+              f"{trunc['message']}. Claims flagged: {', '.join(trunc['claims_flagged']) or 'none'}."]
     L += ["", "## Headline numbers", ""]
     L += [f"- {k}: " + (", ".join(f"{kk} {fmt(vv)}" for kk, vv in v.items()) if isinstance(v, dict) else
                         (_ci(v) if isinstance(v, list) else fmt(v))) for k, v in h.items()]
@@ -223,6 +278,7 @@ def write_report(results: dict, path: str | Path) -> Path:
         e = c["effect"]
         L += ["", f"## {c['id']}: {c['statement']}", "",
               f"**Status: {c['status']}.** {c['reason']}", "",
+              *[x for f in c.get("flags") or [] for x in (f"**Caveat:** {f}.", "")],
               f"Effect: {e['name']} = {_value(e)} {_ci(e['ci'], cap=e.get('cap'))} ({e['units']}; bootstrap over "
               f"{e['resampled']}).", "",
               f"Rule: {c['rule']}.", "", "Evidence:", ""]
@@ -245,6 +301,8 @@ def write_report(results: dict, path: str | Path) -> Path:
         L += ["", "## Run", "", "| stage | seconds |", "|---|---|"]
         L += [f"| {k} | {fmt(v.get('seconds'), 1)} |" for k, v in run.get("stages", {}).items()]
         L += ["", f"Reused from an earlier invocation: {', '.join(run.get('reused_stages', [])) or 'none'}."]
+    L += ["", "## Environment", "", describe(results.get("environment")) + ". Each stage's metrics.json records "
+          "its own (a stage reused from an earlier invocation may have been made with other versions)."]
     L += ["", "Numbers and their provenance: `results.json` (schema in the README), stage folders "
           + ", ".join(f"`{v}`" for v in results["stages"].values()) + "."]
     write_text_atomic(path, "\n".join(L) + "\n")

@@ -14,6 +14,10 @@ recovered from the trained network?" Stages, each writing into its own folder of
    problems and seed (base and RL come from the sweep's own full-split rows), and the pass@k figure.
 5. `report`: the five claims (`experiments.study.claims`), `results.json`, `report.md`.
 
+When more than `probe.breadth.TRUNCATION_LIMIT` of some model's samples end at the token budget
+without eos, a `TruncationWarning` goes to stderr as soon as the sweep has sampled base and RL, and
+again at the end, and the claims built on breadth are flagged in the report.
+
 Resumable: `run_state.json` records each finished stage; a rerun with the same `--out` and the
 same configuration skips finished stages (the steering sweep also reuses finished cells, the
 trainers their last save). A different configuration in an existing `--out` is an error, not a
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +37,7 @@ from tqdm.auto import tqdm
 
 from experiments.checkpointing import as_json, portable, write_json_atomic
 from experiments.paths import ORGANISMS_DIR
+from probe.breadth import TruncationWarning
 
 STAGES = ("organisms", "probe", "sae", "learn", "steer", "report")
 
@@ -268,6 +274,9 @@ def run_study(cfg: RunConfig) -> dict:
 
         t_report = time.time()
         results = build_results(cfg, sc, run.out)
+        if results["truncation"]["message"]:  # also flagged on the claims in results.json and report.md
+            warnings.warn(f"forksight run: {results['truncation']['message']}; claims flagged: "
+                          f"{', '.join(results['truncation']['claims_flagged'])}", TruncationWarning, stacklevel=2)
         results["run"] = {"stages": {k: {kk: v[kk] for kk in ("done", "seconds")} for k, v in run.state["stages"].items()
                                      if k != "report"},
                           "reused_stages": run.reused, "seconds_this_invocation": time.time() - t0}

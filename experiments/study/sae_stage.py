@@ -32,6 +32,7 @@ from experiments.study.protocol import Half
 from experiments.tasks import load_task
 from probe.budget import keep_fraction
 from probe.checkpoint import load_causal_lm, resolve_device
+from probe.environment import environment
 from probe.features import DiffResult, feature_records, fork_feature_diff
 from probe.forks import fork_threshold
 from probe.hooks import resolve_hook, site_name
@@ -241,7 +242,7 @@ def run_sae_train(cfg: SAETrainConfig) -> dict:
                   "positions": "every real token (prompt and completion)", "steps": cfg.spec().steps,
                   "seconds": t_train, "history": history},
         "plots": ["sae_training.png", "feature_density.png"],
-        "seconds": time.time() - t0, "config": asdict(cfg),
+        "seconds": time.time() - t0, "config": asdict(cfg), "environment": environment(),
     }
     write_json_atomic(out / "metrics.json", metrics, relative_to=out)
     return metrics
@@ -299,6 +300,7 @@ def run_sae_diff(cfg: SAEDiffConfig) -> dict:
                                                                  else "") + ", centred over the vocabulary; direct path only",
         **lists,
         "plots": ["fork_frequencies.png", "top_features.png"], "seconds": time.time() - t0, "config": asdict(cfg),
+        "environment": environment(),
     }
     write_json_atomic(out / "metrics.json", metrics, relative_to=out)
     return metrics

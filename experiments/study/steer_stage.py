@@ -37,6 +37,7 @@ from experiments.study.evaluation import sample_trajectories
 from experiments.tasks import load_task
 from probe.checkpoint import load_causal_lm
 from probe.detector import ForkDetector
+from probe.environment import environment
 from probe.forks import fork_threshold
 from probe.pair import load_pair
 from probe.sae import load_sae
@@ -258,7 +259,7 @@ def run_apply(cfg: ApplyConfig) -> dict:
     m = evaluate_cell(model, tok, task, Half.of(task, cfg.half, cfg.problems), n=cfg.n, seed=cfg.seed, temperature=t,
                       batch_size=cfg.batch_size, intervention=steer)
     m.pop("outcomes")
-    m["config"], m["recommended"] = asdict(cfg), sel.recommended
+    m["config"], m["recommended"], m["environment"] = asdict(cfg), sel.recommended, environment()
     if cfg.out:
         write_json_atomic(cfg.out, m, relative_to=Path(cfg.out).parent)
     return m
@@ -266,4 +267,5 @@ def run_apply(cfg: ApplyConfig) -> dict:
 
 def apply_headline(m: dict) -> dict:
     """The JSON line `forksight steer apply` prints."""
-    return {k: m[k] for k in ("pass_at_1", "pass_at_64", "distinct_correct_mean", "fork_entropy_mean") if k in m}
+    return {k: m[k] for k in ("pass_at_1", "pass_at_64", "distinct_correct_mean", "fork_entropy_mean", "truncated_share")
+            if k in m}

@@ -47,6 +47,7 @@ from experiments.study.selection import (
 from experiments.study.steer_stage import STUDY_GATES, DeriveConfig, derive_vectors, split_method
 from experiments.study.sweep_report import brief, write_outputs
 from experiments.tasks import load_task
+from probe.breadth import warn_if_truncated
 from probe.checkpoint import load_causal_lm
 from steering import SteeringVector
 
@@ -216,6 +217,8 @@ def select(sw: Sweep, cands: list[C.Candidate]) -> dict[str, Any]:
     """Stage 1: every candidate (and its row-level fractions) judged on the selection half; the picks."""
     s0 = sw.seeds["selection"][0]
     base, rl = (sw.cell(REFERENCE[k], "selection", s0) for k in ("base", "rl"))
+    warn_if_truncated({k: r.get("truncated_share") for k, r in (("base", base), ("rl", rl))},
+                      "steer sweep (selection half, before any cell)")
     rows = []
     for cand in tqdm(cands, desc="sweep: selection half", unit="cell"):
         row = sw.cell(cand, "selection", s0)
@@ -276,9 +279,9 @@ def mixture_at(base: list[dict], rl: list[dict], fraction: float) -> dict:
     """The base/RL mixture at the same fraction as a row-level cell (base samples where it steers)."""
     from probe.frontier import m_of_q, mixture_curve
 
-    b, _ = outcomes_of(base)
+    b, clusters = outcomes_of(base)
     r, _ = outcomes_of(rl)
-    point = mixture_curve(b, r, ms=[m_of_q(fraction, b.n)])[0]
+    point = mixture_curve(b, r, ms=[m_of_q(fraction, b.n)], clusters=clusters)[0]
     return {k: point[k] for k in ("q", "pass_at_1", "restoration_distinct", "restoration_pass_at_64")}
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from experiments.checkpointing import write_json_atomic
 from experiments.study.selection import GOAL_RULE, TOLERANCE_RULE, outcomes_of, parse_layers
+from probe.environment import environment
 from probe.frontier import mixture_curve, summary
 
 COLUMNS = ("id", "half", "family", "spec", "fraction", "params", "n_problems", "n_samples", "pass_at_1",
@@ -85,9 +86,9 @@ def write_outputs(sw: Any, sel: dict, tst: dict, seconds: float, best_file: str 
     )
 
     cfg, out = sw.cfg, sw.out
-    b, _ = outcomes_of(tst["base"])
+    b, clusters = outcomes_of(tst["base"])
     r, _ = outcomes_of(tst["rl"])
-    curve = mixture_curve(b, r)
+    curve = mixture_curve(b, r, clusters=clusters)
     test_rows = [{**row, "half": "test"} for fam in tst["picks"].values() for p in fam.values() if (row := p["test"])]
     sel_rows = [{**row, "half": "selection"} for row in sel["rows"]]
     write_table(out, [*sel_rows, *test_rows], COLUMNS)
@@ -103,7 +104,7 @@ def write_outputs(sw: Any, sel: dict, tst: dict, seconds: float, best_file: str 
                                   "splicing the fully steered cell with RL by sample index (exact)"},
         "frontier": [{k: c[k] for k in ("q", "m", "pass_at_1", "pass_at_64", "distinct_correct_mean",
                                         "restoration_distinct", "restoration_pass_at_64")} for c in curve],
-        "base": summary(b), "rl": summary(r),
+        "base": summary(b, clusters), "rl": summary(r, clusters),
         "best": tst["best"], "best_file": best_file, "best_restoration": tst["best_restoration"], "best_goal": tst["best_goal"],
         "picks": tst["picks"],
         "temperature_baseline": tst["temperature"],
@@ -117,7 +118,7 @@ def write_outputs(sw: Any, sel: dict, tst: dict, seconds: float, best_file: str 
         "n_cells": len(sw.cache.rows), "n_cells_reused": sw.cache.reused, "seconds": seconds,
         "tables": ["sweep.csv", "sweep.json"],
         "plots": ["pareto.png", "pareto_selection.png", "patching_curve.png", "pass_at_k.png"],
-        "config": asdict(cfg),
+        "config": asdict(cfg), "environment": environment(),
     }
     if metrics["best"] and metrics["best"]["family"] == "vector":
         metrics["best"]["layers"] = parse_layers(metrics["best"]["spec"]["layer"])

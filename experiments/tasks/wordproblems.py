@@ -220,18 +220,21 @@ class WordProblems(MathTask):
         counts = [min(len(paths(p.terms)), 10) for p in self.heldout()]
         return {(f"{k}" if k < 10 else ">=10"): counts.count(k) for k in range(1, 11)}
 
-    def export(self, directory: str | Path, train_count: int = 1024, train_seed: int = 99) -> dict[str, Path]:
+    def export(self, directory: str | Path, train_count: int = 1024, train_seed: int = 99,
+               instruction: str = "") -> dict[str, Path]:
         """Write the held-out split (`heldout.jsonl`) and `train_count` training-stream problems
         (`train.jsonl`, seed `train_seed`: disjoint from every seed the trainers use by default) as
-        math-task files: `--task math:DIR/heldout.jsonl,train=DIR/train.jsonl`."""
+        math-task files: `--task math:DIR/heldout.jsonl,train=DIR/train.jsonl`. `instruction` is
+        appended to every prompt (the real pair asks for a short answer, so the base finishes)."""
         d = Path(directory)
         train: dict[str, None] = {}  # distinct prompts, stream order (a math file's prompts are unique)
         for _, p, _ in self.train_stream(train_seed):
             train.setdefault(p.prompt)
             if len(train) == train_count:
                 break
-        write_jsonl(d / "heldout.jsonl", self.heldout_rows())
-        write_jsonl(d / "train.jsonl", [MathRow(p, self._gold[p], f"wp-train-{i:05d}") for i, p in enumerate(train)])
+        write_jsonl(d / "heldout.jsonl", [MathRow(r.prompt + instruction, r.answer, r.id) for r in self.heldout_rows()])
+        write_jsonl(d / "train.jsonl", [MathRow(p + instruction, self._gold[p], f"wp-train-{i:05d}")
+                                        for i, p in enumerate(train)])
         return {"heldout": d / "heldout.jsonl", "train": d / "train.jsonl"}
 
     @property

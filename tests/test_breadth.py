@@ -1,0 +1,209 @@
+"""Paired breadth (issue #23): models that solve different problems are compared on the same ones,
+and samples cut off by the token budget are counted and flagged.
+
+The constructed pair (a task that cannot count its solutions, like a math file; 8 problems, n = 4):
+problems 0-1 both models solve (base 3 distinct each, RL 2); problems 2-3 only the base (1 each);
+problems 4-7 only RL (3 each). Each model's own mean says RL is broader (2.67 vs 2.00); over the
+problems both solve the base is broader (3 vs 2), which is what the comparison must report.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from experiments.study import claims as C
+from experiments.study.report import flag_truncation, truncated_shares, write_report
+from probe.breadth import (
+    TRUNCATION_LIMIT,
+    TruncationWarning,
+    check_truncation,
+    compare_breadth,
+    warn_if_truncated,
+)
+from probe.diversity import distinct_eligible, paired_eligible, pass_at_k_curve
+from probe.frontier import Outcomes, compare_to_frontier, mixture_curve, stack, summary
+
+N = 4
+BASE_DISTINCT = [3, 3, 1, 1, 0, 0, 0, 0]
+RL_DISTINCT = [2, 2, 0, 0, 3, 3, 3, 3]
+
+
+def _keys(distinct: list[int]) -> list[list[str | None]]:
+    """n = 4 samples per problem: `d` distinct correct keys, then repeats of the last (or all wrong)."""
+    rows = []
+    for i, d in enumerate(distinct):
+        row = [f"p{i}k{j}" for j in range(d)]
+        rows.append(row + [row[-1] if row else None] * (N - d))
+    return rows
+
+
+def _metrics(distinct: list[int], rule: list[bool | None]) -> dict:
+    """A metrics dict as `diversity_metrics(..., per_problem=True)` writes it, from the outcomes."""
+    keys = _keys(distinct)
+    correct = torch.tensor([[k is not None for k in row] for row in keys])
+    eligible = distinct_eligible(rule, correct.any(1))
+    curve = pass_at_k_curve(correct)
+    return {"n_samples": N, "pass_at_1": curve[1], "pass_at_k": {str(k): v for k, v in curve.items()},
+            "distinct_correct_mean": torch.tensor(distinct, dtype=torch.float64)[eligible].mean().item(),
+            "truncated_share": 0.0,
+            "per_problem": {"n_correct": correct.sum(1).tolist(), "distinct_correct": list(distinct),
+                            "distinct_eligible": eligible.tolist(), "distinct_rule": list(rule)}}
+
+
+UNKNOWN = [None] * 8
+
+
+def test_paired_subset_is_the_problems_every_model_solved_and_its_mean_differs_from_each_models_own():
+    base, rl = _metrics(BASE_DISTINCT, UNKNOWN), _metrics(RL_DISTINCT, UNKNOWN)
+    assert (base["distinct_correct_mean"], rl["distinct_correct_mean"]) == (pytest.approx(2.0), pytest.approx(16 / 6)), \
+        "premise: per-model means over each model's own solved problems say RL is broader"
+    br = compare_breadth({"base": base, "rl": rl})
+    assert br["distinct_correct_n_problems"] == 2
+    assert br["distinct_correct_subset"] == "problems every compared model solved (n_solutions unknown)"
+    assert br["distinct_correct_mean"] == {"base": 3.0, "rl": 2.0}, "over problems 0-1 only, the same for both"
+    assert br["distinct_correct_own_mean"] == {"base": pytest.approx(2.0), "rl": pytest.approx(16 / 6)}
+    assert br["distinct_correct_own_n_problems"] == {"base": 4, "rl": 6}
+    assert br["distinct_correct_all_mean"] == {"base": 1.0, "rl": 2.0}, "every problem, unsolved counting 0"
+    assert br["solved"] == {"base": 4, "rl": 6} and br["n_problems"] == 8
+    assert br["coverage_at_k"]["rl"][str(N)] == pytest.approx(6 / 8), "coverage at n = share of problems solved"
+    assert br["coverage_at_k"]["base"] == base["pass_at_k"], "coverage at k is the unbiased pass@k, not a copy of it"
+
+
+def test_c4_uses_the_paired_mean_not_the_per_model_means_nor_the_union():
+    base, rl = _metrics(BASE_DISTINCT, UNKNOWN), _metrics(RL_DISTINCT, UNKNOWN)
+    c4 = C.claim_breadth(base, rl)
+    assert c4.effect["value"] == pytest.approx(2.0 - 3.0), (
+        "C4's effect is RL minus base over the problems both solved (-1); the per-model means give +0.67 and the "
+        "union of solved problems (unsolved = 0) +1: both would report breadth RL lost as breadth it gained")
+    ev = c4.evidence["distinct_correct_mean"]
+    assert (ev["base"], ev["rl"], ev["n_problems"]) == (3.0, 2.0, 2) and "every compared model solved" in ev["subset"]
+    assert ev["relative_change"] == pytest.approx(-1 / 3)
+    assert c4.evidence["distinct_correct_own_subsets"]["rl"] == pytest.approx(16 / 6)
+    assert "over 2 problems" in c4.reason, "the reason names the subset the number is over"
+    gap, _ = C.distinct_gap_ci(base, rl)
+    assert gap == pytest.approx(1.0), "C5's breadth gap is over the same paired subset"
+
+
+def test_c4_with_no_problem_both_models_solved_has_no_breadth_effect():
+    base, rl = _metrics([2, 0], [None] * 2), _metrics([0, 3], [None] * 2)  # disjoint solved sets
+    c4 = C.claim_breadth(base, rl)
+    assert c4.effect["value"] is None and c4.effect["ci"] is None and c4.status == "inconclusive", \
+        "an empty paired subset is no evidence either way (not a change of 0)"
+    assert "over 0 problems" in c4.reason and c4.evidence["distinct_correct_mean"]["relative_change"] is None
+    assert C.distinct_gap_ci(base, rl) == (None, None)
+
+
+def test_a_task_with_a_rule_keeps_it_for_every_model():
+    rule = [True, True, True, False, True, True, True, False]  # n_solutions >= 3 known for every problem
+    base, rl = _metrics(BASE_DISTINCT, rule), _metrics(RL_DISTINCT, rule)
+    br = compare_breadth({"base": base, "rl": rl})
+    assert br["distinct_correct_subset"] == "n_solutions>=3" and br["distinct_correct_n_problems"] == 6
+    assert br["distinct_correct_mean"] == {"base": pytest.approx(base["distinct_correct_mean"]),
+                                           "rl": pytest.approx(rl["distinct_correct_mean"])}, \
+        "with a rule the subset is already the same for both: the paired mean is each model's own (Countdown)"
+    assert C.claim_breadth(base, rl).effect["value"] == pytest.approx(13 / 6 - 7 / 6), "unsolved eligible problems count 0"
+
+
+def test_paired_eligible_and_its_errors():
+    own = torch.tensor([[True, True, False], [True, False, False]])
+    assert paired_eligible(own).tolist() == [True, False, False]
+    with pytest.raises(ValueError, match="models, problems"):
+        paired_eligible(torch.tensor([True, False]))
+    with pytest.raises(ValueError, match="rule has 2 problems"):
+        distinct_eligible([None, True], torch.tensor([True, True, True]))
+    with pytest.raises(ValueError, match="different problems"):
+        compare_breadth({"a": _metrics([1, 2], [None] * 2), "b": _metrics(BASE_DISTINCT, UNKNOWN)})
+    with pytest.raises(KeyError, match="per_problem=True"):
+        compare_breadth({"a": {"n_samples": 4}})
+
+
+def test_frontier_averages_base_rl_mixture_and_cell_over_the_problems_both_solved():
+    b, r = Outcomes(_keys(BASE_DISTINCT), UNKNOWN), Outcomes(_keys(RL_DISTINCT), UNKNOWN)
+    assert summary(b)["distinct_correct_mean"] == pytest.approx(2.0), "alone, a model keeps its own subset"
+    curve = mixture_curve(b, r, ms=[0, N])
+    assert [c["distinct_correct_mean"] for c in curve] == [2.0, 3.0], "the ends are RL and base on problems 0-1"
+    explicit = [i < 2 for i in range(8)]  # the paired subset written out as a rule: the oracle
+    want = compare_to_frontier(Outcomes(_keys(RL_DISTINCT), explicit), Outcomes(b.keys, explicit),
+                               Outcomes(r.keys, explicit), n_boot=200, seed=3)
+    got = compare_to_frontier(r, b, r, n_boot=200, seed=3)
+    for k in ("restoration_distinct", "restoration_distinct_ci", "frontier_excess", "frontier_excess_ci",
+              "distinct_correct_mean", "n_boot_used"):
+        assert got[k] == want[k], k
+    assert got["distinct_correct_mean"] == 2.0 and got["distinct_correct_n_problems"] == 2
+    assert "every compared model solved" in got["distinct_correct_subset"]
+    old = compare_to_frontier(Outcomes(r.keys, [True] * 8), Outcomes(b.keys, [True] * 8), Outcomes(r.keys, [True] * 8),
+                              n_boot=20)
+    assert old["distinct_correct_mean"] == 2.0 and mixture_curve(Outcomes(b.keys, [True] * 8), Outcomes(
+        r.keys, [True] * 8), ms=[N])[0]["distinct_correct_mean"] == 1.0, "vacuity: all problems would differ"
+
+
+def test_stacked_seeds_pair_a_problem_solved_at_any_seed():
+    b1 = Outcomes(_keys([2, 0]), [None, None])
+    b2 = Outcomes(_keys([0, 2]), [None, None])  # the base solves problem 1 only at the second seed
+    r = Outcomes(_keys([1, 1]), [None, None])
+    base, clusters = stack([b1, b2])
+    rl, _ = stack([r, r])
+    out = compare_to_frontier(rl, base, rl, n_boot=10, clusters=clusters)
+    assert out["distinct_correct_n_problems"] == 2, "both problems: each model solved each at some seed"
+    assert mixture_curve(base, rl, ms=[N], clusters=clusters)[0]["distinct_correct_mean"] == pytest.approx(1.0)
+    assert mixture_curve(base, rl, ms=[N])[0]["distinct_correct_mean"] == pytest.approx(2.0), \
+        "vacuity: row by row only the rows the base solved would count"
+
+
+# --- truncation ------------------------------------------------------------------------------------
+def test_check_truncation_flags_over_the_limit_only_and_names_the_fix():
+    ok = check_truncation({"base": TRUNCATION_LIMIT, "rl": 0.01})
+    assert ok["over_limit"] == [] and ok["message"] is None, "exactly 10% is within the limit"
+    bad = check_truncation({"base": 0.78, "rl": 0.01, "old": None})
+    assert bad["over_limit"] == ["base"] and bad["unknown"] == ["old"]
+    assert "base 78.0%" in bad["message"] and "max_new_tokens" in bad["message"] and "rl" not in bad["message"]
+    with pytest.warns(TruncationWarning, match="forksight run: .*base 78.0%"):
+        warn_if_truncated({"base": 0.78}, "forksight run")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_truncated({"base": 0.05, "rl": None}, "forksight run")  # no warning
+    with pytest.raises(ValueError, match="limit=1.5"):
+        check_truncation({}, limit=1.5)
+
+
+def test_truncated_shares_pool_test_seeds_and_unknown_stays_unknown():
+    def cell(family, spec, seed, share, half="test"):
+        return {"half": half, "family": family, "spec": spec, "seed": seed, **({} if share is None else
+                                                                             {"truncated_share": share})}
+    cells = [cell("reference", {"model": "base"}, 1000, 0.7), cell("reference", {"model": "base"}, 1001, 0.9),
+             cell("reference", {"model": "base"}, 0, 0.0, half="selection"),
+             cell("reference", {"model": "rl"}, 1000, 0.0), cell("reference", {"model": "rl"}, 1001, None),
+             cell("variant", {"method": "rl-x"}, 1000, 0.2)]
+    assert truncated_shares(cells, ["runs/rl-x"]) == {"base": pytest.approx(0.8), "rl": None, "rl-x": 0.2}
+
+
+def _results(claims: list[dict], truncation: dict) -> dict:
+    return {"question": "q?", "task": "math:f.jsonl", "pair": {"base": "b", "rl": "r", "variants": []},
+            "claims": claims, "headline": {"truncated_share": truncation["truncated_share"]},
+            "truncation": truncation, "stages": {"steer": "steer/metrics.json"},
+            "sae": {"hook_name": "blocks.0.hook_resid_post", "l0": 1.0, "fvu": 0.1, "dead_fraction": 0.0,
+                    "ce_loss_increase": 0.0, "n_pruned_3x": 0, "top_pruned": []}}
+
+
+def test_the_report_flags_the_breadth_claims_when_a_model_is_truncated(tmp_path):
+    base, rl = _metrics(BASE_DISTINCT, UNKNOWN), _metrics(RL_DISTINCT, UNKNOWN)
+    c4 = C.claim_breadth(base, rl)
+    c2 = C.Claim("C2", "forks", "holds", {"name": "share", "value": 0.6, "ci": [0.55, 0.65], "units": "", "resampled": ""},
+                 "rule")
+    trunc = check_truncation({"base": 0.78, "rl": 0.01})
+    trunc["claims_flagged"] = flag_truncation([c2, c4], trunc)
+    assert trunc["claims_flagged"] == ["C4"] and c2.flags == [] and "base 78.0%" in c4.flags[0]
+    report = write_report(_results([c2.to_dict(), c4.to_dict()], trunc), tmp_path / "report.md").read_text()
+    assert "## Warning: samples cut off by the token budget" in report and "Claims flagged: C4." in report
+    row = next(x for x in report.splitlines() if x.startswith("| C4:"))
+    assert "(flagged: see its caveats)" in row and f"| **{c4.status}** |" in row
+    assert "**Caveat:** token budget:" in report
+    assert not next(x for x in report.splitlines() if x.startswith("| C2:")).count("flagged")
+    quiet = check_truncation({"base": 0.02, "rl": None})
+    c4b = C.claim_breadth(base, rl)
+    assert flag_truncation([c4b], quiet) == [] and c4b.flags == []
+    report = write_report(_results([c4b.to_dict()], {**quiet, "claims_flagged": []}), tmp_path / "r2.md").read_text()
+    assert "Warning" not in report and "Caveat" not in report
