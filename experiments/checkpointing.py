@@ -88,7 +88,8 @@ def portable(obj: Any, run_dir: str | Path) -> Any:
     the repository relative to the repository root, any other one relative to `run_dir`.
 
     What counts as a path: a string that is absolute, or contains a "/" and exists relative to the
-    working directory, the file part of a task spec ("math:PATH,train=PATH"), and absolute paths
+    working directory, each part of a `BASE+ADAPTER` checkpoint spec, the file part of a task spec
+    ("math:PATH,train=PATH"), and absolute paths
     inside longer text (e.g. a reason naming a missing file). Other strings are left alone."""
     run = Path(os.path.abspath(run_dir))
 
@@ -100,6 +101,10 @@ def portable(obj: Any, run_dir: str | Path) -> Any:
         return Path(os.path.relpath(q, run)).as_posix()
 
     def conv(s: str) -> str:
+        if "+" in s and "\n" not in s and len(s) < 4096 and not Path(s).exists():  # BASE+ADAPTER
+            a, b = s.rsplit("+", 1)
+            if a and b and all(os.path.isabs(x) or Path(x).exists() for x in (a, b)):
+                return f"{conv(a)}+{rel(b)}"
         if s.startswith("math:"):
             head, *opts = s[len("math:"):].split(",")
             opts = [f"train={conv_path(o[6:])}" if o.startswith("train=") else o for o in opts]

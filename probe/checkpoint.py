@@ -135,6 +135,25 @@ def load_causal_lm(
     return model.to(dev).eval(), tokenizer
 
 
+def checkpoint_config(spec: str | Path) -> dict:
+    """The model config (`config.json` as a dict) behind any checkpoint spec, without loading weights."""
+    from probe.adapters import split_adapter_spec
+
+    return json.loads((resolve_checkpoint(split_adapter_spec(spec)[0]) / "config.json").read_text())
+
+
+def own_directory(spec: str | Path) -> Path:
+    """The directory holding a checkpoint's own files (its training log, metrics): the adapter's for
+    `BASE+ADAPTER`, the directory itself, or a `.gguf` file's folder."""
+    from probe.adapters import split_adapter_spec
+    from probe.gguf import is_gguf
+
+    base, adapter = split_adapter_spec(spec)
+    if adapter:
+        return Path(adapter)
+    return Path(base).parent if is_gguf(base) else Path(base)
+
+
 def checkpoint_provenance(spec: str | Path) -> dict:
     """What a checkpoint spec names, for outputs: its form, and for a GGUF its source file, sha256
     and dequantisation; for `BASE+ADAPTER` the adapter's recorded base and training record."""

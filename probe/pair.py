@@ -209,10 +209,12 @@ class Pair:
 ModelSpec = str | Path | HookedModel | tuple
 
 
-def load_pair(base: ModelSpec, rl: ModelSpec, backend: str = "auto", device: str | torch.device = "auto") -> Pair:
+def load_pair(base: ModelSpec, rl: ModelSpec, backend: str = "auto", device: str | torch.device = "auto",
+              dtype: str | torch.dtype = "float32") -> Pair:
     """Load two hooked models and check they are a comparable pair.
 
-    base, rl: a checkpoint directory, an `(hf_model, tokenizer)` tuple, or a `HookedModel`.
+    base, rl: a checkpoint spec (a directory, a `.gguf` file, `BASE+ADAPTER`: `probe.checkpoint`), an
+    `(hf_model, tokenizer)` tuple, or a `HookedModel`. dtype: precision of models loaded from specs.
     backend: "auto" (TransformerLens if it supports *both* architectures, else nnsight),
     "transformer_lens" or "nnsight". Raises `PairMismatchError` naming every difference.
     """
@@ -223,7 +225,7 @@ def load_pair(base: ModelSpec, rl: ModelSpec, backend: str = "auto", device: str
         elif isinstance(spec, tuple):
             loaded[role] = (spec[0], spec[1], f"{role} (in memory)")
         else:
-            hf, tok = load_causal_lm(spec, device="cpu")
+            hf, tok = load_causal_lm(spec, device="cpu", dtype=dtype)
             loaded[role] = (hf, tok, str(spec))
     raw = [v[0] for v in loaded.values() if isinstance(v, tuple)]
     chosen = _pick_backend(backend, raw) if raw else backend

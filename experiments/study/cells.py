@@ -17,11 +17,13 @@ from typing import Any
 
 from experiments.checkpointing import portable, write_text_atomic
 
-FINGERPRINT = ("base", "rl", "task", "n", "seed", "test_seeds", "problems", "derive_problems", "batch_size")
+FINGERPRINT = ("base", "rl", "task", "n", "seed", "test_seeds", "problems", "derive_problems", "batch_size", "dtype")
 
 
 def _norm(key: str, value: Any) -> Any:
     # checkpoints compare by directory name: a clone of the repository elsewhere still reuses its cells
+    if key == "dtype":
+        return value or "float32"  # sweeps stored before precision was a setting ran in float32
     return Path(value).name if key in ("base", "rl") and value else value
 
 

@@ -30,6 +30,7 @@ from experiments.study.claims import (
 )
 from experiments.study.claims_training import claim_phases, claim_regime, plot_phases
 from probe.breadth import check_truncation
+from probe.checkpoint import own_directory
 from probe.environment import describe, environment
 
 SCHEMA_VERSION = 2
@@ -130,7 +131,7 @@ def build_results(cfg, stage_cfgs: dict, out: str | Path) -> dict[str, Any]:
     curves = {"base": base, "rl": rl, **{k: v for k, v in steer["variants"].items() if v}}
     if steer.get("best"):
         curves["rl steered (best)"] = steer["best"]
-    log = Path(rl_dir) / "train_log.jsonl"
+    log = own_directory(rl_dir) / "train_log.jsonl"
     figs = _figures(out, log, curves)
     c1 = claim_law(probe.get("law"))
     c1.figures = ["probe/law_fit.png"] if probe.get("law", {}).get("available") else []

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from experiments.checkpointing import as_json, portable, write_json_atomic
 from experiments.paths import ORGANISMS_DIR
 from probe.breadth import TruncationWarning
+from probe.checkpoint import parse_dtype
 
 STAGES = ("organisms", "probe", "sae", "learn", "steer", "report")
 
@@ -66,6 +67,8 @@ class RunConfig:
     """Seed of every stage."""
     device: str = "auto"
     """"auto" = cuda if available, else cpu (probe and SAE; sampling in the sweep runs on the models' device)."""
+    dtype: str = "float32"
+    """Model precision: float32 (bit-for-bit reproducible) or bfloat16 (about 2x faster on CPUs with avx512_bf16 and GPUs; entropies and log-probs stay float32 computations)."""
 
     def __post_init__(self) -> None:
         self.out = str(Path(self.out))  # "runs/x/" and "runs/x" are one run directory
@@ -80,6 +83,7 @@ class RunConfig:
                              "experiments/organisms/wordproblems/)")
         if not 0 <= self.tolerance < 1:
             raise ValueError(f"tolerance={self.tolerance} must be in [0, 1)")
+        parse_dtype(self.dtype)
 
     def pair(self) -> tuple[str, str, tuple[str, ...]]:
         """(base, rl, variants) directories this run studies."""
@@ -93,6 +97,23 @@ class RunConfig:
                 self.variants or ((str(shipped),) if shipped.is_dir() else ()))
 
 
+def study_layers(n_layers: int) -> dict[str, Any]:
+    """The layers the stages use, spread over the depth: four blocks evenly spaced from the first to
+    the last for steering vectors and learned edits, the last three of them for patching and layer
+    restoration, the middle block for the SAE. On the 4-block organism: blocks 0-3, 1-3 and 2 (the
+    shipped study's choices); on SmolLM2-135M's 30 layers: 0, 10, 19, 29; 10, 19, 29; and 15."""
+    spread = sorted({round(i * (n_layers - 1) / 3) for i in range(4)})
+    return {"edit": tuple(spread), "later": tuple(spread[1:]) or tuple(spread), "sae": n_layers // 2}
+
+
+def pair_depth(cfg: RunConfig) -> int:
+    """Layers of the run's base model, read from its config (4, the organism's, before --from-scratch trains it)."""
+    from probe.checkpoint import checkpoint_config
+
+    base = cfg.pair()[0]
+    return 4 if cfg.from_scratch and not Path(base).exists() else int(checkpoint_config(base)["num_hidden_layers"])
+
+
 def stage_configs(cfg: RunConfig) -> dict[str, Any]:
     """Every stage's own config dataclass, sized by `cfg.quick`."""
     from experiments.organism.grpo_loss import LossConfig
@@ -103,37 +124,40 @@ def stage_configs(cfg: RunConfig) -> dict[str, Any]:
 
     out, q, seed = Path(cfg.out), cfg.quick, cfg.seed
     base, rl, variants = cfg.pair()
+    lay = study_layers(pair_depth(cfg))
     org = out / "organisms"
     sft = SFTConfig(out=str(org / "base"), steps=150 if q else 3500, batch_size=64 if q else 128, warmup=20 if q else 100,
                     eval_samples=0, seed=seed, device=cfg.device, save_every=50 if q else 500)
     grpo = dict(base=str(org / "base"), steps=6 if q else 250, prompts_per_step=8 if q else 32, group_size=8 if q else 16,
                 eval_problems=8 if q else 64, final_eval_samples=0, save_every=3 if q else 25, seed=seed, device=cfg.device)
     probe = ProbeConfig(base=base, rl=rl, out=str(out / "probe"), n_problems=8 if q else 64, samples=4 if q else 8,
-                        seed=seed, device=cfg.device, task=cfg.task)
+                        seed=seed, device=cfg.device, task=cfg.task, dtype=cfg.dtype)
     sae = SAETrainConfig(base=base, rl=rl, out=str(out / "sae"), train_samples=30_000 if q else 400_000,
                          n_train_problems=32 if q else 512, samples=4 if q else 8, n_eval_problems=8 if q else 128,
                          eval_samples=4 if q else 8, d_sae=128 if q else 512, seed=seed, device=cfg.device,
-                         task=cfg.task)
+                         task=cfg.task, dtype=cfg.dtype, layer=lay["sae"])
     diff = SAEDiffConfig(base=base, rl=rl, sae=str(out / "sae" / "sae"), out=str(out / "sae" / "diff"),
                          n_problems=8 if q else 128, samples=4 if q else 8, seed=seed, device=cfg.device,
-                         task=cfg.task)
-    learn = learn_plan(cfg, base, rl, out, q)
+                         task=cfg.task, dtype=cfg.dtype)
+    learn = learn_plan(cfg, base, rl, out, q, lay["edit"])
     sweep = SweepConfig(
         base=base, rl=rl, variants=variants, out=str(out / "steer"), methods=("dom-position",),
-        layers=("0+1+2+3",), coefs=(0.5,) if q else (0.4,), gates=("always",),
+        layers=("+".join(map(str, lay["edit"])),), coefs=(0.5,) if q else (0.4,), gates=("always",),
         learned=tuple(stage.out for stage, _ in learn.values()), learned_coefs=(1.0,) if q else (0.5, 1.0),
         fractions=(0.25,) if q else (0.125, 0.25, 0.5), temperatures=(1.5,) if q else (1.2,),
-        patch_layers=(3,) if q else (1, 2, 3), alphas=(1.0,), restore_layers=(3,) if q else (1, 2, 3),
+        patch_layers=lay["later"][-1:] if q else lay["later"], alphas=(1.0,),
+        restore_layers=lay["later"][-1:] if q else lay["later"],
         problems=8 if q else 0, n=16 if q else 64, test_seeds=1, derive_problems=16 if q else 256,
         detector=str(out / "probe" / "fork_detector.safetensors"), sae=str(out / "sae" / "sae"),
         sae_diff=str(out / "sae" / "diff" / "metrics.json"), tolerance=cfg.tolerance, seed=seed, device=cfg.device,
-        task=cfg.task)
+        task=cfg.task, dtype=cfg.dtype)
     return {"sft": sft, "grpo": grpo, "loss": {"none": LossConfig(intervention="none"),
                                                 "clip-cov": LossConfig(intervention="clip-cov")},
             "probe": probe, "sae": sae, "sae_diff": diff, "learn": learn, "sweep": sweep}
 
 
-def learn_plan(cfg: RunConfig, base: str, rl: str, out: Path, quick: bool) -> dict[str, tuple]:
+def learn_plan(cfg: RunConfig, base: str, rl: str, out: Path, quick: bool,
+               layers: tuple[int, ...] = (0, 1, 2, 3)) -> dict[str, tuple]:
     """name -> (LearnStageConfig, LearnConfig) of every learned edit the sweep evaluates: the shipped
     edit when the pair is the shipped one (its recipe and pair match, so it is reused, not retrained),
     else trained into OUT/learn/ on the training stream (`--quick`: a few steps)."""
@@ -142,11 +166,12 @@ def learn_plan(cfg: RunConfig, base: str, rl: str, out: Path, quick: bool) -> di
 
     plan = {}
     for name, recipe in RECIPES.items():
-        lc = LearnConfig(**{**recipe, **({"steps": 4, "prompts_per_step": 4, "group_size": 8} if quick else {})})
+        lc = LearnConfig(**{**recipe, "layers": layers,
+                            **({"steps": 4, "prompts_per_step": 4, "group_size": 8} if quick else {})})
         ship = None if (quick or cfg.from_scratch) else shipped_edit(name, base, rl, lc, cfg.task)
         stage = LearnStageConfig(base=base, rl=rl, out=ship or str(out / "learn" / f"{name}.safetensors"),
                                  sae=str(out / "sae" / "sae"), sae_diff=str(out / "sae" / "diff" / "metrics.json"),
-                                 device=cfg.device, task=cfg.task)
+                                 device=cfg.device, task=cfg.task, dtype=cfg.dtype)
         plan[name] = (stage, lc)
     return plan
 
@@ -176,7 +201,7 @@ def preflight(cfg: RunConfig) -> None:
 
     base, rl, variants = cfg.pair()
     task = load_task(cfg.task)  # a bad --task fails here
-    pair = load_pair(base, rl, device="cpu")  # raises PairMismatchError naming every difference
+    pair = load_pair(base, rl, device="cpu", dtype=cfg.dtype)  # raises PairMismatchError naming every difference
     task.check_tokenizer(pair.base.tokenizer)
     check_context(pair.base.hf, pair.base.tokenizer, task.heldout_prompts(), task.max_new_tokens)
     for v in variants:
@@ -187,7 +212,20 @@ def preflight(cfg: RunConfig) -> None:
 def stored_config(config: Any, out: str | Path) -> Any:
     """`config` as `run_state.json` holds it: JSON values with portable paths (`portable`), so a run
     directory compares equal, and resumes, wherever the repository is cloned."""
-    return portable(as_json(config), out)
+    return _drop_defaults(portable(as_json(config), out))
+
+
+SETTINGS_ADDED = {"dtype": "float32"}
+"""Settings added after runs were stored, with the value every earlier run used: left out of a stored
+configuration at that value, so runs written before the setting existed still resume."""
+
+
+def _drop_defaults(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _drop_defaults(v) for k, v in obj.items() if not (k in SETTINGS_ADDED and v == SETTINGS_ADDED[k])}
+    if isinstance(obj, list):
+        return [_drop_defaults(v) for v in obj]
+    return obj
 
 
 class Run:

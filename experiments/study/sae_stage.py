@@ -104,6 +104,8 @@ class SAETrainConfig:
     """"auto", "transformer_lens" or "nnsight"."""
     device: str = "auto"
     """"auto" = cuda if available, else cpu (models and SAE)."""
+    dtype: str = "float32"
+    """Model precision: float32 (bit-for-bit reproducible) or bfloat16 (about 2x faster on CPUs with avx512_bf16 and GPUs; entropies and log-probs stay float32 computations)."""
     seed: int = 0
     """Sampling and SAE seed."""
     batch_size: int = 256
@@ -168,6 +170,8 @@ class SAEDiffConfig:
     """"auto", "transformer_lens" or "nnsight"."""
     device: str = "auto"
     """"auto" = cuda if available, else cpu."""
+    dtype: str = "float32"
+    """Model precision: float32 (bit-for-bit reproducible) or bfloat16 (about 2x faster on CPUs with avx512_bf16 and GPUs; entropies and log-probs stay float32 computations)."""
     seed: int = 0
     """Sampling seed."""
     batch_size: int = 256
@@ -191,10 +195,10 @@ def run_sae_train(cfg: SAETrainConfig) -> dict:
     """Collect activations, train, save and score an SAE; writes everything into `cfg.out`."""
     t0, out = time.time(), Path(cfg.out)
     if cfg.rl:
-        pair = load_pair(cfg.base, cfg.rl, backend=cfg.backend, device=cfg.device)
+        pair = load_pair(cfg.base, cfg.rl, backend=cfg.backend, device=cfg.device, dtype=cfg.dtype)
         models = dict(pair.items())
     else:
-        hf, tok = load_causal_lm(cfg.base, device="cpu")
+        hf, tok = load_causal_lm(cfg.base, device="cpu", dtype=cfg.dtype)
         models = {"base": wrap(hf, tok, cfg.backend, cfg.device, cfg.base)}
     task = load_task(cfg.task)
     task.check_tokenizer(models["base"].tokenizer)
@@ -267,7 +271,7 @@ def run_sae_diff(cfg: SAEDiffConfig) -> dict:
     """The feature diff at base forks; writes metrics.json and the plots into `cfg.out`."""
     t0, out = time.time(), Path(cfg.out)
     sae = load_sae(cfg.sae, device=str(resolve_device(cfg.device)))  # a bad --sae fails before any work
-    pair = load_pair(cfg.base, cfg.rl, backend=cfg.backend, device=cfg.device)
+    pair = load_pair(cfg.base, cfg.rl, backend=cfg.backend, device=cfg.device, dtype=cfg.dtype)
     load_task(cfg.task).check_tokenizer(pair.base.tokenizer)  # fails before any work
     res = compute_diff(cfg, pair, sae)
     lists = feature_records(res, sae, pair.base.hf, pair.base.tokenizer, cfg.top, cfg.n_contexts,
