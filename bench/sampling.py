@@ -11,6 +11,13 @@ row instead of once per prompt), which isolates what the shared prefill buys. Wa
 `--repeats` rounds with the methods interleaved; each figure is the median. Wall and process-CPU
 times are both reported: on a shared CPU the CPU-time ratios are the reliable ones. The last line
 is one JSON record.
+
+    python bench/sampling.py --real [--prompts 32] [--n 8] [--new-tokens 96] [--threads 2]
+
+The real model instead (SmolLM2-135M-Instruct, installed by `forksight fetch-real-base`): the same
+word-problem prompts through its chat template, sampled by `sample_branches` with the model in
+float32 and in bfloat16, interleaved, median of `--repeats` (goal: bfloat16 >= 1.8x float32 tokens/s on
+a CPU with avx512_bf16). Samples end at eos, so each precision's tokens/s is over the tokens it made.
 """
 
 from __future__ import annotations
@@ -100,6 +107,49 @@ def timed(fn) -> tuple[float, float, int]:
     return time.perf_counter() - w0, time.process_time() - c0, tokens
 
 
+def real_precision(args) -> dict:
+    """float32 vs bfloat16 tokens/s of `sample_branches` on the real base, in one run."""
+    from experiments.fetch_real import REAL_BASE
+    from experiments.tasks import load_task
+    from probe.checkpoint import load_causal_lm
+
+    if not REAL_BASE.is_file():
+        raise SystemExit(f"{REAL_BASE} is missing: install the real base first (make real-base)")
+    models = {d: load_causal_lm(REAL_BASE, device=args.device, dtype=d) for d in ("float32", "bfloat16")}
+    tok = models["float32"][1]
+    task = load_task("math:experiments/real/smollm2/heldout.jsonl,chat")
+    task.check_tokenizer(tok)
+    prompts = task.heldout_prompts(args.prompts)
+    cfg = SamplerConfig(n=args.n, max_new_tokens=args.new_tokens, seed=0, batch_size=args.batch_size or 1024,
+                        device=args.device)
+
+    def run(d):
+        return lambda: int(sample_branches(models[d][0], tok, prompts, cfg).mask.sum())
+
+    run("bfloat16")()  # warm-up
+    runs: dict[str, list] = {d: [] for d in models}
+    for _ in range(args.repeats):
+        for d in models:
+            runs[d].append(timed(run(d)))
+    rate = {d: statistics.median(t / w for w, _, t in r) for d, r in runs.items()}
+    rate_cpu = {d: statistics.median(t / c for _, c, t in r) for d, r in runs.items()}
+    ratio, ratio_cpu = rate["bfloat16"] / rate["float32"], rate_cpu["bfloat16"] / rate_cpu["float32"]
+    dev_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    print(f"device {args.device} ({dev_name}), torch threads {torch.get_num_threads()}, torch {torch.__version__}, "
+          f"load avg {os.getloadavg()[0]:.1f}")
+    print(f"SmolLM2-135M-Instruct (GGUF, dequantised); {len(prompts)} chat prompts x {args.n} samples, up to "
+          f"{args.new_tokens} new tokens; median of {args.repeats}")
+    for d in models:
+        print(f"  {d:9s} {rate[d]:7.0f} tokens/s wall  {rate_cpu[d]:7.0f} tokens/s cpu")
+    print(f"bfloat16 / float32 tokens/s: {ratio:.2f}x wall, {ratio_cpu:.2f}x cpu (goal >= 1.8x)")
+    record = {"bench": "sampling-precision", "device": args.device, "threads": torch.get_num_threads(),
+              "model": "SmolLM2-135M-Instruct", "rows": len(prompts) * args.n, "new_tokens": args.new_tokens,
+              **{f"{d}_tokens_per_s": round(v, 1) for d, v in rate.items()},
+              "bfloat16_over_float32": round(ratio, 3), "bfloat16_over_float32_cpu": round(ratio_cpu, 3)}
+    print(json.dumps(record))
+    return record
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=int, default=64)
@@ -119,9 +169,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--profile", action="store_true", help="print a cProfile of one sampler run")
+    ap.add_argument("--real", action="store_true",
+                    help="float32 vs bfloat16 on the real model (SmolLM2-135M-Instruct) instead")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.real:
+        return real_precision(args)
     args.batch_size = args.batch_size or args.prompts * args.n
     model = build_model(args)
     gen = torch.Generator().manual_seed(0)
