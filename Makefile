@@ -49,7 +49,7 @@ real-base: $(STAMP)
 # on a 2-core machine (the notebook kernel, a training in the background) thrash badly.
 test test-fast test-latest: export OMP_NUM_THREADS := 1
 
-test: $(STAMP)
+test: $(STAMP) real-base
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from probe.atomic import replace_dir_atomic
+
 
 def as_json(obj: Any) -> Any:
     """`obj` as it reads back from JSON: dataclasses (nested too) become dicts, tuples lists, other
@@ -137,21 +139,16 @@ def save_state(run_dir: str | Path, step: int, model, optimizer, progress: dict,
     state = Path(run_dir) / "state"
     state.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=state, prefix=f".{name}."))
-    try:
-        keys = {n for n, p in model.named_parameters() if p.requires_grad} if trainable_only else None
+    keys = {n for n, p in model.named_parameters() if p.requires_grad} if trainable_only else None
+
+    def build(tmp: Path) -> None:
         sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()
               if keys is None or k in keys}
         save_file(_untie(sd), str(tmp / "model.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "progress.json").write_text(json.dumps({**progress, "step": step}, indent=2))
-        final = state / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    final = replace_dir_atomic(state / name, build)
     write_json_atomic(state / "latest.json", {"step": step, "dir": name})
     for old in sorted(state.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

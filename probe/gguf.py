@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from probe.atomic import replace_dir_atomic
 
 GGUF_PROVENANCE = "forksight-gguf.json"
 """The file in a converted directory that names its source GGUF and sha256."""
@@ -36,6 +35,8 @@ class GGUFError(ValueError):
 
 def cache_root() -> Path:
     """Where converted checkpoints live: `$FORKSIGHT_CACHE`, else `~/.cache/forksight`."""
+    import os
+
     return Path(os.environ.get("FORKSIGHT_CACHE") or Path.home() / ".cache" / "forksight")
 
 
@@ -104,9 +105,7 @@ def gguf_to_directory(path: str | Path, expected_sha256: str | None = None, dest
     model.hf_quantizer = None  # a gguf-"quantised" model refuses save_pretrained; its weights are plain floats now
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    def build(tmp: Path) -> None:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
         (tmp / GGUF_PROVENANCE).write_text(json.dumps({
@@ -116,12 +115,8 @@ def gguf_to_directory(path: str | Path, expected_sha256: str | None = None, dest
             "architecture": (model.config.architectures or [type(model).__name__])[0],
             "dtype": "float32",
         }, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    replace_dir_atomic(out, build)
     return out
 
 

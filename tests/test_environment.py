@@ -137,3 +137,16 @@ def test_annotate_stamps_old_results_once_and_leaves_numbers_state_and_hf_weight
         "a second run changes nothing: a recorded environment is never overwritten"
     with pytest.raises(NotADirectoryError, match="is not a directory"):
         annotate([tmp_path / "missing"])
+
+
+def test_every_shipped_result_records_its_environment():
+    """Written (regenerated) or annotated after the fact, each shipped result says which versions stand
+    behind it: a file added without a record fails here."""
+    from experiments.paths import EXPERIMENTS_DIR
+    from experiments.study.annotate import result_files
+    from probe.environment import recorded
+
+    files = [f for root in ("results", "organisms", "real") for f in result_files(EXPERIMENTS_DIR / root)]
+    assert len(files) > 30, f"vacuous: only {len(files)} shipped result files found"
+    missing = [str(f.relative_to(EXPERIMENTS_DIR)) for f in files if recorded(f) is None]
+    assert not missing, f"shipped results without an environment record: {missing[:10]}"
