@@ -93,6 +93,7 @@ def cmd_rl(args: argparse.Namespace) -> dict:
 
 def cmd_eval(args: argparse.Namespace) -> dict:
     from experiments.checkpointing import write_json_atomic
+    from probe.checkpoint import checkpoint_provenance
     from probe.diversity import crossover_k
     from probe.evaluate import plot_pass_at_k
 
@@ -107,7 +108,8 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     plot_pass_at_k(results, out / "pass_at_k.png")
     if len(results) == 1:
-        record = {**next(iter(results.values())), "model": models[0], "environment": environment()}
+        record = {**next(iter(results.values())), "model": models[0],
+                  "checkpoint": checkpoint_provenance(models[0]), "environment": environment()}
         write_json_atomic(out / "metrics.json", record, relative_to=out)
         return {"out": str(out), **_headline(record)}
     first = names[0]
@@ -116,7 +118,8 @@ def cmd_eval(args: argparse.Namespace) -> dict:
         for a, b in ((first, other), (other, first)):
             crossovers[f"{b}_overtakes_{a}"] = crossover_k(results[a]["pass_at_k"], results[b]["pass_at_k"])
     breadth = compare_breadth(results)  # distinct-correct over the same problems for every model
-    record = {"models": dict(zip(names, models)), "metrics": results, "crossover_k": crossovers, "breadth": breadth,
+    record = {"models": dict(zip(names, models)), "checkpoints": {n: checkpoint_provenance(m) for n, m in zip(names, models)},
+              "metrics": results, "crossover_k": crossovers, "breadth": breadth,
               "environment": environment()}
     write_json_atomic(out / "metrics.json", record, relative_to=out)
     paired = {k: breadth[k] for k in ("distinct_correct_subset", "distinct_correct_n_problems", "distinct_correct_mean")}

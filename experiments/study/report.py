@@ -30,7 +30,7 @@ from experiments.study.claims import (
 )
 from experiments.study.claims_training import claim_phases, claim_regime, plot_phases
 from probe.breadth import check_truncation
-from probe.checkpoint import own_directory
+from probe.checkpoint import checkpoint_provenance, own_directory
 from probe.environment import describe, environment
 
 SCHEMA_VERSION = 2
@@ -192,6 +192,8 @@ def build_results(cfg, stage_cfgs: dict, out: str | Path) -> dict[str, Any]:
         "out": str(out),
         "task": getattr(cfg, "task", "countdown"),
         "pair": {"base": base_dir, "rl": rl_dir, "variants": list(variants)},
+        "checkpoints": {"base": checkpoint_provenance(base_dir), "rl": checkpoint_provenance(rl_dir),
+                        "variants": [checkpoint_provenance(v) for v in variants]},
         "config": {"run": as_json(cfg), **{k: as_json(v) for k, v in stage_cfgs.items()
                                            if k in ("probe", "sae", "sae_diff", "sweep")},
                    "learn": {k: [as_json(x) for x in v] for k, v in stage_cfgs["learn"].items()}},
