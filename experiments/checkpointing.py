@@ -84,6 +84,13 @@ REPO_DIR = Path(__file__).resolve().parents[1]
 _ABS_IN_TEXT = re.compile(r"(?<![\w.~:/])/(?:[^\s'\"`,;:()\[\]{}<>|*?]+/)+[^\s'\"`,;:()\[\]{}<>|*?]*[^\s'\"`,;:()\[\]{}<>|*?.]")
 
 
+def _exists(p: str) -> bool:
+    try:
+        return Path(p).exists()
+    except (OSError, ValueError):  # a name too long for the file system, or with a NUL: not a path
+        return False
+
+
 def portable(obj: Any, run_dir: str | Path) -> Any:
     """`obj` (JSON-ready) with its file-system paths made portable, so a results file means the same
     on another machine: a path inside `run_dir` becomes relative to it ("." for itself), one elsewhere in
@@ -103,9 +110,9 @@ def portable(obj: Any, run_dir: str | Path) -> Any:
         return Path(os.path.relpath(q, run)).as_posix()
 
     def conv(s: str) -> str:
-        if "+" in s and "\n" not in s and len(s) < 4096 and not Path(s).exists():  # BASE+ADAPTER
+        if "+" in s and not any(c.isspace() for c in s) and len(s) < 1024 and not _exists(s):  # BASE+ADAPTER
             a, b = s.rsplit("+", 1)
-            if a and b and all(os.path.isabs(x) or Path(x).exists() for x in (a, b)):
+            if a and b and all(os.path.isabs(x) or _exists(x) for x in (a, b)):
                 return f"{conv(a)}+{rel(b)}"
         if s.startswith("math:"):
             head, *opts = s[len("math:"):].split(",")
@@ -113,12 +120,12 @@ def portable(obj: Any, run_dir: str | Path) -> Any:
             return ",".join([f"math:{conv_path(head)}", *opts])
         if os.path.isabs(s) and "\n" not in s and " " not in s.strip():
             return rel(s)
-        if "/" in s and len(s) < 4096 and "\n" not in s and Path(s).exists():
+        if "/" in s and len(s) < 4096 and "\n" not in s and _exists(s):
             return rel(s)
         return _ABS_IN_TEXT.sub(lambda m: rel(m.group(0)), s) if "/" in s else s
 
     def conv_path(s: str) -> str:
-        return rel(s) if os.path.isabs(s) or Path(s).exists() else s
+        return rel(s) if os.path.isabs(s) or _exists(s) else s
 
     def walk(x: Any) -> Any:
         if isinstance(x, str):

@@ -46,9 +46,10 @@ def split_adapter_spec(spec: str | Path) -> tuple[str, str | None]:
 
 
 def base_fingerprint(model) -> str:
-    """sha256 (first 16 hex digits) of the model's input-embedding matrix as float32 bytes plus its
-    shape: equal for the same base weights in any dtype-preserving load, different for another base."""
-    w = model.get_input_embeddings().weight.detach().to("cpu", torch.float32).contiguous()
+    """sha256 (first 16 hex digits) of the model's input-embedding matrix rounded to bfloat16 (as
+    float32 bytes) plus its shape: equal for the same base loaded in float32 or bfloat16, different
+    for another base."""
+    w = model.get_input_embeddings().weight.detach().to("cpu", torch.bfloat16).to(torch.float32).contiguous()
     h = hashlib.sha256(str(tuple(w.shape)).encode())
     h.update(w.numpy().tobytes())
     return h.hexdigest()[:16]

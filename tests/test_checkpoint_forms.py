@@ -150,3 +150,19 @@ def test_a_truncated_copy_of_the_real_gguf_fails_its_sha256_with_the_fix(real_ba
         fetch_real_base(dest=cut)
     with pytest.raises(GGUFError, match=f"expected {GGUF_SHA256}"):
         gguf_to_directory(cut, expected_sha256=GGUF_SHA256)
+
+
+def test_the_base_fingerprint_does_not_depend_on_the_precision_it_was_loaded_in(tiny_lm):
+    model = tiny_lm("qwen2", seed=0)
+    assert base_fingerprint(model) == base_fingerprint(tiny_lm("qwen2", seed=0).to(torch.bfloat16)), \
+        "an adapter trained on a bfloat16 base must load onto the same base in float32"
+
+
+def test_portable_paths_split_base_plus_adapter_and_leave_long_text_alone(tmp_path):
+    from experiments.checkpointing import REPO_DIR, portable
+
+    base, adapter = REPO_DIR / "experiments" / "organisms" / "countdown" / "base", tmp_path / "run" / "adapter"
+    adapter.mkdir(parents=True)
+    assert portable(f"{base}+{adapter}", tmp_path / "run") == "experiments/organisms/countdown/base+adapter"
+    text = "vector {'layer': '0+1+2+3'} restores " + "x" * 300 + " on the mixture frontier"
+    assert portable(text, tmp_path) == text, "prose with a '+' is not a checkpoint spec (nor a file name too long)"

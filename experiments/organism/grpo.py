@@ -208,6 +208,7 @@ def _save_policy(model, tok, cfg: GRPOConfig, dest: Path, step: int) -> None:
     def build(d: Path) -> None:
         model.peft_config["default"].base_model_name_or_path = portable(cfg.base, dest)
         model.save_pretrained(str(d))
+        (d / "README.md").unlink(missing_ok=True)  # peft's model card: a template naming the local base path
         write_adapter_provenance(d, portable(cfg.base, dest), model.get_base_model(), step=step,
                                  lora_rank=cfg.lora_rank, task=portable(cfg.task, dest), seed=cfg.seed)
     publish_dir(build, dest)
