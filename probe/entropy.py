@@ -102,14 +102,17 @@ def _check_masks(tokens: Tensor, attention_mask: Tensor | None, answer_mask: Ten
 
 
 def entropy_and_logprob(
-    logits: Float[Tensor, "rows pos vocab"], tokens: Int[Tensor, "rows pos"]
+    logits: Float[Tensor, "rows pos vocab"], tokens: Int[Tensor, "rows pos"], entropy_grad: bool = True
 ) -> tuple[Float[Tensor, "rows pos"], Float[Tensor, "rows pos"]]:
     """Entropy (nats, temperature 1) and log-prob of each token, aligned to `tokens`: column t
     comes from `logits[:, t - 1]` (the distribution that predicts token t); column 0 is 0.
-    Differentiable (the RL learner uses it with gradients)."""
+    Differentiable (the RL learner uses it with gradients); `entropy_grad=False` computes the
+    entropy outside autograd (same values; no [rows, pos, vocab] tensors kept for a backward pass
+    that a loss without an entropy term never takes)."""
     logp = logits[:, :-1].float().log_softmax(-1)  # [b, T-1, V]
-    p = logp.exp()
-    ent = -torch.where(p > 0, p * logp, 0.0).sum(-1)  # [b, T-1]
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        p = logp.exp()
+        ent = -torch.where(p > 0, p * logp, 0.0).sum(-1)  # [b, T-1]
     lp = logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)  # [b, T-1]
     pad = ent.new_zeros(ent.shape[0], 1)
     return torch.cat([pad, ent], 1), torch.cat([pad, lp], 1)

@@ -282,7 +282,7 @@ def _step(model, tok, opt, task, stream, new_tokens, cfg: GRPOConfig, loss_cfg: 
     stats: list[dict] = []
     for rows in order.chunk(cfg.mini_batches):
         mb = batch.select(rows)
-        logp, ent = policy_logprobs(model, mb)
+        logp, ent = policy_logprobs(model, mb, entropy_grad=loss_cfg.intervention == "entropy-bonus")
         loss, s = grpo_loss(logp, ent, mb, loss_cfg, generator=gen, forks=forks[rows])
         opt.zero_grad(set_to_none=True)
         loss.backward()

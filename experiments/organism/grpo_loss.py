@@ -248,10 +248,11 @@ def kl_cov_select(
 
 
 def policy_logprobs(
-    model, batch: Rollouts
+    model, batch: Rollouts, entropy_grad: bool = True
 ) -> tuple[Float[Tensor, "rows seq"], Float[Tensor, "rows seq"]]:
     """Teacher-forced log-prob of each token and entropy (nats, temperature 1) of the distribution
-    that predicted it, aligned with `batch.input_ids` (position 0 gets 0)."""
+    that predicted it, aligned with `batch.input_ids` (position 0 gets 0). `entropy_grad=False`:
+    the entropy carries no gradient (for losses without an entropy term; same values)."""
     # Only the positions that predict generated tokens need logits: with left-padded prompts and
     # right-padded completions those are the last `keep` columns (the vocabulary projection and the
     # [rows, seq, vocab] softmax of a real model's long prompts are most of the loss's memory).
@@ -262,7 +263,7 @@ def policy_logprobs(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, **kwargs
     ).logits
     start = batch.input_ids.shape[1] - logits.shape[1]  # 0, or the columns cut off in front
-    entropy, logp = entropy_and_logprob(logits, batch.input_ids[:, start:])
+    entropy, logp = entropy_and_logprob(logits, batch.input_ids[:, start:], entropy_grad=entropy_grad)
     if start:
         pad = logp.new_zeros(logp.shape[0], start)
         entropy, logp = torch.cat([pad, entropy], 1), torch.cat([pad, logp], 1)
