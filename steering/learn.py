@@ -40,10 +40,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from probe.budget import forward_rows
 from probe.entropy import entropy_and_logprob, kl, trajectories_from_branches
 from probe.evaluate import ROLE_CODE, score_branches
 from probe.forks import fork_mask
@@ -113,6 +114,9 @@ class LearnConfig:
     """Save the edit and the loop state every this many steps (0 = only at the end)."""
     batch_size: int = 512
     """Sampler rows per forward pass."""
+    micro_batch: int = 0
+    """Rows per teacher-forced forward and backward (gradients accumulate; 0 = as many as the memory
+    budget holds, `probe.budget.forward_rows`). The gradient does not depend on it."""
 
     def __post_init__(self) -> None:
         def need(ok: bool, what: str, fix: str) -> None:
@@ -228,27 +232,15 @@ def learn(rl_model: Any, tokenizer: Any, task: Task, prompts: Callable[[int, int
         tokens, attn, ans = traj.tokens.to(dev), traj.attention_mask.to(dev), traj.answer_mask.to(dev)
         steered = (branches.sample_index < m).to(dev)  # [rows]
         buckets = edit.buckets(attn, ans, branches.sample_index.to(dev), cfg.where).masked_fill(~steered[:, None], -1)
-        with steer, steer.positions(buckets):
-            logits = rl_model(input_ids=tokens, attention_mask=attn.long()).logits  # [rows, T, V]
         roles, ans_s = traj.roles.to(dev), ans & steered[:, None]  # answer tokens of steered rows
         rec: dict[str, float] = {"step": step, "pass_rate": scored.correct[steered.cpu()].float().mean().item(),
                                  "distinct_per_group": float(unique_reward(scored.canonical, cfg.group_size).sum()
                                                              / len(batch))}
-        if cfg.objective == "distill":
-            loss = _distill_loss(cfg, base_model, logits, tokens, attn, ans_s, roles, rec)
-        else:
-            loss = _breadth_loss(cfg, scored, m, logits, tokens, ans_s, dev, rec)
-        if cfg.anchor > 0:
-            with torch.no_grad():
-                plain = rl_model(input_ids=tokens, attention_mask=attn.long()).logits
-            sel = ans_s if cfg.anchor_role == "all" else ans_s & (roles == ROLE_CODE[cfg.anchor_role])
-            anchor = kl(plain[:, :-1], logits[:, :-1])[sel[:, 1:]].mean() if sel.any() else logits.new_zeros(())
-            loss = loss + cfg.anchor * anchor
-            rec["anchor_kl"] = anchor.item()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total = _backward(cfg, rl_model, base_model, steer, _Batch(tokens, attn.long(), ans_s, roles, buckets),
+                          scored, m, rec)
+        rec["loss"], rec["seconds"] = total, time.time() - t0
         opt.step()
-        rec["loss"], rec["seconds"] = loss.item(), time.time() - t0
         log.append(rec)
         done = step + 1
         if done == cfg.steps or (cfg.save_every and done % cfg.save_every == 0):
@@ -259,21 +251,89 @@ def learn(rl_model: Any, tokenizer: Any, task: Task, prompts: Callable[[int, int
     return edit, log
 
 
-def _distill_loss(cfg: LearnConfig, base_model: Any, logits: Tensor, tokens: Tensor, attn: Tensor, ans: Tensor,
-                  roles: Tensor, rec: dict) -> Tensor:
-    """KL(base || steered) at `cfg.distill_at` answer tokens (position t - 1 predicts token t)."""
+@dataclass
+class _Batch:
+    """One step's teacher-forced rows (right-padded prompt + completion)."""
+
+    tokens: Int[Tensor, "rows T"]
+    attn: Int[Tensor, "rows T"]
+    ans: Bool[Tensor, "rows T"]
+    """Answer tokens of the steered rows: the only ones any loss term reads."""
+    roles: Int[Tensor, "rows T"]
+    buckets: Int[Tensor, "rows T"]
+
+
+def _chunks(cfg: LearnConfig, model: Any, b: _Batch) -> list[Tensor]:
+    """Row chunks of `cfg.micro_batch` rows (0: as many as the memory budget holds for three models'
+    logits, `probe.budget.forward_rows`: every row at once on the organisms)."""
+    rows = b.tokens.shape[0]
+    step = cfg.micro_batch or min(rows, forward_rows(model, b.tokens.shape[1], models=3))
+    return [torch.arange(i, min(i + step, rows), device=b.tokens.device) for i in range(0, rows, step)]
+
+
+def _accumulate(cfg: LearnConfig, model: Any, steer: Any, b: _Batch, rec: dict, name: str,
+                where: Bool[Tensor, "rows T"], terms: Callable[[Tensor, Tensor], Tensor]) -> float:
+    """Backpropagate mean(terms at `where`) + anchor * mean(KL(RL || steered) at the anchored
+    tokens) over every row, `cfg.micro_batch` rows per forward (gradients accumulate; each mean's
+    denominator is its count over the whole batch, so the gradient does not depend on the chunking).
+    `terms(rows, logits)` -> [len(rows), T] per-token values (column t: the prediction of token t).
+    Records the two means in `rec` (`name`, "anchor_kl"); returns the loss value."""
+    sel = b.ans if cfg.anchor_role == "all" else b.ans & (b.roles == ROLE_CODE[cfg.anchor_role])
+    n_main, n_anchor = int(where.sum()), int(sel.sum()) if cfg.anchor > 0 else 0
+    main = anchor = 0.0
+    for rows in _chunks(cfg, model, b):
+        with steer, steer.positions(b.buckets[rows]):
+            logits = model(input_ids=b.tokens[rows], attention_mask=b.attn[rows]).logits  # [r, T, V]
+        part = terms(rows, logits)[where[rows]].sum() / max(n_main, 1)
+        loss = part
+        if n_anchor:
+            with torch.no_grad():
+                plain = model(input_ids=b.tokens[rows], attention_mask=b.attn[rows]).logits
+            a = kl(plain[:, :-1], logits[:, :-1])[sel[rows][:, 1:]].sum() / n_anchor
+            loss = loss + cfg.anchor * a
+            anchor += a.item()
+        if loss.requires_grad:
+            loss.backward()
+        main += part.item()
+    rec[name] = main
+    if cfg.anchor > 0:
+        rec["anchor_kl"] = anchor
+    return main + cfg.anchor * anchor
+
+
+def _backward(cfg: LearnConfig, rl_model: Any, base_model: Any, steer: Any, b: _Batch, scored: Any, m: int,
+              rec: dict) -> float:
+    """Accumulate the step's gradient (the objective's loss plus the anchor); returns the loss value."""
+    if cfg.objective == "distill":
+        where = _distill_positions(cfg, base_model, b)
+        return _accumulate(cfg, rl_model, steer, b, rec, "kl_base_steered", where,
+                           lambda rows, logits: _distill_terms(base_model, b, rows, logits))
+    adv = _breadth_advantages(cfg, scored, m, rec).to(b.tokens.device)
+    return _accumulate(cfg, rl_model, steer, b, rec, "pg_loss", b.ans, lambda rows, logits: -(
+        adv[rows, None] * entropy_and_logprob(logits, b.tokens[rows], entropy_grad=False)[1]))
+
+
+def _distill_positions(cfg: LearnConfig, base_model: Any, b: _Batch) -> Bool[Tensor, "rows T"]:
+    """Tokens whose prediction is distilled: `cfg.distill_at` among the steered answer tokens
+    ("forks": the base model's top-rho by entropy over the whole batch)."""
+    if cfg.distill_at == "planning":
+        return b.ans & (b.roles == ROLE_CODE["planning"])
+    if cfg.distill_at != "forks":
+        return b.ans
+    h = torch.zeros(b.tokens.shape, device=b.tokens.device)
     with torch.no_grad():
-        base_logits = base_model(input_ids=tokens, attention_mask=attn.long()).logits
-    where = ans
-    if cfg.distill_at == "forks":
-        h_base, _ = entropy_and_logprob(base_logits, tokens)
-        where = fork_mask(h_base, ans, cfg.rho)
-    elif cfg.distill_at == "planning":
-        where = ans & (roles == ROLE_CODE["planning"])
-    d = kl(base_logits[:, :-1], logits[:, :-1])  # [rows, T-1]
-    loss = d[where[:, 1:]].mean() if where.any() else logits.new_zeros(())
-    rec["kl_base_steered"] = loss.item()
-    return loss
+        for rows in _chunks(cfg, base_model, b):
+            logits = base_model(input_ids=b.tokens[rows], attention_mask=b.attn[rows]).logits
+            h[rows] = entropy_and_logprob(logits, b.tokens[rows])[0]
+    return fork_mask(h, b.ans, cfg.rho)
+
+
+def _distill_terms(base_model: Any, b: _Batch, rows: Tensor, logits: Tensor) -> Tensor:
+    """KL(base || steered) of the prediction of each token (column t from position t - 1; column 0 is 0)."""
+    with torch.no_grad():
+        base_logits = base_model(input_ids=b.tokens[rows], attention_mask=b.attn[rows]).logits
+    d = kl(base_logits[:, :-1], logits[:, :-1])  # [r, T-1]
+    return torch.cat([d.new_zeros(d.shape[0], 1), d], 1)
 
 
 def novel_reward(keys: Sequence[Any], group_size: int, m: int) -> Float[Tensor, " rows"]:
@@ -288,9 +348,9 @@ def novel_reward(keys: Sequence[Any], group_size: int, m: int) -> Float[Tensor, 
     return out
 
 
-def _breadth_loss(cfg: LearnConfig, scored: Any, m: int, logits: Tensor, tokens: Tensor, ans: Tensor, dev: Any,
-                  rec: dict) -> Tensor:
-    """Policy gradient of the breadth reward over the steered rows (token mean of -A log p)."""
+def _breadth_advantages(cfg: LearnConfig, scored: Any, m: int, rec: dict) -> Float[Tensor, " rows"]:
+    """Per-row advantage of the breadth reward (0 on unsteered rows); the loss is the token mean of
+    -A log p over the steered rows' answer tokens."""
     g = cfg.group_size
     if cfg.reward == "unique":
         r = unique_reward(scored.canonical, g)
@@ -309,10 +369,7 @@ def _breadth_loss(cfg: LearnConfig, scored: Any, m: int, logits: Tensor, tokens:
         adv[:, :m] = a
         adv = adv.view(-1)
         rec["reward"] = rs.sum().item() / rs.shape[0]
-    _, logp = entropy_and_logprob(logits, tokens)  # [rows, T]
-    loss = -(adv.to(dev)[:, None] * logp)[ans].mean()
-    rec["pg_loss"] = loss.item()
-    return loss
+    return adv
 
 
 def _save(edit: LearnedEdit, opt, out: Path, state_path: Path, step: int, log: list[dict], cfg: LearnConfig,

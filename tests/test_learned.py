@@ -223,3 +223,20 @@ def test_shipped_learned_edits_fit_the_budget_and_are_reused_by_forksight_run():
         edit = LearnedEdit.load(path)
         assert edit.n_params() <= MAX_PARAM_SHARE * n_model and edit.meta["provenance"]["model_params"] == n_model
         edit.check_model(rl)
+
+
+@pytest.mark.parametrize("objective", ["distill", "breadth"])
+def test_micro_batches_give_the_gradient_of_the_whole_batch(objective, tiny_lm, tiny_tokenizer, tmp_path):
+    """`micro_batch` splits the teacher-forced rows (real models' logits do not fit at once): every
+    mean keeps its whole-batch denominator, so a step's edit equals the unchunked one."""
+    edits, logs = {}, {}
+    for mb in (0, 5):
+        cfg = LearnConfig(objective=objective, kind="position", layers=(0, 1), n_positions=3, steps=2, lr=0.05,
+                          prompts_per_step=3, group_size=4, max_new_tokens=6, anchor=0.5, micro_batch=mb,
+                          save_every=0)
+        edits[mb], logs[mb] = learn(tiny_lm("qwen2", 0), tiny_tokenizer, ToyTask(), lambda s, k: PROMPTS[:k], cfg,
+                                    tmp_path / f"mb{mb}.st", base_model=tiny_lm("qwen2", 1))
+    assert logs[0][-1]["loss"] != 0 and logs[0][-1]["anchor_kl"] > 0, "vacuous: the steps must have a loss"
+    for a, b in zip(edits[0].parameters(), edits[5].parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg="chunking the rows changed the step beyond the "
+                                   "float summation order (atol 1e-6, far below one step of lr 0.05)")

@@ -45,8 +45,9 @@ def shipped_edit(name: str, base: str, rl: str, cfg: LearnConfig, task: str = "c
     if not path.is_file():
         return None
     prov = LearnedEdit.load(path).meta["provenance"]
-    want = {k: v for k, v in asdict(cfg).items() if k != "max_new_tokens"}
-    have = {k: v for k, v in prov.get("config", {}).items() if k != "max_new_tokens"}
+    skip = ("max_new_tokens", "micro_batch")  # the task sets the cap; the chunking does not change the gradient
+    want = {k: v for k, v in asdict(cfg).items() if k not in skip}
+    have = {k: v for k, v in prov.get("config", {}).items() if k not in skip}
     same_pair = (prov.get("rl"), prov.get("base"), prov.get("task", "countdown")) == (Path(rl).name, Path(base).name, task)
     return str(path) if same_pair and have == {k: list(v) if isinstance(v, tuple) else v for k, v in want.items()} \
         else None
