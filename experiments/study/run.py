@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from experiments.checkpointing import as_json, portable, write_json_atomic
 from experiments.paths import ORGANISMS_DIR
+from experiments.study.sizes import ORGANISM_VOCAB, size_for
 from probe.breadth import TruncationWarning
 from probe.checkpoint import parse_dtype
 
@@ -67,6 +68,8 @@ class RunConfig:
     """Seed of every stage."""
     device: str = "auto"
     """"auto" = cuda if available, else cpu (probe and SAE; sampling in the sweep runs on the models' device)."""
+    profile: str = "auto"
+    """Stage sizes: "organism" (the shipped study's), "real" (pretrained models on a CPU), or "auto" (by the base's vocabulary)."""
     dtype: str = "float32"
     """Model precision: float32 (bit-for-bit reproducible) or bfloat16 (about 2x faster on CPUs with avx512_bf16 and GPUs; entropies and log-probs stay float32 computations)."""
 
@@ -84,6 +87,7 @@ class RunConfig:
         if not 0 <= self.tolerance < 1:
             raise ValueError(f"tolerance={self.tolerance} must be in [0, 1)")
         parse_dtype(self.dtype)
+        size_for(self.profile, self.quick, ORGANISM_VOCAB)  # a bad --profile fails here
 
     def pair(self) -> tuple[str, str, tuple[str, ...]]:
         """(base, rl, variants) directories this run studies."""
@@ -106,12 +110,17 @@ def study_layers(n_layers: int) -> dict[str, Any]:
     return {"edit": tuple(spread), "later": tuple(spread[1:]) or tuple(spread), "sae": n_layers // 2}
 
 
-def pair_depth(cfg: RunConfig) -> int:
-    """Layers of the run's base model, read from its config (4, the organism's, before --from-scratch trains it)."""
+def pair_shape(cfg: RunConfig) -> tuple[int, int]:
+    """(layers, vocabulary size) of the run's base, read from its config (the organism's before
+    --from-scratch has trained it)."""
     from probe.checkpoint import checkpoint_config
 
     base = cfg.pair()[0]
-    return 4 if cfg.from_scratch and not Path(base).exists() else int(checkpoint_config(base)["num_hidden_layers"])
+    if cfg.from_scratch and not Path(base).exists():
+        return 4, ORGANISM_VOCAB
+    conf = checkpoint_config(base)
+    text = conf.get("text_config") or {}
+    return int(conf.get("num_hidden_layers") or text["num_hidden_layers"]), int(conf.get("vocab_size") or text["vocab_size"])
 
 
 def stage_configs(cfg: RunConfig) -> dict[str, Any]:
@@ -124,30 +133,30 @@ def stage_configs(cfg: RunConfig) -> dict[str, Any]:
 
     out, q, seed = Path(cfg.out), cfg.quick, cfg.seed
     base, rl, variants = cfg.pair()
-    lay = study_layers(pair_depth(cfg))
+    depth, vocab = pair_shape(cfg)
+    lay, z = study_layers(depth), size_for(cfg.profile, q, vocab)
     org = out / "organisms"
     sft = SFTConfig(out=str(org / "base"), steps=150 if q else 3500, batch_size=64 if q else 128, warmup=20 if q else 100,
                     eval_samples=0, seed=seed, device=cfg.device, save_every=50 if q else 500)
     grpo = dict(base=str(org / "base"), steps=6 if q else 250, prompts_per_step=8 if q else 32, group_size=8 if q else 16,
                 eval_problems=8 if q else 64, final_eval_samples=0, save_every=3 if q else 25, seed=seed, device=cfg.device)
-    probe = ProbeConfig(base=base, rl=rl, out=str(out / "probe"), n_problems=8 if q else 64, samples=4 if q else 8,
+    probe = ProbeConfig(base=base, rl=rl, out=str(out / "probe"), n_problems=z.probe_problems, samples=z.probe_samples,
                         seed=seed, device=cfg.device, task=cfg.task, dtype=cfg.dtype)
-    sae = SAETrainConfig(base=base, rl=rl, out=str(out / "sae"), train_samples=30_000 if q else 400_000,
-                         n_train_problems=32 if q else 512, samples=4 if q else 8, n_eval_problems=8 if q else 128,
-                         eval_samples=4 if q else 8, d_sae=128 if q else 512, seed=seed, device=cfg.device,
+    sae = SAETrainConfig(base=base, rl=rl, out=str(out / "sae"), train_samples=z.sae_train_samples,
+                         n_train_problems=z.sae_train_problems, samples=z.sae_samples, n_eval_problems=z.sae_eval_problems,
+                         eval_samples=z.sae_eval_samples, d_sae=z.d_sae, seed=seed, device=cfg.device,
                          task=cfg.task, dtype=cfg.dtype, layer=lay["sae"])
     diff = SAEDiffConfig(base=base, rl=rl, sae=str(out / "sae" / "sae"), out=str(out / "sae" / "diff"),
-                         n_problems=8 if q else 128, samples=4 if q else 8, seed=seed, device=cfg.device,
+                         n_problems=z.sae_eval_problems, samples=z.sae_eval_samples, seed=seed, device=cfg.device,
                          task=cfg.task, dtype=cfg.dtype)
-    learn = learn_plan(cfg, base, rl, out, q, lay["edit"])
+    learn = learn_plan(cfg, base, rl, out, q, lay["edit"], z.learn)
+    later = lay["later"][-1:] if z.last_layer_only else lay["later"]
     sweep = SweepConfig(
         base=base, rl=rl, variants=variants, out=str(out / "steer"), methods=("dom-position",),
-        layers=("+".join(map(str, lay["edit"])),), coefs=(0.5,) if q else (0.4,), gates=("always",),
-        learned=tuple(stage.out for stage, _ in learn.values()), learned_coefs=(1.0,) if q else (0.5, 1.0),
-        fractions=(0.25,) if q else (0.125, 0.25, 0.5), temperatures=(1.5,) if q else (1.2,),
-        patch_layers=lay["later"][-1:] if q else lay["later"], alphas=(1.0,),
-        restore_layers=lay["later"][-1:] if q else lay["later"],
-        problems=8 if q else 0, n=16 if q else 64, test_seeds=1, derive_problems=16 if q else 256,
+        layers=("+".join(map(str, lay["edit"])),), coefs=z.coefs, gates=("always",),
+        learned=tuple(stage.out for stage, _ in learn.values()), learned_coefs=z.learned_coefs,
+        fractions=z.fractions, temperatures=z.temperatures, patch_layers=later, alphas=(1.0,), restore_layers=later,
+        problems=z.problems, n=z.n, test_seeds=1, derive_problems=z.derive_problems,
         detector=str(out / "probe" / "fork_detector.safetensors"), sae=str(out / "sae" / "sae"),
         sae_diff=str(out / "sae" / "diff" / "metrics.json"), tolerance=cfg.tolerance, seed=seed, device=cfg.device,
         task=cfg.task, dtype=cfg.dtype)
@@ -157,7 +166,7 @@ def stage_configs(cfg: RunConfig) -> dict[str, Any]:
 
 
 def learn_plan(cfg: RunConfig, base: str, rl: str, out: Path, quick: bool,
-               layers: tuple[int, ...] = (0, 1, 2, 3)) -> dict[str, tuple]:
+               layers: tuple[int, ...] = (0, 1, 2, 3), overrides: dict | None = None) -> dict[str, tuple]:
     """name -> (LearnStageConfig, LearnConfig) of every learned edit the sweep evaluates: the shipped
     edit when the pair is the shipped one (its recipe and pair match, so it is reused, not retrained),
     else trained into OUT/learn/ on the training stream (`--quick`: a few steps)."""
@@ -166,8 +175,7 @@ def learn_plan(cfg: RunConfig, base: str, rl: str, out: Path, quick: bool,
 
     plan = {}
     for name, recipe in RECIPES.items():
-        lc = LearnConfig(**{**recipe, "layers": layers,
-                            **({"steps": 4, "prompts_per_step": 4, "group_size": 8} if quick else {})})
+        lc = LearnConfig(**{**recipe, "layers": layers, **(overrides or {})})
         ship = None if (quick or cfg.from_scratch) else shipped_edit(name, base, rl, lc, cfg.task)
         stage = LearnStageConfig(base=base, rl=rl, out=ship or str(out / "learn" / f"{name}.safetensors"),
                                  sae=str(out / "sae" / "sae"), sae_diff=str(out / "sae" / "diff" / "metrics.json"),
@@ -215,7 +223,7 @@ def stored_config(config: Any, out: str | Path) -> Any:
     return _drop_defaults(portable(as_json(config), out))
 
 
-SETTINGS_ADDED = {"dtype": "float32"}
+SETTINGS_ADDED = {"dtype": "float32", "profile": "auto", "micro_batch": 0}
 """Settings added after runs were stored, with the value every earlier run used: left out of a stored
 configuration at that value, so runs written before the setting existed still resume."""
 
