@@ -71,7 +71,7 @@ ORGANISM_QUICK = StudySize(probe_problems=8, probe_samples=4, sae_train_samples=
 REAL = StudySize(probe_problems=64, probe_samples=8, sae_train_samples=200_000, sae_train_problems=512,
                  sae_samples=8, sae_eval_problems=64, sae_eval_samples=8, d_sae=2304,
                  learn={"steps": 30, "prompts_per_step": 8, "group_size": 8}, n=16, derive_problems=128)
-REAL_QUICK = StudySize(probe_problems=4, probe_samples=2, sae_train_samples=4_000, sae_train_problems=8,
+REAL_QUICK = StudySize(probe_problems=4, probe_samples=2, sae_train_samples=30_000, sae_train_problems=8,
                        sae_samples=2, sae_eval_problems=4, sae_eval_samples=2, d_sae=256,
                        learn={"steps": 1, "prompts_per_step": 2, "group_size": 4}, coefs=(0.5,),
                        learned_coefs=(1.0,), fractions=(0.25,), temperatures=(1.5,), last_layer_only=True,
