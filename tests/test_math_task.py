@@ -295,3 +295,16 @@ def test_the_detector_keeps_a_seeded_subsample_when_its_memory_budget_is_small(o
     used = lambda m: m["detector"]["n_train"] + m["detector"]["n_test"]  # noqa: E731
     assert used(full) == sum(full[s]["n_answer_tokens"] for s in ("on_base_samples", "on_rl_samples"))
     assert 0 < used(small) < used(full) / 2, "the detector must train on a subsample within the budget"
+
+
+def test_easy_word_problems_are_one_or_two_steps_and_disjoint_from_their_heldout():
+    from experiments.tasks.wordproblems import WordProblems, WordProblemsConfig, paths
+
+    task = WordProblems(WordProblemsConfig(easy=True, heldout_size=64))
+    held = task.heldout()
+    steps = {len(next(iter(paths(p.terms)))) for p in held}
+    assert steps <= {1, 2} and 1 in steps and 2 in steps, f"easy problems take one or two steps, got {steps}"
+    assert all(p.value > 0 and paths(p.terms) for p in held)
+    train = task.train_prompts(seed=1, count=64)
+    assert not set(train) & {p.prompt for p in held}, "the training stream never meets the held-out split"
+    assert WordProblems().heldout()[0].prompt != held[0].prompt, "the organism's task is unchanged by the option"

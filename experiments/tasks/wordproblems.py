@@ -60,6 +60,32 @@ class Problem:
         return out
 
 
+def _easy_story(rng: random.Random) -> tuple[str, tuple[Term, ...]]:
+    """One problem of one or two steps with small numbers (the real pair's task: a 135M model solves
+    a few percent of the organism's three-step problems and RL finds nothing to reinforce)."""
+    n, m = rng.sample(NAMES, 2)
+    it = rng.choice(ITEMS)
+    a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(1, 9)
+    family = rng.randrange(6)
+    if family == 0:
+        return f"{n} has {a} {it} and gets {b} more. How many {it} now?", ((1, (a,)), (1, (b,)))
+    if family == 1:
+        a, b = max(a, b) + 1, min(a, b)
+        return f"{n} has {a} {it} and gives {b} to {m}. How many are left?", ((1, (a,)), (-1, (b,)))
+    if family == 2:
+        a, b = rng.randint(2, 5), rng.randint(2, 5)
+        return f"{n} has {a} bags of {b} {it}. How many {it} in all?", ((1, (a, b)),)
+    if family == 3:
+        return (f"{n} has {a} red, {b} blue and {c} green {it}. How many {it} in all?",
+                ((1, (a,)), (1, (b,)), (1, (c,))))
+    if family == 4:
+        a, b = rng.randint(2, 5), rng.randint(2, 5)
+        return f"{n} has {a} bags of {b} {it} and {c} more. How many {it} in all?", ((1, (a, b)), (1, (c,)))
+    c = rng.randint(1, a + b - 1)
+    return (f"{n} has {a} {it}, gets {b} more and gives {c} to {m}. How many are left?",
+            ((1, (a,)), (1, (b,)), (-1, (c,))))
+
+
 def _story(rng: random.Random) -> tuple[str, tuple[Term, ...]]:
     """One problem of a random family, with numbers drawn for that family (factors 2..5, other
     quantities mostly one digit, so a ~1M-parameter model learns the arithmetic on a CPU)."""
@@ -145,6 +171,8 @@ class WordProblemsConfig:
     """Problems in the fixed held-out split (never produced by the training stream)."""
     heldout_seed: int = 20261201
     """Seed of the held-out split."""
+    easy: bool = False
+    """One- and two-step problems with small numbers (the real pair's task) instead of the organism's."""
 
     def __post_init__(self) -> None:
         if self.heldout_size < 2:
@@ -166,7 +194,7 @@ class WordProblems(MathTask):
 
     def _draw(self, rng: random.Random) -> Problem:
         while True:
-            prompt, terms = _story(rng)
+            prompt, terms = (_easy_story if self.config.easy else _story)(rng)
             p = Problem(prompt, terms)
             if p.value > 0 and paths(terms):
                 return p
