@@ -50,12 +50,12 @@ real-base: $(STAMP)
 # Hours on a 2-core CPU; resumable: run it again after an interruption and each run continues.
 REAL := experiments/real/smollm2
 REAL_TASK := math:$(REAL)/heldout.jsonl,train=$(REAL)/train.jsonl,chat,max_new_tokens=256
-REAL_STEPS ?= 100
+REAL_STEPS ?= 50
 real-pair: real-base
 	for regime in none clip-cov; do \
 	  OMP_NUM_THREADS=2 $(VENV)/bin/forksight organism rl --base $(REAL)/base/SmolLM2-135M-Instruct.Q4_1.gguf \
 	    --task "$(REAL_TASK)" --out $(REAL)/rl-$$regime --intervention $$regime --lora-rank 16 --dtype bfloat16 \
-	    --max-new-tokens 128 --steps $(REAL_STEPS) --prompts-per-step 8 --group-size 8 --mini-batches 4 --lr 2e-4 --std-normalize \
+	    --max-new-tokens 64 --steps $(REAL_STEPS) --prompts-per-step 8 --group-size 8 --mini-batches 2 --lr 2e-4 --std-normalize \
 	    --eval-problems 32 --eval-samples 4 --eval-every 10 --save-every 5 --final-eval-samples 0 --seed 0 || exit 1; \
 	done
 

@@ -242,9 +242,11 @@ def train_grpo(cfg: GRPOConfig, loss_cfg: LossConfig, stop_after: int | None = N
     c0 = time.process_time() - progress.get("train_cpu_seconds", 0.0)  # CPU time: the run's cost on an idle machine
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     for step in tqdm(range(start, end), initial=start, total=cfg.steps, desc=f"grpo[{loss_cfg.intervention}]"):
+        t_step = time.perf_counter()
         record = {"step": step, **_step(model, tok, opt, task, stream, new_tokens, cfg, loss_cfg, step)}
         if step % cfg.eval_every == 0 or step + 1 == cfg.steps:
             record["pass_at_1"] = _eval_pass_at_1(_sampling_model(model), tok, task, eval_prompts, new_tokens, cfg)
+        record["seconds"] = round(time.perf_counter() - t_step, 1)  # wall time of this step, eval included
         log.append(record)
         done = step + 1
         if done % cfg.save_every == 0 or done == cfg.steps:
@@ -293,6 +295,8 @@ def _step(model, tok, opt, task, stream, new_tokens, cfg: GRPOConfig, loss_cfg: 
     mean = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
     return {
         "reward_mean": rewards.float().mean().item(),
+        "completion_tokens": branches.mask.sum(1).float().mean().item(),
+        "truncated_share": sum(r == "length" for r in branches.finish_reason) / len(branches.finish_reason),
         **_role_means(branches, scored.roles),
         "intervened_frac": mean["intervened_frac"],
         "ratio_clipped_frac": mean["ratio_clipped_frac"],
