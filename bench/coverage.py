@@ -53,12 +53,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from bench.coverage_table import REGENERATE, TABLE, Row, compare, load_table  # noqa: E402
 from bench.hf_zoo import EOS, PAD, VOCAB, build, zoo  # noqa: E402
 from probe.environment import environment  # noqa: E402
-from probe.hooks import HookSiteError, resolve_hook  # noqa: E402
-from probe.kv_cache import CacheError, new_cache  # noqa: E402
-from probe.norms import NORM_CONVENTIONS  # noqa: E402
-from probe.pair import wrap  # noqa: E402
-from probe.sampler import PaddingError, SamplerConfig, sample_branches  # noqa: E402
-from probe.structure import StructureError, structure_of  # noqa: E402
+from probe.models.hooks import HookSiteError, resolve_hook  # noqa: E402
+from probe.models.kv_cache import CacheError, new_cache  # noqa: E402
+from probe.models.norms import NORM_CONVENTIONS  # noqa: E402
+from probe.models.pair import wrap  # noqa: E402
+from probe.models.structure import StructureError, structure_of  # noqa: E402
+from probe.sampling.sampler import PaddingError, SamplerConfig, sample_branches  # noqa: E402
 
 REFUSALS = (HookSiteError, StructureError, CacheError, PaddingError)
 PROMPTS = [[5, 17, 42], [9, 3, 88, 61, 30], [70, 11, 23, 99, 4, 56, 12]]

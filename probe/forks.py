@@ -6,7 +6,7 @@ What it is: the per-batch selection of the top-rho fraction of generated tokens 
 Cross-model comparison (same tokens, two models' entropies): `fork_overlap` (Jaccard and the
 fraction of one model's forks that are forks of the other), `entropy_change_share_on_forks` (how
 much of the total |H_rl - H_base| falls on forks; also signed), and `role_split` (planning /
-execution breakdown when the task labels tokens; role codes as `probe.evaluate.ROLE_CODE`).
+execution breakdown when the task labels tokens; role codes as `probe.metrics.evaluate.ROLE_CODE`).
 
 What it is not: an entropy computation (entropies come in, already in nats).
 
@@ -27,10 +27,10 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from probe.diversity import bootstrap_ci
-from probe.task import ROLES
+from probe.stats import bootstrap_ci
+from probe.tasks.protocol import ROLES
 
-ROLE_CODES: dict[str, int] = {r: i for i, r in enumerate(ROLES)}  # = probe.evaluate.ROLE_CODE
+ROLE_CODES: dict[str, int] = {r: i for i, r in enumerate(ROLES)}  # = probe.metrics.evaluate.ROLE_CODE
 
 
 def n_forks(n_tokens: int, rho: float = 0.2) -> int:

@@ -25,6 +25,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from probe.stats import percentile_interval, resample_indices
+
 
 @dataclass(frozen=True)
 class LawFit:
@@ -100,17 +102,14 @@ def extrapolation_error(
 def bootstrap_law(
     entropy: Float[Tensor, " n"], reward: Float[Tensor, " n"], n_boot: int = 1000, alpha: float = 0.05, seed: int = 0
 ) -> dict:
-    """Percentile bootstrap over logged steps (resampled with replacement) of the law's a, b, R^2
+    """Percentile bootstrap over logged steps (`probe.stats.resample_indices`) of the law's a, b, R^2
     and ceiling: {"a": [lo, hi], "b": ..., "r2": ..., "ceiling": ..., "n_boot", "n_failed"}.
 
     Replicates whose resample has a single distinct entropy (no fit) are dropped and counted in
     `n_failed`; so are R^2 values of replicates with constant reward.
     """
     h, r = _as_1d("entropy", entropy), _as_1d("reward", reward)
-    if n_boot < 1:
-        raise ValueError(f"n_boot={n_boot} must be >= 1 (1000 is usual)")
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(h.numel(), (n_boot, h.numel()), generator=g)
+    idx = resample_indices(h.numel(), n_boot, seed)[0]  # (n_boot, steps)
     vals: dict[str, list[float]] = {"a": [], "b": [], "r2": [], "ceiling": []}
     failed = 0
     for row in idx:
@@ -122,8 +121,8 @@ def bootstrap_law(
         for k, v in (("a", fit.a), ("b", fit.b), ("r2", fit.r2), ("ceiling", fit.ceiling)):
             if v is not None:
                 vals[k].append(v)
-    q = torch.tensor([alpha / 2, 1 - alpha / 2], dtype=torch.float64)
-    out = {k: torch.quantile(torch.tensor(v, dtype=torch.float64), q).tolist() if v else None for k, v in vals.items()}
+    out = {k: list(percentile_interval(torch.tensor(v, dtype=torch.float64), alpha)) if v else None
+           for k, v in vals.items()}
     return {**out, "n_boot": n_boot, "n_failed": failed, "alpha": alpha}
 
 

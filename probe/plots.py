@@ -9,15 +9,14 @@ metric depends on. Each function returns the figure.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from probe.figures import new_figure, save_figure_atomic
 from probe.forks import ROLE_CODES
 from probe.law import LawFit
 
@@ -25,32 +24,6 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 ROLE_MARK = {ROLE_CODES["planning"]: "P", ROLE_CODES["execution"]: "E"}
-
-
-def new_figure(width: float, height: float) -> Figure:
-    """A figure on its own Agg canvas (no pyplot, no global backend switch)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=120)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def save_figure_atomic(fig: Figure, path: str | os.PathLike) -> Path:
-    """Write `fig` as PNG to `path` via a temporary file and `os.replace`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a figure is meant to be read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def plot_entropy_histograms(

@@ -1,16 +1,21 @@
-"""steering: change models at inference. Vectors with provenance, gated application, patching.
+"""steering: change models at inference. Vectors, SAE-feature edits and learned edits, gated application,
+patching, and the one-file selected intervention.
 
 Never imports `experiments` (see docs/architecture.md); builds on `probe`. Modules:
 `vectors` (`SteeringVector`: directions + provenance, safetensors I/O, model checks), `derive`
 (difference of means at forks, global or conditioned; PCA; SAE decoder rows), `apply` (gated
 application as a context manager and a sampler intervention), `gates` (what each gate decides,
 exactly, and what it costs), `patching` (cross-model patching toward the base), `trace`
-(per-token record), `shadow` (a second model kept in step with the sampler), `sites` (hooking).
+(per-token record), `shadow` (a second model kept in step with the sampler), `sites` (hooking),
+`sae_edit` (gains on SAE features), `learn` / `learned` (small learned residual edits: training and
+the edit), `repulsion` (pushes the samples of one prompt apart), `layer_restore` (some decoder
+blocks' weights taken from the base), `selected` (an intervention with its coefficient, gate and
+provenance in one file: `load_intervention(path).apply(model)`).
 
-Usage (a Hugging Face model, as `probe.sampler.sample_branches` runs it):
+Usage (a Hugging Face model, as `probe.sampling.sampler.sample_branches` runs it):
 
     from probe.detector import ForkDetector
-    from probe.sampler import SamplerConfig, sample_branches
+    from probe.sampling.sampler import SamplerConfig, sample_branches
     from steering import SteeringVector, after_tokens, collect, diff_of_means_vector, fork_tokens, patch
 
     res = collect(pair, trajectories, layers=[2])                  # base & RL residuals, same tokens

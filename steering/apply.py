@@ -1,13 +1,13 @@
 """Applying interventions at inference: gated edits at named sites, as context managers.
 
 What it is: `Steering`, the machinery every intervention shares (hook registration on a Hugging
-Face model, a `probe.pair.HookedModel`, an nnsight `TransformersModel` or a TransformerLens
+Face model, a `probe.models.pair.HookedModel`, an nnsight `TransformersModel` or a TransformerLens
 `HookedTransformer`; gates; probe passes; a shadow base model; a per-token trace; hooks removed in
 `finally`), and `VectorSteering`, which adds `coef * direction` of a `SteeringVector` (made by
 `SteeringVector.apply`). Cross-model patching (`steering.patching`) is the other `Steering`.
 
 Two ways to use one, and both together:
-- as the `intervention=` of `probe.sampler.sample_branches` (batched, KV-cached): the sampler's
+- as the `intervention=` of `probe.sampling.sampler.sample_branches` (batched, KV-cached): the sampler's
   `SamplingState` says prompt vs generated, step, rows; gates and `where` apply (see
   `steering.gates` for the decision-position rule and each gate's exact definition and cost);
 - as a `with` block around any forward pass (no state): every position is a decision position.
@@ -41,8 +41,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from probe.hooks import site_name
-from probe.sampler import SamplingState
+from probe.models.hooks import site_name
+from probe.sampling.sampler import SamplingState
 from steering.gates import check_gate, disagree_gate, entropy_gate, token_entropy
 from steering.shadow import Shadow, forward_inputs
 from steering.sites import on_site, site_order, targets
@@ -82,7 +82,7 @@ class Steering:
         kinds = {k for k, _ in self.targets}
         if "hf" not in kinds and (self._probe or self.shadow or gate not in STATELESS_GATES):
             raise SteeringError(f"gate={gate!r} (trace={trace}, base={base is not None}) needs a Hugging Face model "
-                                "run by probe.sampler.sample_branches; a TransformerLens model takes gate='always' "
+                                "run by probe.sampling.sampler.sample_branches; a TransformerLens model takes gate='always' "
                                 "or an in-pass 'detector'. Fix: steer the HF model (HookedModel.hf).")
         self.trace = SteeringTrace() if trace else None
         self.state: SamplingState | None = None
@@ -175,7 +175,7 @@ class Steering:
         f["seq"] = ids.shape[1]
         if st is None and self.gate == "planning":
             raise SteeringError("gate='planning' reads the tokens generated so far: run it as the intervention= "
-                                "of probe.sampler.sample_branches")
+                                "of probe.sampling.sampler.sample_branches")
         if self.shadow is not None:
             self._pass = "shadow"
             try:
@@ -258,7 +258,7 @@ class Steering:
         if self.fraction is not None:
             if st is None:
                 raise SteeringError(f"fraction={self.fraction} steers some samples of each prompt: run it as the "
-                                    "intervention= of probe.sampler.sample_branches, which knows each row's sample")
+                                    "intervention= of probe.sampling.sampler.sample_branches, which knows each row's sample")
             rows = st.sample_index.to(device) < self.steered_samples(self._n)  # [b]
             mask = mask & rows[:, None]
         cond = self.condition(b, s, device)
@@ -318,7 +318,7 @@ class VectorSteering(Steering):
             return None
         if st is None:
             raise SteeringError(f"a {v.conditioning}-conditioned vector needs the sampler's state: run it as the "
-                                "intervention= of probe.sampler.sample_branches")
+                                "intervention= of probe.sampling.sampler.sample_branches")
         if self.user_condition is not None:
             idx = self.user_condition(st.tokens).long().to(device)
             if idx.shape != (b,) or (idx >= v.n_conditions).any():
@@ -327,6 +327,11 @@ class VectorSteering(Steering):
         else:  # position: answer index of the token this decision samples
             idx = torch.full((b,), min(st.step + 1, v.n_conditions - 1), device=device)
         return idx[:, None].expand(b, s)
+
+    def vllm_edit(self):
+        """This steering as the vLLM engine's intervention (`SteeringVector.vllm_edit` with its settings)."""
+        return self.vector.vllm_edit(self.coef, gate=self.gate, where=self.where, fraction=self.fraction,
+                                     trace=self.trace is not None, condition=self.user_condition)
 
     def edit(self, name, x, mask):
         layer = self._layer[name]

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from probe.entropy import PairStats, Trajectories, pair_stats
 from probe.forks import ROLE_CODES, fork_mask
-from probe.pair import RESID_POST, HookedModel, Pair
+from probe.models.pair import RESID_POST, HookedModel, Pair
 from steering.vectors import NORMALISATIONS, SteeringVector
 
 

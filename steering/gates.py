@@ -1,6 +1,6 @@
 """Gates: at which tokens a steering intervention acts. Pure decision functions plus their contract.
 
-Vocabulary. Inside `probe.sampler.sample_branches`, a *decision position* is one whose next-token
+Vocabulary. Inside `probe.sampling.sampler.sample_branches`, a *decision position* is one whose next-token
 distribution gets sampled: the last prompt token (it yields generated token 0) and generated
 token t at step t (it yields token t + 1). Steering the residual at a decision position changes
 that distribution (and, through the KV cache, later ones). A gate says, per row and decision

@@ -6,13 +6,13 @@ the parameters and buffers of decoder blocks `layers` of the base model into the
 place, and copies the RL model's own tensors back in `finally` (also when the body raises), so
 the RL model is bit-identical to what it was afterwards. Sweeping L over single blocks shows which
 block's weights carry the collapse; the body is anything that runs the RL model, e.g.
-`probe.sampler.sample_branches` (still one forward per token, no hooks):
+`probe.sampling.sampler.sample_branches` (still one forward per token, no hooks):
 
     for L in range(rl.config.num_hidden_layers):
         with restore_layers(rl, base, [L]):
             branches = sample_branches(rl, tok, prompts, SamplerConfig(n=64))
 
-Blocks are found from the model's structure: `probe.hooks.resolve_hook("blocks.{L}.hook_resid_post")`
+Blocks are found from the model's structure: `probe.models.hooks.resolve_hook("blocks.{L}.hook_resid_post")`
 gives the block module's path, so every architecture the hook table supports works, with no
 `if arch == ...`. Only the blocks change: embeddings, final norm and head stay the RL model's, so
 restoring every block equals the base model only where those are equal too.
@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from probe.hooks import resolve_hook
+from probe.models.hooks import resolve_hook
 from steering.shadow import hf_of
 
 
@@ -80,7 +80,7 @@ def _check(rl: Any, base: Any, layers: list[int]) -> list[tuple[dict, dict]]:
 def restore_layers(rl_model: Any, base_model: Any, layers: int | Sequence[int]) -> Iterator[Any]:
     """Inside the `with`, decoder blocks `layers` of `rl_model` hold `base_model`'s weights.
 
-    `rl_model` / `base_model`: HF causal LMs (or a `probe.pair.HookedModel` / nnsight model around
+    `rl_model` / `base_model`: HF causal LMs (or a `probe.models.pair.HookedModel` / nnsight model around
     one; the HF model is the one modified) of the same architecture. `layers`: a block index or
     indices (duplicates ignored; empty: nothing changes). Yields the HF RL model. Raises ValueError
     (before touching anything) for a layer out of range or blocks whose tensors differ in name,

@@ -15,6 +15,7 @@ on one of two objectives:
   solutions; `reward="pass_at_k"`: the pass@k advantage of arXiv:2508.10751 (Chen et al., "Pass@k
   Training"): a correct sample's advantage is the group's pass@k, 1 - C(n_wrong, k) / C(n, k),
   minus the mean, and a wrong one's the pass@k it costs (the analytic form of their Sec. 3.3).
+  Both rewards are `probe.metrics.passk`'s, the functions the GRPO trainer uses.
   Advantages are centred per group (and divided by the group's std unless `std_normalize=False`);
   the loss is the token-mean of -advantage * log p(token) over the answer tokens. On-policy and one
   update per batch, so the PPO ratio is 1: plain policy gradient, no clipping.
@@ -32,7 +33,6 @@ What it is not: a trainer of the model's weights (see the organism's GRPO for th
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -44,12 +44,13 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from probe.budget import forward_rows
 from probe.entropy import entropy_and_logprob, kl, trajectories_from_branches
-from probe.evaluate import ROLE_CODE, score_branches
 from probe.forks import fork_mask
-from probe.sampler import SamplerConfig, sample_branches
-from probe.task import Task
+from probe.metrics.evaluate import ROLE_CODE, score_branches
+from probe.metrics.passk import distinct_solution_shares, pass_at_k_advantages
+from probe.models.budget import forward_rows
+from probe.sampling.sampler import SamplerConfig, sample_branches
+from probe.tasks.protocol import Task
 from steering.learned import KINDS, LearnedEdit
 
 OBJECTIVES = ("distill", "breadth")
@@ -116,7 +117,7 @@ class LearnConfig:
     """Sampler rows per forward pass."""
     micro_batch: int = 0
     """Rows per teacher-forced forward and backward (gradients accumulate; 0 = as many as the memory
-    budget holds, `probe.budget.forward_rows`). The gradient does not depend on it."""
+    budget holds, `probe.models.budget.forward_rows`). The gradient does not depend on it."""
 
     def __post_init__(self) -> None:
         def need(ok: bool, what: str, fix: str) -> None:
@@ -141,51 +142,15 @@ class LearnConfig:
         need(self.lr > 0 and self.anchor >= 0, f"lr={self.lr}, anchor={self.anchor}", "lr > 0 and anchor >= 0")
 
 
-def unique_reward(keys: Sequence[Any], group_size: int) -> Float[Tensor, " rows"]:
-    """Per row (prompt-major groups of `group_size`): 1 / multiplicity of its canonical key within
-    its group if correct (key not None), else 0. A group's rewards sum to its distinct correct count."""
-    out = torch.zeros(len(keys), dtype=torch.float32)
-    for g0 in range(0, len(keys), group_size):
-        grp = keys[g0:g0 + group_size]
-        counts: dict[Any, int] = {}
-        for key in grp:
-            if key is not None:
-                counts[key] = counts.get(key, 0) + 1
-        for j, key in enumerate(grp):
-            if key is not None:
-                out[g0 + j] = 1.0 / counts[key]
-    return out
+unique_reward = distinct_solution_shares
+"""The "unique" breadth reward: `probe.metrics.passk.distinct_solution_shares` (1 / multiplicity of a
+correct sample's solution in its group, 0 if wrong; a group's rewards sum to its distinct correct count)."""
 
 
-def pass_at_k_advantage(correct: Tensor, group_size: int, k: int) -> Float[Tensor, " rows"]:
-    """The analytic pass@k advantage (arXiv:2508.10751) per row of prompt-major groups of n.
-
-    A sample's advantage is the mean pass@k reward of the k-subsets of its group that contain it,
-    minus the group's mean R = 1 - C(n_wrong, k) / C(n, k), divided by s = sqrt(R (1 - R)) (1 when
-    s = 0): correct rows get (1 - R) / s, wrong rows (1 - R - C(n_wrong - 1, k - 1) / C(n - 1, k - 1)) / s.
-    """
-    c = correct.float().view(-1, group_size)  # [groups, n]
-    n = group_size
-    wrong = (n - c.sum(1)).long().tolist()
-
-    def comb(a: int, b: int) -> float:
-        return math.comb(a, b) if 0 <= b <= a else 0.0
-
-    out = torch.zeros_like(c)
-    for g, w in enumerate(wrong):
-        r = 1.0 - comb(w, k) / comb(n, k)
-        s = math.sqrt(max(r * (1 - r), 0.0)) or 1.0
-        neg = (1.0 - r - comb(w - 1, k - 1) / comb(n - 1, k - 1)) / s if w > 0 else 0.0
-        out[g] = torch.where(c[g] > 0, torch.tensor((1.0 - r) / s), torch.tensor(neg))
-    return out.view(-1)
-
-
-def _group_normalise(r: Tensor, group_size: int, std: bool) -> Tensor:
-    g = r.view(-1, group_size)
-    a = g - g.mean(1, keepdim=True)
-    if std:
-        a = a / (g.std(1, keepdim=True) + 1e-6)
-    return a.view(-1)
+def pass_at_k_advantage(correct: Bool[Tensor, " rows"], group_size: int, k: int) -> Float[Tensor, " rows"]:
+    """The "pass_at_k" breadth reward's advantage: `probe.metrics.passk.pass_at_k_advantages` divided
+    by the group's sigma = sqrt(R (1 - R)) (no epsilon; 1 where sigma = 0), float32."""
+    return pass_at_k_advantages(correct, group_size, k, std_normalize=True, eps=0.0)
 
 
 def learn(rl_model: Any, tokenizer: Any, task: Task, prompts: Callable[[int, int], list[str]], cfg: LearnConfig,
@@ -265,7 +230,7 @@ class _Batch:
 
 def _chunks(cfg: LearnConfig, model: Any, b: _Batch) -> list[Tensor]:
     """Row chunks of `cfg.micro_batch` rows (0: as many as the memory budget holds for three models'
-    logits, `probe.budget.forward_rows`: every row at once on the organisms)."""
+    logits, `probe.models.budget.forward_rows`: every row at once on the organisms)."""
     rows = b.tokens.shape[0]
     step = cfg.micro_batch or min(rows, forward_rows(model, b.tokens.shape[1], models=3))
     return [torch.arange(i, min(i + step, rows), device=b.tokens.device) for i in range(0, rows, step)]

@@ -2,7 +2,7 @@
 
 What it is: `LearnedEdit`, a small `torch.nn.Module` holding the parameters of an edit at one
 named site per chosen layer (`blocks.{L}.hook_resid_post` by default), and `LearnedSteering`, the
-`steering.apply.Steering` that applies it, inside `probe.sampler.sample_branches` (batched,
+`steering.apply.Steering` that applies it, inside `probe.sampling.sampler.sample_branches` (batched,
 KV-cached, gated like every other intervention) or around any forward pass, with gradients
 flowing into the parameters when they are enabled (that is how `steering.learn` trains them).
 Saved as one safetensors file with the parameters, the provenance (objective, steps, seed, data,
@@ -50,8 +50,9 @@ from jaxtyping import Float, Int
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
-from probe.checkpoint import save_safetensors_atomic
-from probe.hooks import site_name
+from probe.models.checkpoint import save_safetensors_atomic
+from probe.models.hooks import site_name
+from probe.sampling.vllm_hooks import StreamEdit, VLLMInterventionError, stream_edit
 from steering.apply import Steering, SteeringError
 from steering.sae_edit import FeatureDictionary
 from steering.vectors import model_dims
@@ -158,6 +159,20 @@ class LearnedEdit(nn.Module):
         """A `LearnedSteering` (context manager and `sample_branches` intervention) on `model`;
         keyword arguments choose the gate and `where` (default "all": prompt tokens too)."""
         return LearnedSteering(model, self, coef, **kwargs)
+
+    def vllm_edit(self, coef: float = 1.0, *, gate: str = "always", where: str = "all",
+                  fraction: float | None = None, threshold: float | None = None, trace: bool = False) -> StreamEdit:
+        """This edit with `apply`'s settings as the vLLM engine's intervention (a
+        `probe.sampling.vllm_hooks.StreamEdit`): kind `vector` only, whose delta does not depend on
+        the token; the other kinds, and the settings the engine cannot apply, raise `VLLMInterventionError`."""
+        what = f"learned edit (kind {self.kind!r})"
+        if self.kind != "vector":
+            raise VLLMInterventionError(
+                f"{what} cannot run inside vLLM: only kind 'vector' adds a fixed vector ('position' and 'mode' need "
+                "each token's answer position or sample, 'sae' and 'lowrank' read each token's residual). Fix: sample "
+                "it with the HF engine (probe.sampling.sampler.sample_branches, or --engine hf).")
+        dirs = {x: self.vec[str(x)][0].detach() for x in self.layers}
+        return stream_edit(dirs, self.site, coef, what=what, gate=gate, where=where, fraction=fraction, trace=trace)
 
     def check_model(self, model: Any) -> None:
         """Raise `LearnedEditError` unless `model` has every layer and width `d_model`."""
@@ -275,6 +290,11 @@ class LearnedSteering(Steering):
         g = super().prefill_groups(n)
         return g * self.edit_module.n_modes + torch.arange(n) % self.edit_module.n_modes if \
             self.edit_module.kind == "mode" else g
+
+    def vllm_edit(self) -> StreamEdit:
+        """This steering as the vLLM engine's intervention (`LearnedEdit.vllm_edit` with its settings)."""
+        return self.edit_module.vllm_edit(self.coef, gate=self.gate, where=self.where, fraction=self.fraction,
+                                          trace=self.trace is not None)
 
     def edit(self, name, x, mask):
         cond = self._fwd.get("cond")

@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from probe.hooks import site_name
-from probe.pair import RESID_POST
+from probe.models.hooks import site_name
+from probe.models.pair import RESID_POST
 from steering.apply import Steering, SteeringError
 from steering.shadow import hf_of
 

@@ -1,7 +1,7 @@
 """Batch-diversity steering: push the concurrent samples of one prompt apart in the residual stream.
 
 What it is: an RL-alone baseline in the spirit of STARS (arXiv:2601.22010) and SPREAD
-(arXiv:2511.08305). While `probe.sampler.sample_branches` decodes, at every generated token and
+(arXiv:2511.08305). While `probe.sampling.sampler.sample_branches` decodes, at every generated token and
 each layer in `layers` (site `blocks.{L}.hook_resid_post` by default), each row's residual h_i is
 pushed away from the centroid of its prompt's concurrent samples (itself included). Exactly, at
 every decision position the gate selects, with G = the *active* rows of the same prompt in this
@@ -54,8 +54,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from probe.hooks import site_name
-from probe.pair import RESID_POST
+from probe.models.hooks import site_name
+from probe.models.pair import RESID_POST
 from steering.apply import Steering, SteeringError
 
 
@@ -95,7 +95,7 @@ class Repulsion(Steering):
                              "all samples of its prompt, so there is nothing to push apart. Fix: where='generated'.")
         super().__init__(model, [site_name(site, x) for x in layers], **kwargs)
         if not any(kind == "hf" for kind, _ in self.targets):
-            raise SteeringError("Repulsion needs a Hugging Face model run by probe.sampler.sample_branches (it reads "
+            raise SteeringError("Repulsion needs a Hugging Face model run by probe.sampling.sampler.sample_branches (it reads "
                                 "the sampler's prompt groups). Fix: steer the HF model (HookedModel.hf).")
         self.strength, self.eps, self.trace_coef = float(strength), float(eps), float(strength)
 
@@ -126,7 +126,7 @@ class Repulsion(Steering):
         st = self.state
         if st is None:
             raise SteeringError("Repulsion couples the samples of one prompt and needs the sampler's state to know "
-                                "them: run it as the intervention= of probe.sampler.sample_branches, not around a "
+                                "them: run it as the intervention= of probe.sampling.sampler.sample_branches, not around a "
                                 "plain forward pass.")
         if not mask.any():  # the prefill, a gate that did not fire, or no row with a sibling
             return x

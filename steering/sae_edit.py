@@ -19,7 +19,7 @@ What it is:
   coef = 0 is the identity in every mode. `fire_threshold` makes the edit conditional on context:
   a feature is edited only where its pre-activation in the RL model exceeds the threshold (the
   feature is "about to fire"), per feature.
-- `diff_targets` (t from a fork feature diff: `probe.features`, e.g. the `pruned` records of
+- `diff_targets` (t from a fork feature diff: `probe.sae.features`, e.g. the `pruned` records of
   `forksight sae diff`'s metrics.json), `decoder_directions` / `resid_norm_targets` (decoder
   directions at `resid_norm` normalisation, through `steering.derive`, so that one coefficient
   means a fraction of the mean residual norm, as for the other steering methods).
@@ -33,8 +33,8 @@ them through the top-k would see 0 and treat the residual as carrying nothing of
 pre-activation reads how much of the feature's encoder direction is there. Consequence: an edit
 to a' changes the residual by (a' - pre) * d_f, not by (a' - 0) * d_f.
 
-What it is not: SAE training or splicing (`probe.sae`, `probe.sae_quality`), feature ranking
-(`probe.features`), or a cross-model method (it runs the RL model alone; the diff's statistics
+What it is not: SAE training or splicing (`probe.sae.dictionary`, `probe.sae.quality`), feature ranking
+(`probe.sae.features`), or a cross-model method (it runs the RL model alone; the diff's statistics
 are fixed numbers taken once).
 """
 
@@ -51,7 +51,7 @@ from jaxtyping import Bool, Float
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from probe.checkpoint import save_safetensors_atomic
+from probe.models.checkpoint import save_safetensors_atomic
 from steering.apply import Steering
 from steering.derive import normalise, sae_decoder_direction
 from steering.vectors import model_dims

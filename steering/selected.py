@@ -7,7 +7,7 @@ choice; `load_intervention` reads either kind back as a `Selected`, whose `apply
 intervention with those settings (any of them overridable) and whose `temperature` is the one to
 sample at. User code needs nothing else:
 
-    from probe.sampler import SamplerConfig, sample_branches
+    from probe.sampling.sampler import SamplerConfig, sample_branches
     from steering import load_intervention
     best = load_intervention("experiments/results/steer-sweep/best.safetensors")
     branches = sample_branches(rl, tok, prompts, SamplerConfig(n=64, temperature=best.temperature),
@@ -49,12 +49,23 @@ class Selected:
     def temperature(self) -> float:
         return float(self.recommended.get("temperature", 1.0))
 
+    def settings(self, **overrides: Any) -> dict[str, Any]:
+        """The recommended settings (not the temperature), keywords that are not None overriding them."""
+        s = {k: self.recommended[k] for k in SETTINGS if k in self.recommended and k != "temperature"}
+        return {k: v for k, v in {**s, **{k: v for k, v in overrides.items() if v is not None}}.items() if v is not None}
+
     def apply(self, model: Any, **overrides: Any):
         """The intervention on `model` with the recommended settings (keywords that are not None override them)."""
-        s = {k: self.recommended[k] for k in SETTINGS if k in self.recommended and k != "temperature"}
-        s = {k: v for k, v in {**s, **{k: v for k, v in overrides.items() if v is not None}}.items() if v is not None}
+        s = self.settings(**overrides)
         coef = s.pop("coef", 1.0)
         return self.inner.apply(model, coef=coef, **s)
+
+    def vllm_edit(self, **overrides: Any):
+        """The intervention with the recommended settings in the vLLM engine's form
+        (`probe.sampling.vllm_engine`); refused there with the reason where it has none."""
+        s = self.settings(**overrides)
+        coef = s.pop("coef", 1.0)
+        return self.inner.vllm_edit(coef, **s)
 
 
 def save_selected(inner: SteeringVector | LearnedEdit, path: str | Path, *, coef: float = 1.0, gate: str = "always",

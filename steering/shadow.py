@@ -1,10 +1,10 @@
 """A shadow model: a second Hugging Face causal LM fed exactly what the sampler feeds the steered one.
 
 What it is: the machinery behind every intervention that needs the *other* model of the pair on
-the same prefix, while `probe.sampler.sample_branches` drives the steered model: the `disagree` and
+the same prefix, while `probe.sampling.sampler.sample_branches` drives the steered model: the `disagree` and
 `base_entropy` gates of `steering.apply` and cross-model patching (`steering.patching`). Before
 each forward pass of the steered model, `Shadow.step` runs the shadow model on the same
-`input_ids` / `attention_mask` / `position_ids`, with its own KV cache (`probe.kv_cache`, the model family's own class) kept in step with
+`input_ids` / `attention_mask` / `position_ids`, with its own KV cache (`probe.models.kv_cache`, the model family's own class) kept in step with
 the sampler's: a new cache at each prefill, expanded from prompts to rows (prompt-major) after it,
 and shrunk whenever the sampler drops finished rows (read from `SamplingState.row_ids`). It
 captures the shadow's activations at the requested sites and returns its next-token logits.
@@ -15,7 +15,7 @@ is refused, since the shadow has no way to know the prefix.
 
 Cost: one forward of the shadow model per forward of the steered one, and a second KV cache.
 What it is not: a generic multi-model runner; both models must share the tokenizer (check with
-`probe.pair.check_compatible`).
+`probe.models.pair.check_compatible`).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from probe.hooks import resolve_hook
-from probe.kv_cache import CACHE_ARGS, cache_arg, new_cache, returned_cache, select_rows
-from probe.sampler import SamplingState
+from probe.models.hooks import resolve_hook
+from probe.models.kv_cache import CACHE_ARGS, cache_arg, new_cache, returned_cache, select_rows
+from probe.sampling.sampler import SamplingState
 
 
 class ShadowError(RuntimeError):
@@ -37,7 +37,7 @@ class ShadowError(RuntimeError):
 
 
 def hf_of(model: Any) -> Any:
-    """The Hugging Face model under a HF model, a `probe.pair.HookedModel` or an nnsight model."""
+    """The Hugging Face model under a HF model, a `probe.models.pair.HookedModel` or an nnsight model."""
     for attr in ("hf", "_module"):
         inner = getattr(model, attr, None)
         if inner is not None and hasattr(inner, "config"):
@@ -134,6 +134,6 @@ class Shadow:
             self._align(state)
         out = self.hf(input_ids=move(ids), attention_mask=move(attn), position_ids=move(pos),
                       **{self._cache_kw: self.cache}, **self._extra)
-        if self.cache is None:  # a model that makes its own cache in the prefill (probe.kv_cache.new_cache)
+        if self.cache is None:  # a model that makes its own cache in the prefill (probe.models.kv_cache.new_cache)
             self.cache = returned_cache(out, self._cache_kw)
         return out.logits[:, -1:].float()

@@ -1,13 +1,13 @@
 """Where interventions attach: hook sites on every supported model object.
 
 What it is: `targets(model)` lists the module trees a model object runs on (a HF causal LM, a
-`probe.pair.HookedModel` (its HF model, plus its TransformerLens model for that backend), an
+`probe.models.pair.HookedModel` (its HF model, plus its TransformerLens model for that backend), an
 nnsight `TransformersModel` (its HF module), a TransformerLens `HookedTransformer`), and
-`on_site` registers a read-or-replace hook at a `probe.hooks` name on one of them: the resolved HF
+`on_site` registers a read-or-replace hook at a `probe.models.hooks` name on one of them: the resolved HF
 module's input / output (first element of a tuple or list) or the TransformerLens hook point.
 `site_order` gives the forward-execution order of a name without a model.
 
-What it is not: the name table itself (`probe.hooks`).
+What it is not: the name table itself (`probe.models.hooks`).
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from probe.hooks import SITES, HookSiteError, resolve_hook
-from probe.pair import HookedModel
+from probe.models.hooks import SITES, HookSiteError, resolve_hook
+from probe.models.pair import HookedModel
 
 
 def site_order(name: str) -> tuple[int, int]:
-    """Forward-execution order (layer, position in `probe.hooks.SITES`) of an activation name."""
+    """Forward-execution order (layer, position in `probe.models.hooks.SITES`) of an activation name."""
     for i, t in enumerate(SITES):
         m = re.fullmatch(re.escape(t).replace(r"\{L\}", r"(\d+)"), name)
         if m:
@@ -43,7 +43,7 @@ def targets(model: Any) -> list[tuple[str, Any]]:
     inner = getattr(model, "_module", None)  # nnsight TransformersModel
     if isinstance(inner, torch.nn.Module) and hasattr(getattr(inner, "config", None), "model_type"):
         return [("hf", inner)]
-    raise TypeError(f"cannot steer a {type(model).__name__}: pass a HF causal LM, a probe.pair.HookedModel, "
+    raise TypeError(f"cannot steer a {type(model).__name__}: pass a HF causal LM, a probe.models.pair.HookedModel, "
                     "an nnsight TransformersModel or a TransformerLens HookedTransformer")
 
 

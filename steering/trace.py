@@ -1,7 +1,7 @@
 """Per-token record of a steered sampling run: was each decision steered, by how much, and what it did.
 
 What it is: `SteeringTrace`, filled by `steering.apply.Steering(trace=True)` while
-`probe.sampler.sample_branches` runs: one record per forward pass with the batch items' ids, the
+`probe.sampling.sampler.sample_branches` runs: one record per forward pass with the batch items' ids, the
 steered flag of each decision position, the coefficient applied (0 where not steered), and the
 next-token entropy (nats, temperature 1, full vocabulary) before (the probe pass: this position
 unsteered, the actual steered prefix in the cache) and after (the steered forward's distribution).

@@ -1,7 +1,7 @@
 """`SteeringVector`: one direction per layer (optionally one per condition), with its provenance.
 
 What it is: the deliverable of `steering.derive` and the input of `steering.apply`: directions at a
-named hook site (`probe.hooks` names, e.g. `blocks.{L}.hook_resid_post`), how they were made
+named hook site (`probe.models.hooks` names, e.g. `blocks.{L}.hook_resid_post`), how they were made
 (method, source models, positions, normalisation, config) and a format version; saved as
 safetensors with the metadata as JSON in the header, loaded with validation; `check_model` says
 clearly when a vector does not fit a model (width, depth, site).
@@ -30,8 +30,9 @@ from jaxtyping import Float
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from probe.checkpoint import save_safetensors_atomic
-from probe.hooks import SITES, HookSiteError, resolve_hook, site_name
+from probe.models.checkpoint import save_safetensors_atomic
+from probe.models.hooks import SITES, HookSiteError, resolve_hook, site_name
+from probe.sampling.vllm_hooks import StreamEdit, stream_edit
 from steering.apply import VectorSteering
 
 FORMAT = "forksight.steering_vector"
@@ -56,7 +57,7 @@ class SteeringVector:
     directions: dict[int, Float[Tensor, "*cond d_model"]]
     """layer -> `[d_model]` (global) or `[n_conditions, d_model]` (conditioned)."""
     hook_site: str = "blocks.{L}.hook_resid_post"
-    """Site template in `probe.hooks.SITES` ({L} is the layer), one of `STEERABLE_SITES`."""
+    """Site template in `probe.models.hooks.SITES` ({L} is the layer), one of `STEERABLE_SITES`."""
     method: str = "custom"
     """How the directions were made: one of `METHODS`."""
     source_models: dict[str, str] = field(default_factory=dict)
@@ -168,7 +169,7 @@ class SteeringVector:
     def check_model(self, model: Any) -> None:
         """Raise `SteeringVectorError` unless every layer's site exists in `model` with width d_model.
 
-        `model`: a HF causal LM, a `probe.pair.HookedModel`, an nnsight `TransformersModel` or a
+        `model`: a HF causal LM, a `probe.models.pair.HookedModel`, an nnsight `TransformersModel` or a
         TransformerLens `HookedTransformer`.
         """
         d_model, n_layers, hf = model_dims(model)
@@ -191,6 +192,19 @@ class SteeringVector:
         """A `steering.apply.VectorSteering` adding `coef * direction` to `model` (a context manager
         and a `sample_branches` intervention); keyword arguments choose the gate (see there)."""
         return VectorSteering(model, self, coef, **kwargs)
+
+    def vllm_edit(self, coef: float = 1.0, *, gate: str = "always", where: str = "generated",
+                  fraction: float | None = None, threshold: float | None = None, trace: bool = False,
+                  condition: Any = None) -> StreamEdit:
+        """This vector with `apply`'s settings as the vLLM engine's intervention (a
+        `probe.sampling.vllm_hooks.StreamEdit`); what the engine cannot apply exactly (a gate other
+        than "always", conditioned directions, traces, `where="prompt"`) raises `VLLMInterventionError`
+        naming the setting. `threshold` only matters to the gates refused there."""
+        cond = None
+        if condition is not None or self.conditioning != "global":
+            cond = f"{self.conditioning}-conditioned" + (" (with a condition function)" if condition is not None else "")
+        return stream_edit(self.directions, self.hook_site, coef, what=f"steering vector ({self.method})", gate=gate,
+                           where=where, fraction=fraction, conditioned=cond, trace=trace)
 
     def save(self, path: str | Path) -> Path:
         """Write safetensors (`layer{L}`, `centroids.layer{L}`) with `metadata()` as JSON in the header."""

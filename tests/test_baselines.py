@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from probe.sampler import SamplerConfig, sample_branches
+from probe.sampling.sampler import SamplerConfig, sample_branches
 from steering.apply import SteeringError
 from steering.gates import after_tokens
 from steering.layer_restore import block_path, restore_layers
@@ -239,7 +239,7 @@ def test_repulsion_hooks_are_gone_after_an_exception_and_misuse_is_refused(eos_l
     with pytest.raises(RuntimeError, match="boom"):
         sample_branches(rl, tiny_tokenizer, PROMPTS, CFG, intervention=steer)
     assert _no_hooks(rl) and steer.state is None, "a hook or run state survived an exception"
-    with pytest.raises(SteeringError, match="intervention= of probe.sampler.sample_branches"):
+    with pytest.raises(SteeringError, match="intervention= of probe.sampling.sampler.sample_branches"):
         with Repulsion(rl, 0, strength=0.5):
             _logits(rl)
     assert _no_hooks(rl)

@@ -16,15 +16,15 @@ import torch
 
 from experiments.study import claims as C
 from experiments.study.report import flag_truncation, truncated_shares, write_report
-from probe.breadth import (
+from probe.metrics.breadth import (
     TRUNCATION_LIMIT,
     TruncationWarning,
     check_truncation,
     compare_breadth,
     warn_if_truncated,
 )
-from probe.diversity import distinct_eligible, paired_eligible, pass_at_k_curve
-from probe.frontier import Outcomes, compare_to_frontier, mixture_curve, stack, summary
+from probe.metrics.frontier import Outcomes, compare_to_frontier, mixture_curve, stack, summary
+from probe.metrics.passk import distinct_eligible, paired_eligible, pass_at_k_curve
 
 N = 4
 BASE_DISTINCT = [3, 3, 1, 1, 0, 0, 0, 0]

@@ -1,4 +1,4 @@
-"""Checkpoint forms (probe.checkpoint, probe.gguf, probe.adapters): a directory, a `.gguf` file,
+"""Checkpoint forms (probe.models.checkpoint, probe.models.gguf, probe.models.adapters): a directory, a `.gguf` file,
 `BASE+ADAPTER`; precision by name; provenance; and the bad inputs each form can meet.
 
 The real-model tests use SmolLM2-135M-Instruct as the project installs it (`make real-base`: the
@@ -14,9 +14,9 @@ import sys
 import pytest
 import torch
 
-from probe.adapters import AdapterError, attach_adapter, base_fingerprint, split_adapter_spec
-from probe.checkpoint import checkpoint_config, load_causal_lm, own_directory, parse_dtype
-from probe.gguf import GGUFError, gguf_to_directory
+from probe.models.adapters import AdapterError, attach_adapter, base_fingerprint, split_adapter_spec
+from probe.models.checkpoint import checkpoint_config, load_causal_lm, own_directory, parse_dtype
+from probe.models.gguf import GGUFError, gguf_to_directory
 
 
 def test_dtype_names_and_a_clear_error_for_others():
@@ -63,7 +63,7 @@ def test_missing_gguf_package_names_the_extra(tmp_path, monkeypatch):
 def _adapter(model, tmp_path, name="adapter", record=True):
     from peft import LoraConfig, get_peft_model
 
-    from probe.adapters import write_adapter_provenance
+    from probe.models.adapters import write_adapter_provenance
 
     torch.manual_seed(0)
     peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
@@ -116,7 +116,7 @@ def test_an_adapter_for_another_architecture_is_refused_naming_both(tmp_path, ti
 @pytest.mark.slow
 def test_the_real_base_loads_from_its_gguf_with_provenance_and_chat_template(real_base):
     from experiments.fetch_real import GGUF_SHA256
-    from probe.checkpoint import checkpoint_provenance
+    from probe.models.checkpoint import checkpoint_provenance
 
     directory = gguf_to_directory(real_base)
     record = json.loads((directory / "forksight-gguf.json").read_text())
@@ -151,7 +151,7 @@ def test_the_base_fingerprint_does_not_depend_on_the_precision_it_was_loaded_in(
 
 
 def test_portable_paths_split_base_plus_adapter_and_leave_long_text_alone(tmp_path):
-    from experiments.checkpointing import REPO_DIR, portable
+    from experiments.run_state import REPO_DIR, portable
 
     base, adapter = REPO_DIR / "experiments" / "organisms" / "countdown" / "base", tmp_path / "run" / "adapter"
     adapter.mkdir(parents=True)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from experiments.study.claims_training import claim_phases, claim_regime, hinge_change_point
-from probe.compute_match import compute_multiplier, multiplier_text
-from probe.frontier import Outcomes
+from probe.metrics.compute_match import compute_multiplier, multiplier_text
+from probe.metrics.frontier import Outcomes
 
 
 # --- C3b -----------------------------------------------------------------------------------------

@@ -7,14 +7,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from experiments.tasks.countdown import (
+from probe.tasks.countdown import (
     Countdown,
     CountdownConfig,
     Problem,
     format_steps,
     parse_prompt,
 )
-from probe.task import Task
+from probe.tasks.protocol import Task
 
 TASK = Countdown()
 

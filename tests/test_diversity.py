@@ -1,4 +1,4 @@
-"""Oracle tests for probe.diversity and probe.forks: brute force and exact arithmetic, no models."""
+"""Oracle tests for probe.metrics.passk and probe.forks: brute force and exact arithmetic, no models."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from probe.diversity import (
-    bootstrap_ci,
+from probe.forks import fork_mask, fork_threshold, n_forks
+from probe.metrics.passk import (
     crossover_k,
     distinct_correct,
     pass_at_k,
@@ -20,7 +20,7 @@ from probe.diversity import (
     pass_at_k_per_problem,
     solved_coverage,
 )
-from probe.forks import fork_mask, fork_threshold, n_forks
+from probe.stats import bootstrap_ci
 
 
 def brute_pass_at_k(correct: list[bool], k: int) -> Fraction:

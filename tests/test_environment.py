@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 import probe.environment as E
 from experiments.study.annotate import annotate
-from probe.checkpoint import save_safetensors_atomic
+from probe.models.checkpoint import save_safetensors_atomic
 
 
 @pytest.fixture

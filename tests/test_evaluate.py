@@ -1,4 +1,4 @@
-"""probe.evaluate on hand-built Branches, a toy sum task and an in-memory WordLevel tokenizer.
+"""probe.metrics.evaluate on hand-built Branches, a toy sum task and an in-memory WordLevel tokenizer.
 
 The toy task: the prompt is a target t ("7"); a valid completion is "a + b" with single digits
 a + b = t. Operands commute, so "3 + 4" and "4 + 3" are one solution. The first operand is a real
@@ -12,8 +12,7 @@ import json
 import pytest
 import torch
 
-from probe.diversity import bootstrap_ci
-from probe.evaluate import (
+from probe.metrics.evaluate import (
     PAD_ROLE,
     ROLE_CODE,
     Scored,
@@ -22,14 +21,15 @@ from probe.evaluate import (
     plot_pass_at_k,
     score_branches,
 )
-from probe.sampler import Branches, SamplerConfig
-from probe.task import Task
+from probe.sampling.sampler import Branches, SamplerConfig
+from probe.stats import bootstrap_ci
+from probe.tasks.protocol import Task
 
 VOCAB = {"<pad>": 0, "<eos>": 1, "<unk>": 2, "+": 3, **{str(d): 4 + d for d in range(10)}}
 
 
 class SumTask:
-    """Toy task implementing `probe.task.Task`; `enumerable=False` makes n_solutions unknown."""
+    """Toy task implementing `probe.tasks.protocol.Task`; `enumerable=False` makes n_solutions unknown."""
 
     def __init__(self, enumerable: bool = True):
         self.enumerable = enumerable
@@ -112,7 +112,7 @@ def hand_branches() -> Branches:
 
 
 def test_toy_task_implements_the_protocol():
-    assert isinstance(SumTask(), Task), "the toy task must satisfy probe.task.Task"
+    assert isinstance(SumTask(), Task), "the toy task must satisfy probe.tasks.protocol.Task"
 
 
 def test_score_branches_strips_eos_and_padding_and_merges_commuted_answers(tokenizer):
@@ -235,7 +235,7 @@ def test_evaluate_passes_cfg_to_sampler_and_metrics(tokenizer, monkeypatch):
         calls.append((list(prompts), cfg, intervention))
         return hand_branches()
 
-    monkeypatch.setattr("probe.evaluate.sample_branches", fake_sample)
+    monkeypatch.setattr("probe.metrics.evaluate.sample_branches", fake_sample)
     cfg = SamplerConfig(n=4, max_new_tokens=4, temperature=0.6, seed=5)
     with pytest.raises(ValueError, match=r"k=8 > n=4 samples per problem; sample more or lower k"):
         evaluate(None, tokenizer, PROMPTS, SumTask(), cfg, ks=[8])

@@ -1,4 +1,4 @@
-"""Oracle tests for probe.frontier: hand-counted mixtures, brute-force splices, a looped bootstrap."""
+"""Oracle tests for probe.metrics.frontier: hand-counted mixtures, brute-force splices, a looped bootstrap."""
 
 from __future__ import annotations
 
@@ -12,9 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from probe.diversity import pass_at_k_per_problem
-from probe.evaluate import Scored
-from probe.frontier import (
+from probe.metrics.evaluate import Scored
+from probe.metrics.frontier import (
     Outcomes,
     compare_to_frontier,
     frontier_at,
@@ -26,7 +25,8 @@ from probe.frontier import (
     splice,
     summary,
 )
-from probe.frontier_plots import plot_frontier_figure
+from probe.metrics.frontier_plots import plot_frontier_figure
+from probe.metrics.passk import pass_at_k_per_problem
 
 # Problem 0: base finds a, b, c; RL only a. Problem 1: base x, y; RL z.
 BASE = Outcomes([["a", "b", None, "c"], ["x", None, "y", "y"]], [True, True])
@@ -257,7 +257,7 @@ def test_plot_writes_a_png(tmp_path):
 
 
 def test_stacked_seeds_resample_a_problem_with_all_its_seeds():
-    from probe.frontier import stack
+    from probe.metrics.frontier import stack
 
     b1, b2 = random_outcomes(30, 8, 1, 0.5, 5), random_outcomes(30, 8, 2, 0.5, 5)
     r1, r2 = random_outcomes(30, 8, 3, 0.1, 2), random_outcomes(30, 8, 4, 0.1, 2)

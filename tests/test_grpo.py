@@ -7,8 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from experiments.organism.grpo import GRPOConfig, build_rollouts, train_grpo
-from experiments.organism.grpo_loss import (
+from experiments.paths import ORGANISMS_DIR
+from experiments.training.grpo import GRPOConfig, build_rollouts, train_grpo
+from experiments.training.grpo_loss import (
     LossConfig,
     Rollouts,
     clip_cov_select,
@@ -20,8 +21,7 @@ from experiments.organism.grpo_loss import (
     shapley_distinct_shares,
     token_covariance,
 )
-from experiments.paths import ORGANISMS_DIR
-from probe.sampler import Branches
+from probe.sampling.sampler import Branches
 
 BASE = ORGANISMS_DIR / "base"
 
@@ -232,9 +232,14 @@ def test_rl_is_bit_reproducible_and_resume_equals_uninterrupted(tmp_path):
         o = load_file(str(tmp_path / other / "model.safetensors"))
         for k in a:
             assert torch.equal(a[k], o[k]), f"run {other}: {k} differs (seeded RL must be exact)"
-    log_a = (tmp_path / "a" / "train_log.jsonl").read_text()
-    assert log_a == (tmp_path / "c" / "train_log.jsonl").read_text(), "resumed log must equal the uninterrupted one"
-    assert [json.loads(x)["step"] for x in log_a.splitlines()] == [0, 1, 2, 3]
+    def measured(run: str) -> list[dict]:  # every logged number but the step's wall-clock seconds
+        rows = [json.loads(x) for x in (tmp_path / run / "train_log.jsonl").read_text().splitlines()]
+        assert all(r.pop("seconds") >= 0 for r in rows), "each step logs its wall time"
+        return rows
+
+    log_a = measured("a")
+    assert log_a == measured("c"), "resumed log must equal the uninterrupted one"
+    assert [r["step"] for r in log_a] == [0, 1, 2, 3]
 
 
 @pytest.mark.slow
@@ -251,8 +256,8 @@ def test_a_few_rl_steps_raise_reward(tmp_path):
 
 @pytest.mark.slow
 def test_lora_rl_resumes_exactly_and_ships_an_adapter_that_loads_as_base_plus_adapter(tmp_path):
-    from probe.adapters import AdapterError
-    from probe.checkpoint import load_causal_lm
+    from probe.models.adapters import AdapterError
+    from probe.models.checkpoint import load_causal_lm
 
     loss = LossConfig()
     kw = dict(lora_rank=4, steps=3, save_every=1, eval_every=2)

@@ -27,7 +27,7 @@ from bench.coverage import check_type, run, summary  # noqa: E402
 from bench.coverage_table import REGENERATE, compare, held_to, load_table, same_versions  # noqa: E402
 from bench.coverage_table import TABLE as TABLE_PATH  # noqa: E402
 from bench.hf_zoo import build, classify  # noqa: E402
-from probe.hooks import HookSiteError, resolve_hook  # noqa: E402
+from probe.models.hooks import HookSiteError, resolve_hook  # noqa: E402
 
 EXCLUSION_RULES = ("encoder-decoder", "encoder family", "multimodal", "config not buildable from its defaults")
 
@@ -189,7 +189,7 @@ def test_a_pair_of_a_new_family_loads_from_disk_as_a_new_user_would(model_type, 
     """The issue's report: tiny random pairs of families no test built, saved to directories whose
     names do not reveal the family, loaded with `load_pair`: the hooked residual equals HF's."""
     from bench.coverage import _tokenizer
-    from probe.pair import load_pair
+    from probe.models.pair import load_pair
 
     for name, seed in (("a", 0), ("b", 1)):
         build(model_type, seed=seed).save_pretrained(tmp_path / name)

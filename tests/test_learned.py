@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from probe.entropy import entropy_and_logprob, kl, trajectories_from_branches
-from probe.sampler import SamplerConfig, sample_branches
+from probe.sampling.sampler import SamplerConfig, sample_branches
 from steering.learn import LearnConfig, learn, pass_at_k_advantage, unique_reward
 from steering.learned import LearnedEdit, LearnedEditError, answer_buckets
 
@@ -213,7 +213,7 @@ def test_shipped_learned_edits_fit_the_budget_and_are_reused_by_forksight_run():
     the RL model's parameters, with the provenance that lets the run reuse it instead of retraining."""
     from experiments.paths import ORGANISMS_DIR
     from experiments.study.learn_stage import LEARNED_DIR, MAX_PARAM_SHARE, RECIPES, shipped_edit
-    from probe.checkpoint import load_causal_lm
+    from probe.models.checkpoint import load_causal_lm
 
     rl, _ = load_causal_lm(ORGANISMS_DIR / "rl-none", device="cpu")
     n_model = sum(p.numel() for p in rl.parameters())

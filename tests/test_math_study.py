@@ -8,9 +8,9 @@ import re
 
 import pytest
 
-from experiments.checkpointing import REPO_DIR, portable
 from experiments.cli import main
 from experiments.paths import WORDPROBLEMS_DIR
+from experiments.run_state import REPO_DIR, portable
 from experiments.study.claims import STATUSES
 
 HELDOUT = WORDPROBLEMS_DIR / "heldout.jsonl"
@@ -19,8 +19,8 @@ HELDOUT = WORDPROBLEMS_DIR / "heldout.jsonl"
 @pytest.fixture(scope="module")
 def text_pair(tmp_path_factory):
     """A random depth-1 word-problem organism (64 positions) saved twice: a compatible pair."""
-    from experiments.organism.model import OrganismConfig, build_organism, save_checkpoint
-    from experiments.organism.tokenizer import build_text_tokenizer
+    from experiments.training.model import OrganismConfig, build_organism, save_checkpoint
+    from experiments.training.tokenizer import build_text_tokenizer
 
     root = tmp_path_factory.mktemp("pair")
     for name in ("base", "rl"):
@@ -74,7 +74,7 @@ def test_no_shipped_output_records_a_machine_path():
     of absolute paths, whichever machine produced it (not only this clone's root)."""
     from safetensors import safe_open
 
-    from experiments.checkpointing import _ABS_IN_TEXT
+    from experiments.run_state import _ABS_IN_TEXT
 
     checked = 0
     for root in (REPO_DIR / "experiments" / "results", REPO_DIR / "experiments" / "organisms"):
@@ -95,8 +95,8 @@ def test_no_shipped_output_records_a_machine_path():
 
 
 def test_shipped_word_problem_files_are_the_generators_split():
-    from experiments.tasks.math_file import read_jsonl
-    from experiments.tasks.wordproblems import WordProblems
+    from probe.tasks.math_file import read_jsonl
+    from probe.tasks.wordproblems import WordProblems
 
     wp = WordProblems()
     assert read_jsonl(HELDOUT) == wp.heldout_rows(), "heldout.jsonl must be WordProblems().heldout_rows()"

@@ -10,9 +10,9 @@ import random
 import pytest
 import torch
 
-from experiments.tasks import load_task
-from experiments.tasks.math_file import MathRow, read_jsonl
-from experiments.tasks.math_task import (
+from probe.tasks import load_task
+from probe.tasks.math_file import MathRow, read_jsonl
+from probe.tasks.math_task import (
     MathTask,
     _math_verify,
     canonical_key,
@@ -22,7 +22,7 @@ from experiments.tasks.math_task import (
     roles_by_rule,
     solution_steps,
 )
-from experiments.tasks.wordproblems import WordProblems, paths
+from probe.tasks.wordproblems import WordProblems, paths
 
 # (gold, completion, verdict): every answer form the module docstring promises, and the failures
 TABLE = [
@@ -152,7 +152,7 @@ def test_training_prompts_come_from_the_train_file_or_the_selection_half(tmp_pat
 
 
 def test_check_tokenizer_refuses_text_outside_the_vocabulary_and_wraps_chat_prompts(tmp_path):
-    from experiments.organism.tokenizer import build_text_tokenizer, build_tokenizer
+    from experiments.training.tokenizer import build_text_tokenizer, build_tokenizer
 
     held = _write(tmp_path, [json.dumps({"prompt": "Ann has 3 pens.", "answer": 3})])
     with pytest.raises(ValueError, match=r"cannot write row 0 .*outside its vocabulary"):
@@ -174,8 +174,8 @@ def test_check_tokenizer_refuses_text_outside_the_vocabulary_and_wraps_chat_prom
 
 
 def test_a_prompt_plus_budget_beyond_the_context_is_refused_before_sampling(tiny_lm, tiny_tokenizer):
-    from probe.budget import ContextLengthError, check_context
-    from probe.sampler import SamplerConfig, sample_branches
+    from probe.models.budget import ContextLengthError, check_context
+    from probe.sampling.sampler import SamplerConfig, sample_branches
 
     model = tiny_lm("qwen2")  # 128 positions
     calls = []
@@ -187,7 +187,7 @@ def test_a_prompt_plus_budget_beyond_the_context_is_refused_before_sampling(tiny
 
 
 def test_a_progress_bar_counts_decoding_steps(tiny_lm, tiny_tokenizer, capsys):
-    from probe.sampler import SamplerConfig, sample_branches
+    from probe.sampling.sampler import SamplerConfig, sample_branches
 
     sample_branches(tiny_lm("qwen2"), tiny_tokenizer, ["w3 w4"], SamplerConfig(n=4, max_new_tokens=6, batch_size=2),
                     progress=True)
@@ -195,8 +195,8 @@ def test_a_progress_bar_counts_decoding_steps(tiny_lm, tiny_tokenizer, capsys):
 
 
 def test_memory_budget_caps_batches_without_changing_samples(tiny_lm, tiny_tokenizer, monkeypatch):
-    from probe import budget
-    from probe.sampler import SamplerConfig, sample_branches
+    from probe.models import budget
+    from probe.sampling.sampler import SamplerConfig, sample_branches
 
     model, cfg = tiny_lm("qwen2"), SamplerConfig(n=6, max_new_tokens=8, batch_size=64, seed=3)
     full = sample_branches(model, tiny_tokenizer, ["w3 w4", "w5"], cfg)
@@ -233,7 +233,9 @@ def test_training_stream_never_meets_the_heldout_split_and_resumes_exactly():
     train = wp.train_prompts(0, 300)
     assert not held & set(train)
     assert wp.train_prompts(0, 5, start=100) == train[100:105]
-    assert all(wp.verify(p, str(wp._problems[p].value)) for p in train[:20]), "generated prompts are verifiable"
+    first = [p for _, (_, p, _) in zip(range(20), wp.train_stream(0))]
+    assert [p.prompt for p in first] == train[:20]
+    assert all(wp.verify(p.prompt, str(p.value)) for p in first), "generated prompts are verifiable"
     pairs = list(zip(range(3), wp.sft_stream(0)))
     assert all(wp.verify(p, a) for _, (p, a) in pairs)
 
@@ -242,9 +244,9 @@ def test_training_stream_never_meets_the_heldout_split_and_resumes_exactly():
 def test_text_tokenizer_round_trips_through_autotokenizer_tl_and_nnsight(tmp_path):
     from transformers import AutoTokenizer
 
-    from experiments.organism.model import OrganismConfig, build_organism, save_checkpoint
-    from experiments.organism.tokenizer import build_text_tokenizer
-    from probe.backends import load_hooked_transformer, load_nnsight
+    from experiments.training.model import OrganismConfig, build_organism, save_checkpoint
+    from experiments.training.tokenizer import build_text_tokenizer
+    from probe.models.backends import load_hooked_transformer, load_nnsight
 
     wp = WordProblems()
     p = wp.heldout()[0]
@@ -266,10 +268,10 @@ def test_text_tokenizer_round_trips_through_autotokenizer_tl_and_nnsight(tmp_pat
 def test_sft_and_grpo_train_a_word_problem_organism(tmp_path):
     """The trainers take `--task wordproblems`: a text tokenizer with the context asked for, the task's
     own streams, rewards verified by math-verify, per-role entropies in the GRPO log."""
-    from experiments.organism.grpo import GRPOConfig, train_grpo
-    from experiments.organism.grpo_loss import LossConfig
-    from experiments.organism.sft import SFTConfig, train_sft
-    from probe.checkpoint import load_causal_lm
+    from experiments.training.grpo import GRPOConfig, train_grpo
+    from experiments.training.grpo_loss import LossConfig
+    from experiments.training.sft import SFTConfig, train_sft
+    from probe.models.checkpoint import load_causal_lm
 
     train_sft(SFTConfig(out=str(tmp_path / "base"), task="wordproblems", depth=1, max_positions=192, steps=3,
                         batch_size=4, warmup=1, eval_samples=0, device="cpu"))
@@ -298,7 +300,7 @@ def test_the_detector_keeps_a_seeded_subsample_when_its_memory_budget_is_small(o
 
 
 def test_easy_word_problems_are_one_or_two_steps_and_disjoint_from_their_heldout():
-    from experiments.tasks.wordproblems import WordProblems, WordProblemsConfig, paths
+    from probe.tasks.wordproblems import WordProblems, WordProblemsConfig, paths
 
     task = WordProblems(WordProblemsConfig(easy=True, heldout_size=64))
     held = task.heldout()

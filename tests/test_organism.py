@@ -4,11 +4,11 @@
 import pytest
 import torch
 
-from experiments.organism.model import OrganismConfig, build_organism, save_checkpoint
-from experiments.organism.tokenizer import build_tokenizer, load_tokenizer
 from experiments.paths import ORGANISMS_DIR
-from experiments.tasks.countdown import Countdown
-from probe.checkpoint import CheckpointError, load_causal_lm, validate_checkpoint
+from experiments.training.model import OrganismConfig, build_organism, save_checkpoint
+from experiments.training.tokenizer import build_tokenizer, load_tokenizer
+from probe.models.checkpoint import CheckpointError, load_causal_lm, validate_checkpoint
+from probe.tasks.countdown import Countdown
 
 BASE = ORGANISMS_DIR / "base"
 TEXT = "3,5,12|24:5-3=2;12*2=24"
@@ -34,7 +34,7 @@ def test_tokenizer_is_one_token_per_character_and_round_trips():
 def test_tokenizer_loads_back_identically_through_autotokenizer_tl_and_nnsight(saved_organism):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    from probe.backends import load_hooked_transformer, load_nnsight
+    from probe.models.backends import load_hooked_transformer, load_nnsight
 
     path, _, tok = saved_organism
     want = tok(TEXT).input_ids
@@ -80,7 +80,7 @@ def test_checkpoint_errors_name_the_problem(tmp_path, saved_organism):
 
 
 def _assert_backends_agree(path):
-    from probe.backends import load_hooked_transformer, load_nnsight
+    from probe.models.backends import load_hooked_transformer, load_nnsight
 
     hf, tok = load_causal_lm(path, device="cpu")
     ids = torch.tensor([tok(p.prompt + "5-3=2;12*2=24").input_ids for p in Countdown().heldout()[:4]

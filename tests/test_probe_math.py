@@ -22,7 +22,7 @@ from probe.law import (
     read_log_keys,
     read_train_log,
 )
-from probe.pair import ContextLengthError, HookedModel
+from probe.models.pair import ContextLengthError, HookedModel
 
 # --- entropy / logprob / KL -----------------------------------------------------------------------
 

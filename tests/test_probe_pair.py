@@ -6,16 +6,16 @@ import copy
 import pytest
 import torch
 
-from probe import structure
 from probe.entropy import pair_stats, token_stats, trajectories_from_branches
-from probe.hooks import SITES, HookSiteError, resolve_hook
-from probe.pair import ContextLengthError, PairMismatchError, load_pair, wrap
-from probe.sampler import SamplerConfig, sample_branches
+from probe.models import structure
+from probe.models.hooks import SITES, HookSiteError, resolve_hook
+from probe.models.pair import ContextLengthError, PairMismatchError, load_pair, wrap
+from probe.sampling.sampler import SamplerConfig, sample_branches
 
 ALL_SITES = [t for t in SITES if "{L}" in t]
 
 # The hand-written table these six types were resolved by before module paths came from the
-# structure (probe.structure): the structure must find exactly these modules.
+# structure (probe.models.structure): the structure must find exactly these modules.
 OLD_FAMILIES = {
     "llama": {"layer": "model.layers.{L}", "attn": "model.layers.{L}.self_attn",
               "mlp": "model.layers.{L}.mlp", "final_norm": "model.norm"},
@@ -102,7 +102,7 @@ def test_a_missing_or_ambiguous_piece_is_named_with_the_override_that_fixes_it(t
         object.__setattr__(layer, "self_attn", attn)
         layer.extra_mlp = copy.deepcopy(layer.mlp)  # a second MLP candidate the forward never runs
     with pytest.raises(HookSiteError, match=r"no attention \(token-mixing\) module found in model.layers.0 .*"
-                                            r"Fix: add probe.structure.OVERRIDES\['qwen2'\] = \{'attn'"):
+                                            r"Fix: add probe.models.structure.OVERRIDES\['qwen2'\] = \{'attn'"):
         resolve_hook("blocks.0.hook_attn_out", hf)
     with pytest.raises(HookSiteError, match=r"several MLP / mixture-of-experts candidates in model.layers.1: "
                                             r"\['mlp', 'extra_mlp'\].*OVERRIDES\['qwen2'\] = \{'mlp'"):
@@ -212,7 +212,7 @@ def test_too_long_trajectories_are_a_clear_error(tiny_lm, tiny_tokenizer):
 @pytest.mark.slow
 def test_transformer_lens_and_nnsight_agree_on_the_organism(tmp_path):
     """TransformerLens import and conversion take ~7 s, hence slow."""
-    from experiments.organism.model import OrganismConfig, build_organism, save_checkpoint
+    from experiments.training.model import OrganismConfig, build_organism, save_checkpoint
 
     for name, seed in (("base", 0), ("rl", 1)):
         m, tok = build_organism(OrganismConfig(depth=2), seed=seed)

@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from experiments.checkpointing import portable
 from experiments.cli import build_parser
+from experiments.run_state import portable
 from experiments.study.probe_stage import ProbeConfig, headline, run_probe
 from probe.detector import ForkDetector
 

@@ -9,7 +9,8 @@ import re
 import pytest
 
 from experiments.study import replicate as R
-from experiments.study.replicate_report import closing_note, mean_ci, replication_section
+from experiments.study.replicate_report import closing_note, replication_section
+from probe.stats import mean_ci
 
 
 def _claim(cid, status, value, ci=None, cap=None):
@@ -52,7 +53,7 @@ def test_pool_uses_a_student_t_interval_over_training_seeds_and_each_claims_bar(
     c2 = rows[("g4", "C2")]
     m, h = mean_ci(vals)
     sd = math.sqrt(sum((v - 0.8) ** 2 for v in vals) / 2)
-    assert m == pytest.approx(0.8) and h == pytest.approx(4.303 * sd / math.sqrt(3)), "t(0.975, df=2) * sd / sqrt(n)"
+    assert m == pytest.approx(0.8) and h == pytest.approx(4.302653 * sd / math.sqrt(3)), "t(0.975, df=2) * sd / sqrt(n)"
     assert c2["ci"] == pytest.approx([0.8 - h, 0.8 + h]) and c2["holds_on"] == 3 and c2["n_seeds"] == 3
     assert c2["status"] == "holds", "C2's bar: the pooled lower bound > 0.5"
     c6 = rows[("g4", "C6")]

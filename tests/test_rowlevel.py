@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from probe.frontier import Outcomes, m_of_q, splice
-from probe.sampler import SamplerConfig, sample_branches
+from probe.metrics.frontier import Outcomes, m_of_q, splice
+from probe.sampling.sampler import SamplerConfig, sample_branches
 from steering import SteeringVector
 from steering.learn import novel_reward
 

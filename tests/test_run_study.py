@@ -181,6 +181,27 @@ def test_another_configuration_in_an_existing_out_is_refused(tmp_path):
         R.preflight(R.RunConfig(out=str(out), quick=True))
 
 
+def test_adding_a_variant_to_a_started_run_is_allowed_and_reruns_only_the_steer_stage(tmp_path):
+    from dataclasses import dataclass
+
+    @dataclass
+    class Stage:
+        out: str
+
+    out = tmp_path / "run"
+    run = R.Run(R.RunConfig(out=str(out), quick=True, from_scratch=True))
+    for name in ("probe", "sae", "learn", "steer"):
+        run.mark(name, 1.0, Stage(out=str(out / name)))
+    later = R.RunConfig(out=str(out), quick=True, from_scratch=True, variants=("runs/rl-clip-cov",))
+    R.preflight(later)  # a variant trained after the study started: allowed
+    with pytest.raises(ValueError, match="another configuration.*seed.*only --variants may change"):
+        R.preflight(R.RunConfig(out=str(out), quick=True, from_scratch=True, variants=("runs/rl-clip-cov",), seed=1))
+    resumed = R.Run(later)
+    assert all(resumed.done(n, Stage(out=str(out / n))) for n in ("probe", "sae", "learn")), \
+        "stages that never read the variants are reused"
+    assert "variants" in json.loads((out / "run_state.json").read_text())["config"], "the new variants are recorded"
+
+
 # --- end to end ----------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_quick_run_writes_report_claims_and_figures_and_resumes_after_interruption(tmp_path, monkeypatch, capsys):

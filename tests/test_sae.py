@@ -1,4 +1,4 @@
-"""SAEs (`probe.sae`, `probe.sae_quality`) and fork feature diffs (`probe.features`): planted-direction recovery, the
+"""SAEs (`probe.sae.dictionary`, `probe.sae.quality`) and fork feature diffs (`probe.sae.features`): planted-direction recovery, the
 sae-lens on-disk format both ways, splicing against a TransformerLens hook, quality metrics against
 brute force, the errors a mismatched SAE raises, `forksight sae` end to end, and the notebook."""
 
@@ -13,16 +13,9 @@ from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
 from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
 
 from probe.entropy import entropy_and_logprob, pair_stats, trajectories_from_branches
-from probe.features import (
-    decoder_logit_effects,
-    feature_diff,
-    rank_features,
-    top_contexts,
-    top_tokens,
-)
-from probe.hooks import HookSiteError
-from probe.pair import load_pair, wrap
-from probe.sae import (
+from probe.models.hooks import HookSiteError
+from probe.models.pair import load_pair, wrap
+from probe.sae.dictionary import (
     SAEMismatchError,
     SAESpec,
     check_sae,
@@ -32,8 +25,15 @@ from probe.sae import (
     save_sae,
     train_sae,
 )
-from probe.sae_quality import hf_logits, reconstruction_stats, sae_quality, splice
-from probe.sampler import SamplerConfig, sample_branches
+from probe.sae.features import (
+    decoder_logit_effects,
+    feature_diff,
+    rank_features,
+    top_contexts,
+    top_tokens,
+)
+from probe.sae.quality import hf_logits, reconstruction_stats, sae_quality, splice
+from probe.sampling.sampler import SamplerConfig, sample_branches
 
 ROOT = Path(__file__).resolve().parents[1]
 RECOVERY_COS = 0.9  # a planted direction counts as recovered if some decoder row has cosine >= this
@@ -255,7 +255,7 @@ def test_decoder_logit_effect_equals_final_norm_then_unembedding(tiny_lm):
 
 @pytest.fixture(scope="module")
 def organism_pair(tmp_path_factory):
-    from experiments.organism.model import OrganismConfig, build_organism, save_checkpoint
+    from experiments.training.model import OrganismConfig, build_organism, save_checkpoint
 
     root = tmp_path_factory.mktemp("pair")
     for name, seed, depth in (("base", 0, 2), ("rl", 1, 2), ("wide", 2, 3)):
@@ -309,7 +309,7 @@ def test_sae_train_and_diff_end_to_end(organism_pair, tmp_path):
 
 @pytest.mark.slow
 def test_feature_inspection_notebook_executes(tmp_path):
-    """The notebook on the shipped pair in quick mode (a small SAE trained on the fly): it must not rot."""
+    """The notebook on the shipped pair and the shipped SAE in quick mode: it must not rot."""
     text = execute_notebook("feature_inspection.ipynb", tmp_path)
     assert "pruned" in text and "text-decoration: underline" in text, "the notebook must list features and mark forks"
 
@@ -317,7 +317,7 @@ def test_feature_inspection_notebook_executes(tmp_path):
 def test_shipped_sae_meets_the_quality_target_and_fits_the_shipped_pair():
     """The committed real run (experiments/results/sae): its numbers and its SAE must stay consistent."""
     from experiments.paths import ORGANISMS_DIR
-    from probe.checkpoint import load_causal_lm
+    from probe.models.checkpoint import load_causal_lm
 
     results = ROOT / "experiments" / "results" / "sae"
     m = json.loads((results / "metrics.json").read_text())

@@ -9,7 +9,7 @@ from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
 from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
 
 from probe.detector import ForkDetector
-from probe.sampler import SamplerConfig, sample_branches
+from probe.sampling.sampler import SamplerConfig, sample_branches
 from steering.sae_edit import (
     FeatureDictionary,
     FeatureDictionaryError,

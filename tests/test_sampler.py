@@ -1,4 +1,4 @@
-"""Oracle tests for probe.sampler: every fast path against a slow reference it must equal."""
+"""Oracle tests for probe.sampling.sampler: every fast path against a slow reference it must equal."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from transformers import Qwen2Config
 
-from probe.rng import counter_uniforms
-from probe.sampler import (
+from probe.sampling.rng import counter_uniforms
+from probe.sampling.sampler import (
     Branches,
     NonFiniteLogitsError,
     SamplerConfig,

@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from experiments.organism.sft import SFTConfig, encode_batch, train_sft
-from experiments.organism.tokenizer import build_tokenizer
+from experiments.training.sft import SFTConfig, encode_batch, train_sft
+from experiments.training.tokenizer import build_tokenizer
 
 
 def _cfg(out, **kw):

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from experiments.paths import ORGANISMS_DIR
-from experiments.study.evaluation import EvalConfig, evaluate_checkpoint
+from experiments.study.eval_stage import EvalConfig, evaluate_checkpoint
 
 BASE, RL = ORGANISMS_DIR / "base", ORGANISMS_DIR / "rl-none"
 KEYS = ("pass_at_1", "pass_at_64", "distinct_correct_mean", "planning_entropy_mean", "execution_entropy_mean")

@@ -36,7 +36,7 @@ def test_choice_rules_respect_the_pass_at_1_tolerance():
 
 
 def test_row_level_cell_is_the_splice_of_the_steered_cell_and_rl():
-    from probe.frontier import Outcomes
+    from probe.metrics.frontier import Outcomes
 
     steered = Outcomes([["a", "b", None, "c"], [None, "x", "y", "y"]], [True, True])
     rl = Outcomes([["a", "a", "a", None], ["x", "x", None, "x"]], [True, True])
@@ -131,8 +131,8 @@ def test_derive_and_apply_through_the_cli(organism_pair, tmp_path):
                               problems=2, n=4))
     assert m["recommended"]["coef"] == 0.0 and m["recommended"]["fraction"] == 0.5
     from experiments.study.protocol import Half, evaluate_cell
-    from experiments.tasks.countdown import Countdown
-    from probe.checkpoint import load_causal_lm
+    from probe.models.checkpoint import load_causal_lm
+    from probe.tasks.countdown import Countdown
 
     rl, tok = load_causal_lm(organism_pair / "rl", device="cpu")
     plain = evaluate_cell(rl, tok, Countdown(), Half.of(Countdown(), "test", 2), n=4, seed=1000)
@@ -171,7 +171,7 @@ def test_shipped_sweep_picks_follow_from_its_cells_and_its_best_file_applies():
     test numbers recompute from the test cells, and best.safetensors applies to the RL model in one call."""
     from experiments.paths import ORGANISMS_DIR, RESULTS_DIR
     from experiments.study.selection import judge
-    from probe.checkpoint import load_causal_lm
+    from probe.models.checkpoint import load_causal_lm
     from steering import load_intervention
 
     out = RESULTS_DIR / "steer-sweep"
@@ -205,7 +205,7 @@ def test_shipped_sweep_picks_follow_from_its_cells_and_its_best_file_applies():
         assert again[k] == pytest.approx(m["best"][k]), f"{k} of best must recompute from the test cells"
     assert again["distinct_correct_subset"] == "n_solutions>=3", "Countdown's rule: the paired subset is the same"
     from experiments.study.selection import outcomes_of
-    from probe.frontier import mixture_curve
+    from probe.metrics.frontier import mixture_curve
 
     (b, clusters), (r, _) = outcomes_of(t_base), outcomes_of(t_rl)
     curve = [{k: c[k] for k in m["frontier"][0]} for c in mixture_curve(b, r, clusters=clusters)]

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from probe.detector import ForkDetector
-from probe.pair import wrap
-from probe.sampler import SamplerConfig, sample_branches
+from probe.models.pair import wrap
+from probe.sampling.sampler import SamplerConfig, sample_branches
 from steering import SteeringVector, after_tokens
 from steering.gates import entropy_gate, token_entropy
 

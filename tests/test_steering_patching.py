@@ -4,7 +4,7 @@ model's layer-L residual the base model's on the same prefix (the shadow's KV ca
 import pytest
 import torch
 
-from probe.sampler import SamplerConfig, sample_branches
+from probe.sampling.sampler import SamplerConfig, sample_branches
 from steering import patch
 
 PROMPTS = ["w3 w4 w5", "w6 w7", "w8 w9 w10 w11"]

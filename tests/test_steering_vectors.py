@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from probe.entropy import trajectories_from_branches
-from probe.pair import Pair, wrap
-from probe.sampler import SamplerConfig, sample_branches
+from probe.models.pair import Pair, wrap
+from probe.sampling.sampler import SamplerConfig, sample_branches
 from steering import SteeringError, SteeringVector, SteeringVectorError, collect, patch
 from steering.derive import diff_of_means_vector, fork_tokens, pca_vector, sae_vector
 from steering.vectors import FORMAT, META_FIELDS

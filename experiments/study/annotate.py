@@ -23,9 +23,9 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from experiments.checkpointing import REPO_DIR, write_json_atomic
-from probe.checkpoint import save_safetensors_atomic
+from experiments.run_state import REPO_DIR, write_json_atomic
 from probe.environment import KEY, annotated, recorded
+from probe.models.checkpoint import save_safetensors_atomic
 
 NOTE = ("annotated after the fact: these are the versions installed when the file was stamped, not necessarily "
         "those that produced its numbers (it was written before forksight recorded its environment)")

@@ -16,7 +16,7 @@ Families (`Candidate.family`):
 
 Row-level application (a fraction of each prompt's samples steered) is not a separate sampling
 run: it equals splicing the fully steered cell's samples with the RL model's by sample index
-(`probe.frontier.splice`, exact by the sampler's per-row randomness; tested), so the sweep derives
+(`probe.metrics.frontier.splice`, exact by the sampler's per-row randomness; tested), so the sweep derives
 it for every RL-alone cell at each of `fractions` after sampling.
 """
 
@@ -102,7 +102,7 @@ def sae_edit_cells(specs, coefs, rl: Any, sae_dir: str, diff_path: str, detector
     if not specs:
         return []
     from probe.detector import ForkDetector
-    from probe.sae import load_sae
+    from probe.sae.dictionary import load_sae
     from steering.sae_edit import FeatureDictionary, SAEFeatureEdit, diff_targets
 
     diff = json.loads(Path(diff_path).read_text())

@@ -1,7 +1,8 @@
 """The sweep's cell cache: evaluated cells by id in `sweep.json`, written atomically after each new one.
 
 A cell's id names its half, seed, family, spec and temperature (`Candidate.key`); the settings
-every cell shares but its id does not name (checkpoints, n, seeds, problem count, task) form the
+every cell shares but its id does not name (checkpoints, n, seeds, problem count, task, precision,
+sampling engine) form the
 cache's fingerprint, and a sweep directory keeps one value of each: reusing cells made with other
 settings would mix them silently, so that is an error naming the settings that differ. Restarting
 an interrupted sweep with the same `--out` evaluates only the cells missing from the file.
@@ -15,15 +16,19 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from experiments.checkpointing import portable, write_text_atomic
+from experiments.run_state import portable
+from probe.atomic import write_text_atomic
 
-FINGERPRINT = ("base", "rl", "task", "n", "seed", "test_seeds", "problems", "derive_problems", "batch_size", "dtype")
+FINGERPRINT = ("base", "rl", "task", "n", "seed", "test_seeds", "problems", "derive_problems", "batch_size", "dtype",
+               "engine")
 
 
 def _norm(key: str, value: Any) -> Any:
     # checkpoints compare by directory name: a clone of the repository elsewhere still reuses its cells
     if key == "dtype":
         return value or "float32"  # sweeps stored before precision was a setting ran in float32
+    if key == "engine":
+        return value or "hf"  # sweeps stored before the engine was a setting sampled on the HF engine
     return Path(value).name if key in ("base", "rl") and value else value
 
 

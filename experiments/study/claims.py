@@ -1,5 +1,6 @@
-"""The five claims `forksight run` tests, each with an effect size, a 95% bootstrap interval and a
-status computed from the data by a stated rule ("holds", "fails" or "inconclusive").
+"""The five claims `forksight run` tests, each with an effect size, a 95% bootstrap interval (drawn
+and printed by `probe.stats`) and a status computed from the data by a stated rule ("holds",
+"fails" or "inconclusive").
 
 Inputs are the stage outputs of `experiments.study.run` (plain dicts read back from JSON), so a
 claim can be recomputed from a finished run directory without sampling again.
@@ -15,7 +16,7 @@ claim can be recomputed from a finished run directory without sampling again.
   of the logged steps), interval by resampling steps within each window. Holds: the interval lies
   outside +-0.1. Fails: the interval lies inside +-0.1 (the same relative change within ~10%).
 - C4 `claim_breadth`: RL gains pass@1 and loses breadth. Effect: distinct correct solutions per
-  problem, RL minus base, over the same problems for both (`probe.breadth.compare_breadth`: the
+  problem, RL minus base, over the same problems for both (`probe.metrics.breadth.compare_breadth`: the
   task's n_solutions >= 3 rule where it counts solutions, else the problems both models solved;
   the evidence names the subset and its size, and reports beside it distinct-correct over every
   problem with unsolved = 0 and coverage at k = pass@k), interval paired over problems. Holds:
@@ -25,11 +26,11 @@ claim can be recomputed from a finished run directory without sampling again.
   bound > 0). No problem eligible for both: no effect (None), inconclusive.
 - C5 `claim_recovery`: the lost breadth is latent and can be elicited beyond what a base/RL mixture
   gives. Effect: the frontier excess (restoration of distinct-correct minus the mixture's at the same
-  pass@1, `probe.frontier`) of the sweep's `best` cell (RL model alone, pass@1 within the tolerance,
+  pass@1, `probe.metrics.frontier`) of the sweep's `best` cell (RL model alone, pass@1 within the tolerance,
   chosen on the selection half, measured on the test half at unseen seeds), interval by resampling
   problems with their seeds. Needs a breadth gap (base minus RL distinct-correct, lower bound > 0),
   else inconclusive (the gap is over C4's paired subset; the cell's restoration and excess over the
-  sweep's, `probe.frontier`: the problems both base and RL solved where the task cannot count).
+  sweep's, `probe.metrics.frontier`: the problems both base and RL solved where the task cannot count).
   Holds (elicitation): excess lower bound > 0, restoration lower bound > 0.1 and the fork detector
   reads the base model's forks off the RL residual better than token identity.
   Fails: excess upper bound < 0 (a mixture gives more), or neither the cell (upper bound) nor
@@ -40,16 +41,23 @@ claim can be recomputed from a finished run directory without sampling again.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from probe.breadth import COVERAGE_NOTE, compare_breadth
-from probe.diversity import bootstrap_ci, crossover_k, paired_eligible
 from probe.law import read_log_keys
+from probe.metrics.breadth import COVERAGE_NOTE, compare_breadth
+from probe.metrics.passk import crossover_k, paired_eligible
+from probe.stats import (
+    format_interval,
+    format_number,
+    paired_ci,
+    percentile_interval,
+    resample_indices,
+)
 
 ROLE_KEYS = ("planning_entropy_mean", "execution_entropy_mean")
 """The RL log's per-step mean entropy of planning and of execution tokens (C3, C3b)."""
@@ -92,26 +100,10 @@ class Claim:
         return asdict(self)
 
 
-def _effect(name: str, value: float | None, ci: Sequence[float] | None, units: str, resampled: str) -> dict:
+def effect_record(name: str, value: float | None, ci: Sequence[float] | None, units: str, resampled: str) -> dict:
+    """A claim's `effect`: {"name", "value", "ci" ([lo, hi] as floats, or None), "units", "resampled"}."""
     return {"name": name, "value": value, "ci": None if ci is None else [float(ci[0]), float(ci[1])],
             "units": units, "resampled": resampled}
-
-
-def fmt(x: Any, nd: int = 3) -> str:
-    """A number for reports: floats with `nd` decimals, None and NaN as "n/a", lists as "[a, b, ...]"."""
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "n/a"
-    if isinstance(x, (list, tuple)):
-        return "[" + ", ".join(fmt(v, nd) for v in x) + "]"
-    return f"{x:.{nd}f}" if isinstance(x, float) else str(x)
-
-
-def paired_ci(columns: Sequence[Sequence[float]], statistic: Callable[[torch.Tensor], Any], seed: int = 0,
-              n_boot: int = N_BOOT) -> tuple[float, float]:
-    """Bootstrap interval of `statistic` over problems, resampling rows of the stacked columns
-    (one column per model, one row per problem) together so the comparison stays paired."""
-    x = torch.tensor(list(zip(*columns)), dtype=torch.float64)
-    return bootstrap_ci(x, statistic, n_boot=n_boot, seed=seed)
 
 
 # --- C1 ------------------------------------------------------------------------------------------
@@ -122,24 +114,24 @@ def claim_law(law: dict | None) -> Claim:
     statement = "Performance saturates as entropy falls: R = -a*exp(H) + b fits the RL training log."
     if not law or not law.get("available"):
         why = (law or {}).get("reason", "no law fit was run")
-        return Claim("C1", statement, "inconclusive", _effect("R^2 of the law fit", None, None, "", "logged RL steps"),
+        return Claim("C1", statement, "inconclusive", effect_record("R^2 of the law fit", None, None, "", "logged RL steps"),
                      rule, {}, f"no RL training log: {why}")
     boot = law.get("bootstrap") or {}
     a_ci, r2_ci = boot.get("a"), boot.get("r2")
     r2 = law["r2"]
     if a_ci is None or r2_ci is None:
-        return Claim("C1", statement, "inconclusive", _effect("R^2 of the law fit", r2, None, "fraction of variance",
+        return Claim("C1", statement, "inconclusive", effect_record("R^2 of the law fit", r2, None, "fraction of variance",
                                                               "logged RL steps"), rule, {}, "no bootstrap resample could be fitted")
     if a_ci and a_ci[0] > 0 and r2 is not None and r2 >= 0.5:
-        status, why = "holds", f"a in [{fmt(a_ci[0])}, {fmt(a_ci[1])}] > 0 and R^2 = {fmt(r2)} >= 0.5"
+        status, why = "holds", f"a in {format_interval(a_ci)} > 0 and R^2 = {format_number(r2)} >= 0.5"
     elif (a_ci and a_ci[1] < 0) or (r2_ci and r2_ci[1] < 0.2):
-        status, why = "fails", f"a in [{fmt(a_ci[0])}, {fmt(a_ci[1])}], R^2 interval [{fmt(r2_ci[0])}, {fmt(r2_ci[1])}]"
+        status, why = "fails", f"a in {format_interval(a_ci)}, R^2 interval {format_interval(r2_ci)}"
     else:
-        status, why = "inconclusive", f"a in [{fmt(a_ci[0])}, {fmt(a_ci[1])}], R^2 = {fmt(r2)}"
+        status, why = "inconclusive", f"a in {format_interval(a_ci)}, R^2 = {format_number(r2)}"
     ev = {k: law.get(k) for k in ("a", "b", "r2", "ceiling", "n_steps", "reward_key")}
     ev.update(a_ci=a_ci, b_ci=boot.get("b"), ceiling_ci=boot.get("ceiling"),
               extrapolation_mae=(law.get("extrapolation") or {}).get("mae"))
-    return Claim("C1", statement, status, _effect("R^2 of the law fit", r2, r2_ci, "fraction of variance", "logged RL steps"),
+    return Claim("C1", statement, status, effect_record("R^2 of the law fit", r2, r2_ci, "fraction of variance", "logged RL steps"),
                  rule, ev, why)
 
 
@@ -153,11 +145,11 @@ def claim_forks(on_base: dict, rho: float) -> Claim:
     if share is None or ci is None:
         status, why = "inconclusive", "no entropy change between the models on these trajectories"
     elif ci[0] > 0.5:
-        status, why = "holds", f"{fmt(ec['fork_token_fraction'])} of tokens carry {fmt(share)} of |dH| (interval [{fmt(ci[0])}, {fmt(ci[1])}])"
+        status, why = "holds", f"{format_number(ec['fork_token_fraction'])} of tokens carry {format_number(share)} of |dH| (interval {format_interval(ci)})"
     elif ci[1] < 0.5:
-        status, why = "fails", f"forks carry only {fmt(share)} of |dH| (upper bound {fmt(ci[1])} < 0.5)"
+        status, why = "fails", f"forks carry only {format_number(share)} of |dH| (upper bound {format_number(ci[1])} < 0.5)"
     else:
-        status, why = "inconclusive", f"share {fmt(share)}, interval [{fmt(ci[0])}, {fmt(ci[1])}] straddles 0.5"
+        status, why = "inconclusive", f"share {format_number(share)}, interval {format_interval(ci)} straddles 0.5"
     roles = on_base["models"]["base"].get("roles", {})
     ev = {"rho": rho, "fork_token_fraction": ec["fork_token_fraction"], "share_on_rl_forks": ec["share_on_rl_forks"],
           "share_on_base_forks_signed": ec["share_on_base_forks_signed"], "fork_jaccard": ov["jaccard"],
@@ -165,7 +157,7 @@ def claim_forks(on_base: dict, rho: float) -> Claim:
           "fork_share_by_role": {r: v.get("fork_share") for r, v in roles.items()} if roles else None,
           "entropy_mean": {m: on_base["models"][m]["entropy_mean"] for m in ("base", "rl")}}
     return Claim("C2", "A minority (~20%) of tokens are forks, and RL changes entropy mostly there.", status,
-                 _effect("share of |H_rl - H_base| on base forks", share, ci, "fraction", "problems"), rule, ev, why)
+                 effect_record("share of |H_rl - H_base| on base forks", share, ci, "fraction", "problems"), rule, ev, why)
 
 
 # --- C3 ------------------------------------------------------------------------------------------
@@ -177,13 +169,12 @@ def claim_roles(train_log: str | None, window: float = 0.1, seed: int = 0) -> Cl
     statement = "Planning-token and execution-token entropy follow different trajectories during RL."
     name = "log change of planning entropy minus that of execution entropy"
     if not train_log:
-        return Claim("C3", statement, "inconclusive", _effect(name, None, None, "log ratio", "logged steps"), rule, {},
+        return Claim("C3", statement, "inconclusive", effect_record(name, None, None, "log ratio", "logged steps"), rule, {},
                      "no RL training log with per-role entropies")
     plan, exe = role_entropies(train_log, min_rows=4)
     n = plan.numel()
     w = max(2, int(round(window * n)))
     w = min(w, n // 2)
-    g = torch.Generator().manual_seed(seed)
 
     def change(v: torch.Tensor, i0: torch.Tensor, i1: torch.Tensor) -> torch.Tensor:
         first, last = v[:w][i0].mean(-1), v[n - w:][i1].mean(-1)
@@ -191,21 +182,21 @@ def claim_roles(train_log: str | None, window: float = 0.1, seed: int = 0) -> Cl
 
     whole = torch.arange(w)
     d_plan, d_exe = change(plan, whole, whole).item(), change(exe, whole, whole).item()
-    i0, i1 = torch.randint(w, (N_BOOT, w), generator=g), torch.randint(w, (N_BOOT, w), generator=g)
+    i0, i1 = resample_indices(w, N_BOOT, seed, strata=2)  # steps of the first and of the last window
     boot = change(plan, i0, i1) - change(exe, i0, i1)
-    ci = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    ci = list(percentile_interval(boot))
     effect = d_plan - d_exe
     if ci[0] > 0.1 or ci[1] < -0.1:
         status, why = "holds", (f"planning entropy x{math.exp(d_plan):.2f}, execution x{math.exp(d_exe):.2f} "
-                                f"(difference of log changes {fmt(effect)}, interval [{fmt(ci[0])}, {fmt(ci[1])}])")
+                                f"(difference of log changes {format_number(effect)}, interval {format_interval(ci)})")
     elif -0.1 <= ci[0] and ci[1] <= 0.1:
-        status, why = "fails", f"both roles change alike (interval [{fmt(ci[0])}, {fmt(ci[1])}] within +-0.1)"
+        status, why = "fails", f"both roles change alike (interval {format_interval(ci)} within +-0.1)"
     else:
-        status, why = "inconclusive", f"interval [{fmt(ci[0])}, {fmt(ci[1])}] overlaps +-0.1"
+        status, why = "inconclusive", f"interval {format_interval(ci)} overlaps +-0.1"
     ev = {"n_steps": n, "window_steps": w,
           "planning": {"first": plan[:w].mean().item(), "last": plan[n - w:].mean().item(), "log_change": d_plan},
           "execution": {"first": exe[:w].mean().item(), "last": exe[n - w:].mean().item(), "log_change": d_exe}}
-    return Claim("C3", statement, status, _effect(name, effect, ci, "log ratio", "logged steps within each window"),
+    return Claim("C3", statement, status, effect_record(name, effect, ci, "log ratio", "logged steps within each window"),
                  rule, ev, why)
 
 
@@ -239,13 +230,13 @@ def claim_breadth(base: dict, rl: dict, seed: int = 0) -> Claim:
     overtakes = cross is not None and d_pk < 0  # ... and ends strictly above it at the largest k (not a tie)
     if gain_ci[0] > 0 and d_dc_ci[1] is not None and d_dc_ci[1] < 0 and (d_pk_ci[1] < 0 or overtakes):
         status = "holds"
-        why = (f"pass@1 +{fmt(gain)} [{fmt(gain_ci[0])}, {fmt(gain_ci[1])}], distinct-correct {fmt(d_dc, 2)} "
-               f"[{fmt(d_dc_ci[0], 2)}, {fmt(d_dc_ci[1], 2)}]{over}, pass@{n} {fmt(d_pk)}, base overtakes RL at k={cross}")
+        why = (f"pass@1 +{format_number(gain)} {format_interval(gain_ci)}, distinct-correct {format_number(d_dc, 2)} "
+               f"{format_interval(d_dc_ci, 2)}{over}, pass@{n} {format_number(d_pk)}, base overtakes RL at k={cross}")
     elif gain_ci[1] < 0 or (d_dc_ci[0] is not None and d_dc_ci[0] > 0):
-        status, why = "fails", f"pass@1 change {fmt(gain)} [{fmt(gain_ci[0])}, {fmt(gain_ci[1])}], distinct change {fmt(d_dc, 2)}{over}"
+        status, why = "fails", f"pass@1 change {format_number(gain)} {format_interval(gain_ci)}, distinct change {format_number(d_dc, 2)}{over}"
     else:
-        status, why = "inconclusive", (f"pass@1 change {fmt(gain)} [{fmt(gain_ci[0])}, {fmt(gain_ci[1])}], distinct change "
-                                       f"{fmt(d_dc, 2)}{over}, pass@{n} change {fmt(d_pk)}")
+        status, why = "inconclusive", (f"pass@1 change {format_number(gain)} {format_interval(gain_ci)}, distinct change "
+                                       f"{format_number(d_dc, 2)}{over}, pass@{n} change {format_number(d_pk)}")
     paired_base = br["distinct_correct_mean"]["base"]
     ev = {"pass_at_1": {"base": base["pass_at_1"], "rl": rl["pass_at_1"], "gain": gain, "gain_ci": list(gain_ci)},
           f"pass_at_{n}": {"base": base["pass_at_k"][str(n)], "rl": rl["pass_at_k"][str(n)], "change": d_pk,
@@ -267,14 +258,14 @@ def claim_breadth(base: dict, rl: dict, seed: int = 0) -> Claim:
           "n_problems_distinct": br["distinct_correct_n_problems"]}
     return Claim("C4", "The collapsed policy gains pass@1 but loses breadth: distinct-correct falls, and at large k "
                  "pass@k approaches or falls below the base.", status,
-                 _effect("distinct correct solutions per problem (same problems for both), RL minus base", d_dc,
+                 effect_record("distinct correct solutions per problem (same problems for both), RL minus base", d_dc,
                          None if gap_ci is None else d_dc_ci, "solutions", "problems"), rule, ev, why)
 
 
 # --- C5 ------------------------------------------------------------------------------------------
 def distinct_gap_ci(base: dict, rl: dict, seed: int = 0) -> tuple[float | None, list | None]:
     """Mean distinct-correct of base minus RL over the problems eligible for both
-    (`probe.diversity.paired_eligible`: the task's rule where it counts solutions, else the problems
+    (`probe.metrics.passk.paired_eligible`: the task's rule where it counts solutions, else the problems
     both models solved), with its paired interval; (None, None) when that subset is empty."""
     pb, pr = _pp(base), _pp(rl)
     both = paired_eligible(torch.tensor([pb["distinct_eligible"], pr["distinct_eligible"]], dtype=torch.bool))
@@ -318,28 +309,28 @@ def claim_recovery(steer: dict, base: dict, rl: dict, detector: dict | None, see
     what = "" if best is None else (f"{best['family']} {best['spec']}" + (f" on {best['fraction']:g} of the samples"
                                                                           if (best.get("fraction") or 1) < 1 else ""))
     if gap_ci is None or gap_ci[0] <= 0:
-        status, why = "inconclusive", f"no breadth gap to restore: base minus RL distinct-correct {fmt(gap, 2)} {_ci(gap_ci)}"
+        status, why = "inconclusive", f"no breadth gap to restore: base minus RL distinct-correct {format_number(gap, 2)} {format_interval(gap_ci, missing='[n/a]')}"
     elif best is None or x_ci is None or r_ci is None:
         status, why = "inconclusive", f"no RL-alone cell kept pass@1 within {tol} of RL on the selection half"
     elif x_ci[0] > 0 and r_ci[0] > 0.1 and latent:
         status = "holds"
-        why = (f"elicitation beyond the mixture: {what} restores {fmt(r, 2)} {_ci(r_ci, 2)} of the distinct-correct gap at "
-               f"pass@1 {best['pass_at_1_change']:+.3f}, {fmt(x, 2)} {_ci(x_ci, 2)} above the base/RL mixture at that "
-               f"pass@1; detector AUROC {fmt(det_auc)} vs token baseline {fmt(det_tok)}")
+        why = (f"elicitation beyond the mixture: {what} restores {format_number(r, 2)} {format_interval(r_ci, 2)} of the distinct-correct gap at "
+               f"pass@1 {best['pass_at_1_change']:+.3f}, {format_number(x, 2)} {format_interval(x_ci, 2)} above the base/RL mixture at that "
+               f"pass@1; detector AUROC {format_number(det_auc)} vs token baseline {format_number(det_tok)}")
     elif x_ci[1] < 0 or (r_ci[1] <= 0.1 and (r_patch is None or r_patch <= 0.1)):
         status = "fails"
-        why = (f"{what} restores {fmt(r, 2)} {_ci(r_ci, 2)}, {fmt(x, 2)} {_ci(x_ci, 2)} relative to the mixture at its "
+        why = (f"{what} restores {format_number(r, 2)} {format_interval(r_ci, 2)}, {format_number(x, 2)} {format_interval(x_ci, 2)} relative to the mixture at its "
                "pass@1: sampling the base part of the time gives more breadth than anything the RL network gave alone")
     else:
         status = "inconclusive"
-        why = (f"{what} restores {fmt(r, 2)} {_ci(r_ci, 2)} at pass@1 {best['pass_at_1_change']:+.3f}, frontier excess "
-               f"{fmt(x, 2)} {_ci(x_ci, 2)}: " + ("on the mixture frontier, recovery but no elicitation beyond what "
+        why = (f"{what} restores {format_number(r, 2)} {format_interval(r_ci, 2)} at pass@1 {best['pass_at_1_change']:+.3f}, frontier excess "
+               f"{format_number(x, 2)} {format_interval(x_ci, 2)}: " + ("on the mixture frontier, recovery but no elicitation beyond what "
                                                    "sampling the base part of the time gives" if x_ci[0] <= 0 <= x_ci[1]
                                                    else "above the frontier but the detector or restoration bar is not met"))
     curve = steer.get("frontier") or []
     near = None
     if curve:
-        from probe.frontier import frontier_at
+        from probe.metrics.frontier import frontier_at
 
         rl_p1 = max(c["pass_at_1"] for c in curve if c["m"] == 0)
         near = {f"{d:.3f}": frontier_at(curve, rl_p1 - d) for d in (0.002, 0.005, 0.01, 0.03)}
@@ -370,10 +361,6 @@ def claim_recovery(steer: dict, base: dict, rl: dict, detector: dict | None, see
     }
     return Claim("C5", "The lost breadth is latent in the RL network and can be elicited without retraining, beyond "
                  "what sampling the base model part of the time gives.", status,
-                 _effect("frontier excess of the best RL-alone cell (its restoration minus the base/RL mixture's at its "
+                 effect_record("frontier excess of the best RL-alone cell (its restoration minus the base/RL mixture's at its "
                          "pass@1)", x, x_ci, "fraction of the base-RL distinct-correct gap", "problems (with their seeds)"),
                  rule, ev, why)
-
-
-def _ci(ci: Sequence[float] | None, nd: int = 3) -> str:
-    return "[n/a]" if not ci else f"[{fmt(ci[0], nd)}, {fmt(ci[1], nd)}]"

@@ -17,7 +17,7 @@ plain dicts in, a `Claim` with an effect size, a 95% bootstrap interval and a st
 - C6 `claim_regime`: a model trained to keep exploring beats a collapsed one given many more
   samples. From the steering sweep's test-half cells (`sweep.json`, per-sample outcomes pooled
   over the test seeds): for each budget k, the samples the collapsed RL model needs to match the
-  designated entropy-preserving RL model's pass@k (`probe.compute_match`: the compute multiplier,
+  designated entropy-preserving RL model's pass@k (`probe.metrics.compute_match`: the compute multiplier,
   "more than n / k" when it never does), interval by resampling problems with their seeds.
   Effect: the multiplier at k_ref = n / 8 (8 of 64 samples). Holds: its lower bound >= 2 (the
   collapsed model needs at least twice the samples). Fails: its upper bound <= 1 (the collapsed
@@ -33,7 +33,8 @@ from typing import Any
 
 import torch
 
-from experiments.study.claims import N_BOOT, Claim, _effect, fmt, role_entropies
+from experiments.study.claims import N_BOOT, Claim, effect_record, role_entropies
+from probe.stats import format_interval, percentile_interval, resample_indices
 
 RISE = 0.1
 """C3b: the least log change of planning entropy over the late phase that counts as a rise (~10%)."""
@@ -71,19 +72,19 @@ def claim_phases(train_log: str | None, window: float = 0.1, seed: int = 0) -> C
                  "entropy rises in a late phase.")
     name = "log change of planning entropy over the late phase (change point to end)"
     if not train_log:
-        return Claim("C3b", statement, "inconclusive", _effect(name, None, None, "log ratio", "logged steps"), rule, {},
+        return Claim("C3b", statement, "inconclusive", effect_record(name, None, None, "log ratio", "logged steps"), rule, {},
                      "no RL training log with per-role entropies")
     plan, exe = role_entropies(train_log, min_rows=0)
     n = plan.numel()
     if n < MIN_LOG_STEPS:
-        return Claim("C3b", statement, "inconclusive", _effect(name, None, None, "log ratio", "logged steps"), rule,
+        return Claim("C3b", statement, "inconclusive", effect_record(name, None, None, "log ratio", "logged steps"), rule,
                      {"n_steps": n}, f"the RL log has {n} steps with per-role entropies; a change point needs at "
                      f"least {MIN_LOG_STEPS} (log more often, e.g. a longer run)")
     w = min(max(2, int(round(window * n))), n // 4)
     tau, slope_before, slope_after = hinge_change_point(plan.clamp_min(1e-12).log(), margin=w)
     starts = {"first": 0, "tau": min(max(0, tau - w // 2), n - w), "last": n - w}
-    g = torch.Generator().manual_seed(seed)
-    idx = {k: torch.cat([torch.arange(w)[None], torch.randint(w, (N_BOOT, w), generator=g)]) for k in starts}
+    draws = resample_indices(w, N_BOOT, seed, strata=len(starts))  # (windows, N_BOOT, w)
+    idx = {k: torch.cat([torch.arange(w)[None], draws[i]]) for i, k in enumerate(starts)}
 
     def mean(v: torch.Tensor, where: str) -> torch.Tensor:  # (1 + N_BOOT,): full sample, then replicates
         return v[starts[where]:starts[where] + w][idx[where]].mean(-1).clamp_min(1e-12)
@@ -92,14 +93,12 @@ def claim_phases(train_log: str | None, window: float = 0.1, seed: int = 0) -> C
     d_exe_early = (mean(exe, "tau") / mean(exe, "first")).log()
     d_exe_late = (mean(exe, "last") / mean(exe, "tau")).log()
     order = d_exe_early.abs() - d_exe_late.abs()
-    q = torch.tensor([0.025, 0.975], dtype=torch.float64)
-    ci = torch.quantile(d_plan_late[1:], q).tolist()
-    order_ci = torch.quantile(order[1:], q).tolist()
+    ci, order_ci = list(percentile_interval(d_plan_late[1:])), list(percentile_interval(order[1:]))
     effect, first_order = d_plan_late[0].item(), order_ci[0] > 0
     d_plan_all = math.log(plan[n - w:].mean().item() / max(plan[:w].mean().item(), 1e-12))
     d_exe_all = math.log(exe[n - w:].mean().item() / max(exe[:w].mean().item(), 1e-12))
     where = (f"change point at step {tau} of {n}; planning entropy x{math.exp(effect):.2f} after it "
-             f"[{fmt(ci[0])}, {fmt(ci[1])}] (log), execution x{math.exp(d_exe_early[0].item()):.2f} before and "
+             f"{format_interval(ci)} (log), execution x{math.exp(d_exe_early[0].item()):.2f} before and "
              f"x{math.exp(d_exe_late[0].item()):.2f} after; over the whole log planning x{math.exp(d_plan_all):.2f}, "
              f"execution x{math.exp(d_exe_all):.2f}")
     if ci[0] > RISE and first_order:
@@ -118,13 +117,13 @@ def claim_phases(train_log: str | None, window: float = 0.1, seed: int = 0) -> C
                         "log_change_late": d_exe_late[0].item(), "log_change_whole": d_exe_all},
           "execution_consolidated_first": {"value": order[0].item(), "ci": order_ci, "holds": first_order},
           "predicted": "planning rises after tau (log change > +0.1) while execution moved mostly before tau"}
-    return Claim("C3b", statement, status, _effect(name, effect, ci, "log ratio", "logged steps within each window"),
+    return Claim("C3b", statement, status, effect_record(name, effect, ci, "log ratio", "logged steps within each window"),
                  rule, ev, why)
 
 
 def plot_phases(train_log: str, claim: Claim, path: str | Path) -> Path:
     """Planning and execution entropy over the RL log with C3b's change point and windows marked."""
-    from probe.plots import new_figure, save_figure_atomic
+    from probe.figures import new_figure, save_figure_atomic
 
     roles = dict(zip(("planning", "execution"), role_entropies(train_log, min_rows=MIN_LOG_STEPS)))
     ev = claim.evidence
@@ -172,7 +171,7 @@ def claim_regime(cells: Sequence[dict], variants: Sequence[str], seed: int = 0,
     """C6 from the sweep's cells (`sweep.json["cells"]`) and the variant directories (the first with
     test cells is the designated preserving model). Returns the claim and every model's compute
     match against the collapsed RL model (name -> `compute_multiplier` dict), for the figure."""
-    from probe.compute_match import compute_multiplier, multiplier_text
+    from probe.metrics.compute_match import compute_multiplier, multiplier_text
 
     rule = (f"for each k, samples the collapsed RL model needs to match the preserving model's pass@k (pooled over "
             f"the test seeds); effect = that over k at k_ref = n/8; holds: lower bound >= {MULTIPLIER_HOLDS:g} (the "
@@ -185,7 +184,7 @@ def claim_regime(cells: Sequence[dict], variants: Sequence[str], seed: int = 0,
     pres = [k for k in data if k not in ("base", "rl")]
     if "rl" not in data or not pres:
         why = "no test-half cells of the collapsed model" if "rl" not in data else "no entropy-preserving RL model in the sweep"
-        return Claim("C6", statement, "inconclusive", _effect(name, None, None, "x samples", "problems (with their seeds)"),
+        return Claim("C6", statement, "inconclusive", effect_record(name, None, None, "x samples", "problems (with their seeds)"),
                      rule, {}, why), {}
     rl, clusters, seeds = data["rl"]
     matches = {m: compute_multiplier(data[m][0], rl, clusters=clusters, n_boot=n_boot, seed=seed)
@@ -208,7 +207,7 @@ def claim_regime(cells: Sequence[dict], variants: Sequence[str], seed: int = 0,
           **{f"{m}_vs_rl": [{"k": r["k"], f"pass_at_k_{m}": r["pass_at_k_reference"],
                              "rl_samples_needed": r["samples_needed"], "multiplier": multiplier_text(r)}
                             for r in mt["rows"]] for m, mt in matches.items()}}
-    effect = _effect(name, value, None, "x samples (None: more than n / k_ref)", "problems (with their seeds)")
+    effect = effect_record(name, value, None, "x samples (None: more than n / k_ref)", "problems (with their seeds)")
     effect["ci"] = [lo, hi]  # None = censored: the collapsed model never matched within its n samples
     effect["cap"] = n / k_ref  # the most a multiplier at k_ref can show with n samples
     return Claim("C6", statement, status, effect, rule, ev, why), matches

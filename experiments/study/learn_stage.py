@@ -13,11 +13,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from experiments.checkpointing import check_writable
 from experiments.paths import ORGANISMS_DIR, RESULTS_DIR
-from experiments.tasks import load_task
-from probe.checkpoint import load_causal_lm
-from probe.pair import load_pair
+from experiments.run_state import check_writable
+from probe.models.checkpoint import load_causal_lm
+from probe.models.pair import load_pair
+from probe.tasks import load_task
 from steering.learn import LearnConfig, learn
 
 MAX_PARAM_SHARE = 0.01
@@ -83,7 +83,7 @@ def pruned_dictionary(sae_dir: str, diff_path: str, n_features: int):
     """A `FeatureDictionary` of the top `n_features` features of a `forksight sae diff` run's `pruned` list."""
     import json
 
-    from probe.sae import load_sae
+    from probe.sae.dictionary import load_sae
     from steering.sae_edit import FeatureDictionary
 
     diff = json.loads(Path(diff_path).read_text())

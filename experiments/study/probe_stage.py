@@ -1,9 +1,9 @@
 """`forksight probe`: base vs RL checkpoint on a task's held-out problems (`--task`), token by token.
 
-Loads the pair (`probe.pair`), samples `samples` completions per problem of the *selection half* of
+Loads the pair (`probe.models.pair`), samples `samples` completions per problem of the *selection half* of
 the held-out split (`experiments.study.protocol`: the fork detector is later a steering gate, so it
 never sees the test half) from *each*
-model (`probe.sampler`, temperature 1), teacher-forces both models on both sets of trajectories
+model (`probe.sampling.sampler`, temperature 1), teacher-forces both models on both sets of trajectories
 (`probe.entropy`), and writes to `--out`:
 
 - `metrics.json`: per sampling source (`on_base_samples`, `on_rl_samples`): entropy of both models
@@ -29,13 +29,9 @@ from pathlib import Path
 
 import torch
 
-from experiments.checkpointing import portable, write_json_atomic
 from experiments.paths import ORGANISMS_DIR
-from experiments.study.evaluation import sample_scored_trajectories
+from experiments.run_state import portable, write_json_atomic
 from experiments.study.protocol import Half
-from experiments.tasks import load_task
-from probe.budget import keep_fraction
-from probe.checkpoint import own_directory
 from probe.detector import ForkDetector
 from probe.entropy import PairStats, Trajectories, pair_stats
 from probe.environment import environment
@@ -49,8 +45,12 @@ from probe.forks import (
     role_split,
 )
 from probe.law import bootstrap_law, extrapolation_error, fit_entropy_law, read_train_log
-from probe.pair import BACKENDS, Pair, load_pair
+from probe.metrics.trajectories import sample_scored_trajectories
+from probe.models.budget import keep_fraction
+from probe.models.checkpoint import own_directory
+from probe.models.pair import BACKENDS, Pair, load_pair
 from probe.plots import plot_entropy_heatmap, plot_entropy_histograms, plot_law_fit
+from probe.tasks import load_task
 
 
 @dataclass
@@ -66,7 +66,7 @@ class ProbeConfig:
     out: str = "runs/probe"
     """Output directory (metrics.json, plots, fork_detector.safetensors)."""
     task: str = "countdown"
-    """Task: "countdown" or "math:PATH[,train=PATH][,chat][,max_new_tokens=N]" (`experiments.tasks.load_task`)."""
+    """Task: "countdown" or "math:PATH[,train=PATH][,chat][,max_new_tokens=N]" (`probe.tasks.load_task`)."""
     n_problems: int = 64
     """Held-out problems to sample (the first N of the fixed split; >= 2)."""
     samples: int = 8

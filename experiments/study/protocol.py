@@ -11,8 +11,8 @@ Every recovery number forksight reports is measured the same way:
   models evaluated there the same way (same problems, same seeds: common random numbers).
 
 A *cell* is one (model, intervention, temperature) evaluated on one half at one seed: n samples per
-problem through `probe.sampler`, scored by the task; it keeps its metrics (docs/architecture.md
-keys), its per-problem arrays, and its per-sample `probe.frontier.Outcomes` (so a mixture or a
+problem through `probe.sampling.sampler` (or the vLLM engine, `experiments.study.engines`), scored by the task; it keeps its metrics (docs/architecture.md
+keys), its per-problem arrays, and its per-sample `probe.metrics.frontier.Outcomes` (so a mixture or a
 row-level splice can be formed later without sampling again).
 """
 
@@ -23,9 +23,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from probe.evaluate import evaluate
-from probe.frontier import Outcomes
-from probe.sampler import SamplerConfig
+from probe.metrics.evaluate import evaluate
+from probe.metrics.frontier import Outcomes
+from probe.metrics.passk import distinct_rule
+from probe.sampling.sampler import SamplerConfig
 
 HALVES = ("selection", "test")
 KEPT = ("n_problems", "n_samples", "pass_at_1", "pass_at_64", "pass_at_k", "distinct_correct_mean",
@@ -57,7 +58,7 @@ class Half:
     prompts: list[str]
     eligible: list[bool | None]
     """Per problem: counts toward distinct_correct_mean by the task's rule (n_solutions >= 3), or None
-    where the task cannot count solutions (then: where the compared models solved it, `probe.frontier`)."""
+    where the task cannot count solutions (then: where the compared models solved it, `probe.metrics.frontier`)."""
 
     @classmethod
     def of(cls, task: Any, name: str, limit: int = 0) -> Half:
@@ -66,19 +67,21 @@ class Half:
             raise ValueError(f"half {name!r}; allowed {HALVES}")
         prompts = split_heldout(task.heldout_prompts())[name]
         prompts = prompts[:limit] if limit else prompts
-        sols = [task.n_solutions(p) for p in prompts]
-        return cls(name, prompts, [None if s is None else s >= 3 for s in sols])
+        return cls(name, prompts, distinct_rule(task, prompts))
 
 
 def evaluate_cell(model: Any, tokenizer: Any, task: Any, half: Half, *, n: int, seed: int, temperature: float = 1.0,
-                  batch_size: int = 1024, intervention: Any = None) -> dict[str, Any]:
-    """Metrics (`KEPT` keys), per-problem arrays and `outcomes` (Outcomes.to_json) of one cell."""
+                  batch_size: int = 1024, intervention: Any = None, engine: Any = None) -> dict[str, Any]:
+    """Metrics (`KEPT` keys), per-problem arrays, `outcomes` (Outcomes.to_json) and `engine` of one cell;
+    sampled from `model` by the built-in sampler, or by `engine` (a started `VLLMEngine`; `model` unused)."""
     t0 = time.time()
+    device = "auto" if engine is not None else str(next(model.parameters()).device)
     cfg = SamplerConfig(n=n, max_new_tokens=task.max_new_tokens, temperature=temperature, seed=seed,
-                        batch_size=batch_size, device=str(next(model.parameters()).device))
-    m, _, scored = evaluate(model, tokenizer, half.prompts, task, cfg, intervention=intervention, n_boot=200,
-                            per_problem=True)
+                        batch_size=batch_size, device=device)
+    m, _, scored = evaluate(model, tokenizer, half.prompts, task, cfg, intervention=intervention, engine=engine,
+                            n_boot=200, per_problem=True)
     out = {k: m.get(k) for k in KEPT}
+    out["engine"] = "hf" if engine is None else engine.name
     out["per_problem"] = m["per_problem"]
     out["outcomes"] = Outcomes.from_scored(scored, n, half.eligible).to_json()
     out["seconds"] = time.time() - t0

@@ -18,6 +18,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from probe.stats import format_interval
+
 COLUMNS = ("RL pass@1 gain", "pass@k crossover k", "distinct-correct change", "entropy change on forks",
            "planning-entropy change")
 
@@ -71,7 +73,7 @@ def realism_table(rows: dict[str, dict[str, Any]], published: dict[str, dict[str
         missing = "published" if kind == "published" else "ours"
         gain = _fmt(r["pass_at_1_gain"], "gain" if r["pass_at_1_gain"] is not None else missing)
         if kind == "ours" and r.get("pass_at_1_gain_ci"):
-            gain += " [{:+.3f}, {:+.3f}]".format(*r["pass_at_1_gain_ci"])
+            gain += " " + format_interval(r["pass_at_1_gain_ci"], signed=True)
         k = r["crossover_k"]
         k = (f"{k}" if isinstance(k, (int, str)) else ("none within n" if kind == "ours" else "not published"))
         cells = [gain, k, _fmt(r["distinct_change"], "relative" if r["distinct_change"] is not None else missing),

@@ -30,10 +30,11 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from experiments.checkpointing import portable, write_json_atomic
 from experiments.paths import EXPERIMENTS_DIR, ORGANISMS_DIR, REPLICATE_DIR
-from experiments.study.replicate_report import mean_ci, plot_depth, write_replicate_report
+from experiments.run_state import portable, write_json_atomic
+from experiments.study.replicate_report import plot_depth, write_replicate_report
 from probe.environment import environment
+from probe.stats import mean_ci
 
 REPLICATE_ORGANISMS = REPLICATE_DIR / "organisms"
 CANDIDATE_VARIANTS = ("rl-clip-cov", "rl-nsr", "rl-w-reinforce", "rl-pass-at-k", "rl-vpo-distinct")
@@ -223,20 +224,20 @@ def run_pair(pair: Pair, cfg: ReplicateConfig) -> dict:
     from tqdm.auto import tqdm
 
     from experiments.study.probe_stage import run_probe
-    from experiments.study.run import Run, _learn
+    from experiments.study.run import Run, learn_edits
     from experiments.study.sweep import run_sweep
 
     rc, sc = pair_stage_configs(pair, cfg)
     run = Run(rc)
     with tqdm(total=3, unit="stage", desc=f"replicate {pair.name}") as bar:
         run.stage("probe", lambda: run_probe(sc["probe"]), sc["probe"], bar)
-        run.stage("learn", lambda: _learn(sc["learn"]), {k: list(v) for k, v in sc["learn"].items()}, bar)
+        run.stage("learn", lambda: learn_edits(sc["learn"]), {k: list(v) for k, v in sc["learn"].items()}, bar)
         run.stage("steer", lambda: run_sweep(sc["sweep"]), sc["sweep"], bar)
     seconds = {k: v.get("seconds") for k, v in run.state["stages"].items()}
     claims, matches = pair_claims(pair, Path(rc.out), cfg.seed)
     figure = None
     if matches:  # every preserving model (and the base) against the collapsed one: pass@k and the multiplier
-        from probe.compute_match import plot_compute_match
+        from probe.metrics.compute_match import plot_compute_match
 
         curves = {m: mt["pass_at_k_reference"] for m, mt in matches.items()}
         curves["rl"] = next(iter(matches.values()))["pass_at_k_other"]
@@ -271,7 +272,7 @@ def pair_measures(out: Path) -> dict:
     """The depth plots' numbers of one pair: the patching curve, the best RL-alone restoration and
     the variants' test-half summaries (pass@1, pass@k, distinct-correct, planning entropy)."""
     from experiments.study.claims_training import regime_inputs
-    from probe.frontier import summary
+    from probe.metrics.frontier import summary
 
     steer = json.loads((out / "steer" / "metrics.json").read_text())
     best = steer.get("best") or {}
@@ -335,7 +336,7 @@ def pool(pairs: list[dict]) -> list[dict]:
 
 def run_replicate(cfg: ReplicateConfig) -> dict:
     """Every pair (resumable), then the pooled table, figures, results.json and report.md."""
-    from experiments.checkpointing import check_writable
+    from experiments.run_state import check_writable
     from experiments.study.run import RunConfig, preflight
 
     t0 = time.time()

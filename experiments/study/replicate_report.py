@@ -3,43 +3,25 @@
 
 Pure rendering of the dict `experiments.study.replicate.run_replicate` returns (or reads back from
 `results.json`); no numbers are computed here except means over seeds for the figure, which use the
-same Student-t interval as the pooled table.
+same Student-t interval as the pooled table (`probe.stats.mean_ci`).
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
-from experiments.checkpointing import write_text_atomic
-from experiments.study.claims import fmt
+from probe.atomic import write_text_atomic
 from probe.environment import describe
+from probe.stats import format_interval, format_number, mean_ci
 
 CLAIM_ORDER = ("C1", "C2", "C3", "C3b", "C4", "C5", "C6")
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-"""Student-t 0.975 quantiles by degrees of freedom (the replication has a handful of seeds per group)."""
-
-
-def mean_ci(vals: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% Student-t interval over seeds (0 for one value)."""
-    m = sum(vals) / len(vals)
-    if len(vals) < 2:
-        return m, 0.0
-    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
-    return m, T975.get(len(vals) - 1, 2.0) * sd / math.sqrt(len(vals))
 
 
 def _cell(c: dict) -> str:
     e = c["effect"]
-    v = f"more than {e['cap']:g}" if e["value"] is None and e.get("cap") else fmt(e["value"], 2)
+    v = f"more than {e['cap']:g}" if e["value"] is None and e.get("cap") else format_number(e["value"], 2)
     return f"{c['status']} ({v})"
-
-
-def _ci(ci: list | None) -> str:
-    if not ci:
-        return "n/a"
-    return "[" + ", ".join("more" if v is None else fmt(v, 3) for v in ci) + "]"
 
 
 def replication_section(results: dict, figure: str | None, heading: str = "## Does it replicate?") -> list[str]:
@@ -60,8 +42,8 @@ def replication_section(results: dict, figure: str | None, heading: str = "## Do
           "|---|---|---|---|---|---|---|"]
     for r in results["pooled"]:
         cens = f" ({r['censored']} censored at the cap)" if r.get("censored") else ""
-        L.append(f"| {r['group']} | {r['claim']} | {r['holds_on']}/{r['n_pairs']} | {fmt(r['mean'], 3)}{cens} | "
-                 f"{_ci(r['ci'])} | {r['interval']} | **{r['status']}** |")
+        L.append(f"| {r['group']} | {r['claim']} | {r['holds_on']}/{r['n_pairs']} | {format_number(r['mean'], 3)}{cens} | "
+                 f"{format_interval(r['ci'], open_bound='more')} | {r['interval']} | **{r['status']}** |")
     if figure:
         L += ["", f"![fork share, law R^2, distinct drop, patching curve and best RL-alone restoration against depth]({figure})"]
     L += ["", "**Closing note.** " + closing_note(results)]
@@ -83,7 +65,7 @@ def closing_note(results: dict) -> str:
         held = sum(c["status"] == "holds" for c in cs)
         r = next((x for x in results["pooled"] if x["group"] == main and x["claim"] == cid), None)
         eff = "" if r is None or r["mean"] is None else (
-            f"; pooled over {main}'s {r['n_seeds']} training seed(s): {fmt(r['mean'], 3)} {_ci(r['ci'])} "
+            f"; pooled over {main}'s {r['n_seeds']} training seed(s): {format_number(r['mean'], 3)} {format_interval(r['ci'], open_bound='more')} "
             f"({r['status']})")
         parts.append(f"{cid} holds on {held} of {len(cs)} pairs{eff}")
     return "; ".join(parts) + "."
@@ -94,7 +76,7 @@ def plot_depth(results: dict, path: str | Path) -> Path:
     (C4), the patching curve (restoration by relative block), the best RL-alone restoration. Pairs
     as dots; the mean over a depth's training seeds with its Student-t interval (the pooled table's)
     as error bars, or a single pair's bootstrap interval."""
-    from probe.plots import new_figure, save_figure_atomic
+    from probe.figures import new_figure, save_figure_atomic
 
     pairs = results["pairs"]
     by_depth: dict[int, list[dict]] = {}
@@ -165,7 +147,7 @@ def write_replicate_report(results: dict, path: str | Path) -> Path:
          "The claims of `forksight run` on every base / RL pair below, and pooled over training seeds.", "",
          "## Pairs", "", "| pair | group | depth | RL seed | RL | variants | stage seconds |", "|---|---|---|---|---|---|---|"]
     for p in results["pairs"]:
-        secs = ", ".join(f"{k} {fmt(v, 0)}" for k, v in p["seconds"].items())
+        secs = ", ".join(f"{k} {format_number(v, 0)}" for k, v in p["seconds"].items())
         L.append(f"| {p['name']} | {p['group']} | {p['depth']} | {p['train_seed']} | `{Path(p['rl']).name}` | "
                  + (", ".join(f"`{Path(v).name}`" for v in p["variants"]) or "-") + f" | {secs} |")
     L += ["", "## RL checkpoints (the trainer's held-out evaluation: 256 problems, 64 samples, T=1)", "",
@@ -173,12 +155,12 @@ def write_replicate_report(results: dict, path: str | Path) -> Path:
           "train seconds (wall) | train CPU seconds |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["organisms"]:
         L.append(f"| `{r['model']}` | {r['pair']} | {r['depth']} | {r['intervention']} | {r['train_seed']} | "
-                 f"{fmt(r['pass_at_1'])} | {fmt(r['pass_at_64'])} | {fmt(r['distinct_correct_mean'], 2)} | "
-                 f"{fmt(r['planning_entropy_mean'])} | {fmt(r['train_seconds'], 0)} | {fmt(r.get('train_cpu_seconds'), 0)} |")
+                 f"{format_number(r['pass_at_1'])} | {format_number(r['pass_at_64'])} | {format_number(r['distinct_correct_mean'], 2)} | "
+                 f"{format_number(r['planning_entropy_mean'])} | {format_number(r['train_seconds'], 0)} | {format_number(r.get('train_cpu_seconds'), 0)} |")
     b = results["best_variant"]
-    L += ["", "## The best entropy-preserving regime", "", f"Rule: {b['rule']}. Floor: pass@1 >= {fmt(b['pass_at_1_floor'])}.",
+    L += ["", "## The best entropy-preserving regime", "", f"Rule: {b['rule']}. Floor: pass@1 >= {format_number(b['pass_at_1_floor'])}.",
           "", "| regime | pass@1 | distinct-correct | eligible |", "|---|---|---|---|"]
-    L += [f"| `{k}` | {fmt(v['pass_at_1'])} | {fmt(v['distinct_correct_mean'], 2)} | {v['eligible']} |"
+    L += [f"| `{k}` | {format_number(v['pass_at_1'])} | {format_number(v['distinct_correct_mean'], 2)} | {v['eligible']} |"
           for k, v in b["regimes"].items()]
     L += ["", f"Chosen: `{b['best']}`."]
     for p in results["pairs"]:
@@ -187,13 +169,13 @@ def write_replicate_report(results: dict, path: str | Path) -> Path:
                   "| model | pass@1 | pass@8 | pass@64 | distinct-correct | planning entropy |", "|---|---|---|---|---|---|"]
             for name, m in p["models"].items():
                 pk = m.get("pass_at_k") or {}
-                L.append(f"| `{name}` | {fmt(m['pass_at_1'])} | {fmt(pk.get('8'))} | {fmt(m.get('pass_at_64'))} | "
-                         f"{fmt(m['distinct_correct_mean'], 2)} | {fmt(m.get('planning_entropy_mean'))} |")
+                L.append(f"| `{name}` | {format_number(m['pass_at_1'])} | {format_number(pk.get('8'))} | {format_number(m.get('pass_at_64'))} | "
+                         f"{format_number(m['distinct_correct_mean'], 2)} | {format_number(m.get('planning_entropy_mean'))} |")
             if p.get("compute_match_figure"):
                 L += ["", f"![{p['name']}: pass@k of every model and the samples rl needs to match]({p['compute_match_figure']})"]
     L += [""] + replication_section(results, results["figures"][0] if results.get("figures") else None,
                                     heading="## Claims per pair and pooled")
-    L += ["", f"Total seconds this invocation: {fmt(results['seconds'], 0)}. Numbers: `results.json`; per pair, "
+    L += ["", f"Total seconds this invocation: {format_number(results['seconds'], 0)}. Numbers: `results.json`; per pair, "
           "`pairs/NAME/` holds its probe, learn and steer stages.", "",
           f"Environment: {describe(results.get('environment'))}."]
     write_text_atomic(path, "\n".join(L) + "\n")

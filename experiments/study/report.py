@@ -7,7 +7,7 @@ Markdown; every figure it references is a path relative to the run directory tha
 
 Breadth is reported like with like (issue #23): the headline's distinct-correct is C4's paired
 subset (named beside it), and `truncation` records the share of each model's test-half samples
-that ended at the token budget; above `probe.breadth.TRUNCATION_LIMIT` for any model, the claims
+that ended at the token budget; above `probe.metrics.breadth.TRUNCATION_LIMIT` for any model, the claims
 built on pass@k or distinct-correct (`BREADTH_CLAIMS`) carry a flag in results.json and the report.
 Stage outputs written before `truncated_share` existed leave it unknown (None), flagging nothing.
 """
@@ -18,20 +18,21 @@ import json
 from pathlib import Path
 from typing import Any
 
-from experiments.checkpointing import as_json, write_text_atomic
+from experiments.run_state import as_json
 from experiments.study.claims import (
     claim_breadth,
     claim_forks,
     claim_law,
     claim_recovery,
     claim_roles,
-    fmt,
     role_entropies,
 )
 from experiments.study.claims_training import claim_phases, claim_regime, plot_phases
-from probe.breadth import check_truncation
-from probe.checkpoint import checkpoint_provenance, own_directory
+from probe.atomic import write_text_atomic
 from probe.environment import describe, environment
+from probe.metrics.breadth import check_truncation
+from probe.models.checkpoint import checkpoint_provenance, own_directory
+from probe.stats import format_interval, format_number
 
 SCHEMA_VERSION = 2
 BREADTH_CLAIMS = ("C4", "C5", "C6")
@@ -48,7 +49,7 @@ def _read(path: Path) -> dict:
 
 def _figures(out: Path, log: Path, curves: dict[str, dict]) -> dict[str, str | None]:
     """Draw pass@k of `curves` and, if the RL training `log` has per-role entropies, their trajectories."""
-    from probe.evaluate import plot_pass_at_k
+    from probe.metrics.evaluate import plot_pass_at_k
     from probe.plots import plot_role_entropy
 
     figs: dict[str, str | None] = {"role_entropy": None, "pass_at_k": "figures/pass_at_k.png"}
@@ -150,7 +151,7 @@ def build_results(cfg, stage_cfgs: dict, out: str | Path) -> dict[str, Any]:
     cells = json.loads((out / "steer" / "sweep.json").read_text())["cells"]
     c6, matches = claim_regime(cells, variants, seed=cfg.seed)
     if matches:
-        from probe.compute_match import plot_compute_match
+        from probe.metrics.compute_match import plot_compute_match
 
         curves = {m: mt["pass_at_k_reference"] for m, mt in matches.items()}
         curves["rl"] = next(iter(matches.values()))["pass_at_k_other"]  # every k' = 1..n
@@ -206,9 +207,19 @@ def build_results(cfg, stage_cfgs: dict, out: str | Path) -> dict[str, Any]:
                    "steer": "steer/metrics.json", "steer_cells": "steer/sweep.json"},
         "figures": sorted({f for c in claims for f in c["figures"]}),
         "truncation": truncation,
+        "engines": stage_engines(steer),
         **replication(cfg, out),
         "environment": environment(),
     }
+
+
+def stage_engines(steer: dict) -> dict[str, Any]:
+    """Which engine sampled each stage: the sweep's record (`Sweep.engine_record`; "hf" for sweeps made
+    before the engine was a setting), and the stages that sample on the HF engine whatever --engine says."""
+    from experiments.study.engines import HF_STAGES
+
+    return {"steer": steer.get("engines") or {"engine": "hf"},
+            **{k: {"engine": "hf", "why": why} for k, why in HF_STAGES.items() if k != "derive"}}
 
 
 def replication(cfg, out: Path) -> dict[str, Any]:
@@ -225,17 +236,13 @@ def replication(cfg, out: Path) -> dict[str, Any]:
                             "figure": copy_for_run(rep, REPLICATE_DIR, out)}}
 
 
-def _ci(ci: list | None, nd: int = 3, cap: float | None = None) -> str:
-    """[lo, hi]; with `cap` (a censored effect such as C6's multiplier) a None bound reads "more than cap"."""
-    if not ci:
-        return "n/a"
-    if cap is None:
-        return fmt(list(ci[:2]), nd)
-    return "[" + ", ".join(f"more than {cap:g}" if v is None else fmt(v, nd) for v in ci[:2]) + "]"
+def _above(e: dict) -> str:
+    """How a None of a censored effect (C6's multiplier: more than its cap) reads; "n/a" otherwise."""
+    return "n/a" if e.get("cap") is None else f"more than {e['cap']:g}"
 
 
 def _value(e: dict) -> str:
-    return f"more than {e['cap']:g}" if e["value"] is None and e.get("cap") else fmt(e["value"])
+    return _above(e) if e["value"] is None and e.get("cap") else format_number(e["value"])
 
 
 def _evidence_lines(ev: dict, depth: int = 0) -> list[str]:
@@ -245,11 +252,11 @@ def _evidence_lines(ev: dict, depth: int = 0) -> list[str]:
             lines.append(f"- {k}:")
             lines += ["  " + x for x in _evidence_lines(v, 1)]
         elif isinstance(v, list) and v and isinstance(v[0], dict):
-            lines.append(f"- {k}: " + "; ".join(", ".join(f"{kk} {fmt(vv)}" for kk, vv in d.items()) for d in v))
+            lines.append(f"- {k}: " + "; ".join(", ".join(f"{kk} {format_number(vv)}" for kk, vv in d.items()) for d in v))
         elif isinstance(v, dict):
-            lines.append(f"- {k}: " + ", ".join(f"{kk} {fmt(vv)}" for kk, vv in v.items()))
+            lines.append(f"- {k}: " + ", ".join(f"{kk} {format_number(vv)}" for kk, vv in v.items()))
         else:
-            lines.append(f"- {k}: {fmt(v)}")
+            lines.append(f"- {k}: {format_number(v)}")
     return lines
 
 
@@ -269,20 +276,20 @@ def write_report(results: dict, path: str | Path) -> Path:
         e = c["effect"]
         flag = " (flagged: see its caveats)" if c.get("flags") else ""
         L.append(f"| {c['id']}: {cell(c['statement'])}{flag} | **{c['status']}** | {cell(e['name'])} | {_value(e)} | "
-                 f"{_ci(e['ci'], cap=e.get('cap'))} |")
+                 f"{format_interval(e['ci'], open_bound=_above(e))} |")
     trunc = results.get("truncation") or {}
     if trunc.get("message"):
         L += ["", "## Warning: samples cut off by the token budget", "",
               f"{trunc['message']}. Claims flagged: {', '.join(trunc['claims_flagged']) or 'none'}."]
     L += ["", "## Headline numbers", ""]
-    L += [f"- {k}: " + (", ".join(f"{kk} {fmt(vv)}" for kk, vv in v.items()) if isinstance(v, dict) else
-                        (_ci(v) if isinstance(v, list) else fmt(v))) for k, v in h.items()]
+    L += [f"- {k}: " + (", ".join(f"{kk} {format_number(vv)}" for kk, vv in v.items()) if isinstance(v, dict) else
+                        (format_interval(v) if isinstance(v, list) else format_number(v))) for k, v in h.items()]
     for c in results["claims"]:
         e = c["effect"]
         L += ["", f"## {c['id']}: {c['statement']}", "",
               f"**Status: {c['status']}.** {c['reason']}", "",
               *[x for f in c.get("flags") or [] for x in (f"**Caveat:** {f}.", "")],
-              f"Effect: {e['name']} = {_value(e)} {_ci(e['ci'], cap=e.get('cap'))} ({e['units']}; bootstrap over "
+              f"Effect: {e['name']} = {_value(e)} {format_interval(e['ci'], open_bound=_above(e))} ({e['units']}; bootstrap over "
               f"{e['resampled']}).", "",
               f"Rule: {c['rule']}.", "", "Evidence:", ""]
         L += _evidence_lines(c["evidence"])
@@ -294,16 +301,23 @@ def write_report(results: dict, path: str | Path) -> Path:
         rep = results["replication"]
         L += [""] + replication_section(rep, rep.get("figure")) + ["", f"Source: `{rep['source']}` (`forksight replicate`)."]
     s = results["sae"]
-    L += ["", "## SAE", "", f"{s['hook_name']}: L0 {fmt(s['l0'], 1)}, FVU {fmt(s['fvu'])}, dead fraction "
-          f"{fmt(s['dead_fraction'])}, next-token loss increase {fmt(s['ce_loss_increase'])} nats; "
+    L += ["", "## SAE", "", f"{s['hook_name']}: L0 {format_number(s['l0'], 1)}, FVU {format_number(s['fvu'])}, dead fraction "
+          f"{format_number(s['dead_fraction'])}, next-token loss increase {format_number(s['ce_loss_increase'])} nats; "
           f"{s['n_pruned_3x']} features fire >= 3x less often at forks under RL. Top pruned:", ""]
-    L += [f"- feature {f['feature']}: fork frequency base {fmt(f['freq_base'])} -> RL {fmt(f['freq_rl'])} "
-          f"(score {fmt(f['score'])})" for f in s["top_pruned"]]
+    L += [f"- feature {f['feature']}: fork frequency base {format_number(f['freq_base'])} -> RL {format_number(f['freq_rl'])} "
+          f"(score {format_number(f['score'])})" for f in s["top_pruned"]]
     run = results.get("run", {})
     if run:
         L += ["", "## Run", "", "| stage | seconds |", "|---|---|"]
-        L += [f"| {k} | {fmt(v.get('seconds'), 1)} |" for k, v in run.get("stages", {}).items()]
+        L += [f"| {k} | {format_number(v.get('seconds'), 1)} |" for k, v in run.get("stages", {}).items()]
         L += ["", f"Reused from an earlier invocation: {', '.join(run.get('reused_stages', [])) or 'none'}."]
+    eng = (results.get("engines") or {}).get("steer") or {}
+    if eng.get("engine", "hf") != "hf":
+        cells = ", ".join(f"{n} on {e}" for e, n in sorted((eng.get("cells") or {}).items()))
+        L += ["", f"Sampling engine: {eng['engine']} for the sweep's cells ({cells}; families sampled on the HF "
+              f"engine instead: {', '.join(eng.get('on_hf_instead') or {}) or 'none'}); probe, SAE and learned "
+              "edits on the HF engine (per-token entropy, activations, gradients). Entropy means of cells sampled "
+              "on vLLM are not measured."]
     L += ["", "## Environment", "", describe(results.get("environment")) + ". Each stage's metrics.json records "
           "its own (a stage reused from an earlier invocation may have been made with other versions)."]
     L += ["", "Numbers and their provenance: `results.json` (schema in the README), stage folders "

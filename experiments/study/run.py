@@ -4,24 +4,31 @@
 recovered from the trained network?" Stages, each writing into its own folder of `--out`:
 
 0. `organisms` (only with `--from-scratch`): SFT the base organism, then GRPO (vanilla, and
-   Clip-Cov as the entropy-preserving variant) from it (`experiments.organism.sft`, `experiments.organism.grpo`).
+   Clip-Cov as the entropy-preserving variant) from it (`experiments.training.sft`, `experiments.training.grpo`).
 1. `probe`: entropy of both models on the same trajectories, forks, the latent fork detector and
    the entropy-law fit of the RL log (`experiments.study.probe_stage`).
 2. `sae`: a TopK SAE on the base residual and the features RL pruned at forks (`experiments.study.sae_stage`).
-3. `steer`: steering vectors (diff of means at the forks RL pruned, SAE decoder directions) swept
-   with the temperature baseline and cross-model patching (`experiments.study.sweep`).
-4. `eval`: held-out diversity metrics of the entropy-preserving variants on the steering sweep's
-   problems and seed (base and RL come from the sweep's own full-split rows), and the pass@k figure.
-5. `report`: the five claims (`experiments.study.claims`), `results.json`, `report.md`.
+3. `learn`: small learned edits of the RL model's residual stream (`experiments.study.learn_stage`).
+4. `steer`: steering vectors (diff of means at the forks RL pruned, SAE decoder directions), SAE-feature
+   and learned edits swept with the temperature baseline, cross-model patching and the base/RL mixture
+   frontier (`experiments.study.sweep`); the entropy-preserving variants are evaluated on the sweep's
+   problems and seed.
+5. `report`: the claims (`experiments.study.claims`), `results.json`, `report.md`.
 
-When more than `probe.breadth.TRUNCATION_LIMIT` of some model's samples end at the token budget
+`--engine vllm` samples the sweep's cells on vLLM where it can apply them (`experiments.study.engines`);
+the probe, SAE and learn stages sample on the HF engine whatever the flag says (they need per-token
+entropy, teacher-forced activations or gradients). results.json's `engines` records which engine
+sampled what.
+
+When more than `probe.metrics.breadth.TRUNCATION_LIMIT` of some model's samples end at the token budget
 without eos, a `TruncationWarning` goes to stderr as soon as the sweep has sampled base and RL, and
 again at the end, and the claims built on breadth are flagged in the report.
 
 Resumable: `run_state.json` records each finished stage; a rerun with the same `--out` and the
 same configuration skips finished stages (the steering sweep also reuses finished cells, the
 trainers their last save). A different configuration in an existing `--out` is an error, not a
-silent mix. Every file is written atomically, so an interrupted stage leaves earlier outputs intact.
+silent mix, with one exception: `--variants` may change (a variant trained after the study started),
+which reruns only the steer stage, whose base, RL and intervention cells are reused. Every file is written atomically, so an interrupted stage leaves earlier outputs intact.
 """
 
 from __future__ import annotations
@@ -35,17 +42,18 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from experiments.checkpointing import as_json, portable, write_json_atomic
 from experiments.paths import ORGANISMS_DIR
+from experiments.run_state import as_json, portable, write_json_atomic
+from experiments.study.engines import ENGINE_DEFAULTS, EngineSettings, engine_fields
 from experiments.study.sizes import ORGANISM_VOCAB, size_for
-from probe.breadth import TruncationWarning
-from probe.checkpoint import parse_dtype
+from probe.metrics.breadth import TruncationWarning
+from probe.models.checkpoint import parse_dtype
 
 STAGES = ("organisms", "probe", "sae", "learn", "steer", "report")
 
 
 @dataclass
-class RunConfig:
+class RunConfig(EngineSettings):
     """The end-to-end study on a base / RL pair (default: the shipped Countdown organisms)."""
 
     out: str = "runs/study"
@@ -74,6 +82,7 @@ class RunConfig:
     """Model precision: float32 (bit-for-bit reproducible) or bfloat16 (about 2x faster on CPUs with avx512_bf16 and GPUs; entropies and log-probs stay float32 computations)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.out = str(Path(self.out))  # "runs/x/" and "runs/x" are one run directory
         self.variants = tuple(str(v) for v in self.variants)
         if bool(self.base) != bool(self.rl):
@@ -113,7 +122,7 @@ def study_layers(n_layers: int) -> dict[str, Any]:
 def pair_shape(cfg: RunConfig) -> tuple[int, int]:
     """(layers, vocabulary size) of the run's base, read from its config (the organism's before
     --from-scratch has trained it)."""
-    from probe.checkpoint import checkpoint_config
+    from probe.models.checkpoint import checkpoint_config
 
     base = cfg.pair()[0]
     if cfg.from_scratch and not Path(base).exists():
@@ -125,11 +134,11 @@ def pair_shape(cfg: RunConfig) -> tuple[int, int]:
 
 def stage_configs(cfg: RunConfig) -> dict[str, Any]:
     """Every stage's own config dataclass, sized by `cfg.quick`."""
-    from experiments.organism.grpo_loss import LossConfig
-    from experiments.organism.sft import SFTConfig
     from experiments.study.probe_stage import ProbeConfig
     from experiments.study.sae_stage import SAEDiffConfig, SAETrainConfig
     from experiments.study.sweep import SweepConfig
+    from experiments.training.grpo_loss import LossConfig
+    from experiments.training.sft import SFTConfig
 
     out, q, seed = Path(cfg.out), cfg.quick, cfg.seed
     base, rl, variants = cfg.pair()
@@ -159,7 +168,7 @@ def stage_configs(cfg: RunConfig) -> dict[str, Any]:
         problems=z.problems, n=z.n, test_seeds=1, derive_problems=z.derive_problems,
         detector=str(out / "probe" / "fork_detector.safetensors"), sae=str(out / "sae" / "sae"),
         sae_diff=str(out / "sae" / "diff" / "metrics.json"), tolerance=cfg.tolerance, seed=seed, device=cfg.device,
-        task=cfg.task, dtype=cfg.dtype)
+        task=cfg.task, dtype=cfg.dtype, **engine_fields(cfg))
     return {"sft": sft, "grpo": grpo, "loss": {"none": LossConfig(intervention="none"),
                                                 "clip-cov": LossConfig(intervention="clip-cov")},
             "probe": probe, "sae": sae, "sae_diff": diff, "learn": learn, "sweep": sweep}
@@ -189,7 +198,7 @@ def preflight(cfg: RunConfig) -> None:
     """Everything that can be checked before any work: a writable --out, no other configuration in
     it, and (unless the pair is trained here) a loadable, compatible pair and variants whose tokenizer
     writes the task and whose context holds its prompts plus the completion budget."""
-    from experiments.checkpointing import check_writable
+    from experiments.run_state import check_writable
 
     out = check_writable(cfg.out)
     state = out / "run_state.json"
@@ -199,13 +208,14 @@ def preflight(cfg: RunConfig) -> None:
         if old is not None and stored_config(old, out) != new:
             old = stored_config(old, out)
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            raise ValueError(f"--out {cfg.out!r} holds a run with another configuration (differs in {diff}); "
-                             "use a new --out, or the same flags to resume it")
+            if diff != ["variants"]:  # variants only enter the steer stage: adding one reruns that stage alone
+                raise ValueError(f"--out {cfg.out!r} holds a run with another configuration (differs in {diff}); "
+                                 "use a new --out, or the same flags to resume it (only --variants may change)")
     if cfg.from_scratch:
         return
-    from experiments.tasks import load_task
-    from probe.pair import load_pair
-    from probe.sampler import check_context
+    from probe.models.pair import load_pair
+    from probe.sampling.sampler import check_context
+    from probe.tasks import load_task
 
     base, rl, variants = cfg.pair()
     task = load_task(cfg.task)  # a bad --task fails here
@@ -223,7 +233,7 @@ def stored_config(config: Any, out: str | Path) -> Any:
     return _drop_defaults(portable(as_json(config), out))
 
 
-SETTINGS_ADDED = {"dtype": "float32", "profile": "auto", "micro_batch": 0}
+SETTINGS_ADDED = {"dtype": "float32", "profile": "auto", "micro_batch": 0, **ENGINE_DEFAULTS}
 """Settings added after runs were stored, with the value every earlier run used: left out of a stored
 configuration at that value, so runs written before the setting existed still resume."""
 
@@ -278,8 +288,8 @@ class Run:
 
 
 def _train_organisms(sc: dict) -> None:
-    from experiments.organism.grpo import GRPOConfig, train_grpo
-    from experiments.organism.sft import train_sft
+    from experiments.training.grpo import GRPOConfig, train_grpo
+    from experiments.training.sft import train_sft
 
     sft = sc["sft"]
     if not (Path(sft.out) / "model.safetensors").is_file():
@@ -290,7 +300,8 @@ def _train_organisms(sc: dict) -> None:
             train_grpo(GRPOConfig(out=str(out), **sc["grpo"]), loss)
 
 
-def _learn(plan: dict[str, tuple]) -> None:
+def learn_edits(plan: dict[str, tuple]) -> None:
+    """The learn stage: every (stage config, `LearnConfig`) of `plan` that is new or resumable."""
     from experiments.study.learn_stage import run_learn
 
     for stage, lc in plan.values():
@@ -313,7 +324,7 @@ def run_study(cfg: RunConfig) -> dict:
             run.stage("organisms", lambda: _train_organisms(sc), {k: sc[k] for k in ("sft", "grpo", "loss")}, bar)
         run.stage("probe", lambda: run_probe(sc["probe"]), sc["probe"], bar)
         run.stage("sae", lambda: (run_sae_train(sc["sae"]), run_sae_diff(sc["sae_diff"])), [sc["sae"], sc["sae_diff"]], bar)
-        run.stage("learn", lambda: _learn(sc["learn"]), {k: list(v) for k, v in sc["learn"].items()}, bar)
+        run.stage("learn", lambda: learn_edits(sc["learn"]), {k: list(v) for k, v in sc["learn"].items()}, bar)
         run.stage("steer", lambda: run_sweep(sc["sweep"]), sc["sweep"], bar)
         bar.set_description("forksight run: report")
         from experiments.study.report import build_results, write_report

@@ -3,7 +3,7 @@
 `sae train` samples the base model on *training-distribution* problems of the task (`--task`:
 `task.train_prompts`, never the held-out test half; optionally a fraction sampled from the RL model
 instead, `--rl-mix`), collects the residual at one site on every real token, trains a sae-lens SAE
-on it (`probe.sae.train_sae`) and scores it on trajectories of the selection half of the held-out split, base model (and
+on it (`probe.sae.dictionary.train_sae`) and scores it on trajectories of the selection half of the held-out split, base model (and
 RL model when `--rl` is set). It writes `OUT/sae/` (sae-lens format), `metrics.json`,
 `sae_training.png` and `feature_density.png`.
 
@@ -11,7 +11,7 @@ RL model when `--rl` is set). It writes `OUT/sae/` (sae-lens format), `metrics.j
 features it ranks are later chosen for steering, so it never sees the test half), teacher-forces both models on
 those same trajectories (`probe.entropy.pair_stats`), takes the base model's forks (top-rho answer
 tokens by base entropy), encodes both models' residuals at the positions predicting each answer
-token, and ranks pruned / amplified features (`probe.features`) with their top-activating contexts
+token, and ranks pruned / amplified features (`probe.sae.diff.sae_fork_diff`) with their top-activating contexts
 and decoder logit effects. The same diff over non-fork answer tokens is the control: a pruning that
 is specific to forks shows a larger |score| there than off forks. It writes `metrics.json`,
 `fork_frequencies.png` and `top_features.png`.
@@ -25,34 +25,34 @@ from pathlib import Path
 
 import torch
 
-from experiments.checkpointing import portable, write_json_atomic
 from experiments.paths import ORGANISMS_DIR, RESULTS_DIR
-from experiments.study.evaluation import sample_trajectories
+from experiments.run_state import portable, write_json_atomic
 from experiments.study.protocol import Half
-from experiments.tasks import load_task
-from probe.budget import keep_fraction
-from probe.checkpoint import load_causal_lm, resolve_device
 from probe.environment import environment
-from probe.features import DiffResult, feature_records, fork_feature_diff
 from probe.forks import fork_threshold
-from probe.hooks import resolve_hook, site_name
-from probe.pair import BACKENDS, RESID_POST, Pair, load_pair, wrap
-from probe.sae import (
+from probe.metrics.trajectories import sample_trajectories
+from probe.models.budget import keep_fraction
+from probe.models.checkpoint import load_causal_lm, resolve_device
+from probe.models.hooks import resolve_hook, site_name
+from probe.models.pair import BACKENDS, RESID_POST, Pair, load_pair, wrap
+from probe.sae.dictionary import (
     ARCHITECTURES,
     SAESpec,
-    check_sae,
     collect_activations,
     load_sae,
     save_sae,
     train_sae,
 )
-from probe.sae_plots import (
+from probe.sae.diff import sae_fork_diff
+from probe.sae.features import DiffResult, feature_records
+from probe.sae.plots import (
     plot_feature_density,
     plot_fork_frequencies,
     plot_sae_training,
     plot_top_features,
 )
-from probe.sae_quality import reconstruction_stats, sae_quality
+from probe.sae.quality import reconstruction_stats, sae_quality
+from probe.tasks import load_task
 
 FVU_TARGET, L0_TARGET = 0.2, 32
 SAE_RESULTS = RESULTS_DIR / "sae"  # the shipped SAE and its diff
@@ -69,7 +69,7 @@ class SAETrainConfig:
     out: str = "runs/sae"
     """Output directory (sae/, metrics.json, plots)."""
     task: str = "countdown"
-    """Task: "countdown" or "math:PATH[,train=PATH][,chat][,max_new_tokens=N]" (`experiments.tasks.load_task`)."""
+    """Task: "countdown" or "math:PATH[,train=PATH][,chat][,max_new_tokens=N]" (`probe.tasks.load_task`)."""
     layer: int = 2
     """Block whose output is learned (2: best fork-detector AUROC of `forksight probe` on the shipped pair)."""
     site: str = RESID_POST
@@ -147,7 +147,7 @@ class SAEDiffConfig:
     out: str = "runs/sae/diff"
     """Output directory (metrics.json, plots)."""
     task: str = "countdown"
-    """Task: "countdown" or "math:PATH[,train=PATH][,chat][,max_new_tokens=N]" (`experiments.tasks.load_task`)."""
+    """Task: "countdown" or "math:PATH[,train=PATH][,chat][,max_new_tokens=N]" (`probe.tasks.load_task`)."""
     n_problems: int = 128
     """Held-out problems (the first N of the fixed split)."""
     samples: int = 8
@@ -253,18 +253,12 @@ def run_sae_train(cfg: SAETrainConfig) -> dict:
 
 
 def compute_diff(cfg: SAEDiffConfig, pair: Pair, sae) -> DiffResult:
-    """Sample trajectories (`cfg.sample_from`) on the selection half of the held-out split, then
-    `probe.features.fork_feature_diff`."""
-    check_sae(sae, pair.base)
-    check_sae(sae, pair.rl)
-    sampler = pair.base if cfg.sample_from == "base" else pair.rl
+    """`probe.sae.diff.sae_fork_diff` on the first `cfg.n_problems` of the selection half of the
+    held-out split (the features are chosen here: never the test half)."""
     task = load_task(cfg.task)
-    task.check_tokenizer(pair.base.tokenizer)
-    prompts = Half.of(task, "selection", cfg.n_problems).prompts  # features are chosen here: never the test half
-    traj, pass_rate = sample_trajectories(sampler, prompts, cfg.samples, cfg.seed, cfg.batch_size, task)
-    res = fork_feature_diff(pair, sae, traj, cfg.rho, cfg.min_freq, cfg.batch_size)
-    res.pass_rate = pass_rate
-    return res
+    prompts = Half.of(task, "selection", cfg.n_problems).prompts
+    return sae_fork_diff(pair, sae, prompts, task, cfg.samples, cfg.seed, cfg.rho, cfg.min_freq, cfg.batch_size,
+                         cfg.sample_from)
 
 
 def run_sae_diff(cfg: SAEDiffConfig) -> dict:

@@ -2,7 +2,7 @@
 
 Pure functions over cell rows (dicts from `experiments.study.cells`, each holding its `outcomes`);
 no sampling. Judging a row (`judge`) compares its outcomes with the base and RL outcomes of the
-same half and seeds through `probe.frontier.compare_to_frontier`: restoration of distinct-correct
+same half and seeds through `probe.metrics.frontier.compare_to_frontier`: restoration of distinct-correct
 and of pass@64, pass@1 change, the base/RL mixture's restoration at the row's pass@1, and the
 frontier excess, each with a paired problem-bootstrap interval.
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from probe.frontier import Outcomes, compare_to_frontier, splice, stack, summary
+from probe.metrics.frontier import Outcomes, compare_to_frontier, splice, stack, summary
 
 TOLERANCE_RULE = ("highest restoration_distinct with pass_at_1 >= RL - {tol} (selection half, selection seed); "
                   "ties by frontier_excess")
@@ -60,7 +60,7 @@ def judge(cell: Sequence[dict], base: Sequence[dict], rl: Sequence[dict], n_boot
 def spliced(cell: dict, rl: dict, fraction: float) -> dict:
     """Row-level application at `fraction`: samples 0..m-1 from `cell`, the rest from `rl`
     (m = round(fraction * n)), as a row with the outcome metrics (entropies are not defined)."""
-    from probe.frontier import m_of_q
+    from probe.metrics.frontier import m_of_q
 
     c, r = Outcomes.from_json(cell["outcomes"]), Outcomes.from_json(rl["outcomes"])
     o = splice(c, r, m_of_q(fraction, c.n))

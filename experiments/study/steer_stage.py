@@ -8,7 +8,10 @@ SAE decoder rows of the features RL pruned (weights = mean_base - mean_rl of eac
 from `forksight sae diff`). Fork thresholds of both models on those trajectories go to its config.
 
 `steer apply` evaluates one vector file on the RL model at one (coef, gate, temperature) with the
-held-out metrics of `experiments.study.evaluation` (same sampler, same seed, same metrics.json keys).
+held-out metrics of `experiments.study.eval_stage` (same sampler, same seed, same metrics.json keys);
+with `--engine vllm` it samples on vLLM, and an intervention vLLM cannot apply (a gate other than
+`always`, a learned edit other than a plain vector) is refused with the reason, never sampled otherwise.
+`steer derive` samples and teacher-forces on the HF engine (it needs entropies and residuals).
 
 `steer sweep` (see `experiments.study.sweep`) runs the grid, the baselines and the patching curve.
 
@@ -31,16 +34,17 @@ from pathlib import Path
 
 import torch
 
-from experiments.checkpointing import REPO_DIR, portable
 from experiments.paths import ORGANISMS_DIR, RESULTS_DIR
-from experiments.study.evaluation import sample_trajectories
-from experiments.tasks import load_task
-from probe.checkpoint import load_causal_lm
+from experiments.run_state import REPO_DIR, portable
+from experiments.study.engines import EngineSettings, vllm_config
 from probe.detector import ForkDetector
 from probe.environment import environment
 from probe.forks import fork_threshold
-from probe.pair import load_pair
-from probe.sae import load_sae
+from probe.metrics.trajectories import sample_trajectories
+from probe.models.checkpoint import load_causal_lm
+from probe.models.pair import load_pair
+from probe.sae.dictionary import load_sae
+from probe.tasks import load_task
 from steering import (
     SteeringVector,
     after_tokens,
@@ -80,7 +84,7 @@ class DeriveConfig:
     out: str = "runs/steer/vector.safetensors"
     """Output vector file (safetensors)."""
     task: str = "countdown"
-    """Task: "countdown" or "math:PATH[,train=PATH][,chat][,max_new_tokens=N]" (`experiments.tasks.load_task`)."""
+    """Task: "countdown" or "math:PATH[,train=PATH][,chat][,max_new_tokens=N]" (`probe.tasks.load_task`)."""
     method: str = "dom-global"
     """One of dom-global, dom-position, dom-role, dom-cluster, pca, sae; optionally ":pruned" (see forks)."""
     layers: tuple[int, ...] = (2,)
@@ -214,7 +218,7 @@ def steer_intervention(model, tok, vec: SteeringVector, coef: float, gate: str, 
 
 
 @dataclass
-class ApplyConfig:
+class ApplyConfig(EngineSettings):
     """Evaluate one intervention file (a vector or learned edit, e.g. a sweep's `best.safetensors`)
     on the RL model, on one half of the held-out split, with its recommended settings."""
 
@@ -223,7 +227,7 @@ class ApplyConfig:
     rl: str = str(ORGANISMS_DIR / "rl-none")
     """Model to steer."""
     task: str = "countdown"
-    """Task (`experiments.tasks.load_task`)."""
+    """Task (`probe.tasks.load_task`)."""
     coef: float | None = None
     """Coefficient (None = the file's recommended one)."""
     fraction: float | None = None
@@ -249,19 +253,29 @@ class ApplyConfig:
 
 
 def run_apply(cfg: ApplyConfig) -> dict:
-    from experiments.checkpointing import write_json_atomic
+    from experiments.run_state import write_json_atomic
     from experiments.study.protocol import Half, evaluate_cell
-    from experiments.tasks import load_task
+    from probe.tasks import load_task
     from steering.selected import load_intervention
 
     sel = load_intervention(cfg.intervention)
     task = load_task(cfg.task)
-    model, tok = load_causal_lm(cfg.rl, device=cfg.device, dtype=cfg.dtype)
-    task.check_tokenizer(tok)
-    steer = sel.apply(model, coef=cfg.coef, fraction=cfg.fraction)
     t = sel.temperature if cfg.temperature is None else cfg.temperature
-    m = evaluate_cell(model, tok, task, Half.of(task, cfg.half, cfg.problems), n=cfg.n, seed=cfg.seed, temperature=t,
-                      batch_size=cfg.batch_size, intervention=steer)
+    half = Half.of(task, cfg.half, cfg.problems)
+    if cfg.engine == "vllm":
+        from probe.sampling.vllm_engine import VLLMEngine
+
+        edit = sel.vllm_edit(coef=cfg.coef, fraction=cfg.fraction)  # refused here, before an engine starts
+        with VLLMEngine(cfg.rl, vllm_config(cfg, cfg.dtype, cfg.seed)) as engine:
+            task.check_tokenizer(engine.tokenizer)
+            m = evaluate_cell(None, engine.tokenizer, task, half, n=cfg.n, seed=cfg.seed, temperature=t,
+                              batch_size=cfg.batch_size, intervention=edit, engine=engine)
+    else:
+        model, tok = load_causal_lm(cfg.rl, device=cfg.device, dtype=cfg.dtype)
+        task.check_tokenizer(tok)
+        steer = sel.apply(model, coef=cfg.coef, fraction=cfg.fraction)
+        m = evaluate_cell(model, tok, task, half, n=cfg.n, seed=cfg.seed, temperature=t, batch_size=cfg.batch_size,
+                          intervention=steer)
     m.pop("outcomes")
     m["config"], m["recommended"], m["environment"] = asdict(cfg), sel.recommended, environment()
     if cfg.out:

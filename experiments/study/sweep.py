@@ -6,7 +6,7 @@ cell (`experiments.study.candidates`: temperatures, derived vectors, learned edi
 edits, repulsion, the entropy-preserving RL variants, and the diagnostics that need the base at
 inference: cross-model patching and layer restoration), plus each RL-alone cell applied to a
 fraction of each prompt's samples (row-level, by splicing). Every cell is judged against the base/RL
-mixture frontier of the selection half (`probe.frontier`), and each family's cells are chosen by
+mixture frontier of the selection half (`probe.metrics.frontier`), and each family's cells are chosen by
 `selection.TOLERANCE_RULE` and `selection.GOAL_RULE`. Stage 2, *test*, at `test_seeds` no
 selection used: base, RL (hence the mixture frontier), the chosen cells, the temperature matched
 to the best cell's fork entropy, the variants, and the patching and layer-restoration curves; every
@@ -20,6 +20,11 @@ the overall `excess` pick: the RL-alone cell that gives the most a mixture canno
 accuracy cost (C5 of `forksight run` reports it). The goals of issue #12 are computed in
 `metrics.json["goals"]`. Resumable: finished cells live in
 `sweep.json` (`experiments.study.cells`); vectors are derived once into `vectors/`.
+
+Engines (`--engine`, `experiments.study.engines`): with `vllm` every cell vLLM can apply is sampled
+there (one engine per checkpoint, the base's and the variants' cells first so that each starts once,
+all shut down at the end) and the rest on the HF engine, each cell recording which
+(`metrics.json["engines"]`); vectors are derived on the HF engine either way.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from tqdm.auto import tqdm
 from experiments.paths import ORGANISMS_DIR, RESULTS_DIR
 from experiments.study import candidates as C
 from experiments.study.cells import CellCache
+from experiments.study.engines import EnginePool, EngineSettings, vllm_config, vllm_refusal
 from experiments.study.protocol import Half, evaluate_cell, test_seeds
 from experiments.study.selection import (
     choose,
@@ -46,14 +52,14 @@ from experiments.study.selection import (
 )
 from experiments.study.steer_stage import STUDY_GATES, DeriveConfig, derive_vectors, split_method
 from experiments.study.sweep_report import brief, write_outputs
-from experiments.tasks import load_task
-from probe.breadth import warn_if_truncated
-from probe.checkpoint import load_causal_lm
+from probe.metrics.breadth import warn_if_truncated
+from probe.models.checkpoint import load_causal_lm
+from probe.tasks import load_task
 from steering import SteeringVector
 
 
 @dataclass
-class SweepConfig:
+class SweepConfig(EngineSettings):
     """Steering sweep under the selection / test protocol, against the mixture frontier."""
 
     base: str = str(ORGANISMS_DIR / "base")
@@ -65,7 +71,7 @@ class SweepConfig:
     out: str = str(RESULTS_DIR / "steer-sweep")
     """Output directory (metrics.json, sweep.csv, sweep.json, plots, vectors/)."""
     task: str = "countdown"
-    """Task (`experiments.tasks.load_task`)."""
+    """Task (`probe.tasks.load_task`)."""
     methods: tuple[str, ...] = ("dom-position",)
     """Vector methods (steer_stage.METHODS), each optionally ":pruned"."""
     layers: tuple[str, ...] = ("0+1+2+3",)
@@ -124,6 +130,7 @@ class SweepConfig:
     """Model precision: float32 (bit-for-bit reproducible) or bfloat16 (about 2x faster on CPUs with avx512_bf16 and GPUs; entropies and log-probs stay float32 computations)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for m in self.methods:
             split_method(m)
         self.layers = tuple(str(x) for x in self.layers)
@@ -180,23 +187,58 @@ class Sweep:
         self._models: dict[str, Any] = {}
         self.halves = {h: Half.of(self.task, h, cfg.problems) for h in ("selection", "test")}
         self.seeds = {"selection": [cfg.seed], "test": test_seeds(cfg.seed, cfg.test_seeds)}
+        self.pool = EnginePool(vllm_config(cfg, cfg.dtype, cfg.seed)) if cfg.engine == "vllm" else None
+
+    def checkpoint(self, which: str) -> str:
+        """The checkpoint spec of a candidate's model ("rl", "base" or a variant's directory)."""
+        return {"rl": self.cfg.rl, "base": self.cfg.base}.get(which, which)
 
     def model(self, which: str):
         if which == "rl":
             return self.rl
-        key = self.cfg.base if which == "base" else which
+        key = self.checkpoint(which)
         if key not in self._models:
             self._models[key] = load_causal_lm(key, device=self.cfg.device, dtype=self.cfg.dtype)[0]
         return self._models[key]
 
     def cell(self, cand: C.Candidate, half: str, seed: int) -> dict:
+        return self.cache.get(f"{half}|s{seed}|{cand.key}", lambda: self.evaluate(cand, half, seed),
+                              half=half, seed=seed, family=cand.family, spec=cand.spec, rl_alone=cand.rl_alone,
+                              params=cand.params)
+
+    def evaluate(self, cand: C.Candidate, half: str, seed: int) -> dict:
+        """One cell on the configured engine; on the HF engine, saying why, where vLLM cannot apply it."""
         c = self.cfg
-        return self.cache.get(
-            f"{half}|s{seed}|{cand.key}",
-            lambda: evaluate_cell(self.model(cand.model), self.tok, self.task, self.halves[half], n=c.n, seed=seed,
-                                  temperature=cand.temperature, batch_size=c.batch_size,
-                                  intervention=cand.make() if cand.make else None),
-            half=half, seed=seed, family=cand.family, spec=cand.spec, rl_alone=cand.rl_alone, params=cand.params)
+        intervention = cand.make() if cand.make else None
+        refusal = vllm_refusal(intervention) if self.pool is not None else None
+        engine = self.pool.get(self.checkpoint(cand.model)) if self.pool is not None and refusal is None else None
+        model = None if engine is not None else self.model(cand.model)
+        row = evaluate_cell(model, self.tok, self.task, self.halves[half], n=c.n, seed=seed,
+                            temperature=cand.temperature, batch_size=c.batch_size, intervention=intervention,
+                            engine=engine)
+        if refusal is not None:
+            row["engine_note"] = f"sampled on the HF engine: {refusal}"
+        return row
+
+    def engine_record(self) -> dict:
+        """`metrics.json["engines"]`: the engine asked for, cells per engine that sampled them, the families
+        sampled on the HF engine instead with vLLM's reason, and the vLLM engines started."""
+        rows = self.cache.rows.values()
+        cells: dict[str, int] = {}
+        for r in rows:
+            cells[r.get("engine", "hf")] = cells.get(r.get("engine", "hf"), 0) + 1
+        instead = {}
+        for r in rows:
+            if r.get("engine_note"):
+                instead.setdefault(r["family"], r["engine_note"])
+        return {"engine": self.cfg.engine, "cells": cells, "on_hf_instead": instead,
+                "vllm_starts": self.pool.starts if self.pool is not None else [],
+                "derive": "hf (vectors are derived from teacher-forced residuals and entropies)"}
+
+    def close(self) -> None:
+        """Shut down the vLLM engine, if one runs."""
+        if self.pool is not None:
+            self.pool.close()
 
 
 REFERENCE = {"base": C.Candidate("reference", {"model": "base"}, model="base"),
@@ -213,6 +255,18 @@ def candidates(sw: Sweep) -> list[C.Candidate]:
     cands += C.patching_cells(cfg.patch_layers, cfg.alphas, sw.rl, sw.model("base"), thr)
     cands += C.restore_cells(cfg.restore_layers, sw.rl, sw.model("base"))
     return cands
+
+
+def prefetch(sw: Sweep, cands: list[C.Candidate]) -> None:
+    """On vLLM: the base's and each variant's cells of both halves first, so that the RL model's engine,
+    started next, serves every remaining cell (the pool runs one engine at a time). A no-op on the HF
+    engine (cells are cached by id, so the order changes no number)."""
+    if sw.pool is None:
+        return
+    for cand in [REFERENCE["base"], *(c for c in cands if c.family == "variant")]:
+        for half in ("selection", "test"):
+            for s in sw.seeds[half]:
+                sw.cell(cand, half, s)
 
 
 def select(sw: Sweep, cands: list[C.Candidate]) -> dict[str, Any]:
@@ -279,7 +333,7 @@ def test(sw: Sweep, sel: dict[str, Any], cands: list[C.Candidate]) -> dict[str, 
 
 def mixture_at(base: list[dict], rl: list[dict], fraction: float) -> dict:
     """The base/RL mixture at the same fraction as a row-level cell (base samples where it steers)."""
-    from probe.frontier import m_of_q, mixture_curve
+    from probe.metrics.frontier import m_of_q, mixture_curve
 
     b, clusters = outcomes_of(base)
     r, _ = outcomes_of(rl)
@@ -313,9 +367,13 @@ def save_best(sw: Sweep, pick: dict | None) -> str | None:
 def run_sweep(cfg: SweepConfig) -> dict:
     t0 = time.time()
     sw = Sweep(cfg)
-    cands = candidates(sw)
-    sel = select(sw, cands)
-    tst = test(sw, sel, cands)
+    try:
+        cands = candidates(sw)
+        prefetch(sw, cands)
+        sel = select(sw, cands)
+        tst = test(sw, sel, cands)
+    finally:
+        sw.close()
     return write_outputs(sw, sel, tst, time.time() - t0, save_best(sw, sel["best"]))
 
 

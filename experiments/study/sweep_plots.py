@@ -1,17 +1,17 @@
 """Figures of `forksight steer sweep`: cells against the mixture frontier, the restoration curves, pass@k.
 
 Reads the sweep's judged rows and metrics dicts; writes PNGs atomically
-(`probe.plots.save_figure_atomic`). Not the place for any selection logic.
+(`probe.figures.save_figure_atomic`). Not the place for any selection logic.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from probe.evaluate import plot_pass_at_k
-from probe.frontier import mixture_curve
-from probe.frontier_plots import plot_frontier
-from probe.plots import new_figure, save_figure_atomic
+from probe.figures import new_figure, save_figure_atomic
+from probe.metrics.evaluate import plot_pass_at_k
+from probe.metrics.frontier import mixture_curve
+from probe.metrics.frontier_plots import plot_frontier
 
 COLORS = {"temperature": "tab:orange", "vector": "tab:blue", "learned": "tab:green", "sae_edit": "tab:brown",
           "repulsion": "tab:pink", "variant": "tab:purple", "patching": "tab:gray", "layer_restore": "tab:olive"}

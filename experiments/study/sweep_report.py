@@ -5,7 +5,8 @@ the test half, pooled over the test seeds), `base` / `rl` (test summaries), `pic
 and rule: the cell chosen on the selection half and its test measurement), `best` and `best_goal`
 (test), `temperature_baseline` (matched to the best cell's fork entropy), `variants`,
 `patching_curve` and `layer_restore_curve` (test), `goals` (issue #12's bars, computed),
-`n_cells`, `n_cells_reused`, `seconds`, `config`. Every test measurement holds restoration_distinct,
+`n_cells`, `n_cells_reused`, `engines` (which engine sampled the cells, `Sweep.engine_record`),
+`seconds`, `config`. Every test measurement holds restoration_distinct,
 restoration_pass_at_64, pass_at_1_change and frontier_excess, each with a `*_ci` interval.
 """
 
@@ -16,10 +17,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from experiments.checkpointing import write_json_atomic
+from experiments.run_state import write_json_atomic
 from experiments.study.selection import GOAL_RULE, TOLERANCE_RULE, outcomes_of, parse_layers
 from probe.environment import environment
-from probe.frontier import mixture_curve, summary
+from probe.metrics.frontier import mixture_curve, summary
+from probe.stats import format_interval
 
 COLUMNS = ("id", "half", "family", "spec", "fraction", "params", "n_problems", "n_samples", "pass_at_1",
            "pass_at_1_change", "pass_at_64", "distinct_correct_mean", "fork_entropy_mean", "restoration_distinct",
@@ -101,7 +103,8 @@ def write_outputs(sw: Any, sel: dict, tst: dict, seconds: float, best_file: str 
                                "goal": GOAL_RULE.format(tol=cfg.goal_tolerance),
                                "best": "the overall 'excess' pick over every RL-alone family but temperature"},
                      "row_level": "a fraction f of each prompt's samples steered (indices < round(f n)); formed by "
-                                  "splicing the fully steered cell with RL by sample index (exact)"},
+                                  "splicing the fully steered cell with RL by sample index (exact on the HF engine; "
+                                  "on vLLM an independent draw of the same mixture)"},
         "frontier": [{k: c[k] for k in ("q", "m", "pass_at_1", "pass_at_64", "distinct_correct_mean",
                                         "restoration_distinct", "restoration_pass_at_64")} for c in curve],
         "base": summary(b, clusters), "rl": summary(r, clusters),
@@ -115,7 +118,8 @@ def write_outputs(sw: Any, sel: dict, tst: dict, seconds: float, best_file: str 
         "layer_restore_curve": tst["restore_curve"],
         "goals": goals(tst, cfg.tolerance, cfg.goal_tolerance),
         "selection": {k: brief(sel[k]) for k in ("best", "best_restoration", "best_goal", "temperature")},
-        "n_cells": len(sw.cache.rows), "n_cells_reused": sw.cache.reused, "seconds": seconds,
+        "n_cells": len(sw.cache.rows), "n_cells_reused": sw.cache.reused, "engines": sw.engine_record(),
+        "seconds": seconds,
         "tables": ["sweep.csv", "sweep.json"],
         "plots": ["pareto.png", "pareto_selection.png", "patching_curve.png", "pass_at_k.png"],
         "config": asdict(cfg), "environment": environment(),
@@ -135,10 +139,8 @@ def findings_table(metrics: dict) -> list[str]:
     """Markdown rows (header included) of a finished sweep's test-half headline: `best`, the learned
     restoration pick, each other family's restoration pick, the matched temperature and the variants;
     columns fraction steered, restoration of distinct-correct, pass@1 change and frontier excess, each
-    with its 95% interval. The README's findings table is this function's output on the shipped sweep."""
-    def ci(c: list) -> str:
-        return f"[{c[0]:+.3f}, {c[1]:+.3f}]"
-
+    with its 95% interval (signed, `probe.stats.format_interval`). The README's findings table is this
+    function's output on the shipped sweep."""
     def spec(s: dict) -> str:
         return " ".join(f"{k}={'+'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in s.items())
 
@@ -154,7 +156,7 @@ def findings_table(metrics: dict) -> list[str]:
         if not r or r.get("restoration_distinct") is None:
             continue
         out.append(f"| {label} | {r['family']}: {spec(r['spec'])} | {r['fraction']:g} | "
-                   f"{r['restoration_distinct']:.3f} {ci(r['restoration_distinct_ci'])} | "
-                   f"{r['pass_at_1_change']:+.3f} {ci(r['pass_at_1_change_ci'])} | "
-                   f"{r['frontier_excess']:+.3f} {ci(r['frontier_excess_ci'])} |")
+                   f"{r['restoration_distinct']:.3f} {format_interval(r['restoration_distinct_ci'], signed=True)} | "
+                   f"{r['pass_at_1_change']:+.3f} {format_interval(r['pass_at_1_change_ci'], signed=True)} | "
+                   f"{r['frontier_excess']:+.3f} {format_interval(r['frontier_excess_ci'], signed=True)} |")
     return out

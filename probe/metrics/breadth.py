@@ -1,0 +1,132 @@
+"""Breadth compared across models: the paired distinct-correct subset, coverage, and the token budget.
+
+What it is: arithmetic on the metrics dicts of `probe.metrics.evaluate.diversity_metrics` (evaluated with
+`per_problem=True`), one per model, every model on the same problems with the same n. No sampling.
+`compare_breadth` gives the numbers a comparison of breadth may quote; `check_truncation` says
+which models the token budget cut off.
+
+What it is not: a metric of its own. Distinct-correct per problem, the subsets and pass@k come from
+`probe.metrics.passk`; this module only pairs them.
+
+Why both (issue #23): on a task that cannot count its solutions (a math file) each model's
+`distinct_correct_mean` is over the problems *it* solved, so two models' means are over different
+problems: a model that solves more problems, most of them once, can look broader than one whose
+entropy is far higher. A comparison therefore averages every model over the problems eligible for
+all of them (`probe.metrics.passk.paired_eligible`: the task's n_solutions >= 3 rule where it has one,
+the same for every model, else the problems every compared model solved at least once), and
+reports beside it distinct-correct over every problem (an unsolved one counting 0) and coverage
+at k (the share of problems some of k samples solves: the unbiased pass@k, `pass_at_k` as is).
+And a model that runs out of tokens is not searching: when more than `TRUNCATION_LIMIT` of a
+model's samples end at the budget without eos, its breadth numbers measure verbosity.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from probe.metrics.passk import paired_eligible, subset_label
+
+TRUNCATION_LIMIT = 0.10
+"""Largest share of a model's samples that may end at the token budget before breadth is flagged."""
+COVERAGE_NOTE = ("coverage at k (problems solved by at least one of k samples, expected over k-subsets of the n) "
+                 "is the unbiased pass@k")
+UNRECORDED = "eligible for every model (rule not recorded: older per_problem records lack distinct_rule)"
+
+
+class TruncationWarning(UserWarning):
+    """More than `TRUNCATION_LIMIT` of some model's samples ended at the token budget."""
+
+
+def _per_problem(name: str, m: Mapping[str, Any]) -> Mapping[str, list]:
+    if "per_problem" not in m:
+        raise KeyError(f"metrics of {name!r} lack 'per_problem'; evaluate with diversity_metrics(..., per_problem=True)")
+    return m["per_problem"]
+
+
+def compare_breadth(models: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Breadth of several models on the same problems, averaged over the same problems.
+
+    models: name -> metrics dict with `per_problem` (lists of P entries: `n_correct`,
+    `distinct_correct`, `distinct_eligible`, optionally `distinct_rule`); counts may be means over
+    seeds. Returns JSON-ready:
+    - `distinct_correct_mean` {name: mean over the paired subset, None if it is empty}: the number
+      to compare; `distinct_correct_subset` (words) and `distinct_correct_n_problems` say which.
+    - `distinct_correct_all_mean` {name: mean over all P problems, unsolved = 0}.
+    - `distinct_correct_own_mean` / `distinct_correct_own_n_problems` {name: each model's mean over
+      its own subset, and its size}: what a single-model metrics.json reports, for contrast.
+    - `solved` {name: problems with a correct sample}, `coverage_at_k` {name: {k: pass@k}}
+      (`COVERAGE_NOTE`), `truncated_share` {name: share or None when not recorded}, `n_problems`.
+    Raises if the models were evaluated on different numbers of problems or samples.
+    """
+    if not models:
+        raise ValueError("no models to compare; pass {name: metrics dict with per_problem}")
+    pp = {k: _per_problem(k, m) for k, m in models.items()}
+    sizes = {k: len(v["n_correct"]) for k, v in pp.items()}
+    ns = {k: m.get("n_samples") for k, m in models.items()}
+    if len(set(sizes.values())) != 1 or len(set(ns.values())) != 1:
+        raise ValueError(f"models were evaluated on different problems or sample counts (problems {sizes}, n {ns}); "
+                         "evaluate every model on the same prompts with the same n")
+    own = torch.tensor([v["distinct_eligible"] for v in pp.values()], dtype=torch.bool)  # (models, P)
+    paired = paired_eligible(own)  # (P,)
+    rules = [v.get("distinct_rule") for v in pp.values()]
+    if any(r is None for r in rules):
+        label = UNRECORDED
+    elif any(r != rules[0] for r in rules):
+        raise ValueError("models disagree on which problems the task can count solutions for (distinct_rule); "
+                         "were they evaluated on the same task and prompts?")
+    else:
+        label = subset_label(rules[0], paired=True)
+    dist = {k: torch.tensor(v["distinct_correct"], dtype=torch.float64) for k, v in pp.items()}  # (P,) each
+
+    def mean(x: torch.Tensor, where: torch.Tensor) -> float | None:
+        return x[where].mean().item() if where.any() else None
+
+    names = list(models)
+    return {
+        "models": names,
+        "n_problems": next(iter(sizes.values())),
+        "distinct_correct_subset": label,
+        "distinct_correct_n_problems": int(paired.sum()),
+        "distinct_correct_mean": {k: mean(dist[k], paired) for k in names},
+        "distinct_correct_all_mean": {k: dist[k].mean().item() for k in names},
+        "distinct_correct_own_mean": {k: mean(dist[k], own[i]) for i, k in enumerate(names)},
+        "distinct_correct_own_n_problems": {k: int(own[i].sum()) for i, k in enumerate(names)},
+        "solved": {k: sum(c > 0 for c in pp[k]["n_correct"]) for k in names},
+        "coverage_at_k": {k: dict(models[k].get("pass_at_k") or {}) for k in names},
+        "coverage_note": COVERAGE_NOTE,
+        "truncated_share": {k: models[k].get("truncated_share") for k in names},
+    }
+
+
+def check_truncation(shares: Mapping[str, float | None], limit: float = TRUNCATION_LIMIT) -> dict[str, Any]:
+    """Which models ended more than `limit` of their samples at the token budget.
+
+    shares: name -> `truncated_share` (None: not recorded, e.g. results written before it existed).
+    Returns {"limit", "truncated_share", "over_limit": [names], "unknown": [names], "message": a
+    sentence naming the models, their shares and the fix, or None when none is over the limit}.
+    """
+    if not 0 <= limit < 1:
+        raise ValueError(f"limit={limit} must be in [0, 1); {TRUNCATION_LIMIT} is the default")
+    bad = {k: v for k, v in shares.items() if v is not None and v > limit}
+    message = None
+    if bad:
+        who = ", ".join(f"{k} {v:.1%}" for k, v in bad.items())
+        message = (f"samples that ended at the token budget (max_new_tokens) without eos: {who}, more than "
+                   f"{limit:.0%}; their breadth numbers (pass@k, distinct-correct) then measure verbosity, not search. "
+                   "Fix: raise the budget (e.g. --task 'math:FILE,max_new_tokens=N') until at least "
+                   f"{1 - limit:.0%} of every model's samples finish at eos, or state why it cannot")
+    return {"limit": limit, "truncated_share": dict(shares), "over_limit": list(bad),
+            "unknown": [k for k, v in shares.items() if v is None], "message": message}
+
+
+def warn_if_truncated(shares: Mapping[str, float | None], where: str, limit: float = TRUNCATION_LIMIT) -> dict[str, Any]:
+    """`check_truncation(shares, limit)`, issuing a `TruncationWarning` (prefixed by `where`, e.g.
+    "forksight run") when some model is over the limit; returns the check."""
+    check = check_truncation(shares, limit)
+    if check["message"]:
+        warnings.warn(f"{where}: {check['message']}", TruncationWarning, stacklevel=2)
+    return check

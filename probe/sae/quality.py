@@ -1,0 +1,139 @@
+"""How good an SAE is: reconstruction statistics and the next-token loss with it spliced in.
+
+What it is:
+- `replace_activation` / `splice`: a context manager that replaces the activation at a hook site
+  with `fn(activation)` (e.g. the SAE reconstruction) through a torch hook on the Hugging Face
+  module (`probe.models.hooks` resolves the site), removed in `finally`. It acts on `HookedModel.hf`, the
+  model `hf_logits` and every loss here run, whichever backend the `HookedModel` uses.
+- `reconstruction_stats`: L0, fraction of variance unexplained (FVU), dead fraction.
+- `sae_quality`: both, on the real tokens of given trajectories, plus the answer-token loss clean,
+  with the SAE spliced in, and mean-ablated.
+
+What it is not: training or loading SAEs (`probe.sae.dictionary`), feature analysis (`probe.sae.features`).
+Choices where the literature varies:
+- FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over all tokens pooled (one mean vector), the
+  sae-lens / Gao et al. 2024 definition; L0 = mean number of features > 0 per token.
+- Dead = never active on the evaluation tokens (not sae-lens's "not fired in the last N steps").
+- The loss is the mean next-token NLL over answer tokens; "recovered" is
+  (L_ablated - L_sae) / (L_ablated - L_clean) with mean ablation (the activation replaced by its
+  mean over the evaluation tokens), not zero ablation, which wrecks a residual stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import torch
+from jaxtyping import Bool, Float, Int
+from sae_lens import SAE
+from torch import Tensor
+
+from probe.entropy import entropy_and_logprob
+from probe.models.hooks import HookSiteError, resolve_hook
+from probe.models.pair import HookedModel
+from probe.sae.dictionary import check_sae, collect_activations
+
+
+@contextmanager
+def replace_activation(model: HookedModel, hook_name: str, fn: Callable[[Tensor], Tensor]):
+    """Within the block, the activation `hook_name` of `model.hf` is replaced by `fn(activation)`."""
+    hook = resolve_hook(hook_name, model)
+    if hook.post is not None:
+        raise HookSiteError(f"cannot splice at {hook_name!r}: its value is post-processed ({hook.post}) from "
+                            "the HF module. Fix: use a blocks.{L}.hook_* site.")
+    module = model.hf.get_submodule(hook.module_path)
+    if hook.port == "output":
+        def on_output(_mod, _args, out):
+            if isinstance(out, tuple):
+                return (fn(out[0]).to(out[0].dtype), *out[1:])
+            return fn(out).to(out.dtype)
+        handle = module.register_forward_hook(on_output)
+    else:
+        def on_input(_mod, args, kwargs):
+            if args:
+                return (fn(args[0]).to(args[0].dtype), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"]).to(kwargs["hidden_states"].dtype)}
+        handle = module.register_forward_pre_hook(on_input, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def splice(model: HookedModel, sae: SAE, hook_name: str | None = None):
+    """Within the block, `model.hf` runs with the SAE reconstruction in place of its activation."""
+    name = check_sae(sae, model, hook_name).name
+    with replace_activation(model, name, lambda x: sae(x.to(sae.dtype))):
+        yield
+
+
+def hf_logits(model: HookedModel, tokens: Int[Tensor, "rows pos"],
+              attention_mask: Bool[Tensor, "rows pos"]) -> Float[Tensor, "rows pos vocab"]:
+    """Logits of `model.hf` (where `replace_activation` hooks act), padding-safe position ids."""
+    model.check_context(tokens.shape[1])
+    attn = attention_mask.long().to(model.device)
+    pos = (attn.cumsum(-1) - 1).clamp_min(0)
+    return model.hf(input_ids=tokens.to(model.device), attention_mask=attn, position_ids=pos).logits.float()
+
+
+def answer_nll(model: HookedModel, tokens: Int[Tensor, "rows pos"], attention_mask: Bool[Tensor, "rows pos"],
+               answer_mask: Bool[Tensor, "rows pos"], batch_size: int = 64) -> float:
+    """Mean next-token NLL (nats) of `model.hf` over the answer tokens (hooks in place apply)."""
+    total, count = 0.0, int(answer_mask.sum())
+    with torch.inference_mode():
+        for r0 in range(0, tokens.shape[0], batch_size):
+            sl = slice(r0, r0 + batch_size)
+            _, lp = entropy_and_logprob(hf_logits(model, tokens[sl], attention_mask[sl]), tokens[sl].to(model.device))
+            total -= lp[answer_mask[sl].to(lp.device)].double().sum().item()
+    return total / max(count, 1)
+
+
+def reconstruction_stats(sae: SAE, x: Float[Tensor, "n d_in"], batch_size: int = 4096) -> tuple[dict, Tensor]:
+    """({l0, fvu, dead_fraction, n_dead, n_tokens}, per-feature firing frequency [d_sae]) on `x`."""
+    if x.shape[0] < 2:
+        raise ValueError(f"{x.shape[0]} activation(s): FVU needs at least 2")
+    fires, sq_err, l0 = torch.zeros(sae.cfg.d_sae), 0.0, 0.0
+    with torch.inference_mode():
+        for i in range(0, x.shape[0], batch_size):
+            xb = x[i : i + batch_size].to(sae.device, sae.dtype)
+            f = sae.encode(xb)
+            sq_err += ((xb - sae.decode(f)) ** 2).sum().double().item()
+            active = (f > 0).float()
+            fires += active.sum(0).cpu()
+            l0 += active.sum().item()
+    var = ((x.double() - x.double().mean(0)) ** 2).sum().item()
+    freq = fires / x.shape[0]
+    n_dead = int((fires == 0).sum())
+    return {"l0": l0 / x.shape[0], "fvu": sq_err / var, "dead_fraction": n_dead / sae.cfg.d_sae,
+            "n_dead": n_dead, "n_tokens": int(x.shape[0])}, freq
+
+
+def sae_quality(
+    sae: SAE,
+    model: HookedModel,
+    tokens: Int[Tensor, "rows pos"],
+    attention_mask: Bool[Tensor, "rows pos"],
+    answer_mask: Bool[Tensor, "rows pos"],
+    hook_name: str | None = None,
+    batch_size: int = 64,
+) -> tuple[dict, Tensor]:
+    """L0 / FVU / dead fraction on every real token, and the answer-token loss clean, with the SAE
+    spliced in, and mean-ablated; returns (metrics, per-feature firing frequency)."""
+    name = check_sae(sae, model, hook_name).name
+    attn = attention_mask.bool()
+    x = collect_activations(model, tokens, attn, attn, name, batch_size)
+    rec, freq = reconstruction_stats(sae, x)
+    args = (model, tokens, attn, answer_mask.bool(), batch_size)
+    clean = answer_nll(*args)
+    with splice(model, sae, name):
+        spliced = answer_nll(*args)
+    mean = x.mean(0).to(model.device)
+    with replace_activation(model, name, lambda a: mean.to(a.dtype).expand_as(a)):
+        ablated = answer_nll(*args)
+    gap = ablated - clean
+    return {"hook_name": name, **rec, "ce_loss_clean": clean, "ce_loss_spliced": spliced,
+            "ce_loss_increase": spliced - clean, "ce_loss_mean_ablated": ablated,
+            "ce_loss_recovered": (ablated - spliced) / gap if gap > 0 else None,
+            "n_answer_tokens": int(answer_mask.sum())}, freq

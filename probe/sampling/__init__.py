@@ -1,0 +1,1 @@
+"""Sampling branches: the batched sampler with interventions, its data types, seeded randomness."""
