@@ -16,7 +16,8 @@ changes them, `experiments.*` holds the CLI, the studies and the organisms' trai
 Groups (each name is the library object itself, not a wrapper):
 - models: `load_model`, `load_pair`, `Pair`, `HookedModel`
 - tasks: `load_task`, `Task`, `Countdown`, `MathTask`, `WordProblems`
-- sampling: `SamplerConfig`, `sample` (= `sample_branches`), `Branches`
+- sampling: `SamplerConfig`, `sample` (= `sample_branches`), `Branches`; on vLLM `VLLMEngine`, `VLLMConfig`
+  (vllm itself is imported when an engine starts: `make vllm`)
 - probes: `pair_stats`, `fork_mask`, `fit_entropy_law`, `ForkDetector`
 - metrics: `evaluate`, `score_branches`, `pass_at_k`, `pass_at_k_curve`, `distinct_correct`, `distinct_rule`,
   `compare_breadth`, `Outcomes`, `mixture_curve`, `compare_to_frontier`
@@ -64,6 +65,7 @@ from probe.sae.features import feature_records, fork_feature_diff  # noqa: E402
 from probe.sampling.sampler import SamplerConfig  # noqa: E402
 from probe.sampling.sampler import sample_branches as sample  # noqa: E402
 from probe.sampling.types import Branches  # noqa: E402
+from probe.sampling.vllm_engine import VLLMConfig, VLLMEngine  # noqa: E402
 from probe.tasks import load_task  # noqa: E402
 from probe.tasks.countdown import Countdown  # noqa: E402
 from probe.tasks.math_task import MathTask  # noqa: E402
@@ -85,8 +87,9 @@ def __getattr__(name: str):
 
 __all__ = [
     "Branches", "Countdown", "ForkDetector", "HookedModel", "LearnedEdit", "MathTask", "Outcomes", "Pair",
-    "RunConfig", "SamplerConfig", "SteeringVector", "Task", "WordProblems", "compare_breadth", "compare_to_frontier",
-    "distinct_correct", "distinct_rule", "evaluate", "feature_records", "fit_entropy_law", "fork_feature_diff", "fork_mask",
-    "load_intervention", "load_model", "load_pair", "load_sae", "load_task", "mixture_curve", "pair_stats",
-    "pass_at_k", "pass_at_k_curve", "run_study", "sae_fork_diff", "sample", "save_selected", "score_branches",
+    "RunConfig", "SamplerConfig", "SteeringVector", "Task", "VLLMConfig", "VLLMEngine", "WordProblems",
+    "compare_breadth", "compare_to_frontier", "distinct_correct", "distinct_rule", "evaluate",
+    "feature_records", "fit_entropy_law", "fork_feature_diff", "fork_mask", "load_intervention", "load_model",
+    "load_pair", "load_sae", "load_task", "mixture_curve", "pair_stats", "pass_at_k", "pass_at_k_curve",
+    "run_study", "sae_fork_diff", "sample", "save_selected", "score_branches",
 ]
