@@ -50,7 +50,7 @@ real-base: $(STAMP)
 # Hours on a 2-core CPU; resumable: run it again after an interruption and each run continues.
 REAL := experiments/real/smollm2
 REAL_TASK := math:$(REAL)/heldout.jsonl,train=$(REAL)/train.jsonl,chat,max_new_tokens=256
-REAL_STEPS ?= 100
+REAL_STEPS ?= 50
 real-pair: real-base
 	for regime in none clip-cov; do \
 	  OMP_NUM_THREADS=2 $(VENV)/bin/forksight organism rl --base $(REAL)/base/SmolLM2-135M-Instruct.Q4_1.gguf \

@@ -256,6 +256,7 @@ def compute_diff(cfg: SAEDiffConfig, pair: Pair, sae) -> DiffResult:
     """`probe.sae.diff.sae_fork_diff` on the first `cfg.n_problems` of the selection half of the
     held-out split (the features are chosen here: never the test half)."""
     task = load_task(cfg.task)
+    task.check_tokenizer(pair.base.tokenizer)  # a chat task wraps its prompts with the tokenizer's template
     prompts = Half.of(task, "selection", cfg.n_problems).prompts
     return sae_fork_diff(pair, sae, prompts, task, cfg.samples, cfg.seed, cfg.rho, cfg.min_freq, cfg.batch_size,
                          cfg.sample_from)
