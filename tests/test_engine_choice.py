@@ -124,6 +124,17 @@ def test_run_hands_the_engine_to_the_sweep_only_and_old_runs_still_resume(fake_v
     assert stored_config(cfg, tmp_path)["engine"] == "vllm"
 
 
+def test_replicate_hands_the_engine_to_every_pairs_sweep(fake_vllm, tmp_path):
+    from experiments.study.replicate import Pair, ReplicateConfig, pair_stage_configs
+
+    cfg = ReplicateConfig(out=str(tmp_path / "rep"), quick=True, engine="vllm", vllm_data_parallel_size=2,
+                          vllm_in_process=False)
+    pair = Pair.parse(f"p=experiments/organisms/countdown/base,{RL}")
+    rc, sc = pair_stage_configs(pair, cfg)
+    assert (rc.engine, sc["sweep"].engine, sc["sweep"].vllm_data_parallel_size) == ("vllm", "vllm", 2)
+    assert pair_stage_configs(pair, ReplicateConfig(out=str(tmp_path / "r2"), quick=True))[1]["sweep"].engine == "hf"
+
+
 def test_eval_with_vllm_records_the_engine_and_no_entropy(fake_vllm, tmp_path):
     out = tmp_path / "eval"
     assert cli.main(["eval", "--engine", "vllm", "--model", RL, "--n", "4", "--problems", "4", "--out", str(out)]) == 0

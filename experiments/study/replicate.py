@@ -32,6 +32,7 @@ from typing import Any
 
 from experiments.paths import EXPERIMENTS_DIR, ORGANISMS_DIR, REPLICATE_DIR
 from experiments.run_state import portable, write_json_atomic
+from experiments.study.engines import EngineSettings, engine_fields
 from experiments.study.replicate_report import plot_depth, write_replicate_report
 from probe.environment import environment
 from probe.stats import mean_ci
@@ -146,7 +147,7 @@ def default_pairs() -> list[Pair]:
 
 
 @dataclass
-class ReplicateConfig:
+class ReplicateConfig(EngineSettings):
     """The claims of `forksight run` over several base / RL pairs, pooled over training seeds."""
 
     out: str = str(REPLICATE_DIR)
@@ -171,6 +172,7 @@ class ReplicateConfig:
     """"auto" = cuda if available, else cpu."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # the engine settings (`--engine`, vLLM's)
         self.out = str(Path(self.out))
         self.pairs = tuple(str(p) for p in self.pairs)
         for p in self.pairs:
@@ -200,7 +202,7 @@ def pair_stage_configs(pair: Pair, cfg: ReplicateConfig) -> tuple[Any, dict]:
     from experiments.study.run import RunConfig, stage_configs
 
     rc = RunConfig(out=str(Path(cfg.out) / "pairs" / pair.name), base=pair.base, rl=pair.rl, variants=pair.variants,
-                   quick=cfg.quick, seed=cfg.seed, device=cfg.device)
+                   quick=cfg.quick, seed=cfg.seed, device=cfg.device, **engine_fields(cfg))
     sc = stage_configs(rc)
     d = pair.depth
     blocks = tuple(range(d))
@@ -344,7 +346,7 @@ def run_replicate(cfg: ReplicateConfig) -> dict:
     pairs = cfg.pair_list()
     for p in pairs:  # every pair loadable and compatible before any work
         preflight(RunConfig(out=str(out / "pairs" / p.name), base=p.base, rl=p.rl, variants=p.variants,
-                            quick=cfg.quick, seed=cfg.seed, device=cfg.device))
+                            quick=cfg.quick, seed=cfg.seed, device=cfg.device, **engine_fields(cfg)))
     done = [run_pair(p, cfg) for p in pairs]
     pooled = pool(done)
     _, choice = best_variant()
