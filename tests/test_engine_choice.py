@@ -125,11 +125,11 @@ def test_run_hands_the_engine_to_the_sweep_only_and_old_runs_still_resume(fake_v
 
 
 def test_replicate_hands_the_engine_to_every_pairs_sweep(fake_vllm, tmp_path):
-    from experiments.study.replicate import Pair, ReplicateConfig, pair_stage_configs
+    from experiments.study.replicate import PairSpec, ReplicateConfig, pair_stage_configs
 
     cfg = ReplicateConfig(out=str(tmp_path / "rep"), quick=True, engine="vllm", vllm_data_parallel_size=2,
                           vllm_in_process=False)
-    pair = Pair.parse(f"p=experiments/organisms/countdown/base,{RL}")
+    pair = PairSpec.parse(f"p=experiments/organisms/countdown/base,{RL}")
     rc, sc = pair_stage_configs(pair, cfg)
     assert (rc.engine, sc["sweep"].engine, sc["sweep"].vllm_data_parallel_size) == ("vllm", "vllm", 2)
     assert pair_stage_configs(pair, ReplicateConfig(out=str(tmp_path / "r2"), quick=True))[1]["sweep"].engine == "hf"

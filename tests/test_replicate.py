@@ -25,10 +25,10 @@ def _pair(name, group, seed, claims):
 
 
 def test_pair_spec_parses_and_bad_specs_say_how_to_write_them():
-    p = R.Pair.parse("d4-s1=/m/base,/m/rl,/m/v1,/m/v2")
+    p = R.PairSpec.parse("d4-s1=/m/base,/m/rl,/m/v1,/m/v2")
     assert (p.name, p.base, p.rl, p.variants) == ("d4-s1", "/m/base", "/m/rl", ("/m/v1", "/m/v2"))
     with pytest.raises(ValueError, match="NAME=BASE,RL"):
-        R.Pair.parse("no-dirs=/m/base")
+        R.PairSpec.parse("no-dirs=/m/base")
     with pytest.raises(ValueError, match="NAME=BASE,RL"):
         R.ReplicateConfig(pairs=("=/a,/b",))
 

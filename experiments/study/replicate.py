@@ -69,7 +69,7 @@ POOLED_RULE = ("the claim's effect averaged over the group's training seeds, 95%
 
 
 @dataclass
-class Pair:
+class PairSpec:
     """One base / RL pair (with its variants) of the replication."""
 
     name: str
@@ -78,7 +78,7 @@ class Pair:
     variants: tuple[str, ...] = ()
 
     @classmethod
-    def parse(cls, spec: str) -> Pair:
+    def parse(cls, spec: str) -> PairSpec:
         """"NAME=BASE,RL[,VARIANT...]" (directories, absolute or relative to the repository root)."""
         name, _, dirs = spec.partition("=")
         parts = [p.strip() for p in dirs.split(",") if p.strip()]
@@ -130,19 +130,19 @@ def best_variant() -> tuple[str | None, dict]:
     return choose_best_variant(json.loads((ORGANISMS_DIR / "rl-none" / "metrics.json").read_text()), have)
 
 
-def default_pairs() -> list[Pair]:
+def default_pairs() -> list[PairSpec]:
     """The shipped replication set: depth 4 at training seeds 0-2 (vanilla GRPO with the best
     preserving regime of the same seed; seed 0 also carries every other regime), and base + vanilla GRPO at each of `DEPTHS`."""
     best, _ = best_variant()
     R = REPLICATE_ORGANISMS
     seed0 = [str(_organism(best))] if best else []
     seed0 += [str(_organism(v)) for v in CANDIDATE_VARIANTS if v != best and _organism(v).is_dir()]
-    pairs = [Pair("d4-s0", str(ORGANISMS_DIR / "base"), str(ORGANISMS_DIR / "rl-none"), tuple(seed0))]
+    pairs = [PairSpec("d4-s0", str(ORGANISMS_DIR / "base"), str(ORGANISMS_DIR / "rl-none"), tuple(seed0))]
     for s in (1, 2):
         var = (str(R / f"{best}-s{s}"),) if best and (R / f"{best}-s{s}").is_dir() else ()
-        pairs.append(Pair(f"d4-s{s}", str(ORGANISMS_DIR / "base"), str(R / f"rl-none-s{s}"), var))
+        pairs.append(PairSpec(f"d4-s{s}", str(ORGANISMS_DIR / "base"), str(R / f"rl-none-s{s}"), var))
     for d in DEPTHS:
-        pairs.append(Pair(f"d{d}", str(R / f"d{d}-base"), str(R / f"d{d}-rl-none")))
+        pairs.append(PairSpec(f"d{d}", str(R / f"d{d}-base"), str(R / f"d{d}-rl-none")))
     return [p for p in pairs if Path(p.rl).is_dir() and Path(p.base).is_dir()]
 
 
@@ -176,7 +176,7 @@ class ReplicateConfig(EngineSettings):
         self.out = str(Path(self.out))
         self.pairs = tuple(str(p) for p in self.pairs)
         for p in self.pairs:
-            Pair.parse(p)
+            PairSpec.parse(p)
         from experiments.study.learn_stage import RECIPES
 
         self.learned_recipes = tuple(self.learned_recipes)
@@ -189,15 +189,15 @@ class ReplicateConfig(EngineSettings):
             raise ValueError(f"curve_points={self.curve_points} must be >= 1 and learned_max_depth="
                              f"{self.learned_max_depth} >= 0")
 
-    def pair_list(self) -> list[Pair]:
-        pairs = [Pair.parse(p) for p in self.pairs] if self.pairs else default_pairs()
+    def pair_list(self) -> list[PairSpec]:
+        pairs = [PairSpec.parse(p) for p in self.pairs] if self.pairs else default_pairs()
         names = [p.name for p in pairs]
         if len(set(names)) != len(names) or not pairs:
             raise ValueError(f"pair names {names} must be unique and at least one; name each NAME=...")
         return pairs
 
 
-def pair_stage_configs(pair: Pair, cfg: ReplicateConfig) -> tuple[Any, dict]:
+def pair_stage_configs(pair: PairSpec, cfg: ReplicateConfig) -> tuple[Any, dict]:
     """The RunConfig of one pair and its stage configs: `forksight run`'s, made lean and sized to the depth."""
     from experiments.study.run import RunConfig, stage_configs
 
@@ -221,7 +221,7 @@ def pair_stage_configs(pair: Pair, cfg: ReplicateConfig) -> tuple[Any, dict]:
     return rc, sc
 
 
-def run_pair(pair: Pair, cfg: ReplicateConfig) -> dict:
+def run_pair(pair: PairSpec, cfg: ReplicateConfig) -> dict:
     """The probe, learn and steer stages of one pair (resumable), then its claims."""
     from tqdm.auto import tqdm
 
@@ -250,7 +250,7 @@ def run_pair(pair: Pair, cfg: ReplicateConfig) -> dict:
             "claims": claims, "compute_match_figure": figure, **pair_measures(Path(rc.out))}
 
 
-def pair_claims(pair: Pair, out: Path, seed: int = 0) -> tuple[list[dict], dict]:
+def pair_claims(pair: PairSpec, out: Path, seed: int = 0) -> tuple[list[dict], dict]:
     """C1-C6 and C3b of one finished pair directory, by the rules of `forksight run`, and C6's
     compute matches of every preserving model against the collapsed one (for the figure)."""
     from experiments.study import claims as C
