@@ -174,16 +174,8 @@ def weights_digest(spec: str | Path) -> dict[str, str]:
     """sha256 of every weight file a checkpoint spec loads (file name -> hex digest): a directory's
     `*.safetensors`, a `.gguf` file, and for `BASE+ADAPTER` both sides. Caches key on it, so a
     checkpoint retrained in place is never mistaken for the one evaluated before."""
-    import hashlib
-
     from probe.models.adapters import split_adapter_spec
-
-    def digest(f: Path) -> str:
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
+    from probe.models.gguf import sha256_file
 
     base, adapter = split_adapter_spec(spec)
     out = {}
@@ -192,7 +184,7 @@ def weights_digest(spec: str | Path) -> dict[str, str]:
             continue
         side = Path(side)
         files = [side] if side.is_file() else sorted(side.glob("*.safetensors"))
-        out.update({str(f): digest(f) for f in files})
+        out.update({str(f): sha256_file(f) for f in files})
     return out
 
 
