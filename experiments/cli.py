@@ -111,14 +111,15 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     names = _names(models)
     from probe.metrics.breadth import compare_breadth, warn_if_truncated
 
-    results = {name: _evaluate_cached(path, cfg, out / "models" / f"{_safe(name)}.json")
+    provenance = {name: checkpoint_provenance(path) for name, path in zip(names, models)}
+    results = {name: _evaluate_cached(path, provenance[name], cfg, out / "models" / f"{_safe(name)}.json")
                for name, path in zip(names, models)}
     warn_if_truncated({n: m.get("truncated_share") for n, m in results.items()}, "forksight eval")
     out.mkdir(parents=True, exist_ok=True)
     plot_pass_at_k(results, out / "pass_at_k.png")
     if len(results) == 1:
         record = {**next(iter(results.values())), "model": models[0],
-                  "checkpoint": checkpoint_provenance(models[0]), "environment": environment()}
+                  "checkpoint": provenance[names[0]], "environment": environment()}
         write_json_atomic(out / "metrics.json", record, relative_to=out)
         return {"out": str(out), **_headline(record)}
     first = names[0]
@@ -130,7 +131,7 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     from experiments.study.claims import claim_breadth
 
     c4 = {other: claim_breadth(results[first], results[other], seed=cfg.seed).to_dict() for other in names[1:]}
-    record = {"models": dict(zip(names, models)), "checkpoints": {n: checkpoint_provenance(m) for n, m in zip(names, models)},
+    record = {"models": dict(zip(names, models)), "checkpoints": provenance,
               "metrics": results, "crossover_k": crossovers, "breadth": breadth,
               "C4": {"first_model_is_base": first, "by_model": c4}, "environment": environment()}
     write_json_atomic(out / "metrics.json", record, relative_to=out)
@@ -144,16 +145,16 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
-def _evaluate_cached(path: str, cfg, cache: Path) -> dict:
+def _evaluate_cached(path: str, provenance: dict, cfg, cache: Path) -> dict:
     """`evaluate_checkpoint(path, cfg, per_problem=True)`, kept in `cache` with what it depends on
-    (the checkpoint's provenance and weight digests, the config): a rerun with more models, or after
+    (the checkpoint's `provenance`, its weight digests, the config): a rerun with more models, or after
     an interruption, reuses every model already evaluated; anything changed is evaluated again."""
     from dataclasses import asdict
 
     from experiments.run_state import write_json_atomic
-    from probe.models.checkpoint import checkpoint_provenance, weights_digest
+    from probe.models.checkpoint import weights_digest
 
-    key = {"model": path, "checkpoint": checkpoint_provenance(path), "weights": weights_digest(path),
+    key = {"model": path, "checkpoint": provenance, "weights": weights_digest(path),
            "config": asdict(cfg)}
     if cache.exists():
         stored = json.loads(cache.read_text())
