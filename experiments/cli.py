@@ -114,7 +114,8 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     provenance = {name: checkpoint_provenance(path) for name, path in zip(names, models)}
     results = {name: _evaluate_cached(path, provenance[name], cfg, out / "models" / f"{_safe(name)}.json")
                for name, path in zip(names, models)}
-    warn_if_truncated({n: m.get("truncated_share") for n, m in results.items()}, "forksight eval")
+    warn_if_truncated({n: m.get("truncated_share") for n, m in results.items()}, "forksight eval",
+                      by_budget={n: m.get("eos_by_budget") for n, m in results.items()})
     out.mkdir(parents=True, exist_ok=True)
     plot_pass_at_k(results, out / "pass_at_k.png")
     if len(results) == 1:

@@ -15,16 +15,25 @@ import pytest
 import torch
 
 from experiments.study import claims as C
-from experiments.study.report import flag_truncation, truncated_shares, write_report
+from experiments.study.report import flag_truncation, truncation_by_model, write_report
 from probe.metrics.breadth import (
     TRUNCATION_LIMIT,
     TruncationWarning,
+    budget_note,
     check_truncation,
     compare_breadth,
+    eos_by_budget,
+    matched_distinct,
     warn_if_truncated,
 )
 from probe.metrics.frontier import Outcomes, compare_to_frontier, mixture_curve, stack, summary
-from probe.metrics.passk import distinct_eligible, paired_eligible, pass_at_k_curve
+from probe.metrics.passk import (
+    distinct_eligible,
+    paired_eligible,
+    pass_at_k_curve,
+    rarefied_distinct,
+    solution_counts,
+)
 
 N = 4
 BASE_DISTINCT = [3, 3, 1, 1, 0, 0, 0, 0]
@@ -169,15 +178,55 @@ def test_check_truncation_flags_over_the_limit_only_and_names_the_fix():
         check_truncation({}, limit=1.5)
 
 
-def test_truncated_shares_pool_test_seeds_and_unknown_stays_unknown():
+def test_truncation_by_model_pools_test_seeds_and_unknown_stays_unknown():
     def cell(family, spec, seed, share, half="test"):
         return {"half": half, "family": family, "spec": spec, "seed": seed, **({} if share is None else
-                                                                             {"truncated_share": share})}
+                {"truncated_share": share, "eos_by_budget": {"16": 0.5 * (1 - share), "32": 1 - share}})}
     cells = [cell("reference", {"model": "base"}, 1000, 0.7), cell("reference", {"model": "base"}, 1001, 0.9),
              cell("reference", {"model": "base"}, 0, 0.0, half="selection"),
              cell("reference", {"model": "rl"}, 1000, 0.0), cell("reference", {"model": "rl"}, 1001, None),
              cell("variant", {"method": "rl-x"}, 1000, 0.2)]
-    assert truncated_shares(cells, ["runs/rl-x"]) == {"base": pytest.approx(0.8), "rl": None, "rl-x": 0.2}
+    shares, budgets = truncation_by_model(cells, ["runs/rl-x"])
+    assert shares == {"base": pytest.approx(0.8), "rl": None, "rl-x": 0.2}
+    assert budgets["base"] == {"16": pytest.approx(0.1), "32": pytest.approx(0.2)}
+    assert budgets["rl"] is None and budgets["rl-x"] == {"16": pytest.approx(0.4), "32": pytest.approx(0.8)}
+
+
+def test_eos_by_budget_counts_rows_ended_within_each_budget():
+    lengths = torch.tensor([3, 16, 17, 40, 100, 100])
+    finished = torch.tensor([True, True, True, True, True, False])
+    assert eos_by_budget(lengths, finished, 100) == {"16": 2 / 6, "32": 3 / 6, "64": 4 / 6, "100": 5 / 6}
+    assert eos_by_budget(lengths[:1], finished[:1], 16) == {"16": 1.0}
+    with pytest.raises(ValueError, match="same"):
+        eos_by_budget(lengths, finished[:2], 100)
+    with pytest.raises(ValueError, match="larger budget"):
+        eos_by_budget(lengths, finished, 100, budgets=(50, 200))
+
+
+def test_eos_by_budget_of_one_run_is_what_a_run_at_the_smaller_budget_finishes():
+    from experiments.paths import ORGANISMS_DIR
+    from probe.models.checkpoint import load_causal_lm
+    from probe.sampling.sampler import SamplerConfig, sample_branches
+    from probe.tasks import load_task
+
+    model, tok = load_causal_lm(ORGANISMS_DIR / "base")
+    task = load_task("countdown")
+    prompts = task.heldout_prompts(6)
+    long = sample_branches(model, tok, prompts, SamplerConfig(n=4, max_new_tokens=40, seed=3))
+    short = sample_branches(model, tok, prompts, SamplerConfig(n=4, max_new_tokens=12, seed=3, batch_size=5))
+    by = eos_by_budget(long.mask.sum(1), torch.tensor([f == "eos" for f in long.finish_reason]), 40, budgets=(12, 40))
+    assert by["12"] == short.finish_reason.count("eos") / len(short.finish_reason)
+    assert 0 < by["12"] < by["40"], "the organism needs more than 12 tokens for some samples"
+
+
+def test_the_truncation_message_says_what_the_last_doubling_bought():
+    flat = {"256": 0.55, "512": 0.72, "1024": 0.73}
+    check = check_truncation({"base": 0.27, "rl": 0.0}, by_budget={"base": flat, "rl": {"512": 1.0, "1024": 1.0}})
+    assert "base's budget 512 -> 1024 tokens finished 72.0% -> 73.0%" in check["message"]
+    assert "a larger budget will not finish them" in check["message"] and "rl's budget" not in check["message"]
+    rising = check_truncation({"base": 0.27}, by_budget={"base": {"512": 0.5, "1024": 0.73}})["message"]
+    assert "50.0% -> 73.0%" in rising and "will not finish" not in rising
+    assert budget_note("base", {"1024": 0.7}) is None and budget_note("base", {"100": 0.2, "1024": 0.7}) is None
 
 
 def _results(claims: list[dict], truncation: dict) -> dict:
@@ -207,3 +256,39 @@ def test_the_report_flags_the_breadth_claims_when_a_model_is_truncated(tmp_path)
     assert flag_truncation([c4b], quiet) == [] and c4b.flags == []
     report = write_report(_results([c4b.to_dict()], {**quiet, "claims_flagged": []}), tmp_path / "r2.md").read_text()
     assert "Warning" not in report and "Caveat" not in report
+
+
+def test_rarefied_distinct_is_the_expected_distinct_count_of_m_draws():
+    import itertools
+
+    counts = [3, 1, 1]  # five correct samples: one solution three times, two once
+    pool = [0, 0, 0, 1, 2]
+    for m in range(1, 6):
+        draws = list(itertools.combinations(pool, m))
+        want = sum(len(set(d)) for d in draws) / len(draws)
+        assert rarefied_distinct(counts, m) == pytest.approx(want)
+    assert rarefied_distinct([1] * 7, 4) == pytest.approx(4.0), "all different: m draws are m solutions"
+    assert rarefied_distinct([6], 4) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="m=6"):
+        rarefied_distinct(counts, 6)
+    assert solution_counts(["a", None, "b", "a", None, "a"]) == [3, 1]
+
+
+def test_matched_distinct_removes_the_advantage_of_more_correct_samples():
+    # RL solves each problem 8 times with 2 templates; the base 2 times, always differently: the paired
+    # distinct-correct mean says RL is broader (2 vs 2 here, 2 vs 4 with 4 templates), matched counts say the base is
+    base = {"n_correct": [2, 2, 0], "distinct_correct": [2, 2, 0], "distinct_eligible": [True, True, False],
+            "solution_counts": [[1, 1], [1, 1], []]}
+    rl = {"n_correct": [8, 8, 8], "distinct_correct": [4, 4, 4], "distinct_eligible": [True, True, True],
+          "solution_counts": [[5, 1, 1, 1], [5, 1, 1, 1], [2, 2, 2, 2]]}
+    br = compare_breadth({"base": {"n_samples": 16, "per_problem": base}, "rl": {"n_samples": 16, "per_problem": rl}})
+    assert br["distinct_correct_mean"] == {"base": 2.0, "rl": 4.0}, "the paired subset favours the model with more correct samples"
+    matched = br["distinct_correct_matched"]
+    assert matched["n_problems"] == 2 and matched["per_problem_m_mean"] == 2, "problem 3: the base has no 2 correct"
+    want_rl = rarefied_distinct([5, 1, 1, 1], 2)  # 1 - C(3,2)/C(8,2) + 3 (1 - C(7,2)/C(8,2)) = 1 - 3/28 + 3 * 7/28
+    assert want_rl == pytest.approx(1 - 3 / 28 + 3 * 7 / 28)
+    assert matched["mean"] == {"base": 2.0, "rl": pytest.approx(want_rl)} and want_rl < 2
+    assert matched_distinct({"base": base["solution_counts"], "rl": None}) is None
+    del base["solution_counts"]
+    assert compare_breadth({"base": {"n_samples": 16, "per_problem": base},
+                            "rl": {"n_samples": 16, "per_problem": rl}})["distinct_correct_matched"] is None

@@ -138,7 +138,7 @@ def test_diversity_metrics_equals_hand_computed_values(tokenizer):
         "pass_at_1", "pass_at_1_ci", "pass_at_k", "pass_at_k_ci", "distinct_correct_mean",
         "distinct_correct_mean_ci", "distinct_correct_n_problems", "distinct_correct_subset",
         "distinct_correct_all_mean", "planning_entropy_mean", "execution_entropy_mean", "fork_entropy_mean",
-        "fraction_finished_eos", "truncated_share", "n_problems", "n_samples", "temperature", "seed",
+        "fraction_finished_eos", "truncated_share", "eos_by_budget", "n_problems", "n_samples", "temperature", "seed",
     }, "metrics.json keys are shared across models; pass_at_64 only exists when n >= 64"  # fmt: skip
     # pass@k per problem with c = 3, 2, 0 of n = 4: k=1: 3/4, 1/2, 0; k=2: 1, 1 - 1/6, 0; k=4: 1, 1, 0
     assert m["pass_at_1"] == pytest.approx(5 / 12)
@@ -160,12 +160,13 @@ def test_diversity_metrics_equals_hand_computed_values(tokenizer):
     assert m["fork_entropy_mean"] == pytest.approx(1.7)
     assert m["fraction_finished_eos"] == 0.75
     assert m["truncated_share"] == 0.25, "rows 3, 7 and 11 never emitted eos within the 4-token budget"
+    assert m["eos_by_budget"] == {"4": 0.75}, "one budget below 16: the run's own"
     assert m["distinct_correct_all_mean"] == pytest.approx(1.0), "distinct [2, 1, 0] over all three problems"
     assert (m["n_problems"], m["n_samples"], m["temperature"], m["seed"]) == (3, 4, 0.7, 11)
     json.dumps(m, allow_nan=False)  # metrics.json must be strict JSON
     pp = diversity_metrics(branches, scored, PROMPTS, task, n_boot=200, seed=11, per_problem=True)["per_problem"]
     assert pp == {"n_correct": [3, 2, 0], "distinct_correct": [2, 1, 0], "distinct_eligible": [True, False, True],
-                  "distinct_rule": [True, False, True]}
+                  "distinct_rule": [True, False, True], "solution_counts": [[2, 1], [2], []]}
 
 
 def test_distinct_correct_averages_over_solved_problems_when_task_cannot_count(tokenizer):

@@ -245,6 +245,7 @@ def claim_breadth(base: dict, rl: dict, seed: int = 0) -> Claim:
                                     "relative_change": d_dc / paired_base if paired_base and d_dc is not None else None,
                                     "subset": br["distinct_correct_subset"],
                                     "n_problems": br["distinct_correct_n_problems"]},
+          "distinct_correct_matched": br["distinct_correct_matched"],  # at matched correct-sample counts
           "distinct_correct_all_problems": {**br["distinct_correct_all_mean"], "unsolved": "counts 0",
                                             "n_problems": br["n_problems"]},
           "distinct_correct_own_subsets": {  # what each model's own metrics.json says: not comparable

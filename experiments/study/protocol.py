@@ -31,7 +31,7 @@ from probe.sampling.sampler import SamplerConfig
 HALVES = ("selection", "test")
 KEPT = ("n_problems", "n_samples", "pass_at_1", "pass_at_64", "pass_at_k", "distinct_correct_mean",
         "distinct_correct_subset", "distinct_correct_all_mean", "fork_entropy_mean", "planning_entropy_mean",
-        "execution_entropy_mean", "truncated_share", "temperature", "seed")
+        "execution_entropy_mean", "truncated_share", "eos_by_budget", "temperature", "seed")
 
 
 def split_heldout(prompts: Sequence[str]) -> dict[str, list[str]]:

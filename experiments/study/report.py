@@ -31,6 +31,8 @@ from experiments.study.claims_training import claim_phases, claim_regime, plot_p
 from probe.atomic import write_text_atomic
 from probe.environment import describe, environment
 from probe.metrics.breadth import check_truncation
+from probe.metrics.frontier import Outcomes
+from probe.metrics.passk import solution_counts
 from probe.models.checkpoint import checkpoint_provenance, own_directory
 from probe.stats import format_interval, format_number
 
@@ -87,7 +89,12 @@ def pooled_references(sweep_json: Path) -> tuple[dict, dict]:
                                  "distinct_eligible": [any(v) for v in zip(*(x["distinct_eligible"] for x in pp))]}
         if "distinct_rule" in pp[0]:  # the task's rule per problem (same at every seed); absent in older cells
             pooled["per_problem"]["distinct_rule"] = pp[0]["distinct_rule"]
+        if all("outcomes" in r for r in rows):  # every seed's samples of a problem together, for matched counts
+            keys = [Outcomes.from_json(r["outcomes"]).keys for r in rows]
+            pooled["per_problem"]["solution_counts"] = [solution_counts([k for seed in keys for k in seed[p]])
+                                                        for p in range(len(keys[0]))]
         pooled["truncated_share"] = _mean_or_none([r.get("truncated_share") for r in rows])
+        pooled["eos_by_budget"] = _mean_by_key([r.get("eos_by_budget") for r in rows])
         pooled.pop("outcomes", None)
         out.append(pooled)
     return out[0], out[1]
@@ -97,16 +104,33 @@ def _mean_or_none(xs: list) -> float | None:
     return None if not xs or any(x is None for x in xs) else sum(xs) / len(xs)
 
 
-def truncated_shares(cells: list[dict], variants: list[str] | tuple[str, ...]) -> dict[str, float | None]:
-    """Share of samples that ended at the token budget, per model (base, rl, each variant by directory
-    name), over the sweep's test-half cells and seeds; None where a cell does not record it."""
+def _mean_by_key(dicts: list[dict | None]) -> dict[str, float] | None:
+    """Key-wise mean of dicts with the same keys; None if any is missing (cells from before the key)."""
+    if not dicts or any(d is None for d in dicts):
+        return None
+    return {k: sum(d[k] for d in dicts) / len(dicts) for k in dicts[0]}
+
+
+def truncation_by_model(cells: list[dict], variants: list[str] | tuple[str, ...]) -> tuple[dict, dict]:
+    """({model: share of samples that ended at the token budget}, {model: `eos_by_budget` dict}) per
+    model (base, rl, each variant by directory name), over the sweep's test-half cells and seeds
+    (means); None where a cell does not record it."""
     specs = {"base": ("reference", {"model": "base"}), "rl": ("reference", {"model": "rl"}),
              **{Path(v).name: ("variant", {"method": Path(v).name}) for v in variants}}
-    out = {}
+    shares, budgets = {}, {}
     for name, (family, spec) in specs.items():
         rows = [c for c in cells if c["half"] == "test" and c["family"] == family and c["spec"] == spec]
-        out[name] = _mean_or_none([c.get("truncated_share") for c in rows])
-    return out
+        shares[name] = _mean_or_none([c.get("truncated_share") for c in rows])
+        budgets[name] = _mean_by_key([c.get("eos_by_budget") for c in rows])
+    return shares, budgets
+
+
+def _matched_headline(matched: dict | None) -> dict | None:
+    """C4's distinct-correct at matched correct-sample counts, flattened for the headline."""
+    if matched is None:
+        return None
+    return {**{m: matched["mean"][m] for m in ("base", "rl")}, "n_problems": matched["n_problems"],
+            "mean_m": matched["per_problem_m_mean"]}
 
 
 def flag_truncation(claims: list, truncation: dict) -> list[str]:
@@ -157,7 +181,8 @@ def build_results(cfg, stage_cfgs: dict, out: str | Path) -> dict[str, Any]:
         curves["rl"] = next(iter(matches.values()))["pass_at_k_other"]  # every k' = 1..n
         plot_compute_match(curves, matches, out / "figures" / "compute_match.png", collapsed="rl")
         c6.figures = ["figures/compute_match.png"]
-    truncation = check_truncation(truncated_shares(cells, variants))
+    shares, by_budget = truncation_by_model(cells, variants)
+    truncation = check_truncation(shares, by_budget=by_budget)
     truncation["claims_flagged"] = flag_truncation([c1, c2, c3, c3b, c4, c5, c6], truncation)
     claims = [c.to_dict() for c in (c1, c2, c3, c3b, c4, c5, c6)]
     for c in claims:
@@ -173,6 +198,7 @@ def build_results(cfg, stage_cfgs: dict, out: str | Path) -> dict[str, Any]:
         "distinct_correct_subset": (f"{c4.evidence['distinct_correct_mean']['n_problems']} problems, the same for both "
                                     f"({c4.evidence['distinct_correct_mean']['subset']})"),
         "distinct_correct_all_problems": {m: c4.evidence["distinct_correct_all_problems"][m] for m in ("base", "rl")},
+        "distinct_correct_matched": _matched_headline(c4.evidence.get("distinct_correct_matched")),
         "truncated_share": {m: truncation["truncated_share"][m] for m in ("base", "rl")},
         "entropy_change_share_on_forks": c2.effect["value"],
         "law_r2": c1.effect["value"],

@@ -68,9 +68,14 @@ ORGANISM_QUICK = StudySize(probe_problems=8, probe_samples=4, sae_train_samples=
                            learn={"steps": 4, "prompts_per_step": 4, "group_size": 8}, coefs=(0.5,),
                            learned_coefs=(1.0,), fractions=(0.25,), temperatures=(1.5,), last_layer_only=True,
                            problems=8, n=16, derive_problems=16)
-REAL = StudySize(probe_problems=64, probe_samples=8, sae_train_samples=200_000, sae_train_problems=512,
+REAL = StudySize(probe_problems=64, probe_samples=8, sae_train_samples=200_000, sae_train_problems=128,
                  sae_samples=8, sae_eval_problems=64, sae_eval_samples=8, d_sae=2304,
-                 learn={"steps": 30, "prompts_per_step": 8, "group_size": 8}, n=16, derive_problems=128)
+                 learn={"steps": 30, "prompts_per_step": 8, "group_size": 8, "save_every": 5}, problems=128, n=16,
+                 derive_problems=128)
+"""Real pretrained models on a 2-core CPU: 64 + 64 held-out problems x 16 samples in the sweep (the
+issue's floor on the test half), 128 x 8 training-problem samples for the SAE (every token of a
+100-token prompt plus its completion is an activation: > 200k), learned edits saved every 5 steps so
+that a stopped run loses little."""
 REAL_QUICK = StudySize(probe_problems=4, probe_samples=2, sae_train_samples=30_000, sae_train_problems=8,
                        sae_samples=2, sae_eval_problems=4, sae_eval_samples=2, d_sae=256,
                        learn={"steps": 1, "prompts_per_step": 2, "group_size": 4}, coefs=(0.5,),

@@ -274,7 +274,8 @@ def select(sw: Sweep, cands: list[C.Candidate]) -> dict[str, Any]:
     s0 = sw.seeds["selection"][0]
     base, rl = (sw.cell(REFERENCE[k], "selection", s0) for k in ("base", "rl"))
     warn_if_truncated({k: r.get("truncated_share") for k, r in (("base", base), ("rl", rl))},
-                      "steer sweep (selection half, before any cell)")
+                      "steer sweep (selection half, before any cell)",
+                      by_budget={k: r.get("eos_by_budget") for k, r in (("base", base), ("rl", rl))})
     rows = []
     for cand in tqdm(cands, desc="sweep: selection half", unit="cell"):
         row = sw.cell(cand, "selection", s0)

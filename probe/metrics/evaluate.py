@@ -23,7 +23,8 @@ Conventions where docs/architecture.md is silent:
   unsolved one counting 0 (comparable across models as it is).
 - `truncated_share`: rows that never emitted eos within `max_new_tokens` (finish reason "length"),
   over all rows; `fraction_finished_eos` is the rest. A budget that cuts a model off measures its
-  verbosity, not its search (`probe.metrics.breadth.TRUNCATION_LIMIT`).
+  verbosity, not its search (`probe.metrics.breadth.TRUNCATION_LIMIT`). `eos_by_budget` {budget: share}
+  is the eos share each smaller budget would have given (`probe.metrics.breadth.eos_by_budget`).
 - `seed` is both recorded (the sampler's seed) and used to seed the bootstrap.
 """
 
@@ -39,6 +40,7 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 
 from probe.forks import fork_mask
+from probe.metrics.breadth import eos_by_budget
 from probe.metrics.passk import (
     check_k,
     crossover_k,
@@ -47,6 +49,7 @@ from probe.metrics.passk import (
     distinct_eligible,
     distinct_rule,
     pass_at_k_per_problem,
+    solution_counts,
     subset_label,
 )
 from probe.sampling.sampler import Branches, SamplerConfig, sample_branches
@@ -220,10 +223,14 @@ def diversity_metrics(
         out["fork_entropy_mean"] = _mean_or_none(entropy, fork_mask(entropy, mask, rho))
     out["fraction_finished_eos"] = sum(f == "eos" for f in branches.finish_reason) / rows
     out["truncated_share"] = sum(f == "length" for f in branches.finish_reason) / rows
+    out["eos_by_budget"] = eos_by_budget(branches.mask.sum(1).cpu(), torch.tensor([f == "eos" for f in branches.finish_reason]),
+                                         branches.tokens.shape[1])
     out.update(n_problems=n_prompts, n_samples=n, temperature=temperature, seed=seed)
     if per_problem:
         out["per_problem"] = {"n_correct": counts.tolist(), "distinct_correct": distinct.tolist(),
-                              "distinct_eligible": eligible.tolist(), "distinct_rule": rule}
+                              "distinct_eligible": eligible.tolist(), "distinct_rule": rule,
+                              "solution_counts": [solution_counts(scored.canonical[i * n : (i + 1) * n])
+                                                  for i in range(n_prompts)]}
     return out
 
 

@@ -152,6 +152,30 @@ def distinct_correct(keys: Sequence[Sequence[Hashable | None]]) -> Int[Tensor, "
     return torch.tensor([len({k for k in row if k is not None}) for row in keys], dtype=torch.long)
 
 
+def solution_counts(keys: Sequence[Hashable | None]) -> list[int]:
+    """How many samples of one problem wrote each distinct correct solution, largest first.
+
+    keys: one canonical key per sample, None for an incorrect one. `sum` is the number of correct
+    samples, `len` the problem's distinct-correct count."""
+    return sorted(Counter(k for k in keys if k is not None).values(), reverse=True)
+
+
+def rarefied_distinct(counts: Sequence[int], m: int) -> float:
+    """Expected distinct solutions among `m` of a problem's correct samples drawn without replacement.
+
+    counts: `solution_counts` of the problem (N = sum(counts) correct samples); 1 <= m <= N.
+    Returns sum_i [1 - C(N - n_i, m) / C(N, m)] (rarefaction, Hurlbert 1971): distinct-correct at a
+    matched number of correct samples. Two models compared at the same m answer "how many different
+    solutions among m correct ones", which distinct-correct alone confounds with how many samples are
+    correct (a model that solves a problem once can show at most one solution).
+    """
+    total = sum(counts)
+    if any(c < 1 for c in counts) or not 1 <= m <= total:
+        raise ValueError(f"need counts >= 1 and 1 <= m <= sum(counts) = {total}; got counts {list(counts)}, m={m}")
+    denom = math.comb(total, m)
+    return float(sum(1 - math.comb(total - c, m) / denom for c in counts))
+
+
 MIN_SOLUTIONS = 3
 """A problem counts toward a distinct-correct mean by the task's rule when it has at least this many
 distinct solutions (fewer cannot show breadth); tasks that cannot count solutions use the solved problems."""
