@@ -158,3 +158,15 @@ def test_portable_paths_split_base_plus_adapter_and_leave_long_text_alone(tmp_pa
     assert portable(f"{base}+{adapter}", tmp_path / "run") == "experiments/organisms/countdown/base+adapter"
     text = "vector {'layer': '0+1+2+3'} restores " + "x" * 300 + " on the mixture frontier"
     assert portable(text, tmp_path) == text, "prose with a '+' is not a checkpoint spec (nor a file name too long)"
+
+
+def test_checkpoint_present_checks_every_path_a_spec_names(tmp_path):
+    from probe.models.checkpoint import checkpoint_present
+
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    (tmp_path / "adapter").mkdir()
+    assert checkpoint_present(tmp_path) and checkpoint_present(tmp_path / "model.gguf")
+    assert checkpoint_present(f"{tmp_path / 'model.gguf'}+{tmp_path / 'adapter'}"), "a variant may be BASE+ADAPTER"
+    assert not checkpoint_present(f"{tmp_path / 'model.gguf'}+{tmp_path / 'missing'}")
+    assert not checkpoint_present(f"{tmp_path / 'missing.gguf'}+{tmp_path / 'adapter'}")
+    assert not checkpoint_present(tmp_path / "nothing")

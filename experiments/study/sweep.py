@@ -53,7 +53,7 @@ from experiments.study.selection import (
 from experiments.study.steer_stage import STUDY_GATES, DeriveConfig, derive_vectors, split_method
 from experiments.study.sweep_report import brief, write_outputs
 from probe.metrics.breadth import warn_if_truncated
-from probe.models.checkpoint import load_causal_lm
+from probe.models.checkpoint import checkpoint_present, load_causal_lm
 from probe.tasks import load_task
 from steering import SteeringVector
 
@@ -250,7 +250,7 @@ def candidates(sw: Sweep) -> list[C.Candidate]:
     cands += C.learned_cells(cfg.learned, cfg.learned_coefs, sw.rl)
     cands += C.sae_edit_cells(cfg.sae_edits, cfg.sae_edit_coefs, sw.rl, cfg.sae, cfg.sae_diff, cfg.detector)
     cands += C.repulsion_cells(cfg.repulsion, cfg.repulsion_layers, sw.rl)
-    cands += C.variant_cells([v for v in cfg.variants if Path(v).is_dir()])
+    cands += C.variant_cells([v for v in cfg.variants if checkpoint_present(v)])  # BASE+ADAPTER included
     thr = next(iter(vecs.values())).config["fork_threshold_base"] if vecs else 1.0
     cands += C.patching_cells(cfg.patch_layers, cfg.alphas, sw.rl, sw.model("base"), thr)
     cands += C.restore_cells(cfg.restore_layers, sw.rl, sw.model("base"))

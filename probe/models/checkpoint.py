@@ -154,6 +154,15 @@ def own_directory(spec: str | Path) -> Path:
     return Path(base).parent if is_gguf(base) else Path(base)
 
 
+def checkpoint_present(spec: str | Path) -> bool:
+    """Whether every path a checkpoint spec names exists (a directory, a `.gguf` file, or both parts
+    of `BASE+ADAPTER`); no loading, no validation of the contents."""
+    from probe.models.adapters import split_adapter_spec
+
+    base, adapter = split_adapter_spec(spec)
+    return Path(base).exists() and (adapter is None or Path(adapter).is_dir())
+
+
 def checkpoint_provenance(spec: str | Path) -> dict:
     """What a checkpoint spec names, for outputs: its form, and for a GGUF its source file, sha256
     and dequantisation; for `BASE+ADAPTER` the adapter's recorded base and training record."""
