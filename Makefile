@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast test-latest test-vllm lock lint bench bench-engines real-base real-pair vllm vllm-lock clean
+.PHONY: install demo test test-fast test-latest test-vllm lock lint bench bench-engines real-base real-pair real-study vllm vllm-lock clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -58,6 +58,16 @@ real-pair: real-base
 	    --max-new-tokens 64 --steps $(REAL_STEPS) --prompts-per-step 8 --group-size 8 --mini-batches 2 --lr 2e-4 --std-normalize \
 	    --eval-problems 32 --eval-samples 4 --eval-every 10 --save-every 5 --final-eval-samples 0 --seed 0 || exit 1; \
 	done
+
+# The whole study on the real pair (the Clip-Cov run as the entropy-preserving variant), at a 512-token
+# budget: the base's eos share stops rising beyond it (experiments/results/real-budget/). Hours on a
+# 2-core CPU; resumable: run it again after an interruption and it continues where it stopped.
+REAL_GGUF := $(REAL)/base/SmolLM2-135M-Instruct.Q4_1.gguf
+REAL_STUDY_TASK := math:$(REAL)/heldout.jsonl,train=$(REAL)/train.jsonl,chat,max_new_tokens=512
+real-study: real-base
+	OMP_NUM_THREADS=2 $(VENV)/bin/forksight run --task "$(REAL_STUDY_TASK)" --base $(REAL_GGUF) \
+	  --rl $(REAL_GGUF)+$(REAL)/rl-none --variants $(REAL_GGUF)+$(REAL)/rl-clip-cov --dtype bfloat16 \
+	  --out experiments/results/real
 
 # One torch thread per test process: the models are tiny, and two processes with two threads each
 # on a 2-core machine (the notebook kernel, a training in the background) thrash badly.

@@ -19,7 +19,9 @@ from __future__ import annotations
 import functools
 import json
 import platform
+import shlex
 import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -65,11 +67,20 @@ def _collect() -> tuple[tuple[str, Any], ...]:
     return tuple(env.items())
 
 
+def command_line() -> str:
+    """The command this process runs, shell-quoted: `forksight ARGS` for the CLI, else the argv as is
+    (a script, pytest, a notebook kernel)."""
+    argv = list(sys.argv) or [""]
+    if Path(argv[0]).name == "forksight":
+        return shlex.join(["forksight", *argv[1:]])
+    return shlex.join(argv)
+
+
 def environment() -> dict[str, Any]:
     """This process's record: {"recorded": "written", "python", torch, transformers, sae_lens, nnsight,
     transformer_lens, peft, gguf, forksight (versions or None), "git_commit" (None outside a git
-    checkout), "git_dirty", "platform"}. A fresh dict each call (safe to modify)."""
-    return dict(_collect())
+    checkout), "git_dirty", "platform", "command" (`command_line`)}. A fresh dict each call (safe to modify)."""
+    return {**dict(_collect()), "command": command_line()}
 
 
 def annotated(note: str) -> dict[str, Any]:
@@ -106,6 +117,8 @@ def describe(env: dict[str, Any] | None) -> str:
     git = ("no git commit" if not commit else
            f"git {commit[:12]}" + (" with uncommitted changes" if env.get("git_dirty") else ""))
     line = f"{names}; {git}"
+    if env.get("command"):
+        line += f"; command `{env['command']}`"
     if env.get("recorded") == "annotated":
         line = f"annotated after the fact (the versions installed then, not necessarily those that made it): {line}"
         if env.get("note"):

@@ -30,7 +30,7 @@ def fresh(monkeypatch):
 
 def test_versions_come_from_the_installed_distributions():
     env = E.environment()
-    assert set(E.PACKAGES) | {"recorded", "python", "git_commit", "git_dirty", "platform"} == set(env)
+    assert set(E.PACKAGES) | {"recorded", "python", "git_commit", "git_dirty", "platform", "command"} == set(env)
     assert env["recorded"] == "written" and env["transformers"] == metadata.version("transformers")
     assert env["sae_lens"] == metadata.version("sae-lens") and env["torch"] == torch.__version__
     assert E._version("no-such-distribution-forksight") is None, "a package that is not installed is None"
@@ -150,3 +150,10 @@ def test_every_shipped_result_records_its_environment():
     assert len(files) > 30, f"vacuous: only {len(files)} shipped result files found"
     missing = [str(f.relative_to(EXPERIMENTS_DIR)) for f in files if recorded(f) is None]
     assert not missing, f"shipped results without an environment record: {missing[:10]}"
+
+
+def test_the_record_names_the_command(monkeypatch):
+    monkeypatch.setattr(E.sys, "argv", ["/venv/bin/forksight", "eval", "--task", "math:a b.jsonl,chat"])
+    assert E.environment()["command"] == "forksight eval --task 'math:a b.jsonl,chat'"
+    monkeypatch.setattr(E.sys, "argv", ["run.py", "--seed", "3"])
+    assert E.environment()["command"] == "run.py --seed 3"
