@@ -80,12 +80,30 @@ def cmd_sft(args: argparse.Namespace) -> dict:
     return {"out": cfg.out, "train_seconds": summary["train_seconds"], **_headline(metrics)}
 
 
+def _finished_rl(cfg: GRPOConfig, loss_cfg: LossConfig) -> dict | None:
+    """The metrics.json of a GRPO run already trained to `cfg.steps` in `cfg.out` with exactly these
+    configs (paths compared in their portable form), or None: then there is work to do."""
+    from experiments.run_state import portable
+
+    path = Path(cfg.out) / "metrics.json"
+    if not path.is_file():
+        return None
+    old = json.loads(path.read_text())
+    same = (old.get("train_steps") == cfg.steps and old.get("rl_config") == portable(asdict(cfg), cfg.out)
+            and old.get("loss_config") == asdict(loss_cfg))
+    weights = any((Path(cfg.out) / f).is_file() for f in ("adapter_model.safetensors", "model.safetensors"))
+    return old if same and weights else None
+
+
 def cmd_rl(args: argparse.Namespace) -> dict:
     from experiments.training.grpo import load_policy, train_grpo
 
     cfg = config_from_args(GRPOConfig, args)
     loss_cfg = config_from_args(LossConfig, args)
     check_writable(cfg.out)
+    done = _finished_rl(cfg, loss_cfg)
+    if done is not None:  # `make real-pair` again: nothing to train, nothing rewritten
+        return {"out": cfg.out, "intervention": loss_cfg.intervention, "already_trained": True, **_headline(done)}
     load_policy(cfg.base, "cpu", load_task(cfg.task))  # a bad --base fails here, before any work
     summary = train_grpo(cfg, loss_cfg)
     metrics = _organism_metrics(

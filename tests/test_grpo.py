@@ -289,3 +289,20 @@ def test_lora_rl_resumes_exactly_and_ships_an_adapter_that_loads_as_base_plus_ad
     _.save_pretrained(str(other))
     with pytest.raises(AdapterError, match="trained from base"):
         load_causal_lm(f"{other}+{tmp_path / 'a'}", device="cpu")
+
+
+def test_organism_rl_again_on_a_finished_run_trains_and_rewrites_nothing(tmp_path, capsys):
+    from experiments.cli import main
+
+    out = tmp_path / "r"
+    args = ["organism", "rl", "--base", str(BASE), "--out", str(out), "--steps", "1", "--prompts-per-step", "2",
+            "--group-size", "2", "--eval-problems", "2", "--eval-samples", "1", "--final-eval-samples", "0",
+            "--save-every", "1", "--device", "cpu"]
+    assert main(args) == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(args) == 0
+    assert '"already_trained": true' in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before, "a finished run is left as it is"
+    assert main([*args[:-4], "--save-every", "1", "--steps", "2", "--device", "cpu"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["train_steps"] == 2, "more steps: it trains on"
