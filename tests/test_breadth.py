@@ -309,3 +309,25 @@ def test_the_real_pairs_budget_table_is_the_shipped_measurement():
     base = metrics["SmolLM2-135M-Instruct.Q4_1.gguf"]["eos_by_budget"]
     assert base["1024"] < 1 - TRUNCATION_LIMIT, "the doc says no budget brings the base to 90%"
     assert base["1024"] - base["512"] < base["512"] - base["256"], "... and that each doubling buys less"
+
+
+def test_c4_on_a_task_that_cannot_count_solutions_compares_at_matched_correct_counts():
+    # the base solves problems 0-1 twice each, two ways; RL 8 times each, mostly one template: paired means say
+    # RL is broader (4 vs 2), matched counts (m = 2) say it is narrower
+    base, rl = _metrics([2, 2, 0, 0, 0, 0, 0, 0], UNKNOWN), _metrics([4, 4, 0, 0, 0, 0, 0, 0], UNKNOWN)
+    base["per_problem"]["solution_counts"] = [[1, 1], [1, 1]] + [[]] * 6
+    rl["per_problem"]["solution_counts"] = [[5, 1, 1, 1], [5, 1, 1, 1]] + [[]] * 6
+    c4 = C.claim_breadth(base, rl)
+    want = rarefied_distinct([5, 1, 1, 1], 2) - 2.0
+    assert c4.effect["value"] == pytest.approx(want) and want < 0, "matched counts, not the paired mean (+2)"
+    assert "same number of correct samples" in c4.effect["name"] and "at matched counts" in c4.reason
+    ev = c4.evidence
+    assert ev["distinct_correct_paired"]["base"] == 2.0 and ev["distinct_correct_paired"]["rl"] == 4.0
+    assert ev["distinct_correct_mean"]["n_problems"] == 2 and "matched numbers" in ev["distinct_correct_mean"]["subset"]
+    assert ev["distinct_correct_mean"]["relative_change"] == pytest.approx(want / 2.0)
+    assert "per_problem" not in ev["distinct_correct_matched"], "the evidence keeps the summary only"
+    rule = [True] * 8  # a task that counts its solutions keeps the paired mean (Countdown's shipped C4)
+    base2, rl2 = _metrics([2, 2, 0, 0, 0, 0, 0, 0], rule), _metrics([4, 4, 0, 0, 0, 0, 0, 0], rule)
+    base2["per_problem"]["solution_counts"] = base["per_problem"]["solution_counts"]
+    rl2["per_problem"]["solution_counts"] = rl["per_problem"]["solution_counts"]
+    assert C.claim_breadth(base2, rl2).effect["value"] == pytest.approx(0.5), "paired mean over 8 problems: (8 - 4) / 8"

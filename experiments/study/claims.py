@@ -209,7 +209,10 @@ def _pp(m: dict) -> dict[str, list]:
 
 def claim_breadth(base: dict, rl: dict, seed: int = 0) -> Claim:
     """C4 from held-out metrics of base and RL on the same problems (with `per_problem`)."""
-    rule = ("holds: pass@1 gain lower bound > 0, distinct-correct change upper bound < 0, and pass@k at the largest k "
+    rule = ("distinct-correct is compared over the problems both models are eligible on, or, where the task cannot count "
+            "its solutions (a math file: nearly every correct completion is worded differently, so distinct-correct "
+            "tracks the number of correct samples), at matched numbers of correct samples per problem (rarefaction). "
+            "holds: pass@1 gain lower bound > 0, distinct-correct change upper bound < 0, and pass@k at the largest k "
             "lower for RL (upper bound < 0, or the base catches up at some k and ends above); fails: pass@1 falls (upper bound "
             "< 0) or distinct-correct rises (lower bound > 0); else inconclusive")
     pb, pr = _pp(base), _pp(rl)
@@ -221,11 +224,23 @@ def claim_breadth(base: dict, rl: dict, seed: int = 0) -> Claim:
     diff = lambda x: (x[:, 1] - x[:, 0]).mean()  # noqa: E731  RL minus base
     gain, gain_ci = sum(p1[1]) / len(p1[1]) - sum(p1[0]) / len(p1[0]), paired_ci(p1, diff, seed)
     d_pk, d_pk_ci = sum(pk[1]) / len(pk[1]) - sum(pk[0]) / len(pk[0]), paired_ci(pk, diff, seed)
-    gap, gap_ci = distinct_gap_ci(base, rl, seed)  # base minus RL, over the paired subset
+    br = compare_breadth({"base": base, "rl": rl})
+    matched = br["distinct_correct_matched"]
+    uncountable = pb.get("distinct_rule") is not None and all(r is None for r in pb["distinct_rule"])
+    use_matched = uncountable and matched is not None
+    if use_matched:  # every correct completion differs: compare at matched counts
+        cols = (matched["per_problem"]["base"], matched["per_problem"]["rl"])
+        gap = (sum(cols[0]) - sum(cols[1])) / len(cols[0]) if cols[0] else None
+        gap_ci = list(paired_ci(cols, lambda x: (x[:, 0] - x[:, 1]).mean(), seed)) if cols[0] else None
+        measure = "distinct correct solutions among the same number of correct samples per problem, RL minus base"
+        over = (f" at matched counts (m = {format_number(matched['per_problem_m_mean'], 1)} correct samples) over "
+                f"{matched['n_problems']} problems")
+    else:
+        gap, gap_ci = distinct_gap_ci(base, rl, seed)  # base minus RL, over the paired subset
+        measure = "distinct correct solutions per problem (same problems for both), RL minus base"
+        over = f" over {br['distinct_correct_n_problems']} problems ({br['distinct_correct_subset']})"
     d_dc = None if gap is None else -gap  # None: no problem is eligible for both (e.g. none both solved)
     d_dc_ci = (None, None) if gap_ci is None else (-gap_ci[1], -gap_ci[0])
-    br = compare_breadth({"base": base, "rl": rl})
-    over = f" over {br['distinct_correct_n_problems']} problems ({br['distinct_correct_subset']})"
     cross = crossover_k(rl["pass_at_k"], base["pass_at_k"])  # base catches up with RL after trailing it
     overtakes = cross is not None and d_pk < 0  # ... and ends strictly above it at the largest k (not a tie)
     if gain_ci[0] > 0 and d_dc_ci[1] is not None and d_dc_ci[1] < 0 and (d_pk_ci[1] < 0 or overtakes):
@@ -237,15 +252,19 @@ def claim_breadth(base: dict, rl: dict, seed: int = 0) -> Claim:
     else:
         status, why = "inconclusive", (f"pass@1 change {format_number(gain)} {format_interval(gain_ci)}, distinct change "
                                        f"{format_number(d_dc, 2)}{over}, pass@{n} change {format_number(d_pk)}")
-    paired_base = br["distinct_correct_mean"]["base"]
+    paired = {**br["distinct_correct_mean"], "subset": br["distinct_correct_subset"],
+              "n_problems": br["distinct_correct_n_problems"]}
+    used = paired if not use_matched else {
+        **matched["mean"], "n_problems": matched["n_problems"],
+        "subset": (f"matched numbers of correct samples (mean m = {format_number(matched['per_problem_m_mean'], 1)}) on "
+                   "the problems where both have >= 2 correct samples")}
     ev = {"pass_at_1": {"base": base["pass_at_1"], "rl": rl["pass_at_1"], "gain": gain, "gain_ci": list(gain_ci)},
           f"pass_at_{n}": {"base": base["pass_at_k"][str(n)], "rl": rl["pass_at_k"][str(n)], "change": d_pk,
                            "change_ci": list(d_pk_ci)},
-          "distinct_correct_mean": {**br["distinct_correct_mean"],  # the effect's problems: the same for both
-                                    "relative_change": d_dc / paired_base if paired_base and d_dc is not None else None,
-                                    "subset": br["distinct_correct_subset"],
-                                    "n_problems": br["distinct_correct_n_problems"]},
-          "distinct_correct_matched": br["distinct_correct_matched"],  # at matched correct-sample counts
+          "distinct_correct_mean": {**used,  # the effect's measure and problems: the same for both
+                                    "relative_change": d_dc / used["base"] if used["base"] and d_dc is not None else None},
+          "distinct_correct_paired": paired,  # over the paired subset, unmatched (the effect's measure on countable tasks)
+          "distinct_correct_matched": None if matched is None else {k: v for k, v in matched.items() if k != "per_problem"},
           "distinct_correct_all_problems": {**br["distinct_correct_all_mean"], "unsolved": "counts 0",
                                             "n_problems": br["n_problems"]},
           "distinct_correct_own_subsets": {  # what each model's own metrics.json says: not comparable
@@ -259,8 +278,7 @@ def claim_breadth(base: dict, rl: dict, seed: int = 0) -> Claim:
           "n_problems_distinct": br["distinct_correct_n_problems"]}
     return Claim("C4", "The collapsed policy gains pass@1 but loses breadth: distinct-correct falls, and at large k "
                  "pass@k approaches or falls below the base.", status,
-                 effect_record("distinct correct solutions per problem (same problems for both), RL minus base", d_dc,
-                         None if gap_ci is None else d_dc_ci, "solutions", "problems"), rule, ev, why)
+                 effect_record(measure, d_dc, None if gap_ci is None else d_dc_ci, "solutions", "problems"), rule, ev, why)
 
 
 # --- C5 ------------------------------------------------------------------------------------------

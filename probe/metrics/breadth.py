@@ -120,8 +120,9 @@ def matched_distinct(counts: Mapping[str, Sequence[Sequence[int]] | None]) -> di
     None for a model that did not record them. On each problem where every model has at least 2
     correct samples, m = the smallest number of correct samples among the models, and each model
     scores `rarefied_distinct(its counts, m)`. Returns {"mean": {name: mean over those problems or
-    None}, "per_problem_m_mean": mean m, "n_problems", "note": `MATCHED_NOTE`}, or None when some
-    model has no counts. Unlike distinct-correct over the paired subset, a model with more correct
+    None}, "per_problem_m_mean": mean m, "n_problems", "note": `MATCHED_NOTE`, "per_problem": {name:
+    the scores, problem by problem, in the same order for every model}}, or None when some model has
+    no counts. Unlike distinct-correct over the paired subset, a model with more correct
     samples does not score higher for that alone (on a math file nearly every correct completion is
     worded differently, so distinct-correct tracks the number of correct samples).
     """
@@ -141,7 +142,8 @@ def matched_distinct(counts: Mapping[str, Sequence[Sequence[int]] | None]) -> di
         for k in names:
             scores[k].append(rarefied_distinct(counts[k][p], m))
     return {"mean": {k: (sum(v) / len(v) if v else None) for k, v in scores.items()},
-            "per_problem_m_mean": sum(ms) / len(ms) if ms else None, "n_problems": len(ms), "note": MATCHED_NOTE}
+            "per_problem_m_mean": sum(ms) / len(ms) if ms else None, "n_problems": len(ms), "note": MATCHED_NOTE,
+            "per_problem": scores}
 
 
 def eos_by_budget(lengths: Int[Tensor, " rows"], finished: Bool[Tensor, " rows"], max_new_tokens: int,
