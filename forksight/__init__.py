@@ -55,7 +55,8 @@ from probe.forks import fork_mask  # noqa: E402
 from probe.law import fit_entropy_law  # noqa: E402
 from probe.metrics.breadth import compare_breadth  # noqa: E402
 from probe.metrics.evaluate import evaluate, score_branches  # noqa: E402
-from probe.metrics.frontier import Outcomes, compare_to_frontier, mixture_curve  # noqa: E402
+from probe.metrics.frontier import compare_to_frontier, mixture_curve  # noqa: E402
+from probe.metrics.outcomes import Outcomes  # noqa: E402
 from probe.metrics.passk import distinct_correct, distinct_rule, pass_at_k, pass_at_k_curve  # noqa: E402
 from probe.models.checkpoint import load_causal_lm as load_model  # noqa: E402
 from probe.models.pair import HookedModel, Pair, load_pair  # noqa: E402

@@ -117,8 +117,6 @@ def describe(env: dict[str, Any] | None) -> str:
     git = ("no git commit" if not commit else
            f"git {commit[:12]}" + (" with uncommitted changes" if env.get("git_dirty") else ""))
     line = f"{names}; {git}"
-    if env.get("command"):
-        line += f"; command `{env['command']}`"
     if env.get("recorded") == "annotated":
         line = f"annotated after the fact (the versions installed then, not necessarily those that made it): {line}"
         if env.get("note"):

@@ -26,7 +26,8 @@ from probe.metrics.breadth import (
     matched_distinct,
     warn_if_truncated,
 )
-from probe.metrics.frontier import Outcomes, compare_to_frontier, mixture_curve, stack, summary
+from probe.metrics.frontier import compare_to_frontier, mixture_curve, summary
+from probe.metrics.outcomes import Outcomes, stack
 from probe.metrics.passk import (
     distinct_eligible,
     paired_eligible,

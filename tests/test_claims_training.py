@@ -12,7 +12,7 @@ import torch
 
 from experiments.study.claims_training import claim_phases, claim_regime, hinge_change_point
 from probe.metrics.compute_match import compute_multiplier, multiplier_text
-from probe.metrics.frontier import Outcomes
+from probe.metrics.outcomes import Outcomes
 
 
 # --- C3b -----------------------------------------------------------------------------------------

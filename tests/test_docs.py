@@ -7,7 +7,7 @@
   (a user's model, a long run) is written as ```bash or ```text.
 - README.md stays a front page (at most `README_MAX_LINES` lines); the rest lives in docs/.
 - Every relative link points to a file or folder inside the repository, and every repository path
-  (`probe/models/pair.py`) or dotted name (`probe.metrics.frontier.Outcomes`) written in backticks
+  (`probe/models/pair.py`) or dotted name (`probe.metrics.outcomes.Outcomes`) written in backticks
   exists (docs/architecture.md has its own, stricter check: tests/test_architecture_doc.py).
 """
 

@@ -14,11 +14,9 @@ from hypothesis import strategies as st
 
 from probe.metrics.evaluate import Scored
 from probe.metrics.frontier import (
-    Outcomes,
     compare_to_frontier,
     frontier_at,
     frontier_value,
-    key_digest,
     mixture_curve,
     mixture_per_problem,
     per_problem,
@@ -26,6 +24,7 @@ from probe.metrics.frontier import (
     summary,
 )
 from probe.metrics.frontier_plots import plot_frontier_figure
+from probe.metrics.outcomes import Outcomes, key_digest
 from probe.metrics.passk import pass_at_k_per_problem
 
 # Problem 0: base finds a, b, c; RL only a. Problem 1: base x, y; RL z.
@@ -257,7 +256,7 @@ def test_plot_writes_a_png(tmp_path):
 
 
 def test_stacked_seeds_resample_a_problem_with_all_its_seeds():
-    from probe.metrics.frontier import stack
+    from probe.metrics.outcomes import stack
 
     b1, b2 = random_outcomes(30, 8, 1, 0.5, 5), random_outcomes(30, 8, 2, 0.5, 5)
     r1, r2 = random_outcomes(30, 8, 3, 0.1, 2), random_outcomes(30, 8, 4, 0.1, 2)

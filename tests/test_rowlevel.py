@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from probe.metrics.frontier import Outcomes, m_of_q, splice
+from probe.metrics.frontier import m_of_q, splice
+from probe.metrics.outcomes import Outcomes
 from probe.sampling.sampler import SamplerConfig, sample_branches
 from steering import SteeringVector
 from steering.learn import novel_reward

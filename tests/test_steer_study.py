@@ -36,7 +36,7 @@ def test_choice_rules_respect_the_pass_at_1_tolerance():
 
 
 def test_row_level_cell_is_the_splice_of_the_steered_cell_and_rl():
-    from probe.metrics.frontier import Outcomes
+    from probe.metrics.outcomes import Outcomes
 
     steered = Outcomes([["a", "b", None, "c"], [None, "x", "y", "y"]], [True, True])
     rl = Outcomes([["a", "a", "a", None], ["x", "x", None, "x"]], [True, True])

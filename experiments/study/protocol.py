@@ -12,7 +12,7 @@ Every recovery number forksight reports is measured the same way:
 
 A *cell* is one (model, intervention, temperature) evaluated on one half at one seed: n samples per
 problem through `probe.sampling.sampler` (or the vLLM engine, `experiments.study.engines`), scored by the task; it keeps its metrics (docs/architecture.md
-keys), its per-problem arrays, and its per-sample `probe.metrics.frontier.Outcomes` (so a mixture or a
+keys), its per-problem arrays, and its per-sample `probe.metrics.outcomes.Outcomes` (so a mixture or a
 row-level splice can be formed later without sampling again).
 """
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from probe.metrics.evaluate import evaluate
-from probe.metrics.frontier import Outcomes
+from probe.metrics.outcomes import Outcomes
 from probe.metrics.passk import distinct_rule
 from probe.sampling.sampler import SamplerConfig
 

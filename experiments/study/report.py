@@ -31,7 +31,7 @@ from experiments.study.claims_training import claim_phases, claim_regime, plot_p
 from probe.atomic import write_text_atomic
 from probe.environment import describe, environment
 from probe.metrics.breadth import check_truncation
-from probe.metrics.frontier import Outcomes
+from probe.metrics.outcomes import Outcomes
 from probe.metrics.passk import solution_counts
 from probe.models.checkpoint import checkpoint_provenance, own_directory
 from probe.stats import format_interval, format_number

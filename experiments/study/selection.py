@@ -21,7 +21,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from probe.metrics.frontier import Outcomes, compare_to_frontier, splice, stack, summary
+from probe.metrics.frontier import compare_to_frontier, splice, summary
+from probe.metrics.outcomes import Outcomes, stack
 
 TOLERANCE_RULE = ("highest restoration_distinct with pass_at_1 >= RL - {tol} (selection half, selection seed); "
                   "ties by frontier_excess")

@@ -1,6 +1,6 @@
 """Compute-matched pass@k: how many samples one model needs to match another's pass@k.
 
-What it is: pure arithmetic on per-sample outcomes already drawn (`probe.metrics.frontier.Outcomes`), no
+What it is: pure arithmetic on per-sample outcomes already drawn (`probe.metrics.outcomes.Outcomes`), no
 sampling. For a reference model A (e.g. an entropy-preserving RL model) and a model B (e.g. the
 collapsed one) evaluated on the same problems with n samples each, and a budget k:
 
@@ -29,7 +29,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from probe.metrics.frontier import Outcomes, check_comparable
+from probe.metrics.outcomes import Outcomes, check_comparable
 from probe.metrics.passk import default_ks, pass_at_k_per_problem
 from probe.stats import bootstrap_weights, format_interval, percentile_interval
 

@@ -184,7 +184,7 @@ distinct solutions (fewer cannot show breadth); tasks that cannot count solution
 def distinct_rule(task: Any, prompts: Sequence[str]) -> list[bool | None]:
     """Per prompt: True / False where `task.n_solutions` counts its solutions (>= `MIN_SOLUTIONS` or
     not), None where it cannot (a math file): the `rule` of `distinct_eligible` and
-    `probe.metrics.frontier.Outcomes.from_scored`'s `eligible`."""
+    `probe.metrics.outcomes.Outcomes.from_scored`'s `eligible`."""
     return [None if s is None else s >= MIN_SOLUTIONS for s in map(task.n_solutions, prompts)]
 
 
