@@ -60,7 +60,7 @@ real-pair: real-base
 	done
 
 # The whole study on the real pair (the Clip-Cov run as the entropy-preserving variant), at a 512-token
-# budget: the base's eos share stops rising beyond it (experiments/results/real-budget/). Hours on a
+# budget: doubling it finishes 5 points more of the base's samples (experiments/results/real-budget/). Hours on a
 # 2-core CPU; resumable: run it again after an interruption and it continues where it stopped.
 REAL_GGUF := $(REAL)/base/SmolLM2-135M-Instruct.Q4_1.gguf
 REAL_STUDY_TASK := math:$(REAL)/heldout.jsonl,train=$(REAL)/train.jsonl,chat,max_new_tokens=512

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -58,7 +57,8 @@ def _organism_metrics(out: str, eval_samples: int, seed: int, device: str, task:
     if eval_samples:
         metrics = evaluate_checkpoint(model or out, EvalConfig(n=eval_samples, seed=seed, device=device, task=task,
                                                                dtype=dtype))
-    metrics.update(command="forksight " + " ".join(map(shlex.quote, sys.argv[1:])), **extra, environment=environment())
+    env = environment()
+    metrics.update(command=env["command"], **extra, environment=env)
     write_json_atomic(Path(out) / "metrics.json", metrics, relative_to=out)
     return metrics
 

@@ -68,12 +68,20 @@ def _collect() -> tuple[tuple[str, Any], ...]:
 
 
 def command_line() -> str:
-    """The command this process runs, shell-quoted: `forksight ARGS` for the CLI, else the argv as is
-    (a script, pytest, a notebook kernel)."""
+    """The command this process runs, shell-quoted: `forksight ARGS` for the CLI, else the argv (a
+    script, pytest, a notebook kernel) with the program as its file name. Absolute paths among the
+    arguments are written relative to the working directory when inside it, else as their file name,
+    so that no record names a machine path."""
     argv = list(sys.argv) or [""]
-    if Path(argv[0]).name == "forksight":
-        return shlex.join(["forksight", *argv[1:]])
-    return shlex.join(argv)
+    cwd = Path.cwd()
+
+    def arg(a: str) -> str:
+        if not Path(a).is_absolute():
+            return a
+        p = Path(a)
+        return str(p.relative_to(cwd)) if p.is_relative_to(cwd) else p.name
+
+    return shlex.join([Path(argv[0]).name, *map(arg, argv[1:])])
 
 
 def environment() -> dict[str, Any]:
@@ -89,7 +97,9 @@ def annotated(note: str) -> dict[str, Any]:
     if not note.strip():
         raise ValueError("annotated(note=''): say when and why the file was annotated, e.g. 'annotated after the "
                          "fact; the numbers were made before forksight recorded its environment'")
-    return {**environment(), "recorded": "annotated", "note": note}
+    env = environment()
+    env.pop("command")  # the annotating process's command did not write the file
+    return {**env, "recorded": "annotated", "note": note}
 
 
 def recorded(path: str | Path) -> dict[str, Any] | None:

@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 from importlib import metadata
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,5 +156,7 @@ def test_every_shipped_result_records_its_environment():
 def test_the_record_names_the_command(monkeypatch):
     monkeypatch.setattr(E.sys, "argv", ["/venv/bin/forksight", "eval", "--task", "math:a b.jsonl,chat"])
     assert E.environment()["command"] == "forksight eval --task 'math:a b.jsonl,chat'"
-    monkeypatch.setattr(E.sys, "argv", ["run.py", "--seed", "3"])
-    assert E.environment()["command"] == "run.py --seed 3"
+    monkeypatch.setattr(E.sys, "argv", ["/home/me/run.py", "--seed", "3", "--out", str(Path.cwd() / "runs" / "a"),
+                                        "/elsewhere/x.json"])
+    assert E.environment()["command"] == "run.py --seed 3 --out runs/a x.json", "no machine path in a record"
+    assert "command" not in E.annotated("annotated after the fact"), "the annotating process did not write the file"

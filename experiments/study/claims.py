@@ -19,7 +19,10 @@ claim can be recomputed from a finished run directory without sampling again.
   problem, RL minus base, over the same problems for both (`probe.metrics.breadth.compare_breadth`: the
   task's n_solutions >= 3 rule where it counts solutions, else the problems both models solved;
   the evidence names the subset and its size, and reports beside it distinct-correct over every
-  problem with unsolved = 0 and coverage at k = pass@k), interval paired over problems. Holds:
+  problem with unsolved = 0 and coverage at k = pass@k), interval paired over problems. On a task
+  that cannot count its solutions (a math file, where distinct-correct tracks the number of correct
+  samples) the effect is distinct solutions among the same number m of correct samples per problem
+  (`probe.metrics.breadth.matched_distinct`, rarefaction; `distinct_measure` says which). Holds:
   the pass@1 gain's lower bound > 0, the distinct change's upper bound < 0, and pass@k at the
   largest k is lower for RL (its change's upper bound < 0, or the base catches up at some k and
   ends strictly above). Fails: pass@1 falls (upper bound < 0) or distinct-correct rises (lower
@@ -227,7 +230,7 @@ def claim_breadth(base: dict, rl: dict, seed: int = 0) -> Claim:
     br = compare_breadth({"base": base, "rl": rl})
     matched = br["distinct_correct_matched"]
     uncountable = pb.get("distinct_rule") is not None and all(r is None for r in pb["distinct_rule"])
-    use_matched = uncountable and matched is not None
+    use_matched = uncountable and matched is not None  # counts missing (older cells): the paired mean, flagged
     if use_matched:  # every correct completion differs: compare at matched counts
         cols = (matched["per_problem"]["base"], matched["per_problem"]["rl"])
         gap = (sum(cols[0]) - sum(cols[1])) / len(cols[0]) if cols[0] else None
@@ -275,10 +278,15 @@ def claim_breadth(base: dict, rl: dict, seed: int = 0) -> Claim:
                             **{m: [br["coverage_at_k"][m].get(k) for k in base["pass_at_k"]] for m in ("base", "rl")},
                             "note": COVERAGE_NOTE},
           "crossover_k_base_overtakes_rl": cross, "n_problems": len(pb["n_correct"]), "n_samples": n,
-          "n_problems_distinct": br["distinct_correct_n_problems"]}
+          "distinct_measure": "matched" if use_matched else "paired", "n_problems_distinct": used["n_problems"]}
+    flags = ([] if use_matched or not uncountable else
+             ["distinct-correct over the paired subset: the task cannot count its solutions but the metrics lack "
+              "solution_counts (written before they were recorded), so the comparison is not at matched numbers of "
+              "correct samples. Fix: re-evaluate (forksight eval / the steer stage) with this version"])
     return Claim("C4", "The collapsed policy gains pass@1 but loses breadth: distinct-correct falls, and at large k "
                  "pass@k approaches or falls below the base.", status,
-                 effect_record(measure, d_dc, None if gap_ci is None else d_dc_ci, "solutions", "problems"), rule, ev, why)
+                 effect_record(measure, d_dc, None if gap_ci is None else d_dc_ci, "solutions", "problems"), rule, ev, why,
+                 flags=flags)
 
 
 # --- C5 ------------------------------------------------------------------------------------------
@@ -307,7 +315,9 @@ def claim_recovery(steer: dict, base: dict, rl: dict, detector: dict | None, see
     selection half, against the base/RL mixture frontier), the pooled test-half base and RL rows
     (with `per_problem`, for the breadth gap) and the probe's fork detector."""
     tol = steer["config"]["tolerance"]
-    rule = ("needs a breadth gap (base minus RL distinct-correct, lower bound > 0), else inconclusive. `best` = the "
+    rule = ("needs a breadth gap (base minus RL distinct-correct over the paired subset, the measure restoration and "
+            "frontier excess use; C4 on a math file compares at matched counts instead), lower bound > 0, else "
+            "inconclusive. `best` = the "
             f"RL-alone cell with the most frontier excess at pass@1 >= RL - {tol}, chosen on the selection half, measured "
             "on the test half at unseen seeds. holds (elicitation beyond the mixture): its frontier excess has a lower "
             "bound > 0, its restoration a lower bound > 0.1, and the fork detector beats token identity; fails: its excess "
@@ -328,7 +338,8 @@ def claim_recovery(steer: dict, base: dict, rl: dict, detector: dict | None, see
     what = "" if best is None else (f"{best['family']} {best['spec']}" + (f" on {best['fraction']:g} of the samples"
                                                                           if (best.get("fraction") or 1) < 1 else ""))
     if gap_ci is None or gap_ci[0] <= 0:
-        status, why = "inconclusive", f"no breadth gap to restore: base minus RL distinct-correct {format_number(gap, 2)} {format_interval(gap_ci, missing='[n/a]')}"
+        status, why = "inconclusive", (f"no breadth gap to restore: base minus RL distinct-correct over the paired subset "
+                                       f"{format_number(gap, 2)} {format_interval(gap_ci, missing='[n/a]')}")
     elif best is None or x_ci is None or r_ci is None:
         status, why = "inconclusive", f"no RL-alone cell kept pass@1 within {tol} of RL on the selection half"
     elif x_ci[0] > 0 and r_ci[0] > 0.1 and latent:

@@ -70,7 +70,8 @@ def _figures(out: Path, log: Path, curves: dict[str, dict]) -> dict[str, str | N
 
 def pooled_references(sweep_json: Path) -> tuple[dict, dict]:
     """The base and RL rows of the sweep's test half, pooled over its test seeds: metrics averaged,
-    `per_problem` arrays averaged elementwise (for paired bootstraps over problems)."""
+    `per_problem` arrays averaged elementwise (for paired bootstraps over problems), except
+    `solution_counts`, counted over every seed's samples of a problem together (from the cells' outcomes)."""
     cells = json.loads(sweep_json.read_text())["cells"]
     out = []
     for model in ("base", "rl"):

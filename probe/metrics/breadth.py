@@ -6,8 +6,9 @@ What it is: arithmetic on the metrics dicts of `probe.metrics.evaluate.diversity
 which models the token budget cut off, and `eos_by_budget` what a smaller budget would have cut
 (how to choose one: a run at a generous budget shows where the eos share stops rising).
 
-What it is not: a metric of its own. Distinct-correct per problem, the subsets and pass@k come from
-`probe.metrics.passk`; this module only pairs them.
+What it is not: a sampler or a scorer. Distinct-correct per problem, the subsets, pass@k and the
+rarefaction come from `probe.metrics.passk`; this module pairs them across models, matches their
+correct-sample counts (`matched_distinct`) and reads the token budget (`eos_by_budget`).
 
 Why both (issue #23): on a task that cannot count its solutions (a math file) each model's
 `distinct_correct_mean` is over the problems *it* solved, so two models' means are over different
@@ -152,9 +153,11 @@ def eos_by_budget(lengths: Int[Tensor, " rows"], finished: Bool[Tensor, " rows"]
 
     lengths: generated tokens per row (the eos token included); finished: the row ended at eos
     (else at the budget); max_new_tokens: the run's budget; budgets: those to report (each
-    <= max_new_tokens; default 16, 32, 64, ... below it, and it). Returns {str(budget): share of rows with eos among their first `budget` tokens}. Exact, not
-    an estimate: the sampler draws a row's token t from (seed, prompt, sample, t) alone, so a run at
-    a smaller budget writes the same first tokens. Where the share stops rising with the budget, the
+    <= max_new_tokens; default 16, 32, 64, ... below it, and it). Returns {str(budget): share of
+    rows with eos among their first `budget` tokens}. Exact, not an estimate, for the built-in
+    sampler: it draws a row's token t from (seed, prompt, sample, t) alone, so a run at a smaller
+    budget writes the same first tokens (on vLLM, whose randomness is per request, it is what a
+    budget cut at b would have kept of these samples). Where the share stops rising with the budget, the
     samples still running do not end (runaway generation), and a larger budget will not finish them.
     """
     if lengths.shape != finished.shape or lengths.ndim != 1:
@@ -175,17 +178,17 @@ PLATEAU = 0.02
 
 
 def budget_note(name: str, by_budget: Mapping[str, float]) -> str | None:
-    """A sentence on what the last doubling of `name`'s budget bought (`eos_by_budget`'s dict), saying
-    when it bought less than `PLATEAU`: then a larger budget will not finish the rest. None with fewer
-    than two budgets or no doubling among them."""
+    """A sentence on what the last doubling of `name`'s budget bought (`eos_by_budget`'s dict: from
+    the largest budget at most half the run's to the run's), saying when it bought less than
+    `PLATEAU`: then a larger budget will not finish the rest. None with no such pair of budgets."""
     pts = sorted((int(b), v) for b, v in by_budget.items())
     if len(pts) < 2:
         return None
     (b2, v2) = pts[-1]
-    half = [(b, v) for b, v in pts[:-1] if 2 * b >= b2]
+    half = [(b, v) for b, v in pts[:-1] if 2 * b <= b2]  # at least a doubling below the run's budget
     if not half:
         return None
-    b1, v1 = half[0]
+    b1, v1 = half[-1]
     text = f"{name}'s budget {b1} -> {b2} tokens finished {v1:.1%} -> {v2:.1%} of its samples at eos"
     if v2 - v1 < PLATEAU:
         text += " (the rest do not end: a larger budget will not finish them)"

@@ -177,7 +177,8 @@ def diversity_metrics(
     ks: pass@k budgets (default 1, 2, 4, ... <= n plus n); each must be in 1..n. rho: fork
     fraction. n_boot, seed: percentile bootstrap over problems for the `*_ci` entries ([lo, hi],
     95%). temperature, seed: recorded as given (pass the sampler's). per_problem: also return
-    `per_problem` = {"n_correct", "distinct_correct", "distinct_eligible", "distinct_rule"}, one entry
+    `per_problem` = {"n_correct", "distinct_correct", "distinct_eligible", "distinct_rule", "solution_counts"
+    (each problem's `probe.metrics.passk.solution_counts`)}, one entry
     per problem in prompt order (for paired bootstraps and paired subsets between models evaluated
     on the same problems, `probe.metrics.breadth.compare_breadth`); `distinct_rule` is True / False where the
     task counts solutions (n_solutions >= 3 or not), None where it cannot.

@@ -40,7 +40,7 @@ restoration (and of the frontier and the excess) only if its base - RL gap has t
 full-sample gap and it holds an eligible problem; `n_boot_used` counts them.
 
 What it is not: a sampler, a scorer or a selection rule; `probe.metrics.evaluate` produces the `Scored`
-rows turned into `Outcomes` here.
+rows that `probe.metrics.outcomes.Outcomes.from_scored` turns into the outcomes read here.
 """
 
 from __future__ import annotations

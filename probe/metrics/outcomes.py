@@ -53,7 +53,7 @@ class Outcomes:
     """[problem][sample]: stable key of the canonical solution of a correct sample, None if incorrect."""
     eligible: list[bool | None]
     """Per problem: counts toward distinct_correct_mean by the task's rule (n_solutions >= 3), or
-    None where the task cannot count solutions (decided by who solved it; module docstring)."""
+    None where the task cannot count solutions (decided by who solved it: `probe.metrics.frontier`'s docstring)."""
 
     def __post_init__(self) -> None:
         if not self.keys:
