@@ -1,5 +1,6 @@
 """`forksight run --quick` on the shipped real pair: SmolLM2-135M-Instruct from its GGUF (bfloat16) as the
-base and its GRPO LoRA adapter (`experiments/real/smollm2/rl-none`) as `BASE+ADAPTER`: every stage runs
+base, its GRPO LoRA adapter (`experiments/real/smollm2/rl-none`) as `BASE+ADAPTER` and the Clip-Cov run
+(`rl-clip-cov`) as the entropy-preserving variant, also `BASE+ADAPTER`: every stage runs
 on a 30-layer BPE model and all seven claims are computed (the quick sizes make the numbers noise; the
 plumbing on a real model is what is tested)."""
 
@@ -19,8 +20,10 @@ def test_quick_study_on_the_real_pair_computes_every_claim(tmp_path, real_base):
     assert (adapter / "adapter_model.safetensors").is_file(), "the real pair's RL adapter ships in the repository"
     out = tmp_path / "run"
     task = f"math:{REAL_DIR}/heldout.jsonl,train={REAL_DIR}/train.jsonl,chat,max_new_tokens=32"
+    variant = REAL_DIR / "rl-clip-cov"
+    assert (variant / "adapter_model.safetensors").is_file(), "the Clip-Cov run ships as the pair's variant"
     assert main(["run", "--quick", "--task", task, "--base", str(real_base), "--rl", f"{real_base}+{adapter}",
-                 "--dtype", "bfloat16", "--out", str(out)]) == 0
+                 "--variants", f"{real_base}+{variant}", "--dtype", "bfloat16", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert [c["id"] for c in results["claims"]] == ["C1", "C2", "C3", "C3b", "C4", "C5", "C6"]
     assert all(c["status"] in ("holds", "fails", "inconclusive") for c in results["claims"])
@@ -28,4 +31,9 @@ def test_quick_study_on_the_real_pair_computes_every_claim(tmp_path, real_base):
     assert results["config"]["sae"]["layer"] == 15, "the SAE sits at the middle of the 30 layers"
     assert results["config"]["run"]["dtype"] == "bfloat16" and results["environment"]["peft"]
     shares = results["truncation"]["truncated_share"]
-    assert set(shares) == {"base", "rl"} and all(0 <= v <= 1 for v in shares.values()), "truncation is reported per model"
+    assert set(shares) == {"base", "rl", "rl-clip-cov"} and all(0 <= v <= 1 for v in shares.values()), \
+        "truncation is reported per model, the variant (BASE+ADAPTER) included"
+    assert [v["form"] for v in results["checkpoints"]["variants"]] == ["adapter"]
+    sweep = json.loads((out / "steer" / "metrics.json").read_text())
+    assert set(sweep["variants"]) == {"rl-clip-cov"} and sweep["variants"]["rl-clip-cov"], \
+        "the adapter-form variant is sampled on the test half (C5, C6)"
