@@ -298,59 +298,6 @@ def test_matched_distinct_removes_the_advantage_of_more_correct_samples():
                             "rl": {"n_samples": 16, "per_problem": rl}})["distinct_correct_matched"] is None
 
 
-def test_rarefied_distinct_is_the_expected_distinct_count_of_m_draws():
-    import itertools
-
-    counts = [3, 1, 1]  # five correct samples: one solution three times, two once
-    pool = [0, 0, 0, 1, 2]
-    for m in range(1, 6):
-        draws = list(itertools.combinations(pool, m))
-        want = sum(len(set(d)) for d in draws) / len(draws)
-        assert rarefied_distinct(counts, m) == pytest.approx(want)
-    assert rarefied_distinct([1] * 7, 4) == pytest.approx(4.0), "all different: m draws are m solutions"
-    assert rarefied_distinct([6], 4) == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="m=6"):
-        rarefied_distinct(counts, 6)
-    assert solution_counts(["a", None, "b", "a", None, "a"]) == [3, 1]
-
-
-def test_matched_distinct_removes_the_advantage_of_more_correct_samples():
-    # RL solves each problem 8 times with 2 templates; the base 2 times, always differently: the paired
-    # distinct-correct mean says RL is broader (2 vs 2 here, 2 vs 4 with 4 templates), matched counts say the base is
-    base = {"n_correct": [2, 2, 0], "distinct_correct": [2, 2, 0], "distinct_eligible": [True, True, False],
-            "solution_counts": [[1, 1], [1, 1], []]}
-    rl = {"n_correct": [8, 8, 8], "distinct_correct": [4, 4, 4], "distinct_eligible": [True, True, True],
-          "solution_counts": [[5, 1, 1, 1], [5, 1, 1, 1], [2, 2, 2, 2]]}
-    br = compare_breadth({"base": {"n_samples": 16, "per_problem": base}, "rl": {"n_samples": 16, "per_problem": rl}})
-    assert br["distinct_correct_mean"] == {"base": 2.0, "rl": 4.0}, "the paired subset favours the model with more correct samples"
-    matched = br["distinct_correct_matched"]
-    assert matched["n_problems"] == 2 and matched["per_problem_m_mean"] == 2, "problem 3: the base has no 2 correct"
-    want_rl = rarefied_distinct([5, 1, 1, 1], 2)  # 1 - C(3,2)/C(8,2) + 3 (1 - C(7,2)/C(8,2)) = 1 - 3/28 + 3 * 7/28
-    assert want_rl == pytest.approx(1 - 3 / 28 + 3 * 7 / 28)
-    assert matched["mean"] == {"base": 2.0, "rl": pytest.approx(want_rl)} and want_rl < 2
-    assert matched_distinct({"base": base["solution_counts"], "rl": None}) is None
-    del base["solution_counts"]
-    assert compare_breadth({"base": {"n_samples": 16, "per_problem": base},
-                            "rl": {"n_samples": 16, "per_problem": rl}})["distinct_correct_matched"] is None
-
-
-def test_the_real_pairs_budget_table_is_the_shipped_measurement():
-    import json
-
-    from experiments.paths import RESULTS_DIR
-
-    metrics = json.loads((RESULTS_DIR / "real-budget" / "metrics.json").read_text())["metrics"]
-    names = {"SmolLM2-135M-Instruct.Q4_1.gguf": "base", "rl-none": "RL (rl-none)"}
-    doc = (RESULTS_DIR.parents[1] / "docs" / "real-pair.md").read_text()
-    for key, name in names.items():
-        by = metrics[key]["eos_by_budget"]
-        row = f"| {name} finished at eos | " + " | ".join(f"{100 * by[b]:.1f}%" for b in ("64", "128", "256", "512", "1024"))
-        assert row + " |" in doc, f"docs/real-pair.md's budget table differs from real-budget/metrics.json: {row}"
-    base = metrics["SmolLM2-135M-Instruct.Q4_1.gguf"]["eos_by_budget"]
-    assert base["1024"] < 1 - TRUNCATION_LIMIT, "the doc says no budget brings the base to 90%"
-    assert base["1024"] - base["512"] < base["512"] - base["256"], "... and that each doubling buys less"
-
-
 def test_c4_on_a_task_that_cannot_count_solutions_compares_at_matched_correct_counts():
     # the base solves problems 0-1 twice each, two ways; RL 8 times each, mostly one template: paired means say
     # RL is broader (4 vs 2), matched counts (m = 2) say it is narrower
@@ -371,4 +318,3 @@ def test_c4_on_a_task_that_cannot_count_solutions_compares_at_matched_correct_co
     base2["per_problem"]["solution_counts"] = base["per_problem"]["solution_counts"]
     rl2["per_problem"]["solution_counts"] = rl["per_problem"]["solution_counts"]
     assert C.claim_breadth(base2, rl2).effect["value"] == pytest.approx(0.5), "paired mean over 8 problems: (8 - 4) / 8"
-
