@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from probe.atomic import replace_dir_atomic, write_text_atomic
+from probe.models.adapters import AdapterError, split_adapter_spec
 
 
 def as_json(obj: Any) -> Any:
@@ -98,9 +99,12 @@ def portable(obj: Any, run_dir: str | Path) -> Any:
         return Path(os.path.relpath(q, run)).as_posix()
 
     def conv(s: str) -> str:
-        if "+" in s and not any(c.isspace() for c in s) and len(s) < 1024 and not _exists(s):  # BASE+ADAPTER
-            a, b = s.rsplit("+", 1)
-            if a and b and all(os.path.isabs(x) or _exists(x) for x in (a, b)):
+        if "+" in s and not any(c.isspace() for c in s) and len(s) < 1024:  # BASE+ADAPTER
+            try:
+                a, b = split_adapter_spec(s)
+            except AdapterError:  # "+" at an end: not a checkpoint spec
+                a, b = s, None
+            if b and all(os.path.isabs(x) or _exists(x) for x in (a, b)):
                 return f"{conv(a)}+{rel(b)}"
         if s.startswith("math:"):
             head, *opts = s[len("math:"):].split(",")
