@@ -232,9 +232,7 @@ def claim_breadth(base: dict, rl: dict, seed: int = 0) -> Claim:
     uncountable = pb.get("distinct_rule") is not None and all(r is None for r in pb["distinct_rule"])
     use_matched = uncountable and matched is not None  # counts missing (older cells): the paired mean, flagged
     if use_matched:  # every correct completion differs: compare at matched counts
-        cols = (matched["per_problem"]["base"], matched["per_problem"]["rl"])
-        gap = (sum(cols[0]) - sum(cols[1])) / len(cols[0]) if cols[0] else None
-        gap_ci = list(paired_ci(cols, lambda x: (x[:, 0] - x[:, 1]).mean(), seed)) if cols[0] else None
+        gap, gap_ci = paired_gap((matched["per_problem"]["base"], matched["per_problem"]["rl"]), seed)
         measure = "distinct correct solutions among the same number of correct samples per problem, RL minus base"
         over = (f" at matched counts (m = {format_number(matched['per_problem_m_mean'], 1)} correct samples) over "
                 f"{matched['n_problems']} problems")
@@ -297,10 +295,15 @@ def distinct_gap_ci(base: dict, rl: dict, seed: int = 0) -> tuple[float | None, 
     pb, pr = _pp(base), _pp(rl)
     both = paired_eligible(torch.tensor([pb["distinct_eligible"], pr["distinct_eligible"]], dtype=torch.bool))
     elig = both.nonzero().flatten().tolist()
-    if not elig:
+    return paired_gap(([pb["distinct_correct"][i] for i in elig], [pr["distinct_correct"][i] for i in elig]), seed)
+
+
+def paired_gap(cols: tuple[list[float], list[float]], seed: int = 0) -> tuple[float | None, list | None]:
+    """Mean of cols[0] minus cols[1] (the same problems, in the same order) with its paired interval;
+    (None, None) for no problems."""
+    if not cols[0]:
         return None, None
-    cols = ([pb["distinct_correct"][i] for i in elig], [pr["distinct_correct"][i] for i in elig])
-    return (sum(cols[0]) - sum(cols[1])) / len(elig), list(paired_ci(cols, lambda x: (x[:, 0] - x[:, 1]).mean(), seed))
+    return (sum(cols[0]) - sum(cols[1])) / len(cols[0]), list(paired_ci(cols, lambda x: (x[:, 0] - x[:, 1]).mean(), seed))
 
 
 def _cell(m: dict | None) -> dict | None:
