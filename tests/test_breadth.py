@@ -143,7 +143,8 @@ def test_frontier_averages_base_rl_mixture_and_cell_over_the_problems_both_solve
               "distinct_correct_mean", "n_boot_used"):
         assert got[k] == want[k], k
     assert got["distinct_correct_mean"] == 2.0 and got["distinct_correct_n_problems"] == 2
-    assert "every compared model solved" in got["distinct_correct_subset"]
+    assert got["distinct_measure"] == "matched" and "same number of correct samples" in got["distinct_correct_subset"], \
+        "a task that cannot count solutions compares at matched counts (here every solved row has 4 correct samples)"
     old = compare_to_frontier(Outcomes(r.keys, [True] * 8), Outcomes(b.keys, [True] * 8), Outcomes(r.keys, [True] * 8),
                               n_boot=20)
     assert old["distinct_correct_mean"] == 2.0 and mixture_curve(Outcomes(b.keys, [True] * 8), Outcomes(
@@ -151,16 +152,29 @@ def test_frontier_averages_base_rl_mixture_and_cell_over_the_problems_both_solve
 
 
 def test_stacked_seeds_pair_a_problem_solved_at_any_seed():
-    b1 = Outcomes(_keys([2, 0]), [None, None])
-    b2 = Outcomes(_keys([0, 2]), [None, None])  # the base solves problem 1 only at the second seed
+    rule = [None, None, True]  # a task that counts only problem 2's solutions: the paired subset elsewhere
+    b1 = Outcomes(_keys([2, 0, 3]), rule)
+    b2 = Outcomes(_keys([0, 2, 3]), rule)  # the base solves problem 1 only at the second seed
+    r = Outcomes(_keys([1, 1, 1]), rule)
+    base, clusters = stack([b1, b2])
+    rl, _ = stack([r, r])
+    out = compare_to_frontier(rl, base, rl, n_boot=10, clusters=clusters)
+    assert out["distinct_measure"] == "paired" and out["distinct_correct_n_problems"] == 3, \
+        "every problem: each model solved problems 0-1 at some seed, problem 2 counts by the rule"
+    assert mixture_curve(base, rl, ms=[N], clusters=clusters)[0]["distinct_correct_mean"] == pytest.approx(10 / 6)
+    assert mixture_curve(base, rl, ms=[N])[0]["distinct_correct_mean"] == pytest.approx(2.5), \
+        "vacuity: row by row only the rows the base solved would count"
+
+
+def test_matched_measure_counts_the_rows_where_both_have_two_correct():
+    b1, b2 = Outcomes(_keys([2, 0]), [None, None]), Outcomes(_keys([0, 2]), [None, None])
     r = Outcomes(_keys([1, 1]), [None, None])
     base, clusters = stack([b1, b2])
     rl, _ = stack([r, r])
     out = compare_to_frontier(rl, base, rl, n_boot=10, clusters=clusters)
-    assert out["distinct_correct_n_problems"] == 2, "both problems: each model solved each at some seed"
-    assert mixture_curve(base, rl, ms=[N], clusters=clusters)[0]["distinct_correct_mean"] == pytest.approx(1.0)
-    assert mixture_curve(base, rl, ms=[N])[0]["distinct_correct_mean"] == pytest.approx(2.0), \
-        "vacuity: row by row only the rows the base solved would count"
+    assert out["distinct_measure"] == "matched" and out["distinct_correct_n_problems"] == 2
+    assert mixture_curve(base, rl, ms=[N], clusters=clusters)[0]["distinct_correct_mean"] == pytest.approx(2.0), \
+        "a seed where the base solved nothing cannot be compared at matched counts: only the two solved rows count"
 
 
 # --- truncation ------------------------------------------------------------------------------------

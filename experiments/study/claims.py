@@ -32,8 +32,9 @@ claim can be recomputed from a finished run directory without sampling again.
   pass@1, `probe.metrics.frontier`) of the sweep's `best` cell (RL model alone, pass@1 within the tolerance,
   chosen on the selection half, measured on the test half at unseen seeds), interval by resampling
   problems with their seeds. Needs a breadth gap (base minus RL distinct-correct, lower bound > 0),
-  else inconclusive (the gap is over C4's paired subset; the cell's restoration and excess over the
-  sweep's, `probe.metrics.frontier`: the problems both base and RL solved where the task cannot count).
+  else inconclusive (the gap in C4's measure, `breadth_gap`: the paired subset, or matched numbers of
+  correct samples where the task cannot count its solutions, as the sweep's restoration and excess
+  are, `probe.metrics.frontier`; the sweep matches per seed, the gap over the pooled seeds).
   Holds (elicitation): excess lower bound > 0, restoration lower bound > 0.1 and the fork detector
   reads the base model's forks off the RL residual better than token identity.
   Fails: excess upper bound < 0 (a mixture gives more), or neither the cell (upper bound) nor
@@ -227,19 +228,11 @@ def claim_breadth(base: dict, rl: dict, seed: int = 0) -> Claim:
     diff = lambda x: (x[:, 1] - x[:, 0]).mean()  # noqa: E731  RL minus base
     gain, gain_ci = sum(p1[1]) / len(p1[1]) - sum(p1[0]) / len(p1[0]), paired_ci(p1, diff, seed)
     d_pk, d_pk_ci = sum(pk[1]) / len(pk[1]) - sum(pk[0]) / len(pk[0]), paired_ci(pk, diff, seed)
-    br = compare_breadth({"base": base, "rl": rl})
-    matched = br["distinct_correct_matched"]
-    uncountable = pb.get("distinct_rule") is not None and all(r is None for r in pb["distinct_rule"])
-    use_matched = uncountable and matched is not None  # counts missing (older cells): the paired mean, flagged
-    if use_matched:  # every correct completion differs: compare at matched counts
-        gap, gap_ci = paired_gap((matched["per_problem"]["base"], matched["per_problem"]["rl"]), seed)
-        measure = "distinct correct solutions among the same number of correct samples per problem, RL minus base"
-        over = (f" at matched counts (m = {format_number(matched['per_problem_m_mean'], 1)} correct samples) over "
-                f"{matched['n_problems']} problems")
-    else:
-        gap, gap_ci = distinct_gap_ci(base, rl, seed)  # base minus RL, over the paired subset
-        measure = "distinct correct solutions per problem (same problems for both), RL minus base"
-        over = f" over {br['distinct_correct_n_problems']} problems ({br['distinct_correct_subset']})"
+    g = breadth_gap(base, rl, seed)
+    br, matched, use_matched, uncountable = g["breadth"], g["matched"], g["measure"] == "matched", g["uncountable"]
+    gap, gap_ci, over = g["gap"], g["gap_ci"], g["over"]
+    measure = ("distinct correct solutions among the same number of correct samples per problem, RL minus base"
+               if use_matched else "distinct correct solutions per problem (same problems for both), RL minus base")
     d_dc = None if gap is None else -gap  # None: no problem is eligible for both (e.g. none both solved)
     d_dc_ci = (None, None) if gap_ci is None else (-gap_ci[1], -gap_ci[0])
     cross = crossover_k(rl["pass_at_k"], base["pass_at_k"])  # base catches up with RL after trailing it
@@ -253,12 +246,7 @@ def claim_breadth(base: dict, rl: dict, seed: int = 0) -> Claim:
     else:
         status, why = "inconclusive", (f"pass@1 change {format_number(gain)} {format_interval(gain_ci)}, distinct change "
                                        f"{format_number(d_dc, 2)}{over}, pass@{n} change {format_number(d_pk)}")
-    paired = {**br["distinct_correct_mean"], "subset": br["distinct_correct_subset"],
-              "n_problems": br["distinct_correct_n_problems"]}
-    used = paired if not use_matched else {
-        **matched["mean"], "n_problems": matched["n_problems"],
-        "subset": (f"matched numbers of correct samples (mean m = {format_number(matched['per_problem_m_mean'], 1)}) on "
-                   "the problems where both have >= 2 correct samples")}
+    paired, used = g["paired"], g["used"]
     ev = {"pass_at_1": {"base": base["pass_at_1"], "rl": rl["pass_at_1"], "gain": gain, "gain_ci": list(gain_ci)},
           f"pass_at_{n}": {"base": base["pass_at_k"][str(n)], "rl": rl["pass_at_k"][str(n)], "change": d_pk,
                            "change_ci": list(d_pk_ci)},
@@ -285,6 +273,37 @@ def claim_breadth(base: dict, rl: dict, seed: int = 0) -> Claim:
                  "pass@k approaches or falls below the base.", status,
                  effect_record(measure, d_dc, None if gap_ci is None else d_dc_ci, "solutions", "problems"), rule, ev, why,
                  flags=flags)
+
+
+def breadth_gap(base: dict, rl: dict, seed: int = 0) -> dict[str, Any]:
+    """Base minus RL distinct-correct in the measure the task allows, with its paired interval.
+
+    Where the task cannot count its solutions (every `distinct_rule` None: a math file) and both
+    metrics hold `solution_counts`: at matched numbers of correct samples
+    (`probe.metrics.breadth.matched_distinct`), the measure the steering sweep's frontier uses there;
+    else over the paired subset (`distinct_gap_ci`). Returns gap, gap_ci (None, None when no
+    problem counts), measure ("matched" / "paired"), over (words for the problems), used (the two
+    means, subset and n_problems), paired (the paired subset's means), matched, uncountable, breadth
+    (`compare_breadth` of the two)."""
+    br = compare_breadth({"base": base, "rl": rl})
+    matched = br["distinct_correct_matched"]
+    rule = _pp(base).get("distinct_rule")
+    uncountable = rule is not None and all(r is None for r in rule)
+    paired = {**br["distinct_correct_mean"], "subset": br["distinct_correct_subset"],
+              "n_problems": br["distinct_correct_n_problems"]}
+    if uncountable and matched is not None:  # every correct completion differs: compare at matched counts
+        gap, gap_ci = paired_gap((matched["per_problem"]["base"], matched["per_problem"]["rl"]), seed)
+        m_mean = format_number(matched["per_problem_m_mean"], 1)
+        return {"gap": gap, "gap_ci": gap_ci, "measure": "matched", "paired": paired, "matched": matched,
+                "uncountable": True, "breadth": br,
+                "over": f" at matched counts (m = {m_mean} correct samples) over {matched['n_problems']} problems",
+                "used": {**matched["mean"], "n_problems": matched["n_problems"],
+                         "subset": (f"matched numbers of correct samples (mean m = {m_mean}) on the problems where both "
+                                    "have >= 2 correct samples")}}
+    gap, gap_ci = distinct_gap_ci(base, rl, seed)  # counts missing (older cells): the paired mean, flagged by C4
+    return {"gap": gap, "gap_ci": gap_ci, "measure": "paired", "paired": paired, "matched": matched,
+            "uncountable": uncountable, "breadth": br, "used": paired,
+            "over": f" over {br['distinct_correct_n_problems']} problems ({br['distinct_correct_subset']})"}
 
 
 # --- C5 ------------------------------------------------------------------------------------------
@@ -318,16 +337,17 @@ def claim_recovery(steer: dict, base: dict, rl: dict, detector: dict | None, see
     selection half, against the base/RL mixture frontier), the pooled test-half base and RL rows
     (with `per_problem`, for the breadth gap) and the probe's fork detector."""
     tol = steer["config"]["tolerance"]
-    rule = ("needs a breadth gap (base minus RL distinct-correct over the paired subset, the measure restoration and "
-            "frontier excess use; C4 on a math file compares at matched counts instead), lower bound > 0, else "
-            "inconclusive. `best` = the "
+    rule = ("needs a breadth gap (base minus RL distinct-correct in the measure restoration and frontier excess use: "
+            "over the paired subset, or at matched numbers of correct samples where the task cannot count its "
+            "solutions), lower bound > 0, else inconclusive. `best` = the "
             f"RL-alone cell with the most frontier excess at pass@1 >= RL - {tol}, chosen on the selection half, measured "
             "on the test half at unseen seeds. holds (elicitation beyond the mixture): its frontier excess has a lower "
             "bound > 0, its restoration a lower bound > 0.1, and the fork detector beats token identity; fails: its excess "
             "has an upper bound < 0 (sampling the base part of the time gives more), or neither it (upper bound) nor "
             "cross-model patching restores more than 0.1; inconclusive otherwise (e.g. on the frontier: it restores "
             "breadth, but no more than a mixture at the same pass@1)")
-    gap, gap_ci = distinct_gap_ci(base, rl, seed)
+    g = breadth_gap(base, rl, seed)
+    gap, gap_ci = g["gap"], g["gap_ci"]
     best = steer.get("best")
     r, r_ci = (best or {}).get("restoration_distinct"), (best or {}).get("restoration_distinct_ci")
     x, x_ci = (best or {}).get("frontier_excess"), (best or {}).get("frontier_excess_ci")
@@ -341,7 +361,7 @@ def claim_recovery(steer: dict, base: dict, rl: dict, detector: dict | None, see
     what = "" if best is None else (f"{best['family']} {best['spec']}" + (f" on {best['fraction']:g} of the samples"
                                                                           if (best.get("fraction") or 1) < 1 else ""))
     if gap_ci is None or gap_ci[0] <= 0:
-        status, why = "inconclusive", (f"no breadth gap to restore: base minus RL distinct-correct over the paired subset "
+        status, why = "inconclusive", (f"no breadth gap to restore: base minus RL distinct-correct{g['over']} "
                                        f"{format_number(gap, 2)} {format_interval(gap_ci, missing='[n/a]')}")
     elif best is None or x_ci is None or r_ci is None:
         status, why = "inconclusive", f"no RL-alone cell kept pass@1 within {tol} of RL on the selection half"
@@ -367,10 +387,9 @@ def claim_recovery(steer: dict, base: dict, rl: dict, detector: dict | None, see
 
         rl_p1 = max(c["pass_at_1"] for c in curve if c["m"] == 0)
         near = {f"{d:.3f}": frontier_at(curve, rl_p1 - d) for d in (0.002, 0.005, 0.01, 0.03)}
-    br = compare_breadth({"base": base, "rl": rl})
     ev = {
-        "distinct_gap_base_minus_rl": gap, "distinct_gap_ci": gap_ci,
-        "distinct_gap_subset": f"{br['distinct_correct_n_problems']} problems ({br['distinct_correct_subset']})",
+        "distinct_gap_base_minus_rl": gap, "distinct_gap_ci": gap_ci, "distinct_measure": g["measure"],
+        "distinct_gap_subset": f"{g['used']['n_problems']} problems ({g['used']['subset']})",
         "frontier_subset": (None if not (best or {}).get("distinct_correct_subset") else
                             f"{best.get('distinct_correct_n_problems')} problems ({best['distinct_correct_subset']})"),
         "frontier_restoration_at_pass_at_1_cost": near,

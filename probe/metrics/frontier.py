@@ -31,6 +31,18 @@ of them counts 0 there: it is measured on the reference pair's problems, so it c
 own average by failing problems); alone (`summary`), where that model solved it. Countdown has a
 rule for every problem, so nothing changes there.
 
+Matched breadth where solutions cannot be counted (`breadth_measure`): where the task has no rule
+on any problem (a math file), nearly every correct completion is worded differently, so
+distinct-correct tracks how many samples are correct and a model that solves more looks broader for
+that alone. There every comparison's distinct-correct is *matched* instead (`matched_columns`): per
+row, m = the fewer correct samples of base and RL; rows with m >= 2 count (the same rows for every
+column); each column (base, RL, every mixture point, the cell) scores the expected distinct solutions
+among min(m, its correct samples) of its correct samples drawn without replacement
+(`probe.metrics.passk.rarefied_distinct`; 0 with none correct). A column with fewer than m correct
+samples can show at most that many solutions, so failing never raises its breadth. Restoration,
+frontier and excess then ask "more different solutions among the same number of correct ones".
+`distinct_measure` in every output says which measure was used.
+
 Intervals: paired percentile bootstrap over problems (same resampled indices for base, RL, cell
 and every mixture point), vectorised as `probe.stats.bootstrap_weights` (a [replicates, problems]
 count matrix, clusters of rows moving together) times per-problem columns. Sums of integer
@@ -60,6 +72,8 @@ from probe.metrics.passk import (
     distinct_eligible,
     paired_eligible,
     pass_at_k_per_problem,
+    rarefied_distinct,
+    solution_counts,
     subset_label,
 )
 from probe.stats import bootstrap_weights, cluster_ids, percentile_interval
@@ -105,6 +119,40 @@ def resolved_eligible(
     solved = torch.stack([torch.zeros(n_units, dtype=torch.long).index_add_(0, unit, o.correct.any(1).long())[unit] > 0
                           for o in models])  # (models, P): solved somewhere in the row's unit
     return paired_eligible(distinct_eligible(models[0].eligible, solved))
+
+
+MATCHED_MIN = 2
+"""A row counts toward the matched measure when base and RL each have at least this many correct samples."""
+
+MATCHED_SUBSET = (f"rows where base and RL each have >= {MATCHED_MIN} correct samples (n_solutions unknown: distinct "
+                  "solutions among the same number of correct samples, the fewer of base's and RL's)")
+
+
+def breadth_measure(eligible: Sequence[bool | None]) -> str:
+    """"matched" where the task counts no problem's solutions (every `eligible` None), else "paired"."""
+    return "matched" if all(e is None for e in eligible) else "paired"
+
+
+def matched_columns(
+    columns: Sequence[Outcomes], base: Outcomes, rl: Outcomes
+) -> tuple[Float[Tensor, "problems columns"], Bool[Tensor, " problems"]]:
+    """Matched distinct-correct of each column, per row, and the rows that count (module docstring).
+
+    columns: outcomes of the same problems as base and RL (e.g. RL, base, mixtures, a cell). Returns
+    (values [P, len(columns)] float64: expected distinct among min(m, C) correct samples, C the
+    column's correct samples on the row, m = min(base's, RL's); eligible [P]: m >= `MATCHED_MIN`).
+    """
+    for c in columns:
+        check_comparable(c, base, "column, base")
+    check_comparable(base, rl, "base, rl")
+    m = torch.minimum(base.correct.sum(1), rl.correct.sum(1))  # (P,)
+    values = torch.zeros(base.n_problems, len(columns), dtype=torch.float64)
+    for j, col in enumerate(columns):
+        for p, keys in enumerate(col.keys):
+            counts = solution_counts(keys)
+            if counts and m[p] >= MATCHED_MIN:
+                values[p, j] = rarefied_distinct(counts, min(int(m[p]), sum(counts)))
+    return values, m >= MATCHED_MIN
 
 
 def summary(o: Outcomes, clusters: Sequence[int] | None = None) -> dict[str, Any]:
@@ -191,15 +239,21 @@ def mixture_curve(
 
     ms: base samples per problem (default every m in 0..n); or qs: fractions in [0, 1]. Each dict:
     q (= m / n, the fraction realised), m, pass_at_1, pass_at_64 (None if n < 64), pass_at_k,
-    distinct_correct_mean (over the problems paired for base and RL, `resolved_eligible`),
+    distinct_correct_mean (over the problems paired for base and RL, `resolved_eligible`; matched
+    where `breadth_measure` says so: `matched_columns`), distinct_measure,
     restoration_distinct, restoration_pass_at_64 (vs base and RL). clusters: as in
     `compare_to_frontier` (the problem id of each row of `stack`ed seeds).
     """
     grid = _grid(base.n, ms, qs)
     counts, distinct = mixture_per_problem(base, rl, [0, base.n, *grid])
-    rows = _summaries(counts, distinct, resolved_eligible([base, rl], clusters), base.n)
+    measure = breadth_measure(base.eligible)
+    if measure == "matched":
+        distinct, eligible = matched_columns([rl, base, *(splice(base, rl, m) for m in grid)], base, rl)
+    else:
+        eligible = resolved_eligible([base, rl], clusters)
+    rows = _summaries(counts, distinct, eligible, base.n)
     r, b = rows[0], rows[1]
-    return [{"q": m / base.n, "m": m, **row,
+    return [{"q": m / base.n, "m": m, **row, "distinct_measure": measure,
              "restoration_distinct": restoration(row["distinct_correct_mean"], base=b["distinct_correct_mean"],
                                                  rl=r["distinct_correct_mean"]),
              "restoration_pass_at_64": restoration(row["pass_at_64"], base=b["pass_at_64"], rl=r["pass_at_64"])}
@@ -250,7 +304,8 @@ def compare_to_frontier(
     Returns restoration_distinct, restoration_pass_at_64 (None if n < 64), pass_at_1_change (cell
     minus RL, fraction), frontier_restoration (frontier at the cell's pass@1), frontier_excess
     (restoration_distinct - frontier_restoration), each with `*_ci` [lo, hi] ((1 - alpha)
-    percentile; None when undefined), plus pass_at_1, distinct_correct_mean, n_boot_used, and
+    percentile; None when undefined), plus pass_at_1, distinct_correct_mean, distinct_measure
+    ("paired" or "matched": `breadth_measure`), n_boot_used, and
     `distinct_correct_subset` / `distinct_correct_n_problems` (units): the problems every
     distinct-correct mean here is over, the same for base, RL, mixture and cell (module docstring).
     clusters: the unit each row belongs to, resampled together (e.g. the problem id of each row of
@@ -265,9 +320,13 @@ def compare_to_frontier(
     mc, md = mixture_per_problem(base, rl, [0, n, *grid])  # (P, 2 + M): RL, base, grid
     cc, cd = per_problem(cell)
     counts = torch.cat([mc, cc[:, None]], 1).double()  # (P, 3 + M): RL, base, grid..., cell
-    dist = torch.cat([md, cd[:, None]], 1).double()
     unit = cluster_ids(p_count, clusters)  # (P,) ids 0..U-1
-    eligible = resolved_eligible([base, rl], clusters)  # (P,)
+    measure = breadth_measure(base.eligible)
+    if measure == "matched":
+        dist, eligible = matched_columns([rl, base, *(splice(base, rl, m) for m in grid), cell], base, rl)
+    else:
+        dist = torch.cat([md, cd[:, None]], 1).double()
+        eligible = resolved_eligible([base, rl], clusters)  # (P,)
     w = bootstrap_weights(p_count, n_boot, seed, clusters)  # (B+1, P): row 0 the full sample
     we = w * eligible.double()  # (B+1, P)
     p1 = (w @ counts) / (n * p_count)  # (B+1, 3+M): pass@1, exact integer sums
@@ -298,6 +357,7 @@ def compare_to_frontier(
         out[f"{name}_ci"] = list(percentile_interval(good, alpha)) if defined and good.numel() else None
     out.update(pass_at_1=p1[0, -1].item(), distinct_correct_mean=None if dm[0, -1].isnan() else dm[0, -1].item(),
                n_boot_used=int(ok["frontier_excess"][1:].sum()), n_boot=n_boot,
-               distinct_correct_subset=subset_label(base.eligible, paired=True),
+               distinct_measure=measure, distinct_correct_subset=(
+                   MATCHED_SUBSET if measure == "matched" else subset_label(base.eligible, paired=True)),
                distinct_correct_n_problems=int(unit[eligible].unique().numel()))
     return out

@@ -1,0 +1,74 @@
+"""The mixture frontier on a task that cannot count its solutions compares distinct-correct at matched counts."""
+
+from __future__ import annotations
+
+import pytest
+
+from probe.metrics.frontier import (
+    breadth_measure,
+    compare_to_frontier,
+    matched_columns,
+    mixture_curve,
+    splice,
+)
+from probe.metrics.outcomes import Outcomes
+from probe.metrics.passk import rarefied_distinct, solution_counts
+
+# A math file (eligible None everywhere). Base: few correct samples, all different. RL: many correct
+# samples, mostly one solution. Counted over the paired subset RL looks broader (more correct samples
+# means more distinct texts); among the same number of correct samples the base is broader.
+N = 8
+BASE_KEYS = [["a", "b", "c", None, None, None, None, None], ["x", "y", None, None, None, None, None, None],
+             ["p", None, None, None, None, None, None, None]]
+RL_KEYS = [["a", "a", "a", "a", "d", "a", "e", "a"], ["x", "x", "x", "z", "x", "w", "x", "x"],
+           ["p", "p", "q", "p", "p", "p", "p", "p"]]
+BASE = Outcomes(BASE_KEYS, [None] * 3)
+RL = Outcomes(RL_KEYS, [None] * 3)
+
+
+def test_the_measure_follows_the_tasks_rule():
+    assert breadth_measure([None, None]) == "matched"
+    assert breadth_measure([True, False]) == "paired" and breadth_measure([True, None]) == "paired"
+
+
+def test_matched_values_by_hand():
+    values, eligible = matched_columns([RL, BASE], BASE, RL)
+    assert eligible.tolist() == [True, True, False], "problem 2: the base has 1 correct sample, below 2"
+    # problem 0: m = 3; RL's 8 correct = a x6, d, e -> expected distinct among 3 drawn without replacement
+    assert values[0, 0].item() == pytest.approx(rarefied_distinct([6, 1, 1], 3))
+    assert values[0, 1].item() == 3.0 and values[1, 1].item() == 2.0
+    assert values[0, 0].item() < 3.0, "RL repeats one solution, so it shows fewer among the same number"
+    assert values[2].tolist() == [0.0, 0.0], "a row that does not count holds 0"
+
+
+def test_a_column_with_fewer_correct_samples_than_m_shows_at_most_those():
+    failing = Outcomes([["a", None, None, None, None, None, None, None]] + BASE_KEYS[1:], [None] * 3)
+    values, _ = matched_columns([failing], BASE, RL)
+    assert values[0, 0].item() == 1.0, "one correct sample can show one solution, not three"
+    assert len(solution_counts(failing.keys[0])) == 1
+
+
+def test_frontier_on_matched_counts_orders_base_above_rl():
+    b_rule, r_rule = Outcomes(BASE_KEYS, [True] * 3), Outcomes(RL_KEYS, [True] * 3)  # a task that counts solutions
+    paired = compare_to_frontier(b_rule, b_rule, r_rule, n_boot=50)
+    assert paired["distinct_measure"] == "paired" and paired["restoration_distinct"] == pytest.approx(1.0)
+    out = compare_to_frontier(BASE, BASE, RL, n_boot=50)
+    assert out["distinct_measure"] == "matched" and out["distinct_correct_n_problems"] == 2
+    assert out["restoration_distinct"] == pytest.approx(1.0), "the base restores all of its own gap"
+    curve = mixture_curve(BASE, RL)
+    assert curve[0]["distinct_measure"] == "matched"
+    assert curve[0]["restoration_distinct"] == pytest.approx(0.0) and curve[-1]["restoration_distinct"] == pytest.approx(1.0)
+    assert curve[-1]["distinct_correct_mean"] > curve[0]["distinct_correct_mean"], "base broader at matched counts"
+
+
+def test_failing_never_buys_matched_breadth():
+    nothing = Outcomes([[None] * N for _ in range(3)], [None] * 3)
+    out = compare_to_frontier(nothing, BASE, RL, n_boot=50)
+    assert out["distinct_correct_mean"] == 0.0 and out["restoration_distinct"] < 0, (
+        "a cell that solves nothing scores 0 distinct, below RL, never toward the base")
+
+
+def test_a_mixture_point_lies_on_the_matched_frontier():
+    cell = splice(BASE, RL, 4)
+    out = compare_to_frontier(cell, BASE, RL, n_boot=50)
+    assert out["frontier_excess"] == pytest.approx(0.0, abs=1e-12), "a mixture point is on the mixture's own curve"
