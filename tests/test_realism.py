@@ -20,3 +20,22 @@ def test_the_organism_row_is_the_shipped_claims_evidence():
     table = realism_table({"organism (Countdown)": row})
     assert table.count("\n") == 2 + len(PUBLISHED), "header, rule, our row, one row per published pair"
     assert "| organism (Countdown) | +0.048 [" in table and "not published" in table
+
+
+def test_the_readme_table_is_the_shipped_studies():
+    from experiments.study.realism import shipped_rows
+
+    rows = shipped_rows()
+    assert "organism (Countdown)" in rows, "the organism's study ships with the repository"
+    readme = (RESULTS_DIR.parents[1] / "README.md").read_text()
+    assert realism_table(rows) in readme, ("README.md's realism table differs from the shipped results.json files; "
+                                           "paste realism_table(shipped_rows()) again")
+
+
+def test_the_report_puts_the_run_beside_published_pairs(tmp_path):
+    from experiments.study.report import write_report
+
+    results = json.loads((RESULTS_DIR / "study" / "results.json").read_text())
+    text = write_report(results, tmp_path / "report.md").read_text()
+    assert "## This pair beside others" in text and realism_table({"this run": realism_row(results)}) in text
+    assert all(name in text for name in PUBLISHED)

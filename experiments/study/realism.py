@@ -7,7 +7,9 @@ distinct-correct over the paired subset (C4), the share of the entropy change on
 (C2), and the relative change of planning-token entropy over the RL log (C3, first vs last window).
 `PUBLISHED` holds what papers report for real pairs, each with its source (docs/published-pairs.md
 quotes them); a quantity no paper publishes is None and shows as "not published".
-`realism_table(rows)` renders the markdown table for the README and the report.
+`realism_table(rows)` renders the markdown table for the README and the report; `shipped_rows()`
+reads the rows of the studies this repository ships (the organism's, and the real pair's once its
+`results.json` exists), the README's table.
 
 What it is not: a new statistic (each number is a claim's evidence), or a judgement of which
 findings transfer: the table only puts them next to each other.
@@ -15,10 +17,16 @@ findings transfer: the table only puts them next to each other.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
+from experiments.paths import RESULTS_DIR
 from probe.stats import format_interval
+
+SHIPPED = {"organism (Countdown)": "study", "real pair (SmolLM2-135M-Instruct, GRPO LoRA)": "real"}
+"""Row name -> the directory under experiments/results/ whose results.json holds that study."""
 
 COLUMNS = ("RL pass@1 gain", "pass@k crossover k", "distinct-correct change", "entropy change on forks",
            "planning-entropy change")
@@ -44,16 +52,18 @@ def _claims(results: dict) -> dict[str, dict]:
 
 
 def realism_row(results: dict) -> dict[str, Any]:
-    """The five quantities of one study (`results.json` content); None where a claim could not compute one."""
+    """The five quantities of one study (`results.json` content); None where a claim could not compute
+    one or the results lack it."""
     c = _claims(results)
-    ev4, ev3 = c["C4"]["evidence"], c["C3"].get("evidence") or {}
+    ev4, ev3 = (c.get("C4") or {}).get("evidence") or {}, (c.get("C3") or {}).get("evidence") or {}
     distinct = ev4.get("distinct_correct_mean") or {}
     planning = (ev3.get("planning") or {}).get("log_change")
+    p1 = ev4.get("pass_at_1") or {}
     return {
-        "pass_at_1_gain": ev4["pass_at_1"]["gain"], "pass_at_1_gain_ci": ev4["pass_at_1"].get("gain_ci"),
+        "pass_at_1_gain": p1.get("gain"), "pass_at_1_gain_ci": p1.get("gain_ci"),
         "crossover_k": ev4.get("crossover_k_base_overtakes_rl"),
         "distinct_change": distinct.get("relative_change"), "distinct_subset_n": distinct.get("n_problems"),
-        "fork_share": c["C2"]["effect"]["value"],
+        "fork_share": ((c.get("C2") or {}).get("effect") or {}).get("value"),
         "planning_entropy_change": math.expm1(planning) if planning is not None else None,
     }
 
@@ -81,3 +91,9 @@ def realism_table(rows: dict[str, dict[str, Any]], published: dict[str, dict[str
                  _fmt(r["planning_entropy_change"], "relative" if r["planning_entropy_change"] is not None else missing)]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {r.get('source', 'this repository')} |")
     return "\n".join(lines)
+
+
+def shipped_rows(results_dir: Path = RESULTS_DIR) -> dict[str, dict[str, Any]]:
+    """`realism_row` of each shipped study (`SHIPPED`) whose results.json exists, in `SHIPPED` order."""
+    paths = {name: Path(results_dir) / sub / "results.json" for name, sub in SHIPPED.items()}
+    return {name: realism_row(json.loads(p.read_text())) for name, p in paths.items() if p.is_file()}

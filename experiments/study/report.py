@@ -28,6 +28,7 @@ from experiments.study.claims import (
     role_entropies,
 )
 from experiments.study.claims_training import claim_phases, claim_regime, plot_phases
+from experiments.study.realism import realism_row, realism_table
 from probe.atomic import write_text_atomic
 from probe.environment import describe, environment
 from probe.metrics.breadth import check_truncation
@@ -308,6 +309,10 @@ def write_report(results: dict, path: str | Path) -> Path:
     if trunc.get("message"):
         L += ["", "## Warning: samples cut off by the token budget", "",
               f"{trunc['message']}. Claims flagged: {', '.join(trunc['claims_flagged']) or 'none'}."]
+    L += ["", "## This pair beside others", "",
+          "The five quantities a reader compares across base / RL pairs, each read from this run's claims, then "
+          "what papers report for real pairs (`experiments.study.realism`):", "",
+          realism_table({"this run": realism_row(results)})]
     L += ["", "## Headline numbers", ""]
     L += [f"- {k}: " + (", ".join(f"{kk} {format_number(vv)}" for kk, vv in v.items()) if isinstance(v, dict) else
                         (format_interval(v) if isinstance(v, list) else format_number(v))) for k, v in h.items()]
