@@ -264,7 +264,7 @@ def organism_pair(tmp_path_factory):
     return root
 
 
-def test_sae_train_and_diff_end_to_end(organism_pair, tmp_path):
+def test_sae_train_and_diff_end_to_end(organism_pair, tmp_path, monkeypatch):
     from experiments.cli import build_parser
     from experiments.study.sae_stage import (
         SAEDiffConfig,
@@ -289,6 +289,24 @@ def test_sae_train_and_diff_end_to_end(organism_pair, tmp_path):
     for f in ("sae/cfg.json", "sae/sae_weights.safetensors", "sae_training.png", "feature_density.png"):
         assert (tmp_path / "t" / f).stat().st_size > 0, f"{f} missing"
     assert SAE.load_from_disk(tmp_path / "t" / "sae").cfg.d_sae == 64
+    # interrupted after training (metrics.json not yet written): the rerun scores the saved SAE, trains nothing
+    import experiments.study.sae_stage as stage
+
+    (tmp_path / "t" / "metrics.json").unlink()
+    weights = (tmp_path / "t" / "sae" / "sae_weights.safetensors").read_bytes()
+
+    def no_training(*a, **k):
+        raise AssertionError("the SAE was trained again although train_state.json matched")
+
+    monkeypatch.setattr(stage, "train_sae", no_training)
+    args.func(args)
+    again = json.loads((tmp_path / "t" / "metrics.json").read_text())
+    assert again["train"]["resumed_after_training"] and not metrics["train"]["resumed_after_training"]
+    assert again["fvu"] == metrics["fvu"] and again["train"]["n_activations"] == metrics["train"]["n_activations"]
+    assert (tmp_path / "t" / "sae" / "sae_weights.safetensors").read_bytes() == weights
+    other = stage.SAETrainConfig(**{**metrics["config"], "k": 4, "out": str(tmp_path / "t")})
+    assert stage._trained(other, tmp_path / "t") is None, "another k is another SAE: train it"
+    monkeypatch.undo()
     args = parser.parse_args(["sae", "diff", *common, "--sae", str(tmp_path / "t" / "sae"), "--out", str(tmp_path / "d"),
                               "--n-problems", "6", "--samples", "3", "--min-freq", "0", "--top", "3", "--n-contexts", "2"])
     head = args.func(args)

@@ -5,7 +5,9 @@
 instead, `--rl-mix`), collects the residual at one site on every real token, trains a sae-lens SAE
 on it (`probe.sae.dictionary.train_sae`) and scores it on trajectories of the selection half of the held-out split, base model (and
 RL model when `--rl` is set). It writes `OUT/sae/` (sae-lens format), `metrics.json`,
-`sae_training.png` and `feature_density.png`.
+`sae_training.png` and `feature_density.png`. Training is the long part: once the SAE is trained it
+is saved with `OUT/train_state.json` (the config it was trained with and its training record), so a
+run interrupted while scoring resumes there with the same config instead of sampling and training again.
 
 `sae diff` samples one model (default: base) on the selection half of the held-out split (the
 features it ranks are later chosen for steering, so it never sees the test half), teacher-forces both models on
@@ -19,14 +21,16 @@ is specific to forks shows a larger |score| there than off forks. It writes `met
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from experiments.paths import ORGANISMS_DIR, RESULTS_DIR
-from experiments.run_state import portable, write_json_atomic
+from experiments.run_state import as_json, portable, write_json_atomic
 from experiments.study.protocol import Half
 from probe.environment import environment
 from probe.forks import fork_threshold
@@ -207,22 +211,12 @@ def run_sae_train(cfg: SAETrainConfig) -> dict:
         resolve_hook(hook_name, m)  # a bad --layer / --site fails before any work
     prompts = task.train_prompts(cfg.problem_seed, cfg.n_train_problems)
     n_rl = round(cfg.rl_mix * len(prompts))
-    acts, n_traj = [], 0
-    for src, part in (("base", prompts[n_rl:]), ("rl", prompts[:n_rl])):
-        if part:
-            traj, _ = sample_trajectories(models[src], part, cfg.samples, cfg.seed, cfg.batch_size, task)
-            attn, where = traj.attention_mask, traj.attention_mask
-            frac = keep_fraction(int(attn.sum()), 4 * models[src].d_model,
-                                 int(cfg.activation_memory_gb * 2**30 * len(part) / len(prompts)))
-            if frac < 1:  # a seeded uniform subsample of positions fits the budget
-                where = attn & (torch.rand(attn.shape, generator=torch.Generator().manual_seed(cfg.seed)) < frac)
-            acts.append(collect_activations(models[src], traj.tokens, attn, where, hook_name, cfg.batch_size))
-            n_traj += traj.tokens.shape[0]
-    x = torch.cat(acts)
-    t_collect = time.time()
-    sae, history = train_sae(x, hook_name, cfg.spec(), model_name=portable(cfg.base, out))  # no machine path in cfg.json
-    t_train = time.time() - t_collect
-    save_sae(sae, out / "sae")
+    trained = _trained(cfg, out)
+    if trained is not None:  # an interrupted run trained this SAE already: score it
+        sae, record = load_sae(out / "sae", device=str(resolve_device(cfg.device))), trained["train"]
+    else:
+        sae, record = _train(cfg, models, task, prompts, n_rl, hook_name, out)
+    history = record["history"]
     heldout = Half.of(task, "selection", cfg.n_eval_problems).prompts  # the protocol: never the test half
     quality, freqs, ntok = {}, {}, {}
     for name, m in models.items():
@@ -241,15 +235,62 @@ def run_sae_train(cfg: SAETrainConfig) -> dict:
                    "met": base_q["fvu"] <= FVU_TARGET and base_q["l0"] <= L0_TARGET},
         "quality": quality,
         "quality_note": "held-out problems; l0/fvu/dead over every real token, losses over answer tokens",
-        "train": {"n_activations": int(x.shape[0]), "n_trajectories": n_traj, "n_problems": len(prompts),
-                  "n_problems_from_rl": n_rl, "problems": f"{cfg.task} train_prompts(seed={cfg.problem_seed})",
+        "train": {**record, "n_problems": len(prompts), "n_problems_from_rl": n_rl,
+                  "problems": f"{cfg.task} train_prompts(seed={cfg.problem_seed})",
                   "positions": "every real token (prompt and completion)", "steps": cfg.spec().steps,
-                  "seconds": t_train, "history": history},
+                  "resumed_after_training": trained is not None},
         "plots": ["sae_training.png", "feature_density.png"],
         "seconds": time.time() - t0, "config": asdict(cfg), "environment": environment(),
     }
     write_json_atomic(out / "metrics.json", metrics, relative_to=out)
     return metrics
+
+
+def _train(cfg: SAETrainConfig, models: dict, task, prompts: list[str], n_rl: int, hook_name: str,
+           out: Path) -> tuple[Any, dict]:
+    """Sample, collect activations, train and save the SAE plus `train_state.json`; returns (sae, record)."""
+    acts, n_traj = [], 0
+    for src, part in (("base", prompts[n_rl:]), ("rl", prompts[:n_rl])):
+        if part:
+            traj, _ = sample_trajectories(models[src], part, cfg.samples, cfg.seed, cfg.batch_size, task)
+            attn, where = traj.attention_mask, traj.attention_mask
+            frac = keep_fraction(int(attn.sum()), 4 * models[src].d_model,
+                                 int(cfg.activation_memory_gb * 2**30 * len(part) / len(prompts)))
+            if frac < 1:  # a seeded uniform subsample of positions fits the budget
+                where = attn & (torch.rand(attn.shape, generator=torch.Generator().manual_seed(cfg.seed)) < frac)
+            acts.append(collect_activations(models[src], traj.tokens, attn, where, hook_name, cfg.batch_size))
+            n_traj += traj.tokens.shape[0]
+    x = torch.cat(acts)
+    t_collect = time.time()
+    sae, history = train_sae(x, hook_name, cfg.spec(), model_name=portable(cfg.base, out))  # no machine path in cfg.json
+    record = {"n_activations": int(x.shape[0]), "n_trajectories": n_traj, "seconds": time.time() - t_collect,
+              "history": history}
+    save_sae(sae, out / "sae")
+    write_json_atomic(out / TRAIN_STATE, {"config": _train_key(cfg, out), "train": record}, relative_to=out)
+    return sae, record
+
+
+TRAIN_STATE = "train_state.json"
+"""Written beside `sae/` once the SAE is trained: what an interrupted `sae train` resumes from."""
+
+
+def _train_key(cfg: SAETrainConfig, out: Path) -> dict:
+    """The config fields that decide the trained SAE (scoring-only and placement fields left out), as
+    `train_state.json` stores them (paths portable, relative to `out`)."""
+    skip = {"out", "n_eval_problems", "eval_samples", "device", "backend"}
+    return portable(as_json({k: v for k, v in asdict(cfg).items() if k not in skip}), out)
+
+
+def _trained(cfg: SAETrainConfig, out: Path) -> dict | None:
+    """The train state of an SAE already trained in `out` with this config, else None."""
+    state = out / TRAIN_STATE
+    if not (state.is_file() and (out / "sae" / "cfg.json").is_file()):
+        return None
+    try:
+        saved = json.loads(state.read_text())
+    except json.JSONDecodeError:
+        return None  # written atomically, so only a foreign file: train again
+    return saved if saved.get("config") == _train_key(cfg, out) else None
 
 
 def compute_diff(cfg: SAEDiffConfig, pair: Pair, sae) -> DiffResult:
