@@ -51,6 +51,8 @@ def test_run_probe_writes_metrics_plots_and_a_loadable_detector(organism_pair, t
     for src in ("on_base_samples", "on_rl_samples"):
         rec = metrics[src]
         assert rec["sampler_entropy_max_abs_diff"] < 1e-4, "teacher forcing must reproduce the sampler"
+        worst = rec["sampler_entropy_max_abs_diff"]
+        assert 0 <= rec["sampler_entropy_mean_abs_diff"] <= worst and 0 <= rec["sampler_entropy_p99_abs_diff"] <= worst
         for name in ("base", "rl"):
             m = rec["models"][name]
             for k in ("entropy_mean", "planning_entropy_mean", "execution_entropy_mean", "fork_entropy_mean"):

@@ -233,7 +233,10 @@ def run_probe(cfg: ProbeConfig) -> dict:
         rec, forks = source_metrics(stats, traj, cfg.rho)
         own = stats.h_base if src == "base" else stats.h_rl
         rec["pass_rate"] = scored.correct.float().mean().item()
-        rec["sampler_entropy_max_abs_diff"] = (branches.entropy.cpu()[branches.mask.cpu()] - own[stats.mask]).abs().max().item()
+        gap = (branches.entropy.cpu()[branches.mask.cpu()] - own[stats.mask]).abs().double()  # nats, per answer token
+        rec["sampler_entropy_max_abs_diff"] = gap.max().item()  # bfloat16: the worst token; mean and p99 say how rare
+        rec["sampler_entropy_mean_abs_diff"] = gap.mean().item()
+        rec["sampler_entropy_p99_abs_diff"] = gap.quantile(0.99).item() if gap.numel() <= 2**24 else None
         metrics[f"on_{src}_samples"] = rec
         for x in layers:
             resid[x].append(stats.resid[x])
