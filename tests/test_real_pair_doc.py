@@ -35,3 +35,28 @@ def test_the_real_runs_tables_are_their_shipped_logs():
         assert table in doc, f"docs/real-pair.md's table of {run} differs from its train_log.jsonl; paste log_table again"
     with pytest.raises(ValueError, match="window"):
         log_table([], window=10)
+
+
+def test_the_real_probe_section_is_the_shipped_probe():
+    import json
+
+    from experiments.paths import RESULTS_DIR
+    from experiments.study.probe_table import role_table
+
+    metrics = json.loads((RESULTS_DIR / "real" / "probe" / "metrics.json").read_text())
+    doc = (RESULTS_DIR.parents[1] / "docs" / "real-pair.md").read_text()
+    assert "\n".join(role_table(metrics)) in doc, "docs/real-pair.md's probe table differs; paste role_table again"
+    det = metrics["detector"]
+    best = det["layers"][str(det["best_layer"])]["auroc_test"]
+    assert f"AUROC {best:.3f} (layer {det['best_layer']}" in doc and f"{det['token_baseline']['auroc_test']:.3f}" in doc
+    assert f"R^2 {metrics['law']['r2']:.2f}" in doc
+    base = metrics["on_base_samples"]
+    assert abs(base["entropy_change"]["share_on_base_forks"] - base["entropy_change"]["fork_token_fraction"]) < 0.05, \
+        "the doc says the base's forks carry about their share of the drop on the base's samples"
+    rl = metrics["on_rl_samples"]["entropy_change"]
+    assert rl["share_on_base_forks_ci"][0] > rl["fork_token_fraction"], "... and more than that on RL's samples"
+    for rec in (metrics["on_base_samples"], metrics["on_rl_samples"]):
+        b, r = rec["models"]["base"], rec["models"]["rl"]
+        assert all(r[k] < b[k] for k in ("entropy_mean", "planning_entropy_mean", "execution_entropy_mean",
+                                         "fork_entropy_mean")), "RL's entropy falls on every role"
+        assert b["planning_entropy_mean"] - r["planning_entropy_mean"] > b["execution_entropy_mean"] - r["execution_entropy_mean"]
