@@ -222,10 +222,10 @@ def diversity_metrics(
         out["planning_entropy_mean"] = _mean_or_none(entropy, scored.planning & mask)
         out["execution_entropy_mean"] = _mean_or_none(entropy, scored.execution & mask)
         out["fork_entropy_mean"] = _mean_or_none(entropy, fork_mask(entropy, mask, rho))
-    out["fraction_finished_eos"] = sum(f == "eos" for f in branches.finish_reason) / rows
+    at_eos = torch.tensor([f == "eos" for f in branches.finish_reason], dtype=torch.bool)  # (rows,)
+    out["fraction_finished_eos"] = int(at_eos.sum()) / rows
     out["truncated_share"] = sum(f == "length" for f in branches.finish_reason) / rows
-    out["eos_by_budget"] = eos_by_budget(branches.mask.sum(1).cpu(), torch.tensor([f == "eos" for f in branches.finish_reason]),
-                                         branches.tokens.shape[1])
+    out["eos_by_budget"] = eos_by_budget(branches.mask.sum(1).cpu(), at_eos, branches.tokens.shape[1])
     out.update(n_problems=n_prompts, n_samples=n, temperature=temperature, seed=seed)
     if per_problem:
         out["per_problem"] = {"n_correct": counts.tolist(), "distinct_correct": distinct.tolist(),
