@@ -36,7 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from probe.sampling.sampler import SamplerConfig, sample_branches  # noqa: E402
-from probe.sampling.vllm_engine import VLLMConfig, VLLMEngine  # noqa: E402
+from probe.sampling.vllm_config import VLLMConfig  # noqa: E402
+from probe.sampling.vllm_engine import VLLMEngine  # noqa: E402
 from steering import SteeringVector  # noqa: E402
 
 REAL_TASK = "math:experiments/real/smollm2/heldout.jsonl,chat"

@@ -66,7 +66,8 @@ from probe.sae.features import feature_records, fork_feature_diff  # noqa: E402
 from probe.sampling.sampler import SamplerConfig  # noqa: E402
 from probe.sampling.sampler import sample_branches as sample  # noqa: E402
 from probe.sampling.types import Branches  # noqa: E402
-from probe.sampling.vllm_engine import VLLMConfig, VLLMEngine  # noqa: E402
+from probe.sampling.vllm_config import VLLMConfig  # noqa: E402
+from probe.sampling.vllm_engine import VLLMEngine  # noqa: E402
 from probe.tasks import load_task  # noqa: E402
 from probe.tasks.countdown import Countdown  # noqa: E402
 from probe.tasks.math_task import MathTask  # noqa: E402

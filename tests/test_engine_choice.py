@@ -17,7 +17,8 @@ from experiments.study.eval_stage import EvalConfig
 from experiments.study.run import RunConfig, stage_configs
 from experiments.study.steer_stage import ApplyConfig, run_apply
 from experiments.study.sweep import SweepConfig, run_sweep
-from probe.sampling.vllm_engine import VLLMUnavailableError, engine_kwargs
+from probe.sampling.vllm_config import engine_kwargs
+from probe.sampling.vllm_engine import VLLMUnavailableError
 from probe.sampling.vllm_hooks import VLLMInterventionError
 
 BASE, RL = str(ORGANISMS_DIR / "base"), str(ORGANISMS_DIR / "rl-none")

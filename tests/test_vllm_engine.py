@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from probe.sampling.sampler import SamplerConfig, filtered_logprobs, sample_branches
-from probe.sampling.vllm_engine import VLLMConfig, VLLMEngine, engine_kwargs, require_entropy
+from probe.sampling.vllm_config import VLLMConfig, engine_kwargs
+from probe.sampling.vllm_engine import VLLMEngine, require_entropy
 from probe.sampling.vllm_hooks import StreamEdit, VLLMInterventionError
 from steering import LearnedEdit, SteeringVector, load_intervention, save_selected
 

@@ -3,7 +3,7 @@
 What it is: `EngineSettings`, the fields every command that samples for metrics shares (`forksight
 run`, `steer sweep`, `steer apply`, `eval`: `--engine hf|vllm` and the vLLM scale-out flags),
 validated on construction, so `--engine vllm` where vllm cannot be imported fails before any work,
-naming `make vllm` and `.venv-vllm`; `vllm_config`, the `probe.sampling.vllm_engine.VLLMConfig`
+naming `make vllm` and `.venv-vllm`; `vllm_config`, the `probe.sampling.vllm_config.VLLMConfig`
 they start; `EnginePool`, one started `VLLMEngine` at a time, kept across the cells of one checkpoint
 and shut down when another checkpoint is asked for or the pool closes; `vllm_refusal`, why vLLM
 cannot run an intervention (None when it can).
@@ -113,7 +113,7 @@ def require_vllm() -> None:
 
 def vllm_config(s: EngineSettings, dtype: str = "float32", seed: int = 0):
     """The `VLLMConfig` `s` starts engines with, in `dtype` (the study's precision)."""
-    from probe.sampling.vllm_engine import VLLMConfig
+    from probe.sampling.vllm_config import VLLMConfig
 
     return VLLMConfig(dtype=dtype, seed=seed, tensor_parallel_size=s.vllm_tensor_parallel_size,
                       data_parallel_size=s.vllm_data_parallel_size,
