@@ -72,3 +72,12 @@ def test_a_mixture_point_lies_on_the_matched_frontier():
     cell = splice(BASE, RL, 4)
     out = compare_to_frontier(cell, BASE, RL, n_boot=50)
     assert out["frontier_excess"] == pytest.approx(0.0, abs=1e-12), "a mixture point is on the mixture's own curve"
+
+
+def test_the_gap_every_restoration_divides_by_is_reported():
+    out = compare_to_frontier(BASE, BASE, RL, n_boot=50)
+    values, eligible = matched_columns([RL, BASE], BASE, RL)
+    want = (values[eligible, 1] - values[eligible, 0]).mean().item()
+    assert out["distinct_gap"] == pytest.approx(want) and out["distinct_gap"] > 0, "base minus RL, matched"
+    lo, hi = out["distinct_gap_ci"]
+    assert lo <= out["distinct_gap"] <= hi

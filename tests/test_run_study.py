@@ -105,6 +105,26 @@ def test_claim_recovery_without_a_breadth_gap_is_inconclusive():
     assert c5.status == "inconclusive" and "no breadth gap" in c5.reason
 
 
+def test_claim_recovery_judges_the_gap_its_restoration_divides_by():
+    base, rl = _metrics([4] * 30, [4, 3] * 15), _metrics([6] * 30, [2, 1] * 15)  # pooled rows: base broader
+    det = {"best_layer": 2, "layers": {"2": {"auroc_test": 0.9}}, "token_baseline": {"auroc_test": 0.7}}
+    neg = {**_best(0.6, [0.5, 0.7], 0.2, [0.1, 0.3]), "distinct_measure": "matched", "distinct_gap": -0.4,
+           "distinct_gap_ci": [-0.6, -0.2]}  # per seed and matched, RL is broader: restoration points the other way
+    c5 = C.claim_recovery(_steer(neg), base, rl, det)
+    assert c5.status == "inconclusive" and "no breadth gap" in c5.reason and "matched" in c5.reason
+    assert c5.evidence["distinct_gap_base_minus_rl"] == -0.4 and c5.evidence["distinct_gap_pooled"]["gap"] > 0
+    pos = {**neg, "distinct_gap": 0.4, "distinct_gap_ci": [0.2, 0.6]}
+    assert C.claim_recovery(_steer(pos), base, rl, det).status == "holds"
+    old = C.claim_recovery(_steer(_best(0.6, [0.5, 0.7], 0.2, [0.1, 0.3])), base, rl, det)
+    assert old.evidence["distinct_gap_source"] == "the pooled test-half base and RL rows" and not old.flags
+    math = {k: {**m, "per_problem": {**m["per_problem"], "distinct_rule": [None] * 30,  # a math file, counts recorded
+                                     "solution_counts": [[2, 1, 1]] * 30 if k == "base" else [[5, 1]] * 30}}
+            for k, m in (("base", base), ("rl", rl))}
+    stale = C.claim_recovery(_steer(_best(0.6, [0.5, 0.7], 0.2, [0.1, 0.3])), math["base"], math["rl"], det)
+    assert stale.evidence["distinct_measure"] == "matched" and any("re-run the sweep" in f for f in stale.flags), \
+        "a sweep written before matched counts restores a paired gap: flagged, not silently mixed"
+
+
 # --- pre-flight ----------------------------------------------------------------------------------
 def _tiny_other_model(path: Path) -> Path:
     """A tiny random Qwen2 with another width, saved with the organism's tokenizer (same vocab)."""

@@ -32,9 +32,10 @@ claim can be recomputed from a finished run directory without sampling again.
   pass@1, `probe.metrics.frontier`) of the sweep's `best` cell (RL model alone, pass@1 within the tolerance,
   chosen on the selection half, measured on the test half at unseen seeds), interval by resampling
   problems with their seeds. Needs a breadth gap (base minus RL distinct-correct, lower bound > 0),
-  else inconclusive (the gap in C4's measure, `breadth_gap`: the paired subset, or matched numbers of
-  correct samples where the task cannot count its solutions, as the sweep's restoration and excess
-  are, `probe.metrics.frontier`; the sweep matches per seed, the gap over the pooled seeds).
+  else inconclusive (the gap is the best cell's own frontier comparison's, `distinct_gap`: the same
+  rows and measure its restoration divides by, the paired subset or matched numbers of correct
+  samples where the task cannot count its solutions; without a best cell, or from a sweep written
+  before it recorded the gap, `breadth_gap` over the pooled test rows, flagged if its measure differs).
   Holds (elicitation): excess lower bound > 0, restoration lower bound > 0.1 and the fork detector
   reads the base model's forks off the RL residual better than token identity.
   Fails: excess upper bound < 0 (a mixture gives more), or neither the cell (upper bound) nor
@@ -337,18 +338,24 @@ def claim_recovery(steer: dict, base: dict, rl: dict, detector: dict | None, see
     selection half, against the base/RL mixture frontier), the pooled test-half base and RL rows
     (with `per_problem`, for the breadth gap) and the probe's fork detector."""
     tol = steer["config"]["tolerance"]
-    rule = ("needs a breadth gap (base minus RL distinct-correct in the measure restoration and frontier excess use: "
-            "over the paired subset, or at matched numbers of correct samples where the task cannot count its "
-            "solutions), lower bound > 0, else inconclusive. `best` = the "
+    rule = ("needs a breadth gap (base minus RL distinct-correct, the denominator of the best cell's restoration: its "
+            "frontier comparison's, over the paired subset or at matched numbers of correct samples where the task "
+            "cannot count its solutions), lower bound > 0, else inconclusive. `best` = the "
             f"RL-alone cell with the most frontier excess at pass@1 >= RL - {tol}, chosen on the selection half, measured "
             "on the test half at unseen seeds. holds (elicitation beyond the mixture): its frontier excess has a lower "
             "bound > 0, its restoration a lower bound > 0.1, and the fork detector beats token identity; fails: its excess "
             "has an upper bound < 0 (sampling the base part of the time gives more), or neither it (upper bound) nor "
             "cross-model patching restores more than 0.1; inconclusive otherwise (e.g. on the frontier: it restores "
             "breadth, but no more than a mixture at the same pass@1)")
-    g = breadth_gap(base, rl, seed)
-    gap, gap_ci = g["gap"], g["gap_ci"]
     best = steer.get("best")
+    g = breadth_gap(base, rl, seed)
+    gap, gap_ci, measure, flags = g["gap"], g["gap_ci"], g["measure"], []
+    from_best = bool(best and best.get("distinct_gap_ci") is not None)
+    if from_best:  # the gap the best cell's restoration divides by, same rows and measure
+        gap, gap_ci, measure = best["distinct_gap"], best["distinct_gap_ci"], best["distinct_measure"]
+    elif best and best.get("distinct_measure", "paired") != g["measure"]:
+        flags.append(f"the sweep's restoration uses {best.get('distinct_measure', 'paired')} distinct-correct (written "
+                     f"before matched counts) but the gap here is {g['measure']}: re-run the sweep stage with this version")
     r, r_ci = (best or {}).get("restoration_distinct"), (best or {}).get("restoration_distinct_ci")
     x, x_ci = (best or {}).get("frontier_excess"), (best or {}).get("frontier_excess_ci")
     patch = steer.get("patching_upper_bound") or {}
@@ -361,7 +368,8 @@ def claim_recovery(steer: dict, base: dict, rl: dict, detector: dict | None, see
     what = "" if best is None else (f"{best['family']} {best['spec']}" + (f" on {best['fraction']:g} of the samples"
                                                                           if (best.get("fraction") or 1) < 1 else ""))
     if gap_ci is None or gap_ci[0] <= 0:
-        status, why = "inconclusive", (f"no breadth gap to restore: base minus RL distinct-correct{g['over']} "
+        over = f" ({measure}, the sweep's test half)" if from_best else g["over"]
+        status, why = "inconclusive", (f"no breadth gap to restore: base minus RL distinct-correct{over} "
                                        f"{format_number(gap, 2)} {format_interval(gap_ci, missing='[n/a]')}")
     elif best is None or x_ci is None or r_ci is None:
         status, why = "inconclusive", f"no RL-alone cell kept pass@1 within {tol} of RL on the selection half"
@@ -388,8 +396,11 @@ def claim_recovery(steer: dict, base: dict, rl: dict, detector: dict | None, see
         rl_p1 = max(c["pass_at_1"] for c in curve if c["m"] == 0)
         near = {f"{d:.3f}": frontier_at(curve, rl_p1 - d) for d in (0.002, 0.005, 0.01, 0.03)}
     ev = {
-        "distinct_gap_base_minus_rl": gap, "distinct_gap_ci": gap_ci, "distinct_measure": g["measure"],
-        "distinct_gap_subset": f"{g['used']['n_problems']} problems ({g['used']['subset']})",
+        "distinct_gap_base_minus_rl": gap, "distinct_gap_ci": gap_ci, "distinct_measure": measure,
+        "distinct_gap_source": ("the best cell's frontier comparison (test half, per seed)" if from_best
+                                else "the pooled test-half base and RL rows"),
+        "distinct_gap_pooled": {"gap": g["gap"], "ci": g["gap_ci"], "measure": g["measure"],
+                                "subset": f"{g['used']['n_problems']} problems ({g['used']['subset']})"},
         "frontier_subset": (None if not (best or {}).get("distinct_correct_subset") else
                             f"{best.get('distinct_correct_n_problems')} problems ({best['distinct_correct_subset']})"),
         "frontier_restoration_at_pass_at_1_cost": near,
@@ -415,4 +426,4 @@ def claim_recovery(steer: dict, base: dict, rl: dict, detector: dict | None, see
                  "what sampling the base model part of the time gives.", status,
                  effect_record("frontier excess of the best RL-alone cell (its restoration minus the base/RL mixture's at its "
                          "pass@1)", x, x_ci, "fraction of the base-RL distinct-correct gap", "problems (with their seeds)"),
-                 rule, ev, why)
+                 rule, ev, why, flags=flags)

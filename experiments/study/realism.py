@@ -3,7 +3,8 @@
 What it is: `realism_row(results)` reads the five quantities a reader compares across pairs out of a
 study's `results.json` (computed by the claims, never typed in): the RL pass@1 gain with its
 interval (C4), the k at which the base's pass@k overtakes RL's (C4), the relative change of
-distinct-correct over the paired subset (C4), the share of the entropy change on the base's forks
+distinct-correct in C4's measure (over the paired subset, or at matched numbers of correct samples
+on a math file), the share of the entropy change on the base's forks
 (C2), and the relative change of planning-token entropy over the RL log (C3, first vs last window).
 `PUBLISHED` holds what papers report for real pairs, each with its source (docs/published-pairs.md
 quotes them); a quantity no paper publishes is None and shows as "not published".
@@ -61,7 +62,7 @@ def realism_row(results: dict) -> dict[str, Any]:
     p1 = ev4.get("pass_at_1") or {}
     return {
         "pass_at_1_gain": p1.get("gain"), "pass_at_1_gain_ci": p1.get("gain_ci"),
-        "crossover_k": ev4.get("crossover_k_base_overtakes_rl"),
+        "crossover_k": ev4.get("crossover_k_base_overtakes_rl") if ev4 else "n/a",  # no C4: not measured
         "distinct_change": distinct.get("relative_change"), "distinct_subset_n": distinct.get("n_problems"),
         "fork_share": ((c.get("C2") or {}).get("effect") or {}).get("value"),
         "planning_entropy_change": math.expm1(planning) if planning is not None else None,

@@ -246,9 +246,14 @@ def run_sae_train(cfg: SAETrainConfig) -> dict:
     return metrics
 
 
+TRAIN_STATE = "train_state.json"
+"""Written beside `sae/` once the SAE is trained: what an interrupted `sae train` resumes from."""
+
+
 def _train(cfg: SAETrainConfig, models: dict, task, prompts: list[str], n_rl: int, hook_name: str,
            out: Path) -> tuple[Any, dict]:
     """Sample, collect activations, train and save the SAE plus `train_state.json`; returns (sae, record)."""
+    (out / TRAIN_STATE).unlink(missing_ok=True)  # sae/ is about to change: no stale state may vouch for it
     acts, n_traj = [], 0
     for src, part in (("base", prompts[n_rl:]), ("rl", prompts[:n_rl])):
         if part:
@@ -268,10 +273,6 @@ def _train(cfg: SAETrainConfig, models: dict, task, prompts: list[str], n_rl: in
     save_sae(sae, out / "sae")
     write_json_atomic(out / TRAIN_STATE, {"config": _train_key(cfg, out), "train": record}, relative_to=out)
     return sae, record
-
-
-TRAIN_STATE = "train_state.json"
-"""Written beside `sae/` once the SAE is trained: what an interrupted `sae train` resumes from."""
 
 
 def _train_key(cfg: SAETrainConfig, out: Path) -> dict:

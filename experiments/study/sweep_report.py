@@ -24,13 +24,14 @@ from probe.metrics.frontier import mixture_curve, summary
 from probe.stats import format_interval
 
 COLUMNS = ("id", "half", "family", "spec", "fraction", "params", "n_problems", "n_samples", "pass_at_1",
-           "pass_at_1_change", "pass_at_64", "distinct_correct_mean", "fork_entropy_mean", "restoration_distinct",
-           "restoration_pass_at_64", "frontier_restoration", "frontier_excess", "seconds")
+           "pass_at_1_change", "pass_at_64", "distinct_correct_mean", "distinct_measure", "fork_entropy_mean",
+           "restoration_distinct", "restoration_pass_at_64", "frontier_restoration", "frontier_excess", "seconds")
 
 
 BRIEF = ("family", "spec", "fraction", "params", "pass_at_1", "pass_at_1_change", "pass_at_1_change_ci",
          "restoration_distinct", "restoration_distinct_ci", "restoration_pass_at_64", "restoration_pass_at_64_ci",
-         "frontier_restoration", "frontier_excess", "frontier_excess_ci", "distinct_correct_mean", "pass_at_64",
+         "frontier_restoration", "frontier_excess", "frontier_excess_ci", "distinct_correct_mean", "distinct_measure",
+         "distinct_gap", "distinct_gap_ci", "pass_at_64",
          "pass_at_k", "fork_entropy_mean", "seeds", "id")
 
 
@@ -105,9 +106,12 @@ def write_outputs(sw: Any, sel: dict, tst: dict, seconds: float, best_file: str 
                      "row_level": "a fraction f of each prompt's samples steered (indices < round(f n)); formed by "
                                   "splicing the fully steered cell with RL by sample index (exact on the HF engine; "
                                   "on vLLM an independent draw of the same mixture)"},
-        "frontier": [{k: c[k] for k in ("q", "m", "pass_at_1", "pass_at_64", "distinct_correct_mean",
+        "frontier": [{k: c[k] for k in ("q", "m", "pass_at_1", "pass_at_64", "distinct_correct_mean", "distinct_measure",
                                         "restoration_distinct", "restoration_pass_at_64")} for c in curve],
-        "base": summary(b, clusters), "rl": summary(r, clusters),
+        "base": summary(b, clusters), "rl": summary(r, clusters),  # each alone: distinct over its own solved problems
+        "distinct_note": ("base and rl: distinct-correct over each model's own eligible problems; frontier, cells and "
+                          "restorations: over the rows base and RL are compared on, in `distinct_measure` (paired, "
+                          "or matched numbers of correct samples where the task cannot count its solutions)"),
         "best": tst["best"], "best_file": best_file, "best_restoration": tst["best_restoration"], "best_goal": tst["best_goal"],
         "picks": tst["picks"],
         "temperature_baseline": tst["temperature"],

@@ -305,7 +305,8 @@ def compare_to_frontier(
     minus RL, fraction), frontier_restoration (frontier at the cell's pass@1), frontier_excess
     (restoration_distinct - frontier_restoration), each with `*_ci` [lo, hi] ((1 - alpha)
     percentile; None when undefined), plus pass_at_1, distinct_correct_mean, distinct_measure
-    ("paired" or "matched": `breadth_measure`), n_boot_used, and
+    ("paired" or "matched": `breadth_measure`), distinct_gap (base minus RL distinct-correct in that
+    measure, the denominator of every restoration) with distinct_gap_ci, n_boot_used, and
     `distinct_correct_subset` / `distinct_correct_n_problems` (units): the problems every
     distinct-correct mean here is over, the same for base, RL, mixture and cell (module docstring).
     clusters: the unit each row belongs to, resampled together (e.g. the problem id of each row of
@@ -355,6 +356,9 @@ def compare_to_frontier(
         defined = bool(ok[name][0])
         out[name] = v[0].item() if defined else None
         out[f"{name}_ci"] = list(percentile_interval(good, alpha)) if defined and good.numel() else None
+    g_ok = gap[1:][gap[1:].isfinite()]
+    out["distinct_gap"] = None if gap[0].isnan() else gap[0].item()  # base minus RL: what restoration divides by
+    out["distinct_gap_ci"] = list(percentile_interval(g_ok, alpha)) if out["distinct_gap"] is not None and g_ok.numel() else None
     out.update(pass_at_1=p1[0, -1].item(), distinct_correct_mean=None if dm[0, -1].isnan() else dm[0, -1].item(),
                n_boot_used=int(ok["frontier_excess"][1:].sum()), n_boot=n_boot,
                distinct_measure=measure, distinct_correct_subset=(
