@@ -288,6 +288,18 @@ def _evidence_lines(ev: dict, depth: int = 0) -> list[str]:
     return lines
 
 
+def claims_table(results: dict) -> list[str]:
+    """Markdown lines of the claims table (header, rule, one row per claim with status, effect and interval)."""
+    lines = ["| claim | status | effect | value | 95% CI |", "|---|---|---|---|---|"]
+    cell = lambda text: str(text).replace("|", "\\|")  # noqa: E731  a literal | would split the table cell
+    for c in results["claims"]:
+        e = c["effect"]
+        flag = " (flagged: see its caveats)" if c.get("flags") else ""
+        lines.append(f"| {c['id']}: {cell(c['statement'])}{flag} | **{c['status']}** | {cell(e['name'])} | {_value(e)} | "
+                     f"{format_interval(e['ci'], open_bound=_above(e))} |")
+    return lines
+
+
 def write_report(results: dict, path: str | Path) -> Path:
     """Render `results` as Markdown at `path` (atomically)."""
     path = Path(path)
@@ -298,13 +310,7 @@ def write_report(results: dict, path: str | Path) -> Path:
          + (", ".join(f"`{v}`" for v in results["pair"]["variants"]) or "none") + ".", "",
          "Each claim is tested on this run's data; its status (holds / fails / inconclusive) comes from the rule "
          "stated under it, applied to the effect size and its 95% bootstrap interval. Nothing here is typed in.", "",
-         "| claim | status | effect | value | 95% CI |", "|---|---|---|---|---|"]
-    cell = lambda text: str(text).replace("|", "\\|")  # noqa: E731  a literal | would split the table cell
-    for c in results["claims"]:
-        e = c["effect"]
-        flag = " (flagged: see its caveats)" if c.get("flags") else ""
-        L.append(f"| {c['id']}: {cell(c['statement'])}{flag} | **{c['status']}** | {cell(e['name'])} | {_value(e)} | "
-                 f"{format_interval(e['ci'], open_bound=_above(e))} |")
+         *claims_table(results)]
     trunc = results.get("truncation") or {}
     if trunc.get("message"):
         L += ["", "## Warning: samples cut off by the token budget", "",
