@@ -156,6 +156,14 @@ def test_nnsight_sites_equal_hf_hidden_states_on_tiny_random_models(arch, tiny_l
         _, acts = model.run_with_sites(ids, ["ln_final.hook_normalized"])
     assert torch.allclose(acts["ln_final.hook_normalized"], want, atol=1e-4), \
         "ln_final.hook_normalized must be the normalised input before the affine weight (TL's definition)"
+    hooks = lambda: sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in hf.modules())  # noqa: E731
+    before = hooks()  # nnsight keeps its own
+    with torch.inference_mode():  # the stopped forward gives the same activations, every site and port
+        _, full = model.run_with_sites(ids, names)
+        for sites in (names, ["blocks.0.hook_resid_pre"], ["blocks.1.hook_mlp_out", "blocks.0.hook_attn_out"]):
+            got = model.activations(ids, sites)
+            assert set(got) == set(sites) and all(torch.allclose(got[n], full[n], atol=1e-6) for n in sites), arch
+    assert hooks() == before, "every hook removed after the stop"
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
@@ -235,5 +243,9 @@ def test_transformer_lens_and_nnsight_agree_on_the_organism(tmp_path):
     assert torch.allclose(lt[real], ln[real], atol=1e-4)
     for n in names:
         assert torch.allclose(at[n][real], an[n][real], atol=1e-4), f"{n}: backends disagree on the same name"
+    with torch.inference_mode():
+        for model, full in ((tl.rl, at), (nn.rl, an)):  # stopped after the site: the same activations
+            got = model.activations(traj.tokens, ["blocks.0.hook_resid_post"], traj.attention_mask)
+            assert torch.allclose(got["blocks.0.hook_resid_post"][real], full["blocks.0.hook_resid_post"][real], atol=1e-5)
     with pytest.raises(PairMismatchError, match="backend: 'transformer_lens'.* vs 'nnsight'"):
         load_pair(tl.base, nn.rl)

@@ -8,9 +8,10 @@ checkpoints neither overflow the context nor the device:
   before any sampling and names the prompt, the numbers and the fix (`ContextLengthError`).
 - `memory_budget()`: bytes a batch may use: `FORKSIGHT_MEMORY_GB` if set, else 60% of the free
   CUDA memory, or 25% of the available RAM on the CPU.
-- `sampling_rows(...)` / `forward_rows(...)`: how many rows of a sampling batch (KV cache of prompt
-  + completion, one step of logits) or of a teacher-forced batch (logits of every position, several
-  float32 copies) fit the budget. Callers take the minimum of that and their configured batch
+- `sampling_rows(...)` / `forward_rows(...)` / `activation_rows(...)`: how many rows of a sampling
+  batch (KV cache of prompt + completion, one step of logits), of a teacher-forced batch (logits of
+  every position, several float32 copies) or of a forward pass stopped at one block (no logits) fit
+  the budget. Callers take the minimum of that and their configured batch
   size, so small models (the organisms) never see a difference.
 - `keep_fraction(...)`: the share of positions whose activations can be kept within a byte budget,
   for callers that subsample (the fork detector's data, SAE training activations).
@@ -127,6 +128,22 @@ def forward_rows(model: Any, seq_len: int, budget: int | None = None, models: in
         return sys.maxsize
     layers, _, _, hidden, vocab = _shape(model)
     per_row = models * seq_len * (24 * vocab + 4 * hidden * (layers + 1))
+    budget = memory_budget(_device(model)) if budget is None else budget
+    return max(1, budget // per_row)
+
+
+def activation_rows(model: Any, seq_len: int, budget: int | None = None) -> int:
+    """Rows of a forward pass that stops at one block (`HookedModel.activations`) that fit `budget`
+    bytes: per position the block's float32 working set (residual copies, MLP activations) and one
+    head's row of attention scores at a time per head; no logits. At least 1 (unbounded for a
+    stand-in without a config)."""
+    cfg = _config(model)
+    if cfg is None:
+        return sys.maxsize
+    _, _, _, hidden, _ = _shape(model)
+    inner = _attr(cfg, "intermediate_size", "n_inner") or 4 * hidden
+    heads = _attr(cfg, "num_attention_heads", "n_head") or 1
+    per_row = seq_len * 4 * (8 * hidden + 3 * inner + 2 * heads * seq_len)
     budget = memory_budget(_device(model)) if budget is None else budget
     return max(1, budget // per_row)
 

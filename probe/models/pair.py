@@ -39,6 +39,10 @@ BACKENDS: tuple[str, ...] = ("transformer_lens", "nnsight")
 RESID_POST = "blocks.{L}.hook_resid_post"
 
 
+class _Stop(Exception):
+    """Raised by the last activation hook of `HookedModel.activations`: nothing after it is needed."""
+
+
 class PairMismatchError(ValueError):
     """Two models that cannot be compared token by token (vocabulary, width, depth, backend)."""
 
@@ -139,6 +143,64 @@ class HookedModel:
                 value = normalized(self.hf.get_submodule(h.module_path), value, h.post.split(":", 1)[1])
             acts[h.name] = value
         return logits.float(), acts
+
+    def activations(
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        sites: Sequence[str],
+        attention_mask: Int[Tensor, "batch pos"] | None = None,
+    ) -> dict[str, Float[Tensor, "batch pos d_model"]]:
+        """The named activations alone, equal to `run_with_sites`'s: the forward stops after the last
+        of them (no later block, no unembedding and no logits), which on a large vocabulary is most
+        of the cost and memory of collecting one middle layer."""
+        if not sites:
+            raise ValueError("no sites; name at least one activation, e.g. blocks.2.hook_resid_post")
+        tokens, mask = self._prepare(tokens, attention_mask)
+        hooks = sorted((resolve_hook(s, self) for s in dict.fromkeys(sites)), key=lambda h: h.order)
+        if self.backend == "transformer_lens":
+            names = [h.name for h in hooks]
+            last = hooks[-1].layer
+            stop = {} if last is None or any(h.layer is None for h in hooks) else {"stop_at_layer": last + 1}
+            _, cache = self.model.run_with_cache(tokens, attention_mask=mask, names_filter=names, **stop)
+            return {n: cache[n] for n in names}
+        return self._hf_activations(tokens, mask, hooks)
+
+    def _hf_activations(self, tokens: Tensor, mask: Tensor, hooks: list[ResolvedHook]) -> dict[str, Tensor]:
+        """Plain torch hooks on the HF modules (nnsight's own), raising `_Stop` after the last site."""
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        takes = inspect.signature(type(self.hf).forward).parameters
+        kw = {"position_ids": pos} if "position_ids" in takes else {}
+        saved: dict[str, Tensor] = {}
+        handles = []
+
+        def keep(h: ResolvedHook, value: Any) -> None:
+            value = value[0] if isinstance(value, (tuple, list)) else value
+            saved[h.name] = value.clone()  # a copy: layers may add to it in place later
+            if len(saved) == len(hooks):
+                raise _Stop
+
+        try:
+            for h in hooks:
+                module = self.hf.get_submodule(h.module_path)
+                if h.port == "input":
+                    handles.append(module.register_forward_pre_hook(lambda m, args, h=h: keep(h, args)))
+                else:
+                    handles.append(module.register_forward_hook(lambda m, args, out, h=h: keep(h, out)))
+            try:
+                self.hf(tokens, attention_mask=mask, use_cache=False, **kw)
+            except _Stop:
+                pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        missing = [h.name for h in hooks if h.name not in saved]
+        if missing:
+            raise RuntimeError(f"the forward pass of {self.name} never reached {missing}; its modules "
+                               f"{[h.module_path for h in hooks]} were not called")
+        for h in hooks:
+            if h.post is not None and h.post.startswith("undo_affine:"):  # TL: the norm before its gain/bias
+                saved[h.name] = normalized(self.hf.get_submodule(h.module_path), saved[h.name], h.post.split(":", 1)[1])
+        return saved
 
     def logits(
         self, tokens: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"] | None = None

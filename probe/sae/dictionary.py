@@ -39,7 +39,7 @@ from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
 from torch import Tensor
 
-from probe.models.budget import forward_rows
+from probe.models.budget import activation_rows
 from probe.models.hooks import HookSiteError, ResolvedHook, resolve_hook
 from probe.models.pair import HookedModel
 
@@ -111,17 +111,17 @@ def collect_activations(
     hook_name: str,
     batch_size: int = 64,
 ) -> Float[Tensor, "n d_model"]:
-    """The activation `hook_name` at every `where` position, row-major, float32 on the CPU."""
+    """The activation `hook_name` at every `where` position, row-major, float32 on the CPU (the forward
+    stops at that site: `HookedModel.activations`)."""
     if not (tokens.shape == attention_mask.shape == where.shape):
         raise ValueError(f"tokens {tuple(tokens.shape)}, attention_mask {tuple(attention_mask.shape)} and "
                          f"where {tuple(where.shape)} must share one [rows, pos] shape")
     out = []
-    batch_size = min(batch_size, forward_rows(getattr(model, "hf", None), tokens.shape[1]))
+    batch_size = min(batch_size, activation_rows(getattr(model, "hf", None), tokens.shape[1]))
     with torch.inference_mode():
         for r0 in range(0, tokens.shape[0], batch_size):
             sl = slice(r0, r0 + batch_size)
-            _, acts = model.run_with_sites(tokens[sl], [hook_name], attention_mask[sl].long())
-            a = acts[hook_name]
+            a = model.activations(tokens[sl], [hook_name], attention_mask[sl].long())[hook_name]
             out.append(a[where[sl].to(a.device)].float().cpu())  # [n_b, d]
     return torch.cat(out)
 
