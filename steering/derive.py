@@ -38,6 +38,8 @@ from torch import Tensor
 
 from probe.entropy import PairStats, Trajectories, pair_stats
 from probe.forks import ROLE_CODES, fork_mask
+from probe.models.budget import activation_rows
+from probe.models.hooks import site_name
 from probe.models.pair import RESID_POST, HookedModel, Pair
 from steering.vectors import NORMALISATIONS, SteeringVector
 
@@ -68,11 +70,14 @@ def answer_residuals(
     pred = torch.zeros_like(traj.answer_mask)  # [rows, pos] positions predicting an answer token
     pred[:, :-1] = traj.answer_mask[:, 1:]
     out: dict[int, list[Tensor]] = {layer: [] for layer in layers}
+    names = {layer: site_name(site, layer) for layer in layers}
+    batch_size = min(batch_size, activation_rows(getattr(model, "hf", None), traj.tokens.shape[1]))
     with torch.inference_mode():
         for r0 in range(0, traj.tokens.shape[0], batch_size):
             sl = slice(r0, r0 + batch_size)
-            _, acts = model.run_with_resid(traj.tokens[sl], list(layers), traj.attention_mask[sl].long(), site=site)
-            for layer, a in acts.items():
+            acts = model.activations(traj.tokens[sl], list(names.values()), traj.attention_mask[sl].long())
+            for layer, name in names.items():
+                a = acts[name]
                 out[layer].append(a[pred[sl].to(a.device)].float().cpu())
     return {k: torch.cat(v) for k, v in out.items()}
 

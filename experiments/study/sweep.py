@@ -164,7 +164,7 @@ def vectors(cfg: SweepConfig) -> dict[str, SteeringVector]:
     need = [m for m in cfg.methods if m not in have or (split_method(m)[0] != "sae" and not set(layers) <= set(have[m].layers))]
     if need:
         dc = DeriveConfig(base=cfg.base, rl=cfg.rl, layers=tuple(layers), n_problems=cfg.derive_problems, seed=cfg.seed,
-                          sae=cfg.sae, sae_diff=cfg.sae_diff, device=cfg.device, task=cfg.task)
+                          sae=cfg.sae, sae_diff=cfg.sae_diff, device=cfg.device, task=cfg.task, dtype=cfg.dtype)
         for m, v in derive_vectors(dc, tuple(need)).items():
             v.save(paths[m])
             have[m] = v

@@ -30,6 +30,7 @@ from sae_lens import SAE
 from torch import Tensor
 
 from probe.entropy import entropy_and_logprob
+from probe.models.budget import forward_rows
 from probe.models.hooks import HookSiteError, resolve_hook
 from probe.models.pair import HookedModel
 from probe.sae.dictionary import check_sae, collect_activations
@@ -83,6 +84,7 @@ def answer_nll(model: HookedModel, tokens: Int[Tensor, "rows pos"], attention_ma
     """Mean next-token NLL (nats) of `model.hf` over the answer tokens (hooks in place apply)."""
     total, count = 0.0, int(answer_mask.sum())
     with torch.inference_mode():
+        batch_size = min(batch_size, forward_rows(getattr(model, "hf", None), tokens.shape[1]))  # every position's logits: budgeted
         for r0 in range(0, tokens.shape[0], batch_size):
             sl = slice(r0, r0 + batch_size)
             _, lp = entropy_and_logprob(hf_logits(model, tokens[sl], attention_mask[sl]), tokens[sl].to(model.device))
