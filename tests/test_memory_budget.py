@@ -1,0 +1,52 @@
+"""Every forward pass over all positions is batched within the memory budget (probe.models.budget),
+and the batching changes no number: the SAE's answer NLL, activation collection, the steering
+vectors' residuals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from probe.models import budget
+from probe.models.pair import wrap
+from probe.sae.dictionary import collect_activations
+from probe.sae.quality import answer_nll
+
+
+def test_logit_and_activation_passes_stay_within_the_budget(tiny_lm, tiny_tokenizer, monkeypatch):
+    hf = tiny_lm("qwen2")
+    model = wrap(hf, tiny_tokenizer, backend="nnsight", device="cpu")
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, 60, (12, 10), generator=g)
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    answer = torch.zeros_like(mask)
+    answer[:, 5:] = True
+    site = "blocks.0.hook_resid_post"
+    full_nll = answer_nll(model, tokens, mask, answer, batch_size=64)
+    full_act = collect_activations(model, tokens, mask, mask, site, batch_size=64)
+
+    rows: list[int] = []
+    hf.get_input_embeddings().register_forward_hook(lambda m, args, out: rows.append(out.shape[0]))
+    per_row = budget.forward_rows(hf, 10, budget=10**12)
+    gb = 2.5 * 10**12 / per_row / 2**30  # room for two rows of every position's logits
+    monkeypatch.setenv("FORKSIGHT_MEMORY_GB", str(gb))
+    assert budget.forward_rows(hf, 10) == 2
+    assert answer_nll(model, tokens, mask, answer, batch_size=64) == pytest.approx(full_nll, rel=1e-5)
+    assert max(rows) == 2, f"answer_nll ran {max(rows)} rows at once within a budget for 2"
+    rows.clear()
+    cap = budget.activation_rows(hf, 10)
+    got = collect_activations(model, tokens, mask, mask, site, batch_size=64)
+    assert torch.allclose(got, full_act, atol=1e-6) and max(rows) <= cap
+
+
+def test_a_forward_stopped_at_a_block_fits_many_more_rows_on_a_large_vocabulary():
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig
+
+    smol = SimpleNamespace(config=LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                                              num_key_value_heads=3, num_hidden_layers=30, vocab_size=49152),
+                           parameters=lambda: iter([]))
+    gb5 = 5 * 2**30
+    assert budget.activation_rows(smol, 612, gb5) >= 10 * budget.forward_rows(smol, 612, gb5), \
+        "SmolLM2-135M at 612 positions: logits of every position dominate a teacher-forced batch"
