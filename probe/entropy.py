@@ -171,7 +171,8 @@ class PairStats:
     resid: dict[int, Float[Tensor, "n_answer d_model"]] = field(default_factory=dict)
     """RL model residual (`resid_site`) at the position predicting each answer token, row-major
     order of `mask` (so `resid[L][i]` goes with `h_base[mask][i]`); with `resid_keep`, of the kept
-    answer tokens only, row-major order of `resid_keep`."""
+    answer tokens only, row-major order of `resid_keep`. In the model's dtype (bfloat16 models keep
+    bfloat16 residuals: upcasting is exact, so consumers upcast only what they select)."""
 
 
 def pair_stats(
@@ -207,6 +208,6 @@ def pair_stats(
             for k, v in zip(out, (hb, hr, pb, pr, torch.cat([zero, kbr], 1), torch.cat([zero, krb], 1))):
                 out[k][sl] = v.cpu()
             for layer, a in acts.items():
-                resid[layer].append(a[pred[sl].to(a.device)].float().cpu())  # [n, d_model]
+                resid[layer].append(a[pred[sl].to(a.device)].cpu())  # [n, d_model], the model's dtype
     stats = {k: torch.where(answer_mask, v, 0.0) for k, v in out.items()}
     return PairStats(answer_mask, **stats, resid={k: torch.cat(v) for k, v in resid.items()})

@@ -65,7 +65,7 @@ class ForkResiduals:
 def answer_residuals(
     model: HookedModel, traj: Trajectories, layers: Sequence[int], site: str = RESID_POST, batch_size: int = 32
 ) -> dict[int, Float[Tensor, "n d_model"]]:
-    """`model`'s activation at `site` at the position predicting each answer token (CPU, float32),
+    """`model`'s activation at `site` at the position predicting each answer token (CPU, the model's dtype),
     in the order and convention of `pair_stats(...).resid`."""
     pred = torch.zeros_like(traj.answer_mask)  # [rows, pos] positions predicting an answer token
     pred[:, :-1] = traj.answer_mask[:, 1:]
@@ -78,7 +78,7 @@ def answer_residuals(
             acts = model.activations(traj.tokens[sl], list(names.values()), traj.attention_mask[sl].long())
             for layer, name in names.items():
                 a = acts[name]
-                out[layer].append(a[pred[sl].to(a.device)].float().cpu())
+                out[layer].append(a[pred[sl].to(a.device)].cpu())  # the model's dtype: bfloat16 halves the memory
     return {k: torch.cat(v) for k, v in out.items()}
 
 
@@ -206,7 +206,7 @@ def diff_of_means_vector(
         raise ValueError("no token is selected: select at least one fork (e.g. fork_tokens(res.stats, rho=0.2))")
     dirs, cents, counts = {}, {}, {}
     for layer in res.base:
-        b, r = res.base[layer][sel], res.rl[layer][sel]
+        b, r = res.base[layer][sel].float(), res.rl[layer][sel].float()  # exact: stored in the model's dtype
         if conditioning == "cluster":
             labels, cents[layer] = kmeans(r, n_clusters, seed)
             conds = [f"cluster{i}" for i in range(n_clusters)]
@@ -231,7 +231,7 @@ def pca_vector(
     sel = select.bool().cpu()
     dirs, explained = {}, {}
     for layer in res.base:
-        b, r = res.base[layer][sel], res.rl[layer][sel]
+        b, r = res.base[layer][sel].float(), res.rl[layer][sel].float()  # exact: stored in the model's dtype
         comps, ratio = pca_of_differences(b, r, component + 1)
         if comps.shape[0] <= component:
             raise ValueError(f"component {component} does not exist: only {comps.shape[0]} components at layer {layer}")

@@ -220,6 +220,11 @@ def test_feature_diff_ranks_planted_pruned_and_amplified_features():
         rank_features(diff, "lost")
     with pytest.raises(ValueError, match="no tokens selected"):
         feature_diff(base, rl, torch.zeros(n, dtype=torch.bool))
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(n, 6, generator=g).relu_() - 0.3, torch.rand(n, 6, generator=g) - 0.5
+    one, chunked = feature_diff(a, b, forks, chunk=n), feature_diff(a, b, forks, chunk=7)
+    for k in ("freq_base", "freq_rl", "mean_base", "mean_rl", "score"):
+        assert torch.allclose(getattr(one, k), getattr(chunked, k), atol=1e-6), f"{k}: chunking changed the diff"
 
 
 def test_top_contexts_merge_shared_prefixes_and_count_branches(tiny_tokenizer):

@@ -223,7 +223,7 @@ def preflight(cfg: RunConfig) -> None:
     task.check_tokenizer(pair.base.tokenizer)
     check_context(pair.base.hf, pair.base.tokenizer, task.heldout_prompts(), task.max_new_tokens)
     for v in variants:
-        load_pair(pair.base, v, device="cpu")  # the loaded base is reused; raises on any mismatch
+        load_pair(pair.base, v, device="cpu", dtype=cfg.dtype)  # the loaded base is reused; raises on any mismatch
 
 
 # --- stages --------------------------------------------------------------------------------------

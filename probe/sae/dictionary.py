@@ -243,7 +243,9 @@ def check_sae(sae: SAE, model: HookedModel, hook_name: str | None = None) -> Res
 
 
 def encode(sae: SAE, x: Float[Tensor, "n d_in"], batch_size: int = 4096) -> Float[Tensor, "n d_sae"]:
-    """Feature activations of `x` (float32, CPU), in batches."""
+    """Feature activations of `x` (float32, CPU), in batches, written into one preallocated tensor."""
+    out = torch.empty(x.shape[0], sae.cfg.d_sae, dtype=torch.float32)
     with torch.inference_mode():
-        return torch.cat([sae.encode(x[i : i + batch_size].to(sae.device, sae.dtype)).float().cpu()
-                          for i in range(0, x.shape[0], batch_size)]) if len(x) else x.new_zeros(0, sae.cfg.d_sae)
+        for i in range(0, x.shape[0], batch_size):
+            out[i : i + batch_size] = sae.encode(x[i : i + batch_size].to(sae.device, sae.dtype)).float().cpu()
+    return out

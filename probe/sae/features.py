@@ -73,20 +73,31 @@ class FeatureDiff:
 
 
 def feature_diff(
-    acts_base: Float[Tensor, "n d_sae"], acts_rl: Float[Tensor, "n d_sae"], where: Bool[Tensor, " n"]
+    acts_base: Float[Tensor, "n d_sae"], acts_rl: Float[Tensor, "n d_sae"], where: Bool[Tensor, " n"],
+    chunk: int = 8192,
 ) -> FeatureDiff:
-    """Frequency, mean activation and change score of every feature over the `where` tokens."""
+    """Frequency, mean activation and change score of every feature over the `where` tokens
+    (accumulated `chunk` tokens at a time, in float64)."""
     if acts_base.shape != acts_rl.shape or acts_base.shape[0] != where.shape[0]:
         raise ValueError(f"acts_base {tuple(acts_base.shape)}, acts_rl {tuple(acts_rl.shape)} and where "
                          f"{tuple(where.shape)} must cover the same n tokens (acts of both models on one set)")
     n = int(where.sum())
     if n == 0:
         raise ValueError("no tokens selected (where is all False); a diff needs at least one fork token")
-    b, r = acts_base[where].double(), acts_rl[where].double()
-    mb, mr = b.mean(0), r.mean(0)
+    idx = where.nonzero().squeeze(1)
+    d = acts_base.shape[1]
+    sums = {k: torch.zeros(d, dtype=torch.float64) for k in ("b", "r")}
+    fires = {k: torch.zeros(d, dtype=torch.int64) for k in ("b", "r")}
+    for i in range(0, n, chunk):  # sums and counts in chunks: no dense float64 copy of every token
+        rows = idx[i : i + chunk]
+        for k, a in (("b", acts_base), ("r", acts_rl)):
+            x = a[rows]
+            sums[k] += x.double().sum(0)
+            fires[k] += (x > 0).sum(0)
+    mb, mr = sums["b"] / n, sums["r"] / n
     total = mb + mr
     score = torch.where(total > 0, (mr - mb) / total.clamp_min(1e-30), torch.zeros_like(total))
-    return FeatureDiff((b > 0).double().mean(0).float(), (r > 0).double().mean(0).float(),
+    return FeatureDiff((fires["b"].double() / n).float(), (fires["r"].double() / n).float(),
                        mb.float(), mr.float(), score.float(), n)
 
 

@@ -105,7 +105,9 @@ def reconstruction_stats(sae: SAE, x: Float[Tensor, "n d_in"], batch_size: int =
             active = (f > 0).float()
             fires += active.sum(0).cpu()
             l0 += active.sum().item()
-    var = ((x.double() - x.double().mean(0)) ** 2).sum().item()
+    chunks = range(0, x.shape[0], batch_size)  # float64 a chunk at a time: no full-size copies of x
+    mean = sum(x[i : i + batch_size].double().sum(0) for i in chunks) / x.shape[0]
+    var = sum(((x[i : i + batch_size].double() - mean) ** 2).sum().item() for i in chunks)
     freq = fires / x.shape[0]
     n_dead = int((fires == 0).sum())
     return {"l0": l0 / x.shape[0], "fvu": sq_err / var, "dead_fraction": n_dead / sae.cfg.d_sae,
