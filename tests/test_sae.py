@@ -281,9 +281,10 @@ def test_sae_train_and_diff_end_to_end(organism_pair, tmp_path, monkeypatch):
     parser = build_parser()
     common = ["--base", str(organism_pair / "base"), "--rl", str(organism_pair / "rl"), "--backend", "nnsight",
               "--device", "cpu"]
-    args = parser.parse_args(["sae", "train", *common, "--out", str(tmp_path / "t"), "--layer", "1", "--d-sae", "64",
-                              "--k", "8", "--train-samples", "5120", "--sae-batch-size", "256", "--n-train-problems", "24",
-                              "--samples", "2", "--rl-mix", "0.25", "--n-eval-problems", "6", "--eval-samples", "2"])
+    train_argv = ["sae", "train", *common, "--layer", "1", "--d-sae", "64", "--k", "8", "--train-samples", "5120",
+                  "--sae-batch-size", "256", "--n-train-problems", "24", "--samples", "2", "--rl-mix", "0.25",
+                  "--n-eval-problems", "6", "--eval-samples", "2"]
+    args = parser.parse_args([*train_argv, "--out", str(tmp_path / "t")])
     head = args.func(args)
     metrics = json.loads((tmp_path / "t" / "metrics.json").read_text())
     assert head["hook_name"] == metrics["hook_name"] == "blocks.1.hook_resid_post"
@@ -311,6 +312,26 @@ def test_sae_train_and_diff_end_to_end(organism_pair, tmp_path, monkeypatch):
     assert (tmp_path / "t" / "sae" / "sae_weights.safetensors").read_bytes() == weights
     other = stage.SAETrainConfig(**{**metrics["config"], "k": 4, "out": str(tmp_path / "t")})
     assert stage._trained(other, tmp_path / "t") is None, "another k is another SAE: train it"
+    monkeypatch.undo()
+    # interrupted while training: the sampled trajectories wait on disk, the rerun does not sample them again
+    crash = parser.parse_args([*train_argv, "--out", str(tmp_path / "u")])
+
+    def power_cut(*a, **k):
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(stage, "train_sae", power_cut)
+    with pytest.raises(RuntimeError, match="power cut"):
+        crash.func(crash)
+    assert sorted(p.name for p in (tmp_path / "u").glob(".trajectories-*")) == [".trajectories-base.safetensors",
+                                                                               ".trajectories-rl.safetensors"]
+    monkeypatch.undo()
+    calls = []
+    real = stage.sample_trajectories
+    monkeypatch.setattr(stage, "sample_trajectories", lambda *a, **k: calls.append(1) or real(*a, **k))
+    crash.func(crash)
+    resumed = json.loads((tmp_path / "u" / "metrics.json").read_text())
+    assert len(calls) == 2, "only the scoring samples (base and RL); the training trajectories came from disk"
+    assert resumed["fvu"] == pytest.approx(metrics["fvu"]) and not list((tmp_path / "u").glob(".trajectories-*"))
     monkeypatch.undo()
     args = parser.parse_args(["sae", "diff", *common, "--sae", str(tmp_path / "t" / "sae"), "--out", str(tmp_path / "d"),
                               "--n-problems", "6", "--samples", "3", "--min-freq", "0", "--top", "3", "--n-contexts", "2"])

@@ -7,7 +7,9 @@ on it (`probe.sae.dictionary.train_sae`) and scores it on trajectories of the se
 RL model when `--rl` is set). It writes `OUT/sae/` (sae-lens format), `metrics.json`,
 `sae_training.png` and `feature_density.png`. Training is the long part: once the SAE is trained it
 is saved with `OUT/train_state.json` (the config it was trained with and its training record), so a
-run interrupted while scoring resumes there with the same config instead of sampling and training again.
+run interrupted while scoring resumes there with the same config instead of sampling and training again;
+before that, the sampled trajectories wait in `OUT/.trajectories-*.safetensors` (removed once trained),
+so a run interrupted while collecting activations or training does not sample again.
 
 `sae diff` samples one model (default: base) on the selection half of the held-out split (the
 features it ranks are later chosen for steering, so it never sees the test half), teacher-forces both models on
@@ -34,7 +36,7 @@ from experiments.run_state import as_json, portable, write_json_atomic
 from experiments.study.protocol import Half
 from probe.environment import environment
 from probe.forks import fork_threshold
-from probe.metrics.trajectories import sample_trajectories
+from probe.metrics.trajectories import load_trajectories, sample_trajectories, save_trajectories
 from probe.models.budget import keep_fraction
 from probe.models.checkpoint import load_causal_lm, resolve_device
 from probe.models.hooks import resolve_hook, site_name
@@ -254,10 +256,14 @@ def _train(cfg: SAETrainConfig, models: dict, task, prompts: list[str], n_rl: in
            out: Path) -> tuple[Any, dict]:
     """Sample, collect activations, train and save the SAE plus `train_state.json`; returns (sae, record)."""
     (out / TRAIN_STATE).unlink(missing_ok=True)  # sae/ is about to change: no stale state may vouch for it
-    acts, n_traj = [], 0
+    acts, n_traj, key = [], 0, _train_key(cfg, out)
     for src, part in (("base", prompts[n_rl:]), ("rl", prompts[:n_rl])):
         if part:
-            traj, _ = sample_trajectories(models[src], part, cfg.samples, cfg.seed, cfg.batch_size, task)
+            cache = out / f".trajectories-{src}.safetensors"  # until the SAE is trained: no sampling twice
+            traj = load_trajectories(cache, {**key, "source": src})
+            if traj is None:
+                traj, _ = sample_trajectories(models[src], part, cfg.samples, cfg.seed, cfg.batch_size, task)
+                save_trajectories(cache, traj, {**key, "source": src})
             attn, where = traj.attention_mask, traj.attention_mask
             frac = keep_fraction(int(attn.sum()), 4 * models[src].d_model,
                                  int(cfg.activation_memory_gb * 2**30 * len(part) / len(prompts)))
@@ -271,7 +277,9 @@ def _train(cfg: SAETrainConfig, models: dict, task, prompts: list[str], n_rl: in
     record = {"n_activations": int(x.shape[0]), "n_trajectories": n_traj, "seconds": time.time() - t_collect,
               "history": history}
     save_sae(sae, out / "sae")
-    write_json_atomic(out / TRAIN_STATE, {"config": _train_key(cfg, out), "train": record}, relative_to=out)
+    write_json_atomic(out / TRAIN_STATE, {"config": key, "train": record}, relative_to=out)
+    for src in ("base", "rl"):
+        (out / f".trajectories-{src}.safetensors").unlink(missing_ok=True)  # trained: train_state.json resumes
     return sae, record
 
 

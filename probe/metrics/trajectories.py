@@ -1,6 +1,7 @@
 """Sampled, scored, role-labelled trajectories: the input of every teacher-forced probe.
 
-What it is: one call from prompts to what the probes read. `sample_scored_trajectories` samples `n`
+What it is: one call from prompts to what the probes read (and `save_trajectories` /
+`load_trajectories`, a safetensors file with a caller's key, so a long job does not sample twice). `sample_scored_trajectories` samples `n`
 completions per prompt at temperature 1 (`probe.sampling.sampler`), scores them against the task
 (`probe.metrics.evaluate.score_branches`, which also labels each answer token's role) and lays them out
 as right-padded prompt + completion rows (`probe.entropy.Trajectories`). `sample_trajectories` is the
@@ -17,7 +18,10 @@ the task accepts (a mean over rows, so over problems weighted equally when every
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 from probe.entropy import Trajectories, trajectories_from_branches
@@ -57,3 +61,25 @@ def sample_trajectories(model: HookedModel, prompts: Sequence[str], samples: int
     _, scored, traj = sample_scored_trajectories(model.hf, model.tokenizer, prompts, samples, seed, batch_size,
                                                  str(model.device), task)
     return traj, scored.correct.float().mean().item()
+
+
+def save_trajectories(path: str | Path, traj: Trajectories, key: Any) -> Path:
+    """Write `traj` to `path` (safetensors, atomically) with `key` (JSON-able: what produced it) in
+    the header, for `load_trajectories`."""
+    from probe.models.checkpoint import save_safetensors_atomic
+
+    return save_safetensors_atomic(path, {f.name: getattr(traj, f.name) for f in fields(Trajectories)},
+                                   {"forksight.trajectories.key": json.dumps(key, sort_keys=True)})
+
+
+def load_trajectories(path: str | Path, key: Any) -> Trajectories | None:
+    """The trajectories at `path` if it exists and was saved with this `key`, else None."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        if (f.metadata() or {}).get("forksight.trajectories.key") != json.dumps(key, sort_keys=True):
+            return None
+        return Trajectories(**{name: f.get_tensor(name) for name in f.keys()})
