@@ -71,7 +71,7 @@ def answer_residuals(
     pred[:, :-1] = traj.answer_mask[:, 1:]
     out: dict[int, list[Tensor]] = {layer: [] for layer in layers}
     names = {layer: site_name(site, layer) for layer in layers}
-    batch_size = min(batch_size, activation_rows(getattr(model, "hf", None), traj.tokens.shape[1]))
+    batch_size = min(batch_size, activation_rows(getattr(model, "hf", None), traj.tokens.shape[1], n_sites=len(names)))
     with torch.inference_mode():
         for r0 in range(0, traj.tokens.shape[0], batch_size):
             sl = slice(r0, r0 + batch_size)

@@ -328,7 +328,8 @@ def test_sae_train_and_diff_end_to_end(organism_pair, tmp_path, monkeypatch):
     calls = []
     real = stage.sample_trajectories
     monkeypatch.setattr(stage, "sample_trajectories", lambda *a, **k: calls.append(1) or real(*a, **k))
-    crash.func(crash)
+    crash = parser.parse_args([*train_argv, "--out", str(tmp_path / "u"), "--activation-memory-gb", "3"])
+    crash.func(crash)  # another memory budget (the usual fix after an OOM) still reuses the samples
     resumed = json.loads((tmp_path / "u" / "metrics.json").read_text())
     assert len(calls) == 2, "only the scoring samples (base and RL); the training trajectories came from disk"
     assert resumed["fvu"] == pytest.approx(metrics["fvu"]) and not list((tmp_path / "u").glob(".trajectories-*"))

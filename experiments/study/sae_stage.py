@@ -218,6 +218,8 @@ def run_sae_train(cfg: SAETrainConfig) -> dict:
         sae, record = load_sae(out / "sae", device=str(resolve_device(cfg.device))), trained["train"]
     else:
         sae, record = _train(cfg, models, task, prompts, n_rl, hook_name, out)
+    for src in ("base", "rl"):  # trained (now or before): train_state.json resumes, the samples are not needed
+        (out / f".trajectories-{src}.safetensors").unlink(missing_ok=True)
     history = record["history"]
     heldout = Half.of(task, "selection", cfg.n_eval_problems).prompts  # the protocol: never the test half
     quality, freqs, ntok = {}, {}, {}
@@ -260,10 +262,10 @@ def _train(cfg: SAETrainConfig, models: dict, task, prompts: list[str], n_rl: in
     for src, part in (("base", prompts[n_rl:]), ("rl", prompts[:n_rl])):
         if part:
             cache = out / f".trajectories-{src}.safetensors"  # until the SAE is trained: no sampling twice
-            traj = load_trajectories(cache, {**key, "source": src})
+            traj = load_trajectories(cache, _sample_key(cfg, out, src))
             if traj is None:
                 traj, _ = sample_trajectories(models[src], part, cfg.samples, cfg.seed, cfg.batch_size, task)
-                save_trajectories(cache, traj, {**key, "source": src})
+                save_trajectories(cache, traj, _sample_key(cfg, out, src))
             attn, where = traj.attention_mask, traj.attention_mask
             frac = keep_fraction(int(attn.sum()), 4 * models[src].d_model,
                                  int(cfg.activation_memory_gb * 2**30 * len(part) / len(prompts)))
@@ -278,9 +280,15 @@ def _train(cfg: SAETrainConfig, models: dict, task, prompts: list[str], n_rl: in
               "history": history}
     save_sae(sae, out / "sae")
     write_json_atomic(out / TRAIN_STATE, {"config": key, "train": record}, relative_to=out)
-    for src in ("base", "rl"):
-        (out / f".trajectories-{src}.safetensors").unlink(missing_ok=True)  # trained: train_state.json resumes
     return sae, record
+
+
+def _sample_key(cfg: SAETrainConfig, out: Path, src: str) -> dict:
+    """What one source's training trajectories depend on (not the SAE's own settings: a rerun with
+    another memory budget or learning rate reuses them)."""
+    fields = ("task", "problem_seed", "n_train_problems", "rl_mix", "samples", "seed", "dtype")
+    return portable(as_json({"format": 1, "source": src, "checkpoint": getattr(cfg, src),
+                             **{k: getattr(cfg, k) for k in fields}}), out)
 
 
 def _train_key(cfg: SAETrainConfig, out: Path) -> dict:

@@ -79,7 +79,10 @@ def load_trajectories(path: str | Path, key: Any) -> Trajectories | None:
     path = Path(path)
     if not path.is_file():
         return None
-    with safe_open(str(path), "pt") as f:
-        if (f.metadata() or {}).get("forksight.trajectories.key") != json.dumps(key, sort_keys=True):
-            return None
-        return Trajectories(**{name: f.get_tensor(name) for name in f.keys()})
+    try:
+        with safe_open(str(path), "pt") as f:
+            if (f.metadata() or {}).get("forksight.trajectories.key") != json.dumps(key, sort_keys=True):
+                return None
+            return Trajectories(**{name: f.get_tensor(name) for name in f.keys()})
+    except Exception:  # noqa: BLE001  a foreign or older file is not ours to reuse: sample again
+        return None

@@ -132,18 +132,18 @@ def forward_rows(model: Any, seq_len: int, budget: int | None = None, models: in
     return max(1, budget // per_row)
 
 
-def activation_rows(model: Any, seq_len: int, budget: int | None = None) -> int:
+def activation_rows(model: Any, seq_len: int, budget: int | None = None, n_sites: int = 1) -> int:
     """Rows of a forward pass that stops at one block (`HookedModel.activations`) that fit `budget`
-    bytes: per position the block's float32 working set (residual copies, MLP activations) and one
-    head's row of attention scores at a time per head; no logits. At least 1 (unbounded for a
-    stand-in without a config)."""
+    bytes: per position the block's float32 working set (residual copies, MLP activations), one
+    head's row of attention scores at a time per head and a copy of each of `n_sites` kept
+    activations; no logits. At least 1 (unbounded for a stand-in without a config)."""
     cfg = _config(model)
     if cfg is None:
         return sys.maxsize
     _, _, _, hidden, _ = _shape(model)
     inner = _attr(cfg, "intermediate_size", "n_inner") or 4 * hidden
     heads = _attr(cfg, "num_attention_heads", "n_head") or 1
-    per_row = seq_len * 4 * (8 * hidden + 3 * inner + 2 * heads * seq_len)
+    per_row = seq_len * 4 * ((8 + 2 * n_sites) * hidden + 3 * inner + 2 * heads * seq_len)
     budget = memory_budget(_device(model)) if budget is None else budget
     return max(1, budget // per_row)
 

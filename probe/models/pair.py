@@ -182,8 +182,10 @@ class HookedModel:
         try:
             for h in hooks:
                 module = self.hf.get_submodule(h.module_path)
-                if h.port == "input":
-                    handles.append(module.register_forward_pre_hook(lambda m, args, h=h: keep(h, args)))
+                if h.port == "input":  # hidden states positional in most decoders, as a keyword in some
+                    handles.append(module.register_forward_pre_hook(
+                        lambda m, args, kwargs, h=h: keep(h, args[0] if args else kwargs["hidden_states"]),
+                        with_kwargs=True))
                 else:
                     handles.append(module.register_forward_hook(lambda m, args, out, h=h: keep(h, out)))
             try:

@@ -84,10 +84,12 @@ def feature_diff(
     n = int(where.sum())
     if n == 0:
         raise ValueError("no tokens selected (where is all False); a diff needs at least one fork token")
-    idx = where.nonzero().squeeze(1)
-    d = acts_base.shape[1]
-    sums = {k: torch.zeros(d, dtype=torch.float64) for k in ("b", "r")}
-    fires = {k: torch.zeros(d, dtype=torch.int64) for k in ("b", "r")}
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk} must be >= 1 (tokens per accumulation step)")
+    idx = where.nonzero().squeeze(1).to(acts_base.device)
+    d, dev = acts_base.shape[1], acts_base.device
+    sums = {k: torch.zeros(d, dtype=torch.float64, device=dev) for k in ("b", "r")}
+    fires = {k: torch.zeros(d, dtype=torch.int64, device=dev) for k in ("b", "r")}
     for i in range(0, n, chunk):  # sums and counts in chunks: no dense float64 copy of every token
         rows = idx[i : i + chunk]
         for k, a in (("b", acts_base), ("r", acts_rl)):
@@ -97,8 +99,8 @@ def feature_diff(
     mb, mr = sums["b"] / n, sums["r"] / n
     total = mb + mr
     score = torch.where(total > 0, (mr - mb) / total.clamp_min(1e-30), torch.zeros_like(total))
-    return FeatureDiff((fires["b"].double() / n).float(), (fires["r"].double() / n).float(),
-                       mb.float(), mr.float(), score.float(), n)
+    return FeatureDiff((fires["b"].double() / n).float().cpu(), (fires["r"].double() / n).float().cpu(),
+                       mb.float().cpu(), mr.float().cpu(), score.float().cpu(), n)
 
 
 def rank_features(diff: FeatureDiff, direction: str = "pruned", min_freq: float = 0.02,
