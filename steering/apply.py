@@ -110,6 +110,11 @@ class Steering:
         self._n = n
         return (torch.arange(n) >= self.steered_samples(n)).long()
 
+    @property
+    def kv_models(self) -> tuple:
+        """Models the sampler runs in step with the steered one (the shadow's), for its memory budget."""
+        return () if self.shadow is None else (self.shadow.hf,)
+
     # --- context manager / sampler intervention --------------------------------------------------
     def __enter__(self) -> Steering:
         if self._handles:

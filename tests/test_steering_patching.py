@@ -71,3 +71,25 @@ def test_patching_alpha_one_makes_the_layer_residual_the_base_residual(eos_lm, t
         a = rl(seq, output_hidden_states=True).hidden_states[layer + 1]
         b = base(seq, output_hidden_states=True).hidden_states[layer + 1]
     assert not torch.allclose(a, b, atol=1e-3)
+
+
+def test_the_memory_budget_counts_the_shadows_kv_cache(eos_lm, tiny_tokenizer, monkeypatch):
+    from probe.models import budget
+
+    rl, base = eos_lm(0), eos_lm(1)
+    p = patch(rl, base, layers=1, alpha=1.0, where="all")
+    assert p.kv_models == (base,), "patching runs the base in step: its KV cache is the sampler's to budget"
+    alone, both = budget.sampling_rows(rl, 20, budget=10**7), budget.sampling_rows(rl, 20, budget=10**7, extra_models=(base,))
+    assert both < alone and abs(2 * both - alone) <= 2, "two equal models' caches: half the rows"
+    full = sample_branches(rl, tiny_tokenizer, PROMPTS, CFG, intervention=patch(rl, base, 1, 1.0, where="all"))
+    rows = []
+    handle = rl.get_input_embeddings().register_forward_hook(lambda m, a, out: rows.append(out.shape[0]))
+    length = max(len(tiny_tokenizer(x).input_ids) for x in PROMPTS) + CFG.max_new_tokens  # what the sampler budgets
+    per_pair = budget.sampling_rows(rl, length, budget=10**12, extra_models=(base,))
+    monkeypatch.setenv("FORKSIGHT_MEMORY_GB", str(2.5 * 10**12 / per_pair / 2**30))  # two rows of both caches
+    assert budget.sampling_rows(rl, length) >= 4, "the RL model alone would take twice as many rows"
+    try:
+        small = sample_branches(rl, tiny_tokenizer, PROMPTS, CFG, intervention=patch(rl, base, 1, 1.0, where="all"))
+    finally:
+        handle.remove()
+    assert max(rows) <= 2 and torch.equal(full.tokens, small.tokens), "batched within the budget, same samples"

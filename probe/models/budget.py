@@ -111,11 +111,15 @@ def _dtype_bytes(model: Any) -> int:
         return 4
 
 
-def sampling_rows(model: Any, seq_len: int, budget: int | None = None) -> int:
+def sampling_rows(model: Any, seq_len: int, budget: int | None = None, extra_models: Sequence[Any] = ()) -> int:
     """Rows of a sampling batch that fit `budget` bytes: KV cache over `seq_len` positions plus one
-    step of float32 logits (with the sampler's working copies) per row; at least 1."""
-    layers, kv, head_dim, hidden, vocab = _shape(model)
-    per_row = 2 * layers * kv * head_dim * seq_len * _dtype_bytes(model) + 32 * vocab + 8 * hidden
+    step of float32 logits (with the sampler's working copies) per row, for `model` and for each of
+    `extra_models` that an intervention runs in step with it (a shadow model keeps its own KV cache);
+    at least 1."""
+    per_row = 0
+    for m in (model, *extra_models):
+        layers, kv, head_dim, hidden, vocab = _shape(m)
+        per_row += 2 * layers * kv * head_dim * seq_len * _dtype_bytes(m) + 32 * vocab + 8 * hidden
     budget = memory_budget(_device(model)) if budget is None else budget
     return max(1, budget // per_row)
 

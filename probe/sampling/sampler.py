@@ -28,6 +28,8 @@ shared by its n samples): `state.row_ids` is -1 there and `state.sample_index` h
 representative sample. An intervention that must treat a prompt's samples differently from the
 first token on (e.g. steer only some of them) defines `prefill_groups(n) -> [n] group ids`:
 samples in different groups get separate prefills, so each group's prompt activations can differ.
+One that runs other models in step with the sampled one (a shadow model with its own KV cache)
+lists them as `kv_models`, so the memory budget counts their caches too.
 
     @contextmanager
     def steer(state, v=torch.randn(64), layer=1):          # add v to layer 1's output,
@@ -205,7 +207,8 @@ def sample_branches(
     state = SamplingState()
     groups = prefill_groups(intervention, cfg.n, dev)
     was_training = model.training
-    bs = min(cfg.batch_size, sampling_rows(model, max(map(len, ids)) + steps))
+    extra = tuple(getattr(intervention, "kv_models", ()) or ())  # models run in step (a shadow's KV cache)
+    bs = min(cfg.batch_size, sampling_rows(model, max(map(len, ids)) + steps, extra_models=extra))
     n_batches = -(-rows // bs)
     show = progress if progress is not None else (rows * steps >= 2**20 and sys.stderr.isatty())
     bar = tqdm(total=n_batches * steps, desc="sampling", unit="step", leave=False, disable=not show)
