@@ -123,12 +123,19 @@ class HookedModel:
             return logits.float(), {n: cache[n] for n in names}
         return self._nnsight_forward(tokens, mask, hooks)
 
-    def _nnsight_forward(self, tokens, mask, hooks: list[ResolvedHook]):
-        pos = (mask.cumsum(-1) - 1).clamp_min(0)  # [batch, pos]
+    def _position_kwargs(self, mask: Tensor) -> dict[str, Tensor]:
+        """{"position_ids": cumsum(mask) - 1} for HF models that take them (recurrent / ALiBi: implicit)."""
         takes = inspect.signature(type(self.hf).forward).parameters
-        kw = {"position_ids": pos} if "position_ids" in takes else {}  # recurrent / ALiBi: implicit
+        return {"position_ids": (mask.cumsum(-1) - 1).clamp_min(0)} if "position_ids" in takes else {}
+
+    def _as_tl(self, hooks: list[ResolvedHook], saved: dict[str, Tensor]) -> dict[str, Tensor]:
+        """HF values of `hooks` as TransformerLens defines them (ln_final: the norm before its affine map)."""
+        return {h.name: normalized(self.hf.get_submodule(h.module_path), saved[h.name], h.post.split(":", 1)[1])
+                if h.post is not None and h.post.startswith("undo_affine:") else saved[h.name] for h in hooks}
+
+    def _nnsight_forward(self, tokens, mask, hooks: list[ResolvedHook]):
         saved = {}
-        with self.model.trace(tokens, attention_mask=mask, **kw):
+        with self.model.trace(tokens, attention_mask=mask, **self._position_kwargs(mask)):
             for h in hooks:  # in execution order: nnsight cannot go back in the forward pass
                 env = _envoy(self.model, h.module_path)
                 value = env.input if h.port == "input" else env.output
@@ -136,13 +143,7 @@ class HookedModel:
                     value = value[0]
                 saved[h.name] = value.clone().save()  # a copy: layers may add to it in place later
             logits = self.model.output.logits.save()
-        acts = {}
-        for h in hooks:
-            value = saved[h.name]
-            if h.post is not None and h.post.startswith("undo_affine:"):  # TL: the norm before its gain/bias
-                value = normalized(self.hf.get_submodule(h.module_path), value, h.post.split(":", 1)[1])
-            acts[h.name] = value
-        return logits.float(), acts
+        return logits.float(), self._as_tl(hooks, saved)
 
     def activations(
         self,
@@ -167,9 +168,6 @@ class HookedModel:
 
     def _hf_activations(self, tokens: Tensor, mask: Tensor, hooks: list[ResolvedHook]) -> dict[str, Tensor]:
         """Plain torch hooks on the HF modules (nnsight's own), raising `_Stop` after the last site."""
-        pos = (mask.cumsum(-1) - 1).clamp_min(0)
-        takes = inspect.signature(type(self.hf).forward).parameters
-        kw = {"position_ids": pos} if "position_ids" in takes else {}
         saved: dict[str, Tensor] = {}
         handles = []
 
@@ -189,7 +187,7 @@ class HookedModel:
                 else:
                     handles.append(module.register_forward_hook(lambda m, args, out, h=h: keep(h, out)))
             try:
-                self.hf(tokens, attention_mask=mask, use_cache=False, **kw)
+                self.hf(tokens, attention_mask=mask, use_cache=False, **self._position_kwargs(mask))
             except _Stop:
                 pass
         finally:
@@ -199,10 +197,7 @@ class HookedModel:
         if missing:
             raise RuntimeError(f"the forward pass of {self.name} never reached {missing}; its modules "
                                f"{[h.module_path for h in hooks]} were not called")
-        for h in hooks:
-            if h.post is not None and h.post.startswith("undo_affine:"):  # TL: the norm before its gain/bias
-                saved[h.name] = normalized(self.hf.get_submodule(h.module_path), saved[h.name], h.post.split(":", 1)[1])
-        return saved
+        return self._as_tl(hooks, saved)
 
     def logits(
         self, tokens: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"] | None = None
