@@ -231,6 +231,19 @@ def _grid(n: int, ms: Sequence[int] | None, qs: Sequence[float] | None) -> list[
     return grid
 
 
+def _distinct_columns(
+    base: Outcomes, rl: Outcomes, grid: Sequence[int], paired: Tensor, cells: Sequence[Outcomes],
+    clusters: Sequence[int] | None,
+) -> tuple[Tensor, Bool[Tensor, " problems"], str]:
+    """Per-problem distinct-correct of the columns [RL, base, each grid mixture, *cells] in the
+    task's measure, the rows that count, and the measure's name: `paired` (those columns' distinct
+    counts) over `resolved_eligible`, or `matched_columns` where `breadth_measure` says so."""
+    measure = breadth_measure(base.eligible)
+    if measure == "matched":
+        return (*matched_columns([rl, base, *(splice(base, rl, m) for m in grid), *cells], base, rl), measure)
+    return paired, resolved_eligible([base, rl], clusters), measure
+
+
 def mixture_curve(
     base: Outcomes, rl: Outcomes, ms: Sequence[int] | None = None, qs: Sequence[float] | None = None,
     clusters: Sequence[int] | None = None,
@@ -246,11 +259,7 @@ def mixture_curve(
     """
     grid = _grid(base.n, ms, qs)
     counts, distinct = mixture_per_problem(base, rl, [0, base.n, *grid])
-    measure = breadth_measure(base.eligible)
-    if measure == "matched":
-        distinct, eligible = matched_columns([rl, base, *(splice(base, rl, m) for m in grid)], base, rl)
-    else:
-        eligible = resolved_eligible([base, rl], clusters)
+    distinct, eligible, measure = _distinct_columns(base, rl, grid, distinct, (), clusters)
     rows = _summaries(counts, distinct, eligible, base.n)
     r, b = rows[0], rows[1]
     return [{"q": m / base.n, "m": m, **row, "distinct_measure": measure,
@@ -322,12 +331,8 @@ def compare_to_frontier(
     cc, cd = per_problem(cell)
     counts = torch.cat([mc, cc[:, None]], 1).double()  # (P, 3 + M): RL, base, grid..., cell
     unit = cluster_ids(p_count, clusters)  # (P,) ids 0..U-1
-    measure = breadth_measure(base.eligible)
-    if measure == "matched":
-        dist, eligible = matched_columns([rl, base, *(splice(base, rl, m) for m in grid), cell], base, rl)
-    else:
-        dist = torch.cat([md, cd[:, None]], 1).double()
-        eligible = resolved_eligible([base, rl], clusters)  # (P,)
+    dist, eligible, measure = _distinct_columns(base, rl, grid, torch.cat([md, cd[:, None]], 1), (cell,), clusters)
+    dist = dist.double()  # (P, 3 + M)
     w = bootstrap_weights(p_count, n_boot, seed, clusters)  # (B+1, P): row 0 the full sample
     we = w * eligible.double()  # (B+1, P)
     p1 = (w @ counts) / (n * p_count)  # (B+1, 3+M): pass@1, exact integer sums
