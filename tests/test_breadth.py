@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from experiments.study import claims as C
+from experiments.study.breadth_gap import distinct_gap_ci
 from experiments.study.report import flag_truncation, truncation_by_model, write_report
 from probe.metrics.breadth import (
     TRUNCATION_LIMIT,
@@ -93,7 +94,7 @@ def test_c4_uses_the_paired_mean_not_the_per_model_means_nor_the_union():
     assert ev["relative_change"] == pytest.approx(-1 / 3)
     assert c4.evidence["distinct_correct_own_subsets"]["rl"] == pytest.approx(16 / 6)
     assert "over 2 problems" in c4.reason, "the reason names the subset the number is over"
-    gap, _ = C.distinct_gap_ci(base, rl)
+    gap, _ = distinct_gap_ci(base, rl)
     assert gap == pytest.approx(1.0), "C5's breadth gap is over the same paired subset"
 
 
@@ -103,7 +104,7 @@ def test_c4_with_no_problem_both_models_solved_has_no_breadth_effect():
     assert c4.effect["value"] is None and c4.effect["ci"] is None and c4.status == "inconclusive", \
         "an empty paired subset is no evidence either way (not a change of 0)"
     assert "over 0 problems" in c4.reason and c4.evidence["distinct_correct_mean"]["relative_change"] is None
-    assert C.distinct_gap_ci(base, rl) == (None, None)
+    assert distinct_gap_ci(base, rl) == (None, None)
 
 
 def test_a_task_with_a_rule_keeps_it_for_every_model():

@@ -53,9 +53,10 @@ from typing import Any
 
 import torch
 
+from experiments.study.breadth_gap import breadth_gap, per_problem_of
 from probe.law import read_log_keys
-from probe.metrics.breadth import COVERAGE_NOTE, compare_breadth
-from probe.metrics.passk import crossover_k, paired_eligible
+from probe.metrics.breadth import COVERAGE_NOTE
+from probe.metrics.passk import crossover_k
 from probe.stats import (
     format_interval,
     format_number,
@@ -206,12 +207,6 @@ def claim_roles(train_log: str | None, window: float = 0.1, seed: int = 0) -> Cl
 
 
 # --- C4 ------------------------------------------------------------------------------------------
-def _pp(m: dict) -> dict[str, list]:
-    if "per_problem" not in m:
-        raise KeyError("metrics lack 'per_problem'; evaluate with diversity_metrics(..., per_problem=True)")
-    return m["per_problem"]
-
-
 def claim_breadth(base: dict, rl: dict, seed: int = 0) -> Claim:
     """C4 from held-out metrics of base and RL on the same problems (with `per_problem`)."""
     rule = ("distinct-correct is compared over the problems both models are eligible on, or, where the task cannot count "
@@ -220,7 +215,7 @@ def claim_breadth(base: dict, rl: dict, seed: int = 0) -> Claim:
             "holds: pass@1 gain lower bound > 0, distinct-correct change upper bound < 0, and pass@k at the largest k "
             "lower for RL (upper bound < 0, or the base catches up at some k and ends above); fails: pass@1 falls (upper bound "
             "< 0) or distinct-correct rises (lower bound > 0); else inconclusive")
-    pb, pr = _pp(base), _pp(rl)
+    pb, pr = per_problem_of(base), per_problem_of(rl)
     n = int(base["n_samples"])
     if len(pb["n_correct"]) != len(pr["n_correct"]) or n != int(rl["n_samples"]):
         raise ValueError("base and RL were evaluated on different problems or sample counts; re-run the eval stage")
@@ -276,56 +271,7 @@ def claim_breadth(base: dict, rl: dict, seed: int = 0) -> Claim:
                  flags=flags)
 
 
-def breadth_gap(base: dict, rl: dict, seed: int = 0) -> dict[str, Any]:
-    """Base minus RL distinct-correct in the measure the task allows, with its paired interval.
-
-    Where the task cannot count its solutions (every `distinct_rule` None: a math file) and both
-    metrics hold `solution_counts`: at matched numbers of correct samples
-    (`probe.metrics.breadth.matched_distinct`), the measure the steering sweep's frontier uses there;
-    else over the paired subset (`distinct_gap_ci`). Returns gap, gap_ci (None, None when no
-    problem counts), measure ("matched" / "paired"), over (words for the problems), used (the two
-    means, subset and n_problems), paired (the paired subset's means), matched, uncountable, breadth
-    (`compare_breadth` of the two)."""
-    br = compare_breadth({"base": base, "rl": rl})
-    matched = br["distinct_correct_matched"]
-    rule = _pp(base).get("distinct_rule")
-    uncountable = rule is not None and all(r is None for r in rule)
-    paired = {**br["distinct_correct_mean"], "subset": br["distinct_correct_subset"],
-              "n_problems": br["distinct_correct_n_problems"]}
-    if uncountable and matched is not None:  # every correct completion differs: compare at matched counts
-        gap, gap_ci = paired_gap((matched["per_problem"]["base"], matched["per_problem"]["rl"]), seed)
-        m_mean = format_number(matched["per_problem_m_mean"], 1)
-        return {"gap": gap, "gap_ci": gap_ci, "measure": "matched", "paired": paired, "matched": matched,
-                "uncountable": True, "breadth": br,
-                "over": f" at matched counts (m = {m_mean} correct samples) over {matched['n_problems']} problems",
-                "used": {**matched["mean"], "n_problems": matched["n_problems"],
-                         "subset": (f"matched numbers of correct samples (mean m = {m_mean}) on the problems where both "
-                                    "have >= 2 correct samples")}}
-    gap, gap_ci = distinct_gap_ci(base, rl, seed)  # counts missing (older cells): the paired mean, flagged by C4
-    return {"gap": gap, "gap_ci": gap_ci, "measure": "paired", "paired": paired, "matched": matched,
-            "uncountable": uncountable, "breadth": br, "used": paired,
-            "over": f" over {br['distinct_correct_n_problems']} problems ({br['distinct_correct_subset']})"}
-
-
 # --- C5 ------------------------------------------------------------------------------------------
-def distinct_gap_ci(base: dict, rl: dict, seed: int = 0) -> tuple[float | None, list | None]:
-    """Mean distinct-correct of base minus RL over the problems eligible for both
-    (`probe.metrics.passk.paired_eligible`: the task's rule where it counts solutions, else the problems
-    both models solved), with its paired interval; (None, None) when that subset is empty."""
-    pb, pr = _pp(base), _pp(rl)
-    both = paired_eligible(torch.tensor([pb["distinct_eligible"], pr["distinct_eligible"]], dtype=torch.bool))
-    elig = both.nonzero().flatten().tolist()
-    return paired_gap(([pb["distinct_correct"][i] for i in elig], [pr["distinct_correct"][i] for i in elig]), seed)
-
-
-def paired_gap(cols: tuple[list[float], list[float]], seed: int = 0) -> tuple[float | None, list | None]:
-    """Mean of cols[0] minus cols[1] (the same problems, in the same order) with its paired interval;
-    (None, None) for no problems."""
-    if not cols[0]:
-        return None, None
-    return (sum(cols[0]) - sum(cols[1])) / len(cols[0]), list(paired_ci(cols, lambda x: (x[:, 0] - x[:, 1]).mean(), seed))
-
-
 def _cell(m: dict | None) -> dict | None:
     keep = ("family", "spec", "fraction", "params", "pass_at_1", "pass_at_1_change", "pass_at_1_change_ci",
             "restoration_distinct", "restoration_distinct_ci", "frontier_restoration", "frontier_excess",
