@@ -227,34 +227,53 @@ class _Batch:
     roles: Int[Tensor, "rows T"]
     buckets: Int[Tensor, "rows T"]
 
+    def take(self, rows: Int[Tensor, " r"], length: int) -> _Batch:
+        """Rows `rows`, cut to their first `length` positions (the rest are right padding)."""
+        return _Batch(*(x[rows, :length] for x in (self.tokens, self.attn, self.ans, self.roles, self.buckets)))
 
-def _chunks(cfg: LearnConfig, model: Any, b: _Batch) -> list[Tensor]:
-    """Row chunks of `cfg.micro_batch` rows (0: as many as the memory budget holds for three models'
-    logits, `probe.models.budget.forward_rows`: every row at once on the organisms)."""
+
+def _chunks(cfg: LearnConfig, model: Any, b: _Batch) -> list[tuple[Tensor, int]]:
+    """Row chunks `(rows, length)` for the teacher-forced passes: rows ordered by length (longest
+    first) and each chunk cut to its longest row, so a batch whose rows mostly end early (an RL
+    model's short answers next to one that ran to the budget) does not pay for the padding. A chunk
+    has `cfg.micro_batch` rows (0: as many as the memory budget holds for three models' logits at
+    its length, `probe.models.budget.forward_rows`: every row at once on the organisms). Positions
+    after a row's last real token are right padding: causal attention never lets them change an
+    earlier position, so cutting them changes no value."""
     rows = b.tokens.shape[0]
-    step = cfg.micro_batch or min(rows, forward_rows(model, b.tokens.shape[1], models=3))
-    return [torch.arange(i, min(i + step, rows), device=b.tokens.device) for i in range(0, rows, step)]
+    pos = torch.arange(b.attn.shape[1], device=b.attn.device)
+    lengths = ((b.attn > 0) * (pos + 1)).amax(1)  # last real position + 1 per row
+    order = torch.argsort(lengths, descending=True, stable=True)
+    out, i = [], 0
+    while i < rows:
+        length = max(1, int(lengths[order[i]]))
+        step = cfg.micro_batch or forward_rows(model, length, models=3)
+        out.append((order[i:i + step], length))
+        i += step
+    return out
 
 
 def _accumulate(cfg: LearnConfig, model: Any, steer: Any, b: _Batch, rec: dict, name: str,
-                where: Bool[Tensor, "rows T"], terms: Callable[[Tensor, Tensor], Tensor]) -> float:
+                where: Bool[Tensor, "rows T"], terms: Callable[[Tensor, _Batch, Tensor], Tensor]) -> float:
     """Backpropagate mean(terms at `where`) + anchor * mean(KL(RL || steered) at the anchored
-    tokens) over every row, `cfg.micro_batch` rows per forward (gradients accumulate; each mean's
+    tokens) over every row, chunk by chunk (`_chunks`; gradients accumulate; each mean's
     denominator is its count over the whole batch, so the gradient does not depend on the chunking).
-    `terms(rows, logits)` -> [len(rows), T] per-token values (column t: the prediction of token t).
+    `terms(rows, chunk, logits)` -> [len(rows), chunk length] per-token values (column t: the
+    prediction of token t) for the chunk `chunk = b.take(rows, length)`.
     Records the two means in `rec` (`name`, "anchor_kl"); returns the loss value."""
     sel = b.ans if cfg.anchor_role == "all" else b.ans & (b.roles == ROLE_CODE[cfg.anchor_role])
     n_main, n_anchor = int(where.sum()), int(sel.sum()) if cfg.anchor > 0 else 0
     main = anchor = 0.0
-    for rows in _chunks(cfg, model, b):
-        with steer, steer.positions(b.buckets[rows]):
-            logits = model(input_ids=b.tokens[rows], attention_mask=b.attn[rows]).logits  # [r, T, V]
-        part = terms(rows, logits)[where[rows]].sum() / max(n_main, 1)
+    for rows, length in _chunks(cfg, model, b):
+        c = b.take(rows, length)
+        with steer, steer.positions(c.buckets):
+            logits = model(input_ids=c.tokens, attention_mask=c.attn).logits  # [r, length, V]
+        part = terms(rows, c, logits)[where[rows, :length]].sum() / max(n_main, 1)
         loss = part
         if n_anchor:
             with torch.no_grad():
-                plain = model(input_ids=b.tokens[rows], attention_mask=b.attn[rows]).logits
-            a = kl(plain[:, :-1], logits[:, :-1])[sel[rows][:, 1:]].sum() / n_anchor
+                plain = model(input_ids=c.tokens, attention_mask=c.attn).logits
+            a = kl(plain[:, :-1], logits[:, :-1])[sel[rows, 1:length]].sum() / n_anchor
             loss = loss + cfg.anchor * a
             anchor += a.item()
         if loss.requires_grad:
@@ -272,10 +291,10 @@ def _backward(cfg: LearnConfig, rl_model: Any, base_model: Any, steer: Any, b: _
     if cfg.objective == "distill":
         where = _distill_positions(cfg, base_model, b)
         return _accumulate(cfg, rl_model, steer, b, rec, "kl_base_steered", where,
-                           lambda rows, logits: _distill_terms(base_model, b, rows, logits))
+                           lambda rows, c, logits: _distill_terms(base_model, c, logits))
     adv = _breadth_advantages(cfg, scored, m, rec).to(b.tokens.device)
-    return _accumulate(cfg, rl_model, steer, b, rec, "pg_loss", b.ans, lambda rows, logits: -(
-        adv[rows, None] * entropy_and_logprob(logits, b.tokens[rows], entropy_grad=False)[1]))
+    return _accumulate(cfg, rl_model, steer, b, rec, "pg_loss", b.ans, lambda rows, c, logits: -(
+        adv[rows, None] * entropy_and_logprob(logits, c.tokens, entropy_grad=False)[1]))
 
 
 def _distill_positions(cfg: LearnConfig, base_model: Any, b: _Batch) -> Bool[Tensor, "rows T"]:
@@ -287,17 +306,19 @@ def _distill_positions(cfg: LearnConfig, base_model: Any, b: _Batch) -> Bool[Ten
         return b.ans
     h = torch.zeros(b.tokens.shape, device=b.tokens.device)
     with torch.no_grad():
-        for rows in _chunks(cfg, base_model, b):
-            logits = base_model(input_ids=b.tokens[rows], attention_mask=b.attn[rows]).logits
-            h[rows] = entropy_and_logprob(logits, b.tokens[rows])[0]
+        for rows, length in _chunks(cfg, base_model, b):
+            c = b.take(rows, length)
+            logits = base_model(input_ids=c.tokens, attention_mask=c.attn).logits
+            h[rows, :length] = entropy_and_logprob(logits, c.tokens)[0].to(h.dtype)
     return fork_mask(h, b.ans, cfg.rho)
 
 
-def _distill_terms(base_model: Any, b: _Batch, rows: Tensor, logits: Tensor) -> Tensor:
-    """KL(base || steered) of the prediction of each token (column t from position t - 1; column 0 is 0)."""
+def _distill_terms(base_model: Any, c: _Batch, logits: Tensor) -> Tensor:
+    """KL(base || steered) of the prediction of each token of the chunk `c` (column t from
+    position t - 1; column 0 is 0)."""
     with torch.no_grad():
-        base_logits = base_model(input_ids=b.tokens[rows], attention_mask=b.attn[rows]).logits
-    d = kl(base_logits[:, :-1], logits[:, :-1])  # [r, T-1]
+        base_logits = base_model(input_ids=c.tokens, attention_mask=c.attn).logits
+    d = kl(base_logits[:, :-1], logits[:, :-1])  # [r, length-1]
     return torch.cat([d.new_zeros(d.shape[0], 1), d], 1)
 
 

@@ -31,6 +31,14 @@ class ToyTask:
         return ["planning" if i % 2 == 0 else "execution" for i in range(len(tokens))]
 
 
+class EvenTask(ToyTask):
+    """Correct iff the completion's first word is an even w-number (about half the samples)."""
+
+    def verify(self, prompt, completion):
+        words = completion.split()
+        return bool(words) and words[0][1:].isdigit() and int(words[0][1:]) % 2 == 0
+
+
 def _dictionary():
     from test_sae_edit import FEATS, make_sae
 
@@ -226,17 +234,48 @@ def test_shipped_learned_edits_fit_the_budget_and_are_reused_by_forksight_run():
 
 
 @pytest.mark.parametrize("objective", ["distill", "breadth"])
-def test_micro_batches_give_the_gradient_of_the_whole_batch(objective, tiny_lm, tiny_tokenizer, tmp_path):
-    """`micro_batch` splits the teacher-forced rows (real models' logits do not fit at once): every
-    mean keeps its whole-batch denominator, so a step's edit equals the unchunked one."""
-    edits, logs = {}, {}
+def test_micro_batches_give_the_gradient_of_the_whole_batch(objective, tiny_lm, tiny_tokenizer, tmp_path,
+                                                             monkeypatch):
+    """`micro_batch` splits the teacher-forced rows (real models' logits do not fit at once) into
+    chunks cut to their longest row: every mean keeps its whole-batch denominator, so the step's
+    gradient equals the unchunked one. (Compared before Adam: at a zero-initialised edit some
+    gradients are float noise, which Adam's normalisation would blow up to a visible step.)"""
+    import sys
+
+    mod = sys.modules["steering.learn"]
+    grads, logs, backward = {}, {}, mod._backward
+
+    def recording(cfg, rl_model, base_model, steer, *args):
+        out = backward(cfg, rl_model, base_model, steer, *args)
+        grads[cfg.micro_batch] = [p.grad.clone() for p in steer.edit_module.parameters()]
+        return out
+
+    monkeypatch.setattr(mod, "_backward", recording)
     for mb in (0, 5):
-        cfg = LearnConfig(objective=objective, kind="position", layers=(0, 1), n_positions=3, steps=2, lr=0.05,
-                          prompts_per_step=3, group_size=4, max_new_tokens=6, anchor=0.5, micro_batch=mb,
+        cfg = LearnConfig(objective=objective, kind="position", layers=(0, 1), n_positions=3, steps=1, lr=0.05,
+                          prompts_per_step=3, group_size=8, max_new_tokens=6, anchor=0.5, micro_batch=mb,
                           save_every=0)
-        edits[mb], logs[mb] = learn(tiny_lm("qwen2", 0), tiny_tokenizer, ToyTask(), lambda s, k: PROMPTS[:k], cfg,
-                                    tmp_path / f"mb{mb}.st", base_model=tiny_lm("qwen2", 1))
-    assert logs[0][-1]["loss"] != 0 and logs[0][-1]["anchor_kl"] > 0, "vacuous: the steps must have a loss"
-    for a, b in zip(edits[0].parameters(), edits[5].parameters()):
-        torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg="chunking the rows changed the step beyond the "
-                                   "float summation order (atol 1e-6, far below one step of lr 0.05)")
+        _, logs[mb] = learn(tiny_lm("qwen2", 0), tiny_tokenizer, EvenTask(), lambda s, k: PROMPTS[:k], cfg,
+                            tmp_path / f"mb{mb}.st", base_model=tiny_lm("qwen2", 1))
+    scale = max(g.abs().max().item() for g in grads[0])
+    assert logs[0][-1]["loss"] != 0 and scale > 1e-4, "vacuous: the step must have a real gradient"
+    for a, b in zip(grads[0], grads[5]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6 * scale, msg="chunking the rows changed the gradient "
+                                   "beyond the float summation order")
+
+
+def test_chunks_order_rows_by_length_and_cut_the_padding():
+    """Teacher-forced chunks hold rows of similar length, each cut to its longest row: a batch of
+    short answers beside one that ran to the budget pays for the padding only in that row's chunk."""
+    from steering.learn import _Batch, _chunks
+
+    lengths = torch.tensor([3, 9, 2, 9, 5, 1])
+    attn = (torch.arange(10)[None] < lengths[:, None]).long()
+    z = torch.zeros_like(attn)
+    b = _Batch(tokens=z, attn=attn, ans=attn.bool(), roles=z, buckets=z)
+    chunks = _chunks(LearnConfig(micro_batch=2), None, b)
+    assert [len(r) for r, _ in chunks] == [2, 2, 2]
+    assert [sorted(r.tolist()) for r, _ in chunks] == [[1, 3], [0, 4], [2, 5]]
+    assert [n for _, n in chunks] == [9, 5, 2], "each chunk is cut to its longest row"
+    part = b.take(chunks[1][0], chunks[1][1])
+    assert part.attn.shape == (2, 5) and part.attn.sum().item() == 8, "the cut keeps every real token"
