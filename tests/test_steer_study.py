@@ -111,6 +111,18 @@ def test_sweep_end_to_end_and_resume_reuses_finished_cells(organism_pair, tmp_pa
     assert len(calls) == len(dropped), "a restart must evaluate only the cells missing from the partial table"
     assert m2["n_cells"] == m["n_cells"] and m2["goals"] == m["goals"], "a resumed sweep gives the same result"
 
+    calls.clear()  # curves on the selection half: read from its cells, nothing sampled again
+    m3 = run_sweep(_cfg(organism_pair, out, curves_half="selection"))
+    assert not calls and m3["curves_half"] == "selection" and m["curves_half"] == "test"
+    sel = {c["id"]: c for c in cells if c["half"] == "selection"}
+    for point in m3["patching_curve"] + m3["layer_restore_curve"]:
+        cell = sel[f"selection|s0|{point['id']}"]
+        assert point["half"] == "selection" and point["seeds"] == [0]
+        assert point["pass_at_1"] == pytest.approx(cell["pass_at_1"]), "the selection cell's own numbers"
+    assert [p["spec"]["layer"] for p in m3["patching_curve"]] == [0, 1]
+    with pytest.raises(ValueError, match="curves_half"):
+        _cfg(organism_pair, out, curves_half="both")
+
 
 @pytest.mark.slow
 def test_derive_and_apply_through_the_cli(organism_pair, tmp_path):

@@ -360,6 +360,7 @@ def claim_recovery(steer: dict, base: dict, rl: dict, detector: dict | None, see
         "temperature_baseline": _cell(steer.get("temperature_baseline")),
         "entropy_preserving_rl": {k: _cell(v) for k, v in (steer.get("variants") or {}).items()},
         "patching_upper_bound_restoration": r_patch,
+        "curves_half": steer.get("curves_half", "test"),
         "patching_curve": [{"layer": c["spec"]["layer"], "restoration_distinct": c["restoration_distinct"],
                             "pass_at_1_change": c["pass_at_1_change"]} for c in steer.get("patching_curve") or [] if c],
         "layer_restore_curve": [{"layer": c["spec"]["layer"], "restoration_distinct": c["restoration_distinct"],

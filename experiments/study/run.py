@@ -165,6 +165,7 @@ def stage_configs(cfg: RunConfig) -> dict[str, Any]:
         layers=("+".join(map(str, lay["edit"])),), coefs=z.coefs, gates=("always",),
         learned=tuple(stage.out for stage, _ in learn.values()), learned_coefs=z.learned_coefs,
         fractions=z.fractions, temperatures=z.temperatures, patch_layers=later, alphas=(1.0,), restore_layers=later,
+        curves_half=z.curves_half,
         problems=z.problems, n=z.n, test_seeds=1, derive_problems=z.derive_problems,
         detector=str(out / "probe" / "fork_detector.safetensors"), sae=str(out / "sae" / "sae"),
         sae_diff=str(out / "sae" / "diff" / "metrics.json"), tolerance=cfg.tolerance, seed=seed, device=cfg.device,

@@ -53,6 +53,8 @@ class StudySize:
     """Temperature baselines."""
     last_layer_only: bool = False
     """Patching and layer restoration at the last spread layer only (else at all of them but the first)."""
+    curves_half: str = "test"
+    """Half the patching and layer-restoration curves are measured on (`SweepConfig.curves_half`)."""
     problems: int = 0
     """Held-out problems the sweep uses (0 = all; halved into selection and test)."""
     n: int = 64
@@ -73,16 +75,18 @@ ORGANISM_QUICK = StudySize(probe_problems=8, probe_samples=4, sae_train_samples=
 REAL = StudySize(probe_problems=64, probe_samples=8, sae_train_samples=4_000_000, sae_train_problems=128,
                  sae_samples=8, sae_eval_problems=64, sae_eval_samples=8, d_sae=2304,
                  learn={"steps": 30, "prompts_per_step": 8, "group_size": 8, "save_every": 5}, problems=128, n=16,
-                 derive_problems=128)
+                 derive_problems=128, curves_half="selection")
 """Real pretrained models on a 2-core CPU: 64 + 64 held-out problems x 16 samples in the sweep (the
 issue's floor on the test half), 128 x 8 training-problem samples for the SAE (every token of a
 100-token prompt plus its completion is an activation: > 200k), learned edits saved every 5 steps so
-that a stopped run loses little."""
+that a stopped run loses little, and the patching / layer-restoration curves read from the selection
+half's cells (each point runs RL at base-like answer lengths, patching with the base beside it: six
+more such cells on the test half would cost about as much as the rest of the sweep)."""
 REAL_QUICK = StudySize(probe_problems=4, probe_samples=2, sae_train_samples=30_000, sae_train_problems=8,
                        sae_samples=2, sae_eval_problems=4, sae_eval_samples=2, d_sae=256,
                        learn={"steps": 1, "prompts_per_step": 2, "group_size": 4}, coefs=(0.5,),
                        learned_coefs=(1.0,), fractions=(0.25,), temperatures=(1.5,), last_layer_only=True,
-                       problems=8, n=4, derive_problems=8)
+                       problems=8, n=4, derive_problems=8, curves_half="selection")
 SIZES = {("organism", False): ORGANISM, ("organism", True): ORGANISM_QUICK, ("real", False): REAL,
          ("real", True): REAL_QUICK}
 

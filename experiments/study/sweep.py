@@ -9,7 +9,8 @@ fraction of each prompt's samples (row-level, by splicing). Every cell is judged
 mixture frontier of the selection half (`probe.metrics.frontier`), and each family's cells are chosen by
 `selection.TOLERANCE_RULE` and `selection.GOAL_RULE`. Stage 2, *test*, at `test_seeds` no
 selection used: base, RL (hence the mixture frontier), the chosen cells, the temperature matched
-to the best cell's fork entropy, the variants, and the patching and layer-restoration curves; every
+to the best cell's fork entropy, the variants, and the patching and layer-restoration curves
+(`curves_half="selection"` reads those from the selection half's cells instead); every
 reported number (restoration, pass@1 change, frontier excess, with paired problem-bootstrap
 intervals that resample a problem with all its seeds) comes from there.
 
@@ -40,7 +41,7 @@ from experiments.paths import ORGANISMS_DIR, RESULTS_DIR
 from experiments.study import candidates as C
 from experiments.study.cells import CellCache
 from experiments.study.engines import EnginePool, EngineSettings, vllm_config, vllm_refusal
-from experiments.study.protocol import Half, evaluate_cell, test_seeds
+from experiments.study.protocol import HALVES, Half, evaluate_cell, test_seeds
 from experiments.study.selection import (
     choose,
     choose_goal,
@@ -97,11 +98,15 @@ class SweepConfig(EngineSettings):
     temperatures: tuple[float, ...] = (1.2, 1.5)
     """Temperatures of the unsteered-RL baseline."""
     patch_layers: tuple[int, ...] = (0, 1, 2, 3)
-    """Layers of the cross-model patching curve (alpha = max(alphas) on the test half)."""
+    """Layers of the cross-model patching curve (alpha = max(alphas), measured on `curves_half`)."""
     alphas: tuple[float, ...] = (1.0,)
     """Patching strengths (1 = the base residual)."""
     restore_layers: tuple[int, ...] = (0, 1, 2, 3)
     """Blocks of the layer-restoration curve (RL with block L's weights from the base)."""
+    curves_half: str = "test"
+    """Half the patching and layer-restoration curves are measured on: "test" (at the test seeds,
+    sampled again) or "selection" (the selection half's cells, already sampled there: no choice is
+    made on the curves, and on a CPU each point of them costs as much as sampling the base)."""
     problems: int = 0
     """Problems per half (0 = the whole half)."""
     n: int = 64
@@ -145,6 +150,8 @@ class SweepConfig(EngineSettings):
                                  "samples (1 is the cell itself)")
         if any(not 0 <= a <= 1 for a in self.alphas):
             raise ValueError(f"alphas {self.alphas} must be in [0, 1]")
+        if self.curves_half not in HALVES:
+            raise ValueError(f"curves_half={self.curves_half!r}; allowed {HALVES}")
         if self.n < 1 or self.test_seeds < 1 or self.problems < 0:
             raise ValueError("n and test_seeds must be >= 1 and problems >= 0")
 
@@ -185,7 +192,7 @@ class Sweep:
         self.rl, self.tok = load_causal_lm(cfg.rl, device=cfg.device, dtype=cfg.dtype)
         self.task.check_tokenizer(self.tok)
         self._models: dict[str, Any] = {}
-        self.halves = {h: Half.of(self.task, h, cfg.problems) for h in ("selection", "test")}
+        self.halves = {h: Half.of(self.task, h, cfg.problems) for h in HALVES}
         self.seeds = {"selection": [cfg.seed], "test": test_seeds(cfg.seed, cfg.test_seeds)}
         self.pool = EnginePool(vllm_config(cfg, cfg.dtype, cfg.seed)) if cfg.engine == "vllm" else None
 
@@ -318,17 +325,26 @@ def test(sw: Sweep, sel: dict[str, Any], cands: list[C.Candidate]) -> dict[str, 
 
     picks = {f: {rule: {"selection": brief(p), "test": measure(p)} for rule, p in d.items()} for f, d in sel["picks"].items()}
     by = lambda fam: [c for c in cands if c.family == fam]  # noqa: E731
-    alpha = max(sw.cfg.alphas) if sw.cfg.alphas else None
+    whole = lambda c: {"candidate": c, "fraction": 1.0, "family": c.family, "spec": c.spec, "id": c.key}  # noqa: E731
+
+    def curve(fam: str) -> list[dict | None]:
+        """A diagnostic curve on `curves_half`: measured again at the test seeds, or the selection cells."""
+        alpha = max(sw.cfg.alphas) if sw.cfg.alphas else None
+        cs = [c for c in by(fam) if fam != "patching" or c.spec["alpha"] == alpha]
+        if sw.cfg.curves_half == "test":
+            return [measure(whole(c)) for c in cs]
+        s0 = sw.seeds["selection"][0]
+        rows = [sw.cell(c, "selection", s0) for c in cs]
+        return [{**{k: v for k, v in whole(c).items() if k != "candidate"}, "params": None, "half": "selection",
+                 "fork_entropy_mean": r.get("fork_entropy_mean"), **judge([r], [sel["base"]], [sel["rl"]])}
+                for c, r in zip(cs, rows)]
+
     return {
         "base": base, "rl": rl, "picks": picks,
         **{k: measure(sel[k]) for k in ("best", "best_restoration", "best_goal")},
         "temperature": measure(sel["temperature"] and {**sel["temperature"], "fraction": 1.0}),
-        "variants": {c.spec["method"]: measure({"candidate": c, "fraction": 1.0, "family": c.family, "spec": c.spec,
-                                                "id": c.key}) for c in by("variant")},
-        "patching_curve": [measure({"candidate": c, "fraction": 1.0, "family": c.family, "spec": c.spec, "id": c.key})
-                           for c in by("patching") if c.spec["alpha"] == alpha],
-        "restore_curve": [measure({"candidate": c, "fraction": 1.0, "family": c.family, "spec": c.spec, "id": c.key})
-                          for c in by("layer_restore")],
+        "variants": {c.spec["method"]: measure(whole(c)) for c in by("variant")},
+        "patching_curve": curve("patching"), "restore_curve": curve("layer_restore"),
     }
 
 

@@ -4,7 +4,7 @@
 the test half, pooled over the test seeds), `base` / `rl` (test summaries), `picks` (per family
 and rule: the cell chosen on the selection half and its test measurement), `best` and `best_goal`
 (test), `temperature_baseline` (matched to the best cell's fork entropy), `variants`,
-`patching_curve` and `layer_restore_curve` (test), `goals` (issue #12's bars, computed),
+`patching_curve` and `layer_restore_curve` (on `curves_half`), `goals` (issue #12's bars, computed),
 `n_cells`, `n_cells_reused`, `engines` (which engine sampled the cells, `Sweep.engine_record`),
 `seconds`, `config`. Every test measurement holds restoration_distinct,
 restoration_pass_at_64, pass_at_1_change and frontier_excess, each with a `*_ci` interval.
@@ -120,6 +120,7 @@ def write_outputs(sw: Any, sel: dict, tst: dict, seconds: float, best_file: str 
         "patching_upper_bound": max((x for x in tst["patching_curve"] if x), default=None,
                                     key=lambda x: x["restoration_distinct"] or -1e9),
         "layer_restore_curve": tst["restore_curve"],
+        "curves_half": cfg.curves_half,
         "goals": goals(tst, cfg.tolerance, cfg.goal_tolerance),
         "selection": {k: brief(sel[k]) for k in ("best", "best_restoration", "best_goal", "temperature")},
         "n_cells": len(sw.cache.rows), "n_cells_reused": sw.cache.reused, "engines": sw.engine_record(),
