@@ -78,7 +78,8 @@ class Steering:
             det_in_pass = site_order(self.det_site) <= min(site_order(s) for s in self.sites)
         self._det_pass = "main" if det_in_pass else "probe"
         self._probe = gate in ("entropy", "disagree") or trace or (gate == "detector" and not det_in_pass)
-        self.shadow = Shadow(base, tuple(shadow_sites)) if (gate in ("base_entropy", "disagree") or shadow_sites) else None
+        base_gate = gate in ("base_entropy", "disagree")  # the only readers of the shadow's logits
+        self.shadow = Shadow(base, tuple(shadow_sites), logits=base_gate) if (base_gate or shadow_sites) else None
         kinds = {k for k, _ in self.targets}
         if "hf" not in kinds and (self._probe or self.shadow or gate not in STATELESS_GATES):
             raise SteeringError(f"gate={gate!r} (trace={trace}, base={base is not None}) needs a Hugging Face model "

@@ -13,7 +13,10 @@ Outside the sampler (no `SamplingState`), a forward pass that carries no KV cach
 one full forward of the shadow model on the same inputs (teacher forcing); one that carries a cache
 is refused, since the shadow has no way to know the prefix.
 
-Cost: one forward of the shadow model per forward of the steered one, and a second KV cache.
+Cost: one forward of the shadow model per forward of the steered one, and a second KV cache. A
+shadow built with `logits=False` (cross-model patching reads activations only) stops its forward
+after the last requested site: no later block, no unembedding (on a 49k-token vocabulary a fifth of
+the forward), and a KV cache for the blocks up to that site only.
 What it is not: a generic multi-model runner; both models must share the tokenizer (check with
 `probe.models.pair.check_compatible`).
 """
@@ -63,14 +66,23 @@ def forward_inputs(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor | None, Te
     return ids, kwargs.get("attention_mask"), kwargs.get("position_ids"), cache
 
 
-class Shadow:
-    """Runs `model` in step with the sampler; `acts[name]` holds its last captured activations."""
+class _Stop(Exception):
+    """Raised by the last capture hook of a shadow that needs no logits: the forward ends there."""
 
-    def __init__(self, model: Any, sites: tuple[str, ...] = ()):
+
+class Shadow:
+    """Runs `model` in step with the sampler; `acts[name]` holds its last captured activations.
+
+    logits: False when the caller reads only `acts` (then `step` returns None and the forward
+    stops after the last site, where the model's cache allows it)."""
+
+    def __init__(self, model: Any, sites: tuple[str, ...] = (), logits: bool = True):
         self.hf = hf_of(model)
         self.sites = [resolve_hook(s, self.hf) for s in sites]
+        self.logits = logits or not self.sites
         self.acts: dict[str, Float[Tensor, "batch seq d_model"]] = {}
         self._cache_kw, self._extra = cache_kw(self.hf)
+        self._stopping = False
         self.reset()
 
     def reset(self) -> None:
@@ -85,6 +97,8 @@ class Shadow:
 
             def grab(x, name=h.name):
                 self.acts[name] = x
+                if self._stopping and len(self.acts) == len(self.sites):
+                    raise _Stop
 
             if h.port == "input":
                 handles.append(module.register_forward_pre_hook(lambda m, a, kw, g=grab: g(a[0] if a else kw["hidden_states"]),
@@ -107,7 +121,8 @@ class Shadow:
     @torch.inference_mode()
     def step(self, state: SamplingState | None, args: tuple, kwargs: dict) -> Float[Tensor, "batch seq vocab"]:
         """Run the shadow on the inputs of the steered forward pass; returns its logits (float32):
-        the last position only inside the sampler, every position outside it."""
+        the last position only inside the sampler, every position outside it; None for a shadow
+        built with `logits=False`, which stops after its last site (where its cache allows it)."""
         ids, attn, pos, cache = forward_inputs(args, kwargs)
         dev = next(self.hf.parameters()).device
         move = lambda t: None if t is None else t.to(dev)  # noqa: E731
@@ -118,8 +133,9 @@ class Shadow:
                                   "shadowed interventions run inside sample_branches, or on full sequences.")
             if pos is None and attn is not None:
                 pos = (attn.long().cumsum(-1) - 1).clamp_min(0)
-            return self.hf(input_ids=move(ids), attention_mask=move(attn), position_ids=move(pos),
-                           use_cache=False).logits.float()
+            self._stopping = not self.logits
+            out = self._forward(input_ids=move(ids), attention_mask=move(attn), position_ids=move(pos), use_cache=False)
+            return None if out is None else out.logits.float()
         if state.phase == "prompt":
             if len(torch.unique(state.prompt_index)) != len(state.prompt_index):
                 raise ShadowError("the sampler prefills some prompts more than once (row-level `fraction` or modes), "
@@ -127,13 +143,23 @@ class Shadow:
                                   "base_entropy / disagree gates) on every sample (fraction=None).")
             self.cache = new_cache(self.hf)
             self.keys, self.keys_are_prompts = state.prompt_index.clone(), True
+            self._stopping = not self.logits and self.cache is not None  # a cache the model makes itself needs the end
         elif self.cache is None:
             raise ShadowError("the sampler is generating but the shadow never saw the prompt. Fix: enter "
                               "the intervention before sample_branches starts (pass it as intervention=).")
         else:
             self._align(state)
-        out = self.hf(input_ids=move(ids), attention_mask=move(attn), position_ids=move(pos),
-                      **{self._cache_kw: self.cache}, **self._extra)
+        out = self._forward(input_ids=move(ids), attention_mask=move(attn), position_ids=move(pos),
+                            **{self._cache_kw: self.cache}, **self._extra)
+        if out is None:  # stopped after the last site; the cache holds the blocks up to it
+            return None
         if self.cache is None:  # a model that makes its own cache in the prefill (probe.models.kv_cache.new_cache)
             self.cache = returned_cache(out, self._cache_kw)
         return out.logits[:, -1:].float()
+
+    def _forward(self, **kwargs: Any) -> Any:
+        """The shadow's forward; None where it stopped after the last site (`logits=False`)."""
+        try:
+            return self.hf(**kwargs)
+        except _Stop:
+            return None

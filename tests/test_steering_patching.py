@@ -36,10 +36,15 @@ def test_patching_alpha_one_makes_the_layer_residual_the_base_residual(eos_lm, t
             seen.append((st.step, (st.prompt_index if st.phase == "prompt" else st.row_ids).clone(), out.clone()))
 
         grab = rl.model.layers[layer].register_forward_hook(grab_hook)
+        later = [base.lm_head, *base.model.layers[layer + 1:]]  # what a shadow that reads one residual skips
+        ran = [m.register_forward_hook(lambda m, a, o: seen_later.append(m)) for m in later]
+        seen_later = []
         try:
             branches = sample_branches(rl, tiny_tokenizer, PROMPTS, CFG, intervention=p)
         finally:
-            grab.remove()
+            for h in (grab, *ran):
+                h.remove()
+    assert not seen_later, "the base ran past the patched layer: patching reads its residual there only"
     lengths = branches.mask.sum(1).tolist()
     assert len(set(lengths)) > 1, "rows should end at different steps (rows get dropped)"
     # reassemble each row's patched residual: its prompt's prefill, then every generated token it read
