@@ -328,6 +328,9 @@ def claim_recovery(steer: dict, base: dict, rl: dict, detector: dict | None, see
         status = "fails"
         why = (f"{what} restores {format_number(r, 2)} {format_interval(r_ci, 2)}, {format_number(x, 2)} {format_interval(x_ci, 2)} relative to the mixture at its "
                "pass@1: sampling the base part of the time gives more breadth than anything the RL network gave alone")
+        if x_ci[1] >= 0:  # decided by the patching bound: say where it was measured
+            why += (f"; cross-model patching restores at most {format_number(r_patch, 2)} (the "
+                    f"{steer.get('curves_half', 'test')} half)")
     else:
         status = "inconclusive"
         why = (f"{what} restores {format_number(r, 2)} {format_interval(r_ci, 2)} at pass@1 {best['pass_at_1_change']:+.3f}, frontier excess "

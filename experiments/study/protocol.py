@@ -8,7 +8,10 @@ Every recovery number forksight reports is measured the same way:
   learned intervention) is made on the selection half, at the selection seed(s).
 - Every reported number comes from the test half at *test seeds* that no selection used
   (`test_seeds`), with base, RL, temperature, mixture, patching and the entropy-preserving RL
-  models evaluated there the same way (same problems, same seeds: common random numbers).
+  models evaluated there the same way (same problems, same seeds: common random numbers). The
+  patching and layer-restoration curves, on which no choice is made, may instead be read from the
+  selection half's cells (`SweepConfig.curves_half="selection"`, the real-model profile: on a CPU
+  each point costs a base-length sampling run).
 
 A *cell* is one (model, intervention, temperature) evaluated on one half at one seed: n samples per
 problem through `probe.sampling.sampler` (or the vLLM engine, `experiments.study.engines`), scored by the task; it keeps its metrics (docs/architecture.md

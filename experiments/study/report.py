@@ -212,6 +212,7 @@ def build_results(cfg, stage_cfgs: dict, out: str | Path) -> dict[str, Any]:
         "best_frontier_excess": best.get("frontier_excess"),
         "best_frontier_excess_ci": best.get("frontier_excess_ci"),
         "patching_upper_bound_restoration": ev5["patching_upper_bound_restoration"],
+        "patching_curves_half": ev5["curves_half"],
         "planning_entropy_late_log_change": c3b.effect["value"],
         "compute_multiplier_k_ref": c6.effect["value"], "compute_multiplier_k_ref_ci": c6.effect["ci"],
     }

@@ -234,7 +234,7 @@ def stored_config(config: Any, out: str | Path) -> Any:
     return _drop_defaults(portable(as_json(config), out))
 
 
-SETTINGS_ADDED = {"dtype": "float32", "profile": "auto", "micro_batch": 0, **ENGINE_DEFAULTS}
+SETTINGS_ADDED = {"dtype": "float32", "profile": "auto", "micro_batch": 0, "curves_half": "test", **ENGINE_DEFAULTS}
 """Settings added after runs were stored, with the value every earlier run used: left out of a stored
 configuration at that value, so runs written before the setting existed still resume."""
 

@@ -80,7 +80,8 @@ def plot_selection(sel: dict, path: str | Path) -> None:
 
 
 def plot_restoration_curves(patching: list[dict | None], restore: list[dict | None], path: str | Path) -> None:
-    """Restoration of distinct-correct against layer: cross-model patching and layer restoration (test)."""
+    """Restoration of distinct-correct against layer: cross-model patching and layer restoration, on
+    the half the rows were measured on (their "half", else the test half)."""
     fig = new_figure(6, 4)
     ax = fig.add_subplot()
     for rows, name, mk in ((patching, "cross-model patching (alpha max)", "o"), (restore, "layer restoration", "s")):
@@ -95,6 +96,8 @@ def plot_restoration_curves(patching: list[dict | None], restore: list[dict | No
     ax.axhline(1, c="gray", lw=0.8, ls=":")
     ax.set_xlabel("layer L (patched residual / restored block)")
     ax.set_ylabel("restoration of distinct-correct")
+    half = next((x.get("half", "test") for x in (*patching, *restore) if x), "test")
+    ax.set_title(f"measured on the {half} half", fontsize=9)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
