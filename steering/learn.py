@@ -48,7 +48,7 @@ from probe.entropy import entropy_and_logprob, kl, trajectories_from_branches
 from probe.forks import fork_mask
 from probe.metrics.evaluate import ROLE_CODE, score_branches
 from probe.metrics.passk import distinct_solution_shares, pass_at_k_advantages
-from probe.models.budget import forward_rows
+from probe.models.budget import forward_rows, length_chunks
 from probe.sampling.sampler import SamplerConfig, sample_branches
 from probe.tasks.protocol import Task
 from steering.learned import KINDS, LearnedEdit
@@ -240,17 +240,7 @@ def _chunks(cfg: LearnConfig, model: Any, b: _Batch) -> list[tuple[Tensor, int]]
     its length, `probe.models.budget.forward_rows`: every row at once on the organisms). Positions
     after a row's last real token are right padding: causal attention never lets them change an
     earlier position, so cutting them changes no value."""
-    rows = b.tokens.shape[0]
-    pos = torch.arange(b.attn.shape[1], device=b.attn.device)
-    lengths = ((b.attn > 0) * (pos + 1)).amax(1)  # last real position + 1 per row
-    order = torch.argsort(lengths, descending=True, stable=True)
-    out, i = [], 0
-    while i < rows:
-        length = max(1, int(lengths[order[i]]))
-        step = cfg.micro_batch or forward_rows(model, length, models=3)
-        out.append((order[i:i + step], length))
-        i += step
-    return out
+    return length_chunks(b.attn, lambda n: cfg.micro_batch or forward_rows(model, n, models=3))
 
 
 def _accumulate(cfg: LearnConfig, model: Any, steer: Any, b: _Batch, rec: dict, name: str,

@@ -263,19 +263,3 @@ def test_micro_batches_give_the_gradient_of_the_whole_batch(objective, tiny_lm, 
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6 * scale, msg="chunking the rows changed the gradient "
                                    "beyond the float summation order")
 
-
-def test_chunks_order_rows_by_length_and_cut_the_padding():
-    """Teacher-forced chunks hold rows of similar length, each cut to its longest row: a batch of
-    short answers beside one that ran to the budget pays for the padding only in that row's chunk."""
-    from steering.learn import _Batch, _chunks
-
-    lengths = torch.tensor([3, 9, 2, 9, 5, 1])
-    attn = (torch.arange(10)[None] < lengths[:, None]).long()
-    z = torch.zeros_like(attn)
-    b = _Batch(tokens=z, attn=attn, ans=attn.bool(), roles=z, buckets=z)
-    chunks = _chunks(LearnConfig(micro_batch=2), None, b)
-    assert [len(r) for r, _ in chunks] == [2, 2, 2]
-    assert [sorted(r.tolist()) for r, _ in chunks] == [[1, 3], [0, 4], [2, 5]]
-    assert [n for _, n in chunks] == [9, 5, 2], "each chunk is cut to its longest row"
-    part = b.take(chunks[1][0], chunks[1][1])
-    assert part.attn.shape == (2, 5) and part.attn.sum().item() == 8, "the cut keeps every real token"

@@ -13,6 +13,8 @@ checkpoints neither overflow the context nor the device:
   every position, several float32 copies) or of a forward pass stopped at one block (no logits) fit
   the budget. Callers take the minimum of that and their configured batch
   size, so small models (the organisms) never see a difference.
+- `length_chunks(...)`: a right-padded teacher-forced batch in row chunks of similar length, each
+  cut to its longest row (budgeted per chunk by one of the above).
 - `keep_fraction(...)`: the share of positions whose activations can be kept within a byte budget,
   for callers that subsample (the fork detector's data, SAE training activations).
 
@@ -24,10 +26,12 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from jaxtyping import Int
+from torch import Tensor
 
 
 class ContextLengthError(ValueError):
@@ -150,6 +154,24 @@ def activation_rows(model: Any, seq_len: int, budget: int | None = None, n_sites
     per_row = seq_len * 4 * ((8 + 2 * n_sites) * hidden + 3 * inner + 2 * heads * seq_len)
     budget = memory_budget(_device(model)) if budget is None else budget
     return max(1, budget // per_row)
+
+
+def length_chunks(attention_mask: Int[Tensor, "rows pos"], rows_for: Callable[[int], int]) -> list[tuple[Tensor, int]]:
+    """Row chunks `(rows, length)` of a right-padded teacher-forced batch: rows ordered by length
+    (longest first, ties in row order), each chunk cut to its longest row and holding
+    `rows_for(length)` rows (e.g. `lambda n: forward_rows(model, n)`), so rows that end early do not
+    pay for another row's padding. Exact for causal models: a position after a row's last real
+    token never changes an earlier one. rows: indices into the batch."""
+    pos = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    lengths = ((attention_mask > 0) * (pos + 1)).amax(1)  # last real position + 1 per row
+    order = torch.argsort(lengths, descending=True, stable=True)
+    out, i = [], 0
+    while i < len(order):
+        length = max(1, int(lengths[order[i]]))
+        step = max(1, int(rows_for(length)))
+        out.append((order[i:i + step], length))
+        i += step
+    return out
 
 
 def keep_fraction(n_positions: int, bytes_per_position: int, budget_bytes: int) -> float:

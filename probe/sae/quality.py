@@ -30,7 +30,7 @@ from sae_lens import SAE
 from torch import Tensor
 
 from probe.entropy import entropy_and_logprob
-from probe.models.budget import forward_rows
+from probe.models.budget import forward_rows, length_chunks
 from probe.models.hooks import HookSiteError, resolve_hook
 from probe.models.pair import HookedModel
 from probe.sae.dictionary import check_sae, collect_activations
@@ -81,14 +81,15 @@ def hf_logits(model: HookedModel, tokens: Int[Tensor, "rows pos"],
 
 def answer_nll(model: HookedModel, tokens: Int[Tensor, "rows pos"], attention_mask: Bool[Tensor, "rows pos"],
                answer_mask: Bool[Tensor, "rows pos"], batch_size: int = 64) -> float:
-    """Mean next-token NLL (nats) of `model.hf` over the answer tokens (hooks in place apply)."""
+    """Mean next-token NLL (nats) of `model.hf` over the answer tokens (hooks in place apply); rows in
+    chunks of similar length (`probe.models.budget.length_chunks`), so short rows skip the padding."""
     total, count = 0.0, int(answer_mask.sum())
-    with torch.inference_mode():
-        batch_size = min(batch_size, forward_rows(getattr(model, "hf", None), tokens.shape[1]))  # every position's logits: budgeted
-        for r0 in range(0, tokens.shape[0], batch_size):
-            sl = slice(r0, r0 + batch_size)
-            _, lp = entropy_and_logprob(hf_logits(model, tokens[sl], attention_mask[sl]), tokens[sl].to(model.device))
-            total -= lp[answer_mask[sl].to(lp.device)].double().sum().item()
+    hf = getattr(model, "hf", None)
+    with torch.inference_mode():  # rows by length, each chunk cut to its longest row; every position's logits: budgeted
+        for rows, n in length_chunks(attention_mask, lambda n: min(batch_size, forward_rows(hf, n))):
+            t = tokens[rows, :n]
+            _, lp = entropy_and_logprob(hf_logits(model, t, attention_mask[rows, :n]), t.to(model.device))
+            total -= lp[answer_mask[rows, :n].to(lp.device)].double().sum().item()
     return total / max(count, 1)
 
 
