@@ -43,10 +43,12 @@ from probe.models.hooks import resolve_hook, site_name
 from probe.models.pair import BACKENDS, RESID_POST, Pair, load_pair, wrap
 from probe.sae.dictionary import (
     ARCHITECTURES,
+    SINK_NORM_RATIO,
     SAESpec,
     collect_activations,
     load_sae,
     save_sae,
+    sink_mask,
     train_sae,
 )
 from probe.sae.diff import sae_fork_diff
@@ -238,10 +240,12 @@ def run_sae_train(cfg: SAETrainConfig) -> dict:
         "target": {"fvu_max": FVU_TARGET, "l0_max": L0_TARGET,
                    "met": base_q["fvu"] <= FVU_TARGET and base_q["l0"] <= L0_TARGET},
         "quality": quality,
-        "quality_note": "held-out problems; l0/fvu/dead over every real token, losses over answer tokens",
+        "quality_note": ("held-out problems; l0/fvu/dead over every real token but attention sinks (sink_mask), "
+                         "losses over answer tokens with the sinks left as they are"),
         "train": {**record, "n_problems": len(prompts), "n_problems_from_rl": n_rl,
                   "problems": f"{cfg.task} train_prompts(seed={cfg.problem_seed})",
-                  "positions": "every real token (prompt and completion)", "steps": cfg.spec().steps,
+                  "positions": (f"every real token (prompt and completion) but attention sinks (activation norm > "
+                                f"{SINK_NORM_RATIO:g}x the median)"), "steps": cfg.spec().steps,
                   "resumed_after_training": trained is not None},
         "plots": ["sae_training.png", "feature_density.png"],
         "seconds": time.time() - t0, "config": asdict(cfg), "environment": environment(),
@@ -274,10 +278,12 @@ def _train(cfg: SAETrainConfig, models: dict, task, prompts: list[str], n_rl: in
             acts.append(collect_activations(models[src], traj.tokens, attn, where, hook_name, cfg.batch_size))
             n_traj += traj.tokens.shape[0]
     x = torch.cat(acts)
+    sink, thr = sink_mask(x)  # attention sinks: a huge vector on the first token would be most of the loss
+    x = x[~sink]
     t_collect = time.time()
     sae, history = train_sae(x, hook_name, cfg.spec(), model_name=portable(cfg.base, out))  # no machine path in cfg.json
-    record = {"n_activations": int(x.shape[0]), "n_trajectories": n_traj, "seconds": time.time() - t_collect,
-              "history": history}
+    record = {"n_activations": int(x.shape[0]), "n_sink_activations_left_out": int(sink.sum()),
+              "sink_threshold": thr, "n_trajectories": n_traj, "seconds": time.time() - t_collect, "history": history}
     save_sae(sae, out / "sae")
     write_json_atomic(out / TRAIN_STATE, {"config": key, "train": record}, relative_to=out)
     return sae, record
@@ -295,7 +301,8 @@ def _train_key(cfg: SAETrainConfig, out: Path) -> dict:
     """The config fields that decide the trained SAE (scoring-only and placement fields left out), as
     `train_state.json` stores them (paths portable, relative to `out`)."""
     skip = {"out", "n_eval_problems", "eval_samples", "device", "backend"}
-    return portable(as_json({k: v for k, v in asdict(cfg).items() if k not in skip}), out)
+    positions = {"positions": f"real tokens but sinks (norm > {SINK_NORM_RATIO:g}x median)"}  # an SAE trained on all: retrain
+    return portable(as_json({**{k: v for k, v in asdict(cfg).items() if k not in skip}, **positions}), out)
 
 
 def _trained(cfg: SAETrainConfig, out: Path) -> dict | None:

@@ -33,7 +33,7 @@ from probe.entropy import entropy_and_logprob
 from probe.models.budget import forward_rows, length_chunks
 from probe.models.hooks import HookSiteError, resolve_hook
 from probe.models.pair import HookedModel
-from probe.sae.dictionary import check_sae, collect_activations
+from probe.sae.dictionary import check_sae, collect_activations, sink_mask
 
 
 @contextmanager
@@ -63,10 +63,19 @@ def replace_activation(model: HookedModel, hook_name: str, fn: Callable[[Tensor]
 
 
 @contextmanager
-def splice(model: HookedModel, sae: SAE, hook_name: str | None = None):
-    """Within the block, `model.hf` runs with the SAE reconstruction in place of its activation."""
+def splice(model: HookedModel, sae: SAE, hook_name: str | None = None, sink_threshold: float | None = None):
+    """Within the block, `model.hf` runs with the SAE reconstruction in place of its activation;
+    positions whose activation norm exceeds `sink_threshold` (attention sinks, which the SAE is
+    not trained on: `probe.sae.dictionary.sink_mask`) keep their own."""
     name = check_sae(sae, model, hook_name).name
-    with replace_activation(model, name, lambda x: sae(x.to(sae.dtype))):
+
+    def recon(x: Tensor) -> Tensor:
+        out = sae(x.to(sae.dtype)).to(x.dtype)
+        if sink_threshold is None:
+            return out
+        return torch.where(x.float().norm(dim=-1, keepdim=True) > sink_threshold, x, out)
+
+    with replace_activation(model, name, recon):
         yield
 
 
@@ -124,21 +133,26 @@ def sae_quality(
     hook_name: str | None = None,
     batch_size: int = 64,
 ) -> tuple[dict, Tensor]:
-    """L0 / FVU / dead fraction on every real token, and the answer-token loss clean, with the SAE
-    spliced in, and mean-ablated; returns (metrics, per-feature firing frequency)."""
+    """L0 / FVU / dead fraction on every real token but the attention sinks (`sink_mask`), and the
+    answer-token loss clean, with the SAE spliced in, and mean-ablated (both at those same tokens:
+    the sinks keep their own activation); returns (metrics, per-feature firing frequency)."""
     name = check_sae(sae, model, hook_name).name
     attn = attention_mask.bool()
     x = collect_activations(model, tokens, attn, attn, name, batch_size)
+    sink, thr = sink_mask(x)
+    x = x[~sink]
     rec, freq = reconstruction_stats(sae, x)
     args = (model, tokens, attn, answer_mask.bool(), batch_size)
     clean = answer_nll(*args)
-    with splice(model, sae, name):
+    with splice(model, sae, name, sink_threshold=thr):
         spliced = answer_nll(*args)
     mean = x.mean(0).to(model.device)
-    with replace_activation(model, name, lambda a: mean.to(a.dtype).expand_as(a)):
+    is_sink = lambda a: a.float().norm(dim=-1, keepdim=True) > thr  # noqa: E731
+    with replace_activation(model, name, lambda a: torch.where(is_sink(a), a, mean.to(a.dtype).expand_as(a))):
         ablated = answer_nll(*args)
     gap = ablated - clean
-    return {"hook_name": name, **rec, "ce_loss_clean": clean, "ce_loss_spliced": spliced,
+    return {"hook_name": name, **rec, "n_sink_tokens": int(sink.sum()), "sink_threshold": thr,
+            "ce_loss_clean": clean, "ce_loss_spliced": spliced,
             "ce_loss_increase": spliced - clean, "ce_loss_mean_ablated": ablated,
             "ce_loss_recovered": (ablated - spliced) / gap if gap > 0 else None,
             "n_answer_tokens": int(answer_mask.sum())}, freq
