@@ -52,6 +52,7 @@ from torch import Tensor, nn
 
 from probe.models.checkpoint import save_safetensors_atomic
 from probe.models.hooks import site_name
+from probe.sae.sinks import sink_mask
 from probe.sampling.vllm_hooks import StreamEdit, VLLMInterventionError, stream_edit
 from steering.apply import Steering, SteeringError
 from steering.sae_edit import FeatureDictionary
@@ -130,11 +131,11 @@ class LearnedEdit(nn.Module):
             return self.vec[k][0].expand_as(h)
         if self.kind in ("position", "mode"):
             return self.vec[k][bucket.clamp(0, self.vec[k].shape[0] - 1)]  # [b, s, d]
-        if self.kind == "sae":
+        if self.kind == "sae":  # not at attention sinks, which the SAE never saw (`sink_mask`)
             fd = self._dict()
             a = fd.acts(h.float())  # [b, s, F]
             new = a * (1 + self.gain) + self.offset[bucket.clamp(0, self.n_positions)]
-            return fd.delta(h.float(), new)
+            return fd.delta(h.float(), new).masked_fill(sink_mask(h)[0][..., None], 0.0)
         return (h.float() @ self.V[k].T + self.c[k]) @ self.U[k].T  # [b, s, r] -> [b, s, d]
 
     def buckets(self, attention_mask: Int[Tensor, "rows pos"], answer_mask: Int[Tensor, "rows pos"],

@@ -52,6 +52,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from probe.models.checkpoint import save_safetensors_atomic
+from probe.sae.sinks import sink_mask
 from steering.apply import Steering
 from steering.derive import normalise, sae_decoder_direction
 from steering.vectors import model_dims
@@ -317,6 +318,7 @@ class SAEFeatureEdit(Steering):
 
     def edit(self, name: str, x: Float[Tensor, "batch seq d_model"],
              mask: Bool[Tensor, "batch seq"]) -> Float[Tensor, "batch seq d_model"]:
+        mask = mask & ~sink_mask(x)[0]  # attention sinks, which the SAE never saw, keep their activation
         if not self.dictionary.features or not mask.any():
             return x
         d, t, thr = self._on(x)

@@ -23,7 +23,6 @@ from probe.sae.dictionary import (
     load_sae,
     predicting_positions,
     save_sae,
-    sink_mask,
     train_sae,
 )
 from probe.sae.features import (
@@ -34,6 +33,7 @@ from probe.sae.features import (
     top_tokens,
 )
 from probe.sae.quality import hf_logits, reconstruction_stats, sae_quality, splice
+from probe.sae.sinks import sink_mask
 from probe.sampling.sampler import SamplerConfig, sample_branches
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -247,3 +247,23 @@ def test_files_targets_directions_and_gradients(tmp_path):
     gain = torch.full((4,), 1.5, requires_grad=True)  # a learned kind trains through acts / delta
     d.delta(x, d.acts(x) * gain).pow(2).sum().backward()
     assert gain.grad is not None and gain.grad.abs().sum() > 0, "no gradient reaches per-feature gains"
+
+
+def test_feature_edits_leave_attention_sinks_as_they_are(eos_lm):
+    """A pretrained model's first token carries a vector ~100x the median norm that the SAE never saw
+    (`probe.sae.sinks`): feature edits and learned SAE edits leave it alone, and edit the rest."""
+    from steering.learned import LearnedEdit
+
+    rl = eos_lm(0)
+    d = FeatureDictionary.from_sae(make_sae(), FEATS)
+    x = resid(60).reshape(3, 20, 32)
+    x[:, 0] *= 100  # the sink at position 0 of every row
+    mask = torch.ones(3, 20, dtype=torch.bool)
+    out = SAEFeatureEdit(rl, d, "add", torch.full((4,), 2.0), 1.0).edit(SITE, x, mask)
+    assert torch.equal(out[:, 0], x[:, 0]), "the sink kept its activation"
+    assert (out[:, 1:] - x[:, 1:]).norm(dim=-1).gt(0).all(), "every other position is edited"
+    edit = LearnedEdit(32, [], "sae", n_positions=3, dictionary=d)
+    with torch.no_grad():
+        edit.offset.fill_(1.0)
+    delta = edit.delta(1, x, torch.zeros(3, 20, dtype=torch.long))
+    assert delta[:, 0].abs().max() == 0 and delta[:, 1:].norm(dim=-1).gt(0).all()

@@ -2,7 +2,8 @@
 
 `sae train` samples the base model on *training-distribution* problems of the task (`--task`:
 `task.train_prompts`, never the held-out test half; optionally a fraction sampled from the RL model
-instead, `--rl-mix`), collects the residual at one site on every real token, trains a sae-lens SAE
+instead, `--rl-mix`), collects the residual at one site on every real token but attention sinks
+(`probe.sae.sinks.sink_mask`), trains a sae-lens SAE
 on it (`probe.sae.dictionary.train_sae`) and scores it on trajectories of the selection half of the held-out split, base model (and
 RL model when `--rl` is set). It writes `OUT/sae/` (sae-lens format), `metrics.json`,
 `sae_training.png` and `feature_density.png`. Training is the long part: once the SAE is trained it
@@ -43,12 +44,10 @@ from probe.models.hooks import resolve_hook, site_name
 from probe.models.pair import BACKENDS, RESID_POST, Pair, load_pair, wrap
 from probe.sae.dictionary import (
     ARCHITECTURES,
-    SINK_NORM_RATIO,
     SAESpec,
     collect_activations,
     load_sae,
     save_sae,
-    sink_mask,
     train_sae,
 )
 from probe.sae.diff import sae_fork_diff
@@ -60,6 +59,7 @@ from probe.sae.plots import (
     plot_top_features,
 )
 from probe.sae.quality import reconstruction_stats, sae_quality
+from probe.sae.sinks import SINK_NORM_RATIO, sink_mask
 from probe.tasks import load_task
 
 FVU_TARGET, L0_TARGET = 0.2, 32
@@ -278,8 +278,10 @@ def _train(cfg: SAETrainConfig, models: dict, task, prompts: list[str], n_rl: in
             acts.append(collect_activations(models[src], traj.tokens, attn, where, hook_name, cfg.batch_size))
             n_traj += traj.tokens.shape[0]
     x = torch.cat(acts)
+    del acts
     sink, thr = sink_mask(x)  # attention sinks: a huge vector on the first token would be most of the loss
-    x = x[~sink]
+    if sink.any():
+        x = x[~sink]
     t_collect = time.time()
     sae, history = train_sae(x, hook_name, cfg.spec(), model_name=portable(cfg.base, out))  # no machine path in cfg.json
     record = {"n_activations": int(x.shape[0]), "n_sink_activations_left_out": int(sink.sum()),

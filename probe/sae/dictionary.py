@@ -10,12 +10,6 @@ What it is:
   `sae.cfg.metadata.hook_name`.
 - `check_sae`: refuses an SAE whose `d_in` or hook site does not fit a model (`SAEMismatchError`).
 - `encode`: feature activations in batches.
-- `sink_mask`: attention-sink positions (an activation norm > `SINK_NORM_RATIO` x the median):
-  pretrained LMs park a vector of huge norm on their first token (SmolLM2-135M at layer 15: ~145x
-  the median norm, the same vector for every prompt). Left in, one such row per sequence carries
-  ~97% of the activations' variance: the SAE's loss is about reconstructing it, and an FVU over all
-  tokens measures that (0.001) while the loss with the SAE spliced in rises by 0.36 nats. The
-  training data, the scores and the splice leave sinks out (and the splice leaves them as they are).
 
 What it is not: quality metrics and splicing (`probe.sae.quality`), feature analysis
 (`probe.sae.features`), or training on a live activation store (sae-lens's
@@ -130,19 +124,6 @@ def collect_activations(
             a = model.activations(tokens[sl], [hook_name], attention_mask[sl].long())[hook_name]
             out.append(a[where[sl].to(a.device)].float().cpu())  # [n_b, d]
     return torch.cat(out)
-
-
-SINK_NORM_RATIO = 10.0
-"""Activations with a norm above this many times the median are attention sinks (`sink_mask`). On
-SmolLM2-135M the first token's is ~145x the median and every other token's is within 1.4x of it."""
-
-
-def sink_mask(x: Float[Tensor, "n d_model"], threshold: float | None = None) -> tuple[Bool[Tensor, " n"], float]:
-    """(rows of `x` that are attention sinks, the norm threshold): norm > `threshold`, by default
-    `SINK_NORM_RATIO` x the median row norm of `x`."""
-    norms = x.float().norm(dim=-1)
-    thr = SINK_NORM_RATIO * float(norms.median()) if threshold is None else float(threshold)
-    return norms > thr, thr
 
 
 def activation_batches(acts: Float[Tensor, "n d_in"], batch_size: int, seed: int = 0) -> Iterator[Tensor]:

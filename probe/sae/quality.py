@@ -6,17 +6,18 @@ What it is:
   module (`probe.models.hooks` resolves the site), removed in `finally`. It acts on `HookedModel.hf`, the
   model `hf_logits` and every loss here run, whichever backend the `HookedModel` uses.
 - `reconstruction_stats`: L0, fraction of variance unexplained (FVU), dead fraction.
-- `sae_quality`: both, on the real tokens of given trajectories, plus the answer-token loss clean,
-  with the SAE spliced in, and mean-ablated.
+- `sae_quality`: both, on the real tokens of given trajectories but attention sinks
+  (`probe.sae.sinks.sink_mask`), plus the answer-token loss clean, with the SAE spliced in, and
+  mean-ablated (both leaving the sinks' own activation in place).
 
 What it is not: training or loading SAEs (`probe.sae.dictionary`), feature analysis (`probe.sae.features`).
 Choices where the literature varies:
-- FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over all tokens pooled (one mean vector), the
+- FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over all (non-sink) tokens pooled (one mean vector), the
   sae-lens / Gao et al. 2024 definition; L0 = mean number of features > 0 per token.
 - Dead = never active on the evaluation tokens (not sae-lens's "not fired in the last N steps").
 - The loss is the mean next-token NLL over answer tokens; "recovered" is
   (L_ablated - L_sae) / (L_ablated - L_clean) with mean ablation (the activation replaced by its
-  mean over the evaluation tokens), not zero ablation, which wrecks a residual stream.
+  mean over the evaluation's non-sink tokens), not zero ablation, which wrecks a residual stream.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from probe.entropy import entropy_and_logprob
 from probe.models.budget import forward_rows, length_chunks
 from probe.models.hooks import HookSiteError, resolve_hook
 from probe.models.pair import HookedModel
-from probe.sae.dictionary import check_sae, collect_activations, sink_mask
+from probe.sae.dictionary import check_sae, collect_activations
+from probe.sae.sinks import sink_mask
 
 
 @contextmanager
@@ -66,7 +68,9 @@ def replace_activation(model: HookedModel, hook_name: str, fn: Callable[[Tensor]
 def splice(model: HookedModel, sae: SAE, hook_name: str | None = None, sink_threshold: float | None = None):
     """Within the block, `model.hf` runs with the SAE reconstruction in place of its activation;
     positions whose activation norm exceeds `sink_threshold` (attention sinks, which the SAE is
-    not trained on: `probe.sae.dictionary.sink_mask`) keep their own."""
+    not trained on: `probe.sae.sinks.sink_mask`) keep their own. With the default None every
+    position is replaced, sinks included: on a pretrained model pass the threshold `sae_quality`
+    reports, or the splice measures the sink's reconstruction."""
     name = check_sae(sae, model, hook_name).name
 
     def recon(x: Tensor) -> Tensor:
