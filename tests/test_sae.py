@@ -33,7 +33,7 @@ from probe.sae.features import (
     top_tokens,
 )
 from probe.sae.quality import hf_logits, reconstruction_stats, sae_quality, splice
-from probe.sae.sinks import sink_mask
+from probe.sae.sinks import sink_mask, sink_record
 from probe.sampling.sampler import SamplerConfig, sample_branches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,6 +207,10 @@ def test_attention_sinks_are_left_out_of_the_scores_and_kept_by_the_splice(tiny_
     x[[3, 17]] *= 100
     sink, thr = sink_mask(x)
     assert sink.nonzero().squeeze(-1).tolist() == [3, 17] and thr == pytest.approx(10 * x.norm(dim=-1).median().item())
+    rec = sink_record(x, sink, thr)
+    c = x - x.mean(0)
+    assert rec["n_sinks"] == 2 and rec["sink_variance_share"] == pytest.approx(
+        (c[sink] ** 2).sum().item() / (c**2).sum().item(), rel=1e-5) and rec["sink_variance_share"] > 0.9
 
     site = "blocks.1.hook_resid_post"
     sae = random_sae(hook=site)

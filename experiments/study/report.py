@@ -230,6 +230,7 @@ def build_results(cfg, stage_cfgs: dict, out: str | Path) -> dict[str, Any]:
         "claims": claims,
         "headline": headline,
         "sae": {k: sae.get(k) for k in ("hook_name", "l0", "fvu", "dead_fraction", "ce_loss_increase")} |
+               {k: ((sae.get("quality") or {}).get("base") or {}).get(k) for k in ("n_sink_tokens", "sink_variance_share")} |
                {"n_pruned_3x": diff["summary"]["n_pruned_3x"], "top_pruned": [
                    {k: f.get(k) for k in ("feature", "freq_base", "freq_rl", "score")} for f in diff.get("pruned", [])[:5]]},
         "stages": {"probe": "probe/metrics.json", "sae": "sae/metrics.json", "sae_diff": "sae/diff/metrics.json",
@@ -341,7 +342,9 @@ def write_report(results: dict, path: str | Path) -> Path:
         L += [""] + replication_section(rep, rep.get("figure")) + ["", f"Source: `{rep['source']}` (`forksight replicate`)."]
     s = results["sae"]
     L += ["", "## SAE", "", f"{s['hook_name']}: L0 {format_number(s['l0'], 1)}, FVU {format_number(s['fvu'])}, dead fraction "
-          f"{format_number(s['dead_fraction'])}, next-token loss increase {format_number(s['ce_loss_increase'])} nats; "
+          f"{format_number(s['dead_fraction'])}, next-token loss increase {format_number(s['ce_loss_increase'])} nats"
+          + (f" (attention sinks left out: {s['n_sink_tokens']} tokens, {format_number(s.get('sink_variance_share'))} of "
+             "the variance)" if s.get("n_sink_tokens") else "") + "; "
           f"{s['n_pruned_3x']} features fire >= 3x less often at forks under RL. Top pruned:", ""]
     L += [f"- feature {f['feature']}: fork frequency base {format_number(f['freq_base'])} -> RL {format_number(f['freq_rl'])} "
           f"(score {format_number(f['score'])})" for f in s["top_pruned"]]

@@ -59,7 +59,7 @@ from probe.sae.plots import (
     plot_top_features,
 )
 from probe.sae.quality import reconstruction_stats, sae_quality
-from probe.sae.sinks import SINK_NORM_RATIO, sink_mask
+from probe.sae.sinks import SINK_NORM_RATIO, sink_mask, sink_record
 from probe.tasks import load_task
 
 FVU_TARGET, L0_TARGET = 0.2, 32
@@ -280,12 +280,13 @@ def _train(cfg: SAETrainConfig, models: dict, task, prompts: list[str], n_rl: in
     x = torch.cat(acts)
     del acts
     sink, thr = sink_mask(x)  # attention sinks: a huge vector on the first token would be most of the loss
+    sinks = sink_record(x, sink, thr)
     if sink.any():
         x = x[~sink]
     t_collect = time.time()
     sae, history = train_sae(x, hook_name, cfg.spec(), model_name=portable(cfg.base, out))  # no machine path in cfg.json
-    record = {"n_activations": int(x.shape[0]), "n_sink_activations_left_out": int(sink.sum()),
-              "sink_threshold": thr, "n_trajectories": n_traj, "seconds": time.time() - t_collect, "history": history}
+    record = {"n_activations": int(x.shape[0]), "sinks_left_out": sinks, "n_trajectories": n_traj,
+              "seconds": time.time() - t_collect, "history": history}
     save_sae(sae, out / "sae")
     write_json_atomic(out / TRAIN_STATE, {"config": key, "train": record}, relative_to=out)
     return sae, record

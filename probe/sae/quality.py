@@ -35,7 +35,7 @@ from probe.models.budget import forward_rows, length_chunks
 from probe.models.hooks import HookSiteError, resolve_hook
 from probe.models.pair import HookedModel
 from probe.sae.dictionary import check_sae, collect_activations
-from probe.sae.sinks import sink_mask
+from probe.sae.sinks import sink_mask, sink_record
 
 
 @contextmanager
@@ -144,6 +144,7 @@ def sae_quality(
     attn = attention_mask.bool()
     x = collect_activations(model, tokens, attn, attn, name, batch_size)
     sink, thr = sink_mask(x)
+    sinks = sink_record(x, sink, thr)
     x = x[~sink]
     rec, freq = reconstruction_stats(sae, x)
     args = (model, tokens, attn, answer_mask.bool(), batch_size)
@@ -155,7 +156,8 @@ def sae_quality(
     with replace_activation(model, name, lambda a: torch.where(is_sink(a), a, mean.to(a.dtype).expand_as(a))):
         ablated = answer_nll(*args)
     gap = ablated - clean
-    return {"hook_name": name, **rec, "n_sink_tokens": int(sink.sum()), "sink_threshold": thr,
+    return {"hook_name": name, **rec, "n_sink_tokens": sinks["n_sinks"], "sink_threshold": thr,
+            "sink_variance_share": sinks["sink_variance_share"], "max_to_median_norm": sinks["max_to_median_norm"],
             "ce_loss_clean": clean, "ce_loss_spliced": spliced,
             "ce_loss_increase": spliced - clean, "ce_loss_mean_ablated": ablated,
             "ce_loss_recovered": (ablated - spliced) / gap if gap > 0 else None,

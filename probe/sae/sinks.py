@@ -26,3 +26,16 @@ def sink_mask(x: Float[Tensor, "*rows d_model"], threshold: float | None = None)
     norms = x.float().norm(dim=-1)
     thr = SINK_NORM_RATIO * float(norms.median()) if threshold is None else float(threshold)
     return norms > thr, thr
+
+
+def sink_record(x: Float[Tensor, "n d_model"], sink: Bool[Tensor, " n"], threshold: float) -> dict:
+    """What leaving the sinks of `x` out removes: their count, the threshold, the largest norm over
+    the median, and the share of the activations' variance (around their mean) the sinks carry."""
+    x64 = x.double()
+    sq = (x64 * x64).sum(-1)  # ||x_i||^2
+    norms = sq.sqrt()
+    mu, n, ns = x64.mean(0), x.shape[0], int(sink.sum())
+    total = float(sq.sum() - n * (mu @ mu))
+    on_sinks = float(sq[sink].sum() - 2 * (mu @ x64[sink].sum(0)) + ns * (mu @ mu)) if ns else 0.0
+    return {"n_sinks": ns, "sink_threshold": threshold, "max_to_median_norm": float(norms.max() / norms.median()),
+            "sink_variance_share": on_sinks / total if total > 0 else 0.0}
