@@ -176,9 +176,13 @@ def learn(rl_model: Any, tokenizer: Any, task: Task, prompts: Callable[[int, int
     opt = torch.optim.Adam(edit.parameters(), lr=cfg.lr)
     log: list[dict] = []
     start = 0
+    if edit.kind in ("lowrank", "sae"):
+        edit.sink_thresholds = sink_thresholds(rl_model, tokenizer, prompts(0, cfg.prompts_per_step),
+                                               dict(zip(map(str, edit.layers), edit.sites())))
     if state_path.is_file() and out.is_file():
         loaded = LearnedEdit.load(out)
         edit.load_state_dict(loaded.state_dict())
+        edit.sink_thresholds = loaded.sink_thresholds or edit.sink_thresholds
         st = torch.load(state_path, weights_only=True)
         opt.load_state_dict(st["optimizer"])
         start, log = int(st["step"]), [dict(zip(st["log_keys"], row)) for row in st["log"].tolist()]
@@ -310,6 +314,37 @@ def _distill_terms(base_model: Any, c: _Batch, logits: Tensor) -> Tensor:
         base_logits = base_model(input_ids=c.tokens, attention_mask=c.attn).logits
     d = kl(base_logits[:, :-1], logits[:, :-1])  # [r, length-1]
     return torch.cat([d.new_zeros(d.shape[0], 1), d], 1)
+
+
+def sink_thresholds(model: Any, tokenizer: Any, prompts: Sequence[str], sites: dict[str, str]) -> dict[str, float]:
+    """{key: `SINK_NORM_RATIO` x the median norm of the activation `sites[key]` over every token of
+    `prompts`} (one unsteered forward per prompt): the fixed norm above which a learned edit that
+    reads the residual leaves a position alone (`LearnedEdit.sink_thresholds`, `probe.sae.sinks`)."""
+    from probe.models.hooks import resolve_hook
+    from probe.sae.sinks import SINK_NORM_RATIO
+    from probe.sampling.sampler import as_token_lists
+
+    ids = as_token_lists(tokenizer, prompts, model.get_input_embeddings().num_embeddings)
+    norms: dict[str, list[Tensor]] = {k: [] for k in sites}
+    handles = []
+    try:
+        for k, site in sites.items():
+            h = resolve_hook(site, model)
+            module = model.get_submodule(h.module_path)
+            keep = lambda x, k=k: norms[k].append((x[0] if isinstance(x, tuple) else x).float().norm(dim=-1).flatten())  # noqa: E731
+            if h.port == "input":
+                handles.append(module.register_forward_pre_hook(
+                    lambda m, a, kw, f=keep: f(a[0] if a else kw["hidden_states"]), with_kwargs=True))
+            else:
+                handles.append(module.register_forward_hook(lambda m, a, o, f=keep: f(o)))
+        dev = next(model.parameters()).device
+        with torch.no_grad():
+            for p in ids:
+                model(input_ids=torch.tensor([p], device=dev))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {k: SINK_NORM_RATIO * float(torch.cat(v).median()) for k, v in norms.items()}
 
 
 def novel_reward(keys: Sequence[Any], group_size: int, m: int) -> Float[Tensor, " rows"]:

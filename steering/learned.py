@@ -52,7 +52,6 @@ from torch import Tensor, nn
 
 from probe.models.checkpoint import save_safetensors_atomic
 from probe.models.hooks import site_name
-from probe.sae.sinks import sink_mask
 from probe.sampling.vllm_hooks import StreamEdit, VLLMInterventionError, stream_edit
 from steering.apply import Steering, SteeringError
 from steering.sae_edit import FeatureDictionary
@@ -97,6 +96,10 @@ class LearnedEdit(nn.Module):
         g = torch.Generator().manual_seed(seed)
         rows = {"vector": 1, "position": self.n_positions + 1, "mode": self.n_modes}.get(kind, 0)
         self.dictionary = dictionary
+        self.sink_thresholds: dict[str, float] = {}
+        """Per layer (str): the residual norm above which the kinds that read the residual ("lowrank",
+        "sae") leave a position alone, an attention sink (`probe.sae.sinks`; set by
+        `steering.learn.learn` from the model; fixed, so the sampler and teacher forcing agree)."""
         if kind == "sae":
             n_feat = len(dictionary.features)
             self.gain = nn.Parameter(torch.zeros(n_feat))
@@ -131,12 +134,15 @@ class LearnedEdit(nn.Module):
             return self.vec[k][0].expand_as(h)
         if self.kind in ("position", "mode"):
             return self.vec[k][bucket.clamp(0, self.vec[k].shape[0] - 1)]  # [b, s, d]
-        if self.kind == "sae":  # not at attention sinks, which the SAE never saw (`sink_mask`)
+        if self.kind == "sae":
             fd = self._dict()
             a = fd.acts(h.float())  # [b, s, F]
             new = a * (1 + self.gain) + self.offset[bucket.clamp(0, self.n_positions)]
-            return fd.delta(h.float(), new).masked_fill(sink_mask(h)[0][..., None], 0.0)
-        return (h.float() @ self.V[k].T + self.c[k]) @ self.U[k].T  # [b, s, r] -> [b, s, d]
+            out = fd.delta(h.float(), new)
+        else:
+            out = (h.float() @ self.V[k].T + self.c[k]) @ self.U[k].T  # [b, s, r] -> [b, s, d]
+        thr = self.sink_thresholds.get(k)  # a sink (~100x the usual norm) would be read as a huge feature / projection
+        return out if thr is None else out.masked_fill(h.float().norm(dim=-1, keepdim=True) > thr, 0.0)
 
     def buckets(self, attention_mask: Int[Tensor, "rows pos"], answer_mask: Int[Tensor, "rows pos"],
                 sample_index: Int[Tensor, " rows"], where: str = "all") -> Int[Tensor, "rows pos"]:
@@ -191,6 +197,7 @@ class LearnedEdit(nn.Module):
         meta = {"kind": self.kind, "layers": self.layers, "d_model": self.d_model, "site": self.site,
                 "n_positions": self.n_positions, "rank": self.rank, "n_modes": self.n_modes, "n_params": self.n_params(),
                 "sae": None if self.dictionary is None else self.dictionary.metadata(),
+                "sink_thresholds": self.sink_thresholds,
                 "provenance": provenance or {}, "recommended": recommended or {}}
         header = {"format": FORMAT, "version": str(VERSION), "meta": json.dumps(meta)}
         return save_safetensors_atomic(path, dict(self.state_dict()), header)
@@ -217,6 +224,7 @@ class LearnedEdit(nn.Module):
             edit.load_state_dict(tensors)
         except RuntimeError as e:
             raise LearnedEditError(f"{path}: tensors do not match its header ({e})") from e
+        edit.sink_thresholds = {k: float(v) for k, v in (meta.get("sink_thresholds") or {}).items()}
         edit.meta = meta
         return edit
 

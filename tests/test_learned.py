@@ -94,6 +94,26 @@ def test_teacher_forced_buckets_reproduce_the_sampler(tiny_lm, tiny_tokenizer, k
     torch.testing.assert_close(lp[traj.answer_mask], br.logprobs[br.mask], atol=2e-5, rtol=0)
 
 
+def test_edits_that_read_the_residual_measure_their_sink_threshold_and_keep_it(tiny_lm, tiny_tokenizer, tmp_path):
+    """learn() fixes the attention-sink threshold of a low-rank edit from the model (10x the median
+    residual norm at its layers over the first step's prompts), and the file keeps it."""
+    cfg = LearnConfig(objective="breadth", kind="lowrank", layers=(0, 1), rank=2, steps=1, prompts_per_step=3,
+                      group_size=2, max_new_tokens=3, save_every=0)
+    model = tiny_lm("qwen2", 0)
+    edit, _ = learn(model, tiny_tokenizer, ToyTask(), lambda s, k: PROMPTS[:k], cfg, tmp_path / "lr.st")
+    ids = tiny_tokenizer(PROMPTS)["input_ids"]
+    for layer in (0, 1):
+        seen = []
+        h = model.model.layers[layer].register_forward_hook(lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o))
+        with torch.no_grad():
+            for p in ids:
+                model(input_ids=torch.tensor([p]))
+        h.remove()
+        norms = torch.cat([s.float().norm(dim=-1).flatten() for s in seen])
+        assert edit.sink_thresholds[str(layer)] == pytest.approx(10 * norms.median().item(), rel=1e-6)
+    assert LearnedEdit.load(tmp_path / "lr.st").sink_thresholds == edit.sink_thresholds
+
+
 def test_sae_kind_round_trips_with_its_dictionary(tmp_path, tiny_lm):
     edit = _random_edit("sae")
     assert edit.layers == [int(edit.dictionary.hook_name.split(".")[1])] and edit.n_params() == 4 * 4 + 4

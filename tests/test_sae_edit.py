@@ -262,8 +262,19 @@ def test_feature_edits_leave_attention_sinks_as_they_are(eos_lm):
     out = SAEFeatureEdit(rl, d, "add", torch.full((4,), 2.0), 1.0).edit(SITE, x, mask)
     assert torch.equal(out[:, 0], x[:, 0]), "the sink kept its activation"
     assert (out[:, 1:] - x[:, 1:]).norm(dim=-1).gt(0).all(), "every other position is edited"
-    edit = LearnedEdit(32, [], "sae", n_positions=3, dictionary=d)
+    thr = 10 * x[:, 1:].norm(dim=-1).median().item()  # what `steering.learn.sink_thresholds` measures on the model
+    lowrank = LearnedEdit(32, [1], "lowrank", rank=2)
     with torch.no_grad():
-        edit.offset.fill_(1.0)
-    delta = edit.delta(1, x, torch.zeros(3, 20, dtype=torch.long))
-    assert delta[:, 0].abs().max() == 0 and delta[:, 1:].norm(dim=-1).gt(0).all()
+        for p in lowrank.parameters():
+            p.normal_()
+    for edit in (LearnedEdit(32, [], "sae", n_positions=3, dictionary=d), lowrank):
+        with torch.no_grad():
+            if edit.kind == "sae":
+                edit.offset.fill_(1.0)
+        layer = edit.layers[0]
+        free = edit.delta(layer, x, torch.zeros(3, 20, dtype=torch.long))
+        edit.sink_thresholds = {str(layer): thr}
+        delta = edit.delta(layer, x, torch.zeros(3, 20, dtype=torch.long))
+        assert free[:, 0].abs().max() > 0, f"vacuous: the {edit.kind} edit reads the sink without a threshold"
+        assert delta[:, 0].abs().max() == 0 and torch.equal(delta[:, 1:], free[:, 1:]), \
+            f"the {edit.kind} edit leaves the sink alone and nothing else"
