@@ -104,7 +104,7 @@ def test_edits_that_read_the_residual_measure_their_sink_threshold_and_keep_it(t
     ids = tiny_tokenizer(PROMPTS)["input_ids"]
     for layer in (0, 1):
         seen = []
-        h = model.model.layers[layer].register_forward_hook(lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o))
+        h = model.model.layers[layer].register_forward_hook(lambda m, a, o, seen=seen: seen.append(o[0] if isinstance(o, tuple) else o))
         with torch.no_grad():
             for p in ids:
                 model(input_ids=torch.tensor([p]))
