@@ -320,23 +320,16 @@ def sink_thresholds(model: Any, tokenizer: Any, prompts: Sequence[str], sites: d
     """{key: `SINK_NORM_RATIO` x the median norm of the activation `sites[key]` over every token of
     `prompts`} (one unsteered forward per prompt): the fixed norm above which a learned edit that
     reads the residual leaves a position alone (`LearnedEdit.sink_thresholds`, `probe.sae.sinks`)."""
-    from probe.models.hooks import resolve_hook
     from probe.sae.sinks import SINK_NORM_RATIO
     from probe.sampling.sampler import as_token_lists
+    from steering.sites import on_site
 
     ids = as_token_lists(tokenizer, prompts, model.get_input_embeddings().num_embeddings)
     norms: dict[str, list[Tensor]] = {k: [] for k in sites}
     handles = []
     try:
         for k, site in sites.items():
-            h = resolve_hook(site, model)
-            module = model.get_submodule(h.module_path)
-            keep = lambda x, k=k: norms[k].append((x[0] if isinstance(x, tuple) else x).float().norm(dim=-1).flatten())  # noqa: E731
-            if h.port == "input":
-                handles.append(module.register_forward_pre_hook(
-                    lambda m, a, kw, f=keep: f(a[0] if a else kw["hidden_states"]), with_kwargs=True))
-            else:
-                handles.append(module.register_forward_hook(lambda m, a, o, f=keep: f(o)))
+            handles.append(on_site("hf", model, site, lambda x, k=k: norms[k].append(x.float().norm(dim=-1).flatten())))
         dev = next(model.parameters()).device
         with torch.no_grad():
             for p in ids:

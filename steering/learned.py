@@ -52,6 +52,7 @@ from torch import Tensor, nn
 
 from probe.models.checkpoint import save_safetensors_atomic
 from probe.models.hooks import site_name
+from probe.sae.sinks import sink_mask
 from probe.sampling.vllm_hooks import StreamEdit, VLLMInterventionError, stream_edit
 from steering.apply import Steering, SteeringError
 from steering.sae_edit import FeatureDictionary
@@ -142,7 +143,10 @@ class LearnedEdit(nn.Module):
         else:
             out = (h.float() @ self.V[k].T + self.c[k]) @ self.U[k].T  # [b, s, r] -> [b, s, d]
         thr = self.sink_thresholds.get(k)  # a sink (~100x the usual norm) would be read as a huge feature / projection
-        return out if thr is None else out.masked_fill(h.float().norm(dim=-1, keepdim=True) > thr, 0.0)
+        if thr is not None:
+            return out.masked_fill(h.float().norm(dim=-1, keepdim=True) > thr, 0.0)
+        # a file without thresholds: an sae edit still never acts where its SAE was not trained (this forward's sinks)
+        return out.masked_fill(sink_mask(h)[0][..., None], 0.0) if self.kind == "sae" else out
 
     def buckets(self, attention_mask: Int[Tensor, "rows pos"], answer_mask: Int[Tensor, "rows pos"],
                 sample_index: Int[Tensor, " rows"], where: str = "all") -> Int[Tensor, "rows pos"]:

@@ -275,6 +275,11 @@ def test_feature_edits_leave_attention_sinks_as_they_are(eos_lm):
         free = edit.delta(layer, x, torch.zeros(3, 20, dtype=torch.long))
         edit.sink_thresholds = {str(layer): thr}
         delta = edit.delta(layer, x, torch.zeros(3, 20, dtype=torch.long))
+        if edit.kind == "sae":  # a file without thresholds: this forward's sinks (its SAE never saw them)
+            assert free[:, 0].abs().max() == 0 and free[:, 1:].norm(dim=-1).gt(0).all()
+            edit.sink_thresholds = {str(layer): float("inf")}
+            free = edit.delta(layer, x, torch.zeros(3, 20, dtype=torch.long))
+            edit.sink_thresholds = {}
         assert free[:, 0].abs().max() > 0, f"vacuous: the {edit.kind} edit reads the sink without a threshold"
         assert delta[:, 0].abs().max() == 0 and torch.equal(delta[:, 1:], free[:, 1:]), \
             f"the {edit.kind} edit leaves the sink alone and nothing else"
