@@ -144,7 +144,7 @@ class LearnedEdit(nn.Module):
             out = (h.float() @ self.V[k].T + self.c[k]) @ self.U[k].T  # [b, s, r] -> [b, s, d]
         thr = self.sink_thresholds.get(k)  # a sink (~100x the usual norm) would be read as a huge feature / projection
         if thr is not None:
-            return out.masked_fill(h.float().norm(dim=-1, keepdim=True) > thr, 0.0)
+            return out.masked_fill(sink_mask(h, thr)[0][..., None], 0.0)
         # a file without thresholds: an sae edit still never acts where its SAE was not trained (this forward's sinks)
         return out.masked_fill(sink_mask(h)[0][..., None], 0.0) if self.kind == "sae" else out
 

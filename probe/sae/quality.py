@@ -77,7 +77,7 @@ def splice(model: HookedModel, sae: SAE, hook_name: str | None = None, sink_thre
         out = sae(x.to(sae.dtype)).to(x.dtype)
         if sink_threshold is None:
             return out
-        return torch.where(x.float().norm(dim=-1, keepdim=True) > sink_threshold, x, out)
+        return torch.where(sink_mask(x, sink_threshold)[0][..., None], x, out)
 
     with replace_activation(model, name, recon):
         yield
@@ -152,8 +152,8 @@ def sae_quality(
     with splice(model, sae, name, sink_threshold=thr):
         spliced = answer_nll(*args)
     mean = x.mean(0).to(model.device)
-    is_sink = lambda a: a.float().norm(dim=-1, keepdim=True) > thr  # noqa: E731
-    with replace_activation(model, name, lambda a: torch.where(is_sink(a), a, mean.to(a.dtype).expand_as(a))):
+    with replace_activation(model, name, lambda a: torch.where(sink_mask(a, thr)[0][..., None], a,
+                                                               mean.to(a.dtype).expand_as(a))):
         ablated = answer_nll(*args)
     gap = ablated - clean
     return {"hook_name": name, **rec, "n_sink_tokens": sinks["n_sinks"], "sink_threshold": thr,
