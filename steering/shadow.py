@@ -31,7 +31,14 @@ from jaxtyping import Float
 from torch import Tensor
 
 from probe.models.hooks import resolve_hook
-from probe.models.kv_cache import CACHE_ARGS, cache_arg, new_cache, returned_cache, select_rows
+from probe.models.kv_cache import (
+    CACHE_ARGS,
+    cache_arg,
+    new_cache,
+    position_ids,
+    returned_cache,
+    select_rows,
+)
 from probe.sampling.sampler import SamplingState
 
 
@@ -132,7 +139,7 @@ class Shadow:
                 raise ShadowError("the steered forward pass continues a KV cache the shadow has not seen. Fix: "
                                   "shadowed interventions run inside sample_branches, or on full sequences.")
             if pos is None and attn is not None:
-                pos = (attn.long().cumsum(-1) - 1).clamp_min(0)
+                pos = position_ids(attn)
             self._stopping = not self.logits
             out = self._forward(input_ids=move(ids), attention_mask=move(attn), position_ids=move(pos), use_cache=False)
             return None if out is None else out.logits.float()

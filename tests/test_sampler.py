@@ -314,3 +314,13 @@ def test_nan_logits_name_prompt_and_step(tiny_lm, tiny_tokenizer):
     model.forward = poisoned_prefill
     with pytest.raises(NonFiniteLogitsError, match=r"prompt index\(es\) \[4\] at step 0"):
         sample_branches(model, tiny_tokenizer, PROMPTS, SamplerConfig(n=3, temperature=0))
+
+
+def test_position_ids_count_each_rows_real_tokens_from_zero_on_either_padding_side():
+    from probe.models.kv_cache import position_ids
+
+    left = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    right = torch.tensor([[True, True, True, False, False]])
+    assert position_ids(left).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+    assert position_ids(right).tolist() == [[0, 1, 2, 2, 2]]
+    assert position_ids(right).dtype == torch.long

@@ -46,6 +46,7 @@ from probe.forks import fork_mask
 from probe.metrics.evaluate import score_branches
 from probe.models.adapters import write_adapter_provenance
 from probe.models.checkpoint import CheckpointError, load_causal_lm, parse_dtype
+from probe.models.kv_cache import position_ids
 from probe.sampling.sampler import Branches, SamplerConfig, sample_branches
 from probe.tasks import load_task
 
@@ -139,7 +140,7 @@ def build_rollouts(branches: Branches, rewards, group_size: int, std_normalize: 
     return Rollouts(
         input_ids=torch.cat([prompt, branches.tokens], 1),
         attention_mask=attn,
-        position_ids=(attn.cumsum(1) - 1).clamp(min=0),
+        position_ids=position_ids(attn),
         answer_mask=torch.cat([torch.zeros_like(pmask, dtype=torch.bool), branches.mask], 1),
         old_logprobs=torch.cat([zeros, branches.logprobs.float()], 1),
         old_entropy=torch.cat([zeros, branches.entropy.float()], 1),

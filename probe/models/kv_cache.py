@@ -21,6 +21,9 @@ What it is: the cache operations `probe.sampling.sampler` needs, for every famil
   would change a row's outputs, or None. The families in those tables are ones whose HF modelling
   code itself gives a padded or batched row other logits than the row alone (found by
   `bench/coverage.py`, which compares with HF `generate` on each prompt alone).
+- `position_ids(attention_mask)`: `cumsum(mask) - 1`, clamped at 0: each row's real tokens count
+  from 0 whichever side it is padded on (padding positions, masked anyway, get 0 on the left and
+  the last real position on the right).
 
 What it is not: a cache implementation, or cropping (speculative rollback) of recurrent states.
 """
@@ -30,7 +33,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from jaxtyping import Int
+from jaxtyping import Int, Shaped
 from torch import Tensor
 from transformers import Cache, DynamicCache
 
@@ -52,6 +55,15 @@ LEFT_PADDING_UNSAFE: dict[str, str] = {
 }
 """`config.model_type` -> why a left-padded row's outputs differ from the row alone (HF's own
 `generate` differs the same way)."""
+
+
+def position_ids(attention_mask: Shaped[Tensor, "rows pos"]) -> Int[Tensor, "rows pos"]:
+    """Padding-safe position ids: a row's first real token is 0 under left or right padding.
+
+    `attention_mask`: (rows, pos), bool or 0/1 ints. Returns (rows, pos) int64; left padding gets
+    0 and right padding the row's last real position (both are masked).
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
 class CacheError(RuntimeError):

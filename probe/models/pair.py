@@ -32,6 +32,7 @@ from probe.models.backends import TL_ARCHITECTURES, to_hooked_transformer, to_nn
 from probe.models.budget import ContextLengthError
 from probe.models.checkpoint import load_causal_lm, resolve_device
 from probe.models.hooks import ResolvedHook, resolve_hook, site_name
+from probe.models.kv_cache import position_ids
 from probe.models.norms import normalized
 
 Backend = Literal["transformer_lens", "nnsight"]
@@ -126,7 +127,7 @@ class HookedModel:
     def _position_kwargs(self, mask: Tensor) -> dict[str, Tensor]:
         """{"position_ids": cumsum(mask) - 1} for HF models that take them (recurrent / ALiBi: implicit)."""
         takes = inspect.signature(type(self.hf).forward).parameters
-        return {"position_ids": (mask.cumsum(-1) - 1).clamp_min(0)} if "position_ids" in takes else {}
+        return {"position_ids": position_ids(mask)} if "position_ids" in takes else {}
 
     def _as_tl(self, hooks: list[ResolvedHook], saved: dict[str, Tensor]) -> dict[str, Tensor]:
         """HF values of `hooks` as TransformerLens defines them (ln_final: the norm before its affine map)."""

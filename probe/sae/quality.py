@@ -33,6 +33,7 @@ from torch import Tensor
 from probe.entropy import entropy_and_logprob
 from probe.models.budget import forward_rows, length_chunks
 from probe.models.hooks import HookSiteError, resolve_hook
+from probe.models.kv_cache import position_ids
 from probe.models.pair import HookedModel
 from probe.sae.dictionary import check_sae, collect_activations
 from probe.sae.sinks import sink_mask, sink_record
@@ -88,8 +89,8 @@ def hf_logits(model: HookedModel, tokens: Int[Tensor, "rows pos"],
     """Logits of `model.hf` (where `replace_activation` hooks act), padding-safe position ids."""
     model.check_context(tokens.shape[1])
     attn = attention_mask.long().to(model.device)
-    pos = (attn.cumsum(-1) - 1).clamp_min(0)
-    return model.hf(input_ids=tokens.to(model.device), attention_mask=attn, position_ids=pos).logits.float()
+    out = model.hf(input_ids=tokens.to(model.device), attention_mask=attn, position_ids=position_ids(attn))
+    return out.logits.float()
 
 
 def answer_nll(model: HookedModel, tokens: Int[Tensor, "rows pos"], attention_mask: Bool[Tensor, "rows pos"],

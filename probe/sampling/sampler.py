@@ -84,6 +84,7 @@ from probe.models.kv_cache import (
     cache_arg,
     new_cache,
     padding_unsafe,
+    position_ids,
     returned_cache,
     select_rows,
 )
@@ -254,7 +255,7 @@ def _run_batch(model, fwd, ids, key_t, row_ids, cfg, eos, pad, state, track, gro
         0, sel, row_ids, reduce="amin", include_self=False)  # [P] a representative row of each item
     item_prompt = (first // n).tolist()
     inp, attn = _pad_left([ids[i] for i in item_prompt], pad, dev)  # [P, L]
-    pos = (attn.cumsum(-1) - 1).clamp_min(0)  # [P, L]
+    pos = position_ids(attn)  # [P, L]
     name, extra, takes, unsafe, unbatched = fwd
     if unbatched and len(row_ids) > 1:
         raise CacheError(f"rows of one forward batch are not independent in {type(model).__name__}: {unbatched}. "
