@@ -30,7 +30,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from probe.models.hooks import resolve_hook
+from probe.models.hooks import StopForward, hook_module, resolve_hook
 from probe.models.kv_cache import (
     CACHE_ARGS,
     cache_arg,
@@ -73,10 +73,6 @@ def forward_inputs(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor | None, Te
     return ids, kwargs.get("attention_mask"), kwargs.get("position_ids"), cache
 
 
-class _Stop(Exception):
-    """Raised by the last capture hook of a shadow that needs no logits: the forward ends there."""
-
-
 class Shadow:
     """Runs `model` in step with the sampler; `acts[name]` holds its last captured activations.
 
@@ -98,21 +94,12 @@ class Shadow:
 
     def register(self) -> list:
         """Capture hooks on the shadow's sites; the caller removes the returned handles."""
-        handles = []
-        for h in self.sites:
-            module = self.hf.get_submodule(h.module_path)
+        def grab(name: str, x: Tensor) -> None:
+            self.acts[name] = x
+            if self._stopping and len(self.acts) == len(self.sites):
+                raise StopForward
 
-            def grab(x, name=h.name):
-                self.acts[name] = x
-                if self._stopping and len(self.acts) == len(self.sites):
-                    raise _Stop
-
-            if h.port == "input":
-                handles.append(module.register_forward_pre_hook(lambda m, a, kw, g=grab: g(a[0] if a else kw["hidden_states"]),
-                                                                with_kwargs=True))
-            else:
-                handles.append(module.register_forward_hook(lambda m, a, o, g=grab: g(o[0] if isinstance(o, tuple) else o)))
-        return handles
+        return [hook_module(self.hf, h, lambda x, name=h.name: grab(name, x)) for h in self.sites]
 
     def _align(self, state: SamplingState) -> None:
         """Make the shadow cache's batch items the sampler's current ones (`state.row_ids`)."""
@@ -168,5 +155,5 @@ class Shadow:
         """The shadow's forward; None where it stopped after the last site (`logits=False`)."""
         try:
             return self.hf(**kwargs)
-        except _Stop:
+        except StopForward:
             return None

@@ -4,7 +4,7 @@ What it is: `targets(model)` lists the module trees a model object runs on (a HF
 `probe.models.pair.HookedModel` (its HF model, plus its TransformerLens model for that backend), an
 nnsight `TransformersModel` (its HF module), a TransformerLens `HookedTransformer`), and
 `on_site` registers a read-or-replace hook at a `probe.models.hooks` name on one of them: the resolved HF
-module's input / output (first element of a tuple or list) or the TransformerLens hook point.
+module's input / output (`probe.models.hooks.hook_module`) or the TransformerLens hook point.
 `site_order` gives the forward-execution order of a name without a model.
 
 What it is not: the name table itself (`probe.models.hooks`).
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from probe.models.hooks import SITES, HookSiteError, resolve_hook
+from probe.models.hooks import SITES, HookSiteError, hook_module, resolve_hook
 from probe.models.pair import HookedModel
 
 
@@ -53,21 +53,4 @@ def on_site(kind: str, model: Any, name: str, fn: Callable[[Tensor], Tensor | No
         if name not in model.hook_dict:
             raise HookSiteError(f"TransformerLens model has no hook point {name!r}")
         return model.hook_dict[name].register_forward_hook(lambda m, a, out: fn(out))
-    r = resolve_hook(name, model)
-    module = model.get_submodule(r.module_path)
-    if r.port == "input":
-        def pre(m, args, kwargs):
-            x = args[0] if args else kwargs["hidden_states"]
-            y = fn(x)
-            if y is None:
-                return None
-            return ((y, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": y})
-        return module.register_forward_pre_hook(pre, with_kwargs=True)
-
-    def post(m, args, out):
-        seq = isinstance(out, (tuple, list))  # (hidden, extras...) as a tuple, or a list (GPT-1 blocks)
-        y = fn(out[0] if seq else out)
-        if y is None or not seq:
-            return y
-        return [y, *out[1:]] if isinstance(out, list) else (y, *out[1:])
-    return module.register_forward_hook(post)
+    return hook_module(model, resolve_hook(name, model), fn)

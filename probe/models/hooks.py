@@ -8,8 +8,12 @@ and MLP / mixture-of-experts block, the final norm), for any decoder-only `*ForC
 architecture facts the structure leaves ambiguous are data in `probe.models.structure.OVERRIDES`, never an
 `if arch == ...` branch.
 
-What it is not: running models or registering hooks (see `probe.models.pair`); the set of names is
-deliberately small (`SITES`), the activations every backend can give identically.
+`hook_module` is the one torch hook every reader and editor of a resolved HF site registers
+(`probe.models.pair`'s activations, `steering`'s sites and shadow): it reads the module's input or
+output and may replace it, or raise `StopForward` to end a forward whose rest nobody needs.
+
+What it is not: running models (see `probe.models.pair`); the set of names is deliberately small
+(`SITES`), the activations every backend can give identically.
 
 Semantics, matched to TransformerLens (`fold_ln=False`, no weight processing):
 - `blocks.{L}.hook_resid_pre`: input of block L (embeddings, plus positions for GPT-2, at L=0).
@@ -30,8 +34,12 @@ Semantics, matched to TransformerLens (`fold_ln=False`, no weight processing):
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from probe.models.structure import StructureError, structure_of
 
@@ -65,7 +73,8 @@ class ResolvedHook:
     module_path: str
     """HF module path (`model.get_submodule(path)`), e.g. "model.layers.3"."""
     port: str
-    """"input" (first positional argument) or "output" (first element if a tuple)."""
+    """"input" (first positional argument, or the `hidden_states` keyword) or "output" (first
+    element if a tuple or list)."""
     post: str | None
     """Post-processing the HF value needs to equal the TransformerLens one: "undo_affine:<convention>"
     (a key of `probe.models.norms.NORM_CONVENTIONS`) for ln_final, else None."""
@@ -133,3 +142,36 @@ def site_name(template: str, layer: int) -> str:
     if template not in SITES:
         raise HookSiteError(f"unknown hook site template {template!r}; valid: {list(SITES)}")
     return template.replace("{L}", str(layer))
+
+
+class StopForward(Exception):
+    """Raised by a hook once its caller holds everything it needs from a forward pass: the rest of
+    it (later blocks, the unembedding) is skipped. The caller that ran the forward catches it."""
+
+
+def hook_module(hf: nn.Module, site: ResolvedHook, fn: Callable[[Tensor], Tensor | None]) -> RemovableHandle:
+    """Register `fn(activation) -> replacement or None` on `site`'s module of the HF model `hf`.
+
+    The activation is the module's input (first positional argument, or the `hidden_states`
+    keyword) for an "input" port, its output (first element of a tuple or list) for an "output"
+    port; (batch, pos, d_model) in every decoder. A returned tensor replaces it in the forward;
+    None leaves it. `fn` may raise `StopForward`. Returns the handle; the caller removes it."""
+    module = hf.get_submodule(site.module_path)
+    if site.port == "input":
+        def pre(m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            x = args[0] if args else kwargs["hidden_states"]
+            y = fn(x)
+            if y is None:
+                return None
+            return ((y, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": y})
+
+        return module.register_forward_pre_hook(pre, with_kwargs=True)
+
+    def post(m: nn.Module, args: tuple, out: Any) -> Any:
+        seq = isinstance(out, (tuple, list))  # (hidden, extras...) as a tuple, or a list (GPT-1 blocks)
+        y = fn(out[0] if seq else out)
+        if y is None or not seq:
+            return y
+        return [y, *out[1:]] if isinstance(out, list) else (y, *out[1:])
+
+    return module.register_forward_hook(post)

@@ -31,17 +31,13 @@ from torch import Tensor
 from probe.models.backends import TL_ARCHITECTURES, to_hooked_transformer, to_nnsight
 from probe.models.budget import ContextLengthError
 from probe.models.checkpoint import load_causal_lm, resolve_device
-from probe.models.hooks import ResolvedHook, resolve_hook, site_name
+from probe.models.hooks import ResolvedHook, StopForward, hook_module, resolve_hook, site_name
 from probe.models.kv_cache import position_ids
 from probe.models.norms import normalized
 
 Backend = Literal["transformer_lens", "nnsight"]
 BACKENDS: tuple[str, ...] = ("transformer_lens", "nnsight")
 RESID_POST = "blocks.{L}.hook_resid_post"
-
-
-class _Stop(Exception):
-    """Raised by the last activation hook of `HookedModel.activations`: nothing after it is needed."""
 
 
 class PairMismatchError(ValueError):
@@ -168,28 +164,21 @@ class HookedModel:
         return self._hf_activations(tokens, mask, hooks)
 
     def _hf_activations(self, tokens: Tensor, mask: Tensor, hooks: list[ResolvedHook]) -> dict[str, Tensor]:
-        """Plain torch hooks on the HF modules (nnsight's own), raising `_Stop` after the last site."""
+        """Plain torch hooks on the HF modules (nnsight's own), stopping the forward after the last site."""
         saved: dict[str, Tensor] = {}
         handles = []
 
-        def keep(h: ResolvedHook, value: Any) -> None:
-            value = value[0] if isinstance(value, (tuple, list)) else value
+        def keep(h: ResolvedHook, value: Tensor) -> None:
             saved[h.name] = value.clone()  # a copy: layers may add to it in place later
             if len(saved) == len(hooks):
-                raise _Stop
+                raise StopForward
 
         try:
             for h in hooks:
-                module = self.hf.get_submodule(h.module_path)
-                if h.port == "input":  # hidden states positional in most decoders, as a keyword in some
-                    handles.append(module.register_forward_pre_hook(
-                        lambda m, args, kwargs, h=h: keep(h, args[0] if args else kwargs["hidden_states"]),
-                        with_kwargs=True))
-                else:
-                    handles.append(module.register_forward_hook(lambda m, args, out, h=h: keep(h, out)))
+                handles.append(hook_module(self.hf, h, lambda x, h=h: keep(h, x)))
             try:
                 self.hf(tokens, attention_mask=mask, use_cache=False, **self._position_kwargs(mask))
-            except _Stop:
+            except StopForward:
                 pass
         finally:
             for handle in handles:

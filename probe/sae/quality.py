@@ -32,7 +32,7 @@ from torch import Tensor
 
 from probe.entropy import entropy_and_logprob
 from probe.models.budget import forward_rows, length_chunks
-from probe.models.hooks import HookSiteError, resolve_hook
+from probe.models.hooks import HookSiteError, hook_module, resolve_hook
 from probe.models.kv_cache import position_ids
 from probe.models.pair import HookedModel
 from probe.sae.dictionary import check_sae, collect_activations
@@ -46,19 +46,7 @@ def replace_activation(model: HookedModel, hook_name: str, fn: Callable[[Tensor]
     if hook.post is not None:
         raise HookSiteError(f"cannot splice at {hook_name!r}: its value is post-processed ({hook.post}) from "
                             "the HF module. Fix: use a blocks.{L}.hook_* site.")
-    module = model.hf.get_submodule(hook.module_path)
-    if hook.port == "output":
-        def on_output(_mod, _args, out):
-            if isinstance(out, tuple):
-                return (fn(out[0]).to(out[0].dtype), *out[1:])
-            return fn(out).to(out.dtype)
-        handle = module.register_forward_hook(on_output)
-    else:
-        def on_input(_mod, args, kwargs):
-            if args:
-                return (fn(args[0]).to(args[0].dtype), *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"]).to(kwargs["hidden_states"].dtype)}
-        handle = module.register_forward_pre_hook(on_input, with_kwargs=True)
+    handle = hook_module(model.hf, hook, lambda x: fn(x).to(x.dtype))
     try:
         yield
     finally:
