@@ -85,7 +85,7 @@ class Shadow:
         self.logits = logits or not self.sites
         self.acts: dict[str, Float[Tensor, "batch seq d_model"]] = {}
         self._cache_kw, self._extra = cache_kw(self.hf)
-        self._stopping = False
+        self._stopping, self._may_stop = False, False
         self.reset()
 
     def reset(self) -> None:
@@ -127,8 +127,7 @@ class Shadow:
                                   "shadowed interventions run inside sample_branches, or on full sequences.")
             if pos is None and attn is not None:
                 pos = position_ids(attn)
-            self._stopping = not self.logits
-            out = self._forward(input_ids=move(ids), attention_mask=move(attn), position_ids=move(pos), use_cache=False)
+            out = self._forward(not self.logits, input_ids=move(ids), attention_mask=move(attn), position_ids=move(pos), use_cache=False)
             return None if out is None else out.logits.float()
         if state.phase == "prompt":
             if len(torch.unique(state.prompt_index)) != len(state.prompt_index):
@@ -137,13 +136,13 @@ class Shadow:
                                   "base_entropy / disagree gates) on every sample (fraction=None).")
             self.cache = new_cache(self.hf)
             self.keys, self.keys_are_prompts = state.prompt_index.clone(), True
-            self._stopping = not self.logits and self.cache is not None  # a cache the model makes itself needs the end
+            self._may_stop = not self.logits and self.cache is not None  # a cache the model makes itself needs the end
         elif self.cache is None:
             raise ShadowError("the sampler is generating but the shadow never saw the prompt. Fix: enter "
                               "the intervention before sample_branches starts (pass it as intervention=).")
         else:
             self._align(state)
-        out = self._forward(input_ids=move(ids), attention_mask=move(attn), position_ids=move(pos),
+        out = self._forward(self._may_stop, input_ids=move(ids), attention_mask=move(attn), position_ids=move(pos),
                             **{self._cache_kw: self.cache}, **self._extra)
         if out is None:  # stopped after the last site; the cache holds the blocks up to it
             return None
@@ -151,9 +150,14 @@ class Shadow:
             self.cache = returned_cache(out, self._cache_kw)
         return out.logits[:, -1:].float()
 
-    def _forward(self, **kwargs: Any) -> Any:
-        """The shadow's forward; None where it stopped after the last site (`logits=False`)."""
+    def _forward(self, stop: bool, **kwargs: Any) -> Any:
+        """The shadow's forward, stopped after the last site where `stop` (then None). Only inside it
+        do the capture hooks stop a forward: another forward of the same model while they stay
+        registered (a probe pass, `HookedModel.activations`) runs to its end."""
+        self._stopping = stop
         try:
             return self.hf(**kwargs)
         except StopForward:
             return None
+        finally:
+            self._stopping = False

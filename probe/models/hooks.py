@@ -9,8 +9,9 @@ architecture facts the structure leaves ambiguous are data in `probe.models.stru
 `if arch == ...` branch.
 
 `hook_module` is the one torch hook every reader and editor of a resolved HF site registers
-(`probe.models.pair`'s activations, `steering`'s sites and shadow): it reads the module's input or
-output and may replace it, or raise `StopForward` to end a forward whose rest nobody needs.
+(`probe.models.pair`'s activations, `steering`'s sites and shadow, the SAE splice of
+`probe.sae.quality`): it reads the module's input or output and may replace it, or raise
+`StopForward` to end a forward whose rest nobody needs.
 
 What it is not: running models (see `probe.models.pair`); the set of names is deliberately small
 (`SITES`), the activations every backend can give identically.

@@ -266,10 +266,10 @@ def _run_batch(model, fwd, ids, key_t, row_ids, cfg, eos, pad, state, track, gro
                            "(one prompt per forward), or prompts of equal length.")
     cache = new_cache(model)  # None: the model makes its own in the prefill
 
-    def forward(input_ids, mask, position_ids):
+    def forward(input_ids, mask, positions):
         kw = {**extra, **({name: cache} if cache is not None else {})}
         kw |= {"attention_mask": mask} if "attention_mask" in takes else {}
-        kw |= {"position_ids": position_ids} if "position_ids" in takes else {}
+        kw |= {"position_ids": positions} if "position_ids" in takes else {}
         return model(input_ids=input_ids, **kw)
     if track:
         state.step, state.phase, state.position_ids = -1, "prompt", pos
