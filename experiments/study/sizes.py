@@ -71,7 +71,7 @@ ORGANISM_QUICK = StudySize(probe_problems=8, probe_samples=4, sae_train_samples=
                            learned_coefs=(1.0,), fractions=(0.25,), temperatures=(1.5,), last_layer_only=True,
                            problems=8, n=16, derive_problems=16)
 # SAE: 200k samples left the real pair's SAE at FVU 0.54 and still falling (195 steps; 22 s of training next
-# to ~30 min of sampling and collecting its ~312k activations): 4M samples are ~13 passes, ~7 min here.
+# to ~30 min of sampling and collecting its ~311k activations): 4M samples are ~13 passes, 11 min here.
 REAL = StudySize(probe_problems=64, probe_samples=8, sae_train_samples=4_000_000, sae_train_problems=128,
                  sae_samples=8, sae_eval_problems=64, sae_eval_samples=8, d_sae=2304,
                  learn={"steps": 30, "prompts_per_step": 8, "group_size": 8, "save_every": 5}, problems=128, n=16,
