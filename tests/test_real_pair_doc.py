@@ -60,3 +60,32 @@ def test_the_real_probe_section_is_the_shipped_probe():
         assert all(r[k] < b[k] for k in ("entropy_mean", "planning_entropy_mean", "execution_entropy_mean",
                                          "fork_entropy_mean")), "RL's entropy falls on every role"
         assert b["planning_entropy_mean"] - r["planning_entropy_mean"] > b["execution_entropy_mean"] - r["execution_entropy_mean"]
+
+
+def test_the_real_sae_section_is_the_shipped_sae():
+    import json
+
+    from experiments.paths import RESULTS_DIR
+
+    sae = json.loads((RESULTS_DIR / "real" / "sae" / "metrics.json").read_text())
+    diff = json.loads((RESULTS_DIR / "real" / "sae" / "diff" / "metrics.json").read_text())
+    doc = " ".join((RESULTS_DIR.parents[1] / "docs" / "real-pair.md").read_text().split())  # lines rewrapped
+    q, train = sae["quality"], sae["train"]
+    assert f"`{sae['hook_name']}`" in doc and f"k = {sae['k']}" in doc and f"{sae['d_sae']:,} features" in doc
+    assert f"{train['n_activations']:,} activations of {train['n_trajectories']:,} base samples" in doc
+    per = train["n_trajectories"] // train["n_problems"]
+    assert f"({train['n_problems']} training problems x {per}) for 4M samples ({train['seconds'] / 60:.0f} min here)" in doc
+    sinks = train["sinks_left_out"]
+    assert f"{sinks['max_to_median_norm']:.0f}x the median" in doc and f"{100 * sinks['sink_variance_share']:.0f}%" in doc
+    assert f"({sinks['n_sinks']:,} among the {train['n_trajectories']:,} trajectories)" in doc
+    assert f"FVU {q['base']['fvu']:.3f} / {q['rl']['fvu']:.3f} at L0 {q['base']['l0']:.0f}" in doc
+    assert f"+{q['base']['ce_loss_increase']:.2f} / +{q['rl']['ce_loss_increase']:.2f} nats" in doc
+    assert f"({q['base']['ce_loss_recovered']:.3f} / {q['rl']['ce_loss_recovered']:.3f} of the loss" in doc
+    assert sae["target"]["met"], "the doc reports an SAE within the FVU / L0 targets"
+    s, forks = diff["summary"], diff["reconstruction"]["base"]["forks"]
+    assert f"({diff['n_forks']:,} of {diff['n_answer_tokens']:,} answer tokens; FVU {forks['fvu']:.3f} there)" in doc
+    assert f"of the {s['n_features_active_at_base_forks']} features active at" in doc
+    assert f"{s['n_lower_in_rl']} are lower in RL and {s['n_higher_in_rl']} higher, none by 3x" in doc
+    assert s["n_pruned_3x"] == 0 and s["n_amplified_3x"] == 0, "... none by 3x"
+    assert f"(mean |score| {s['mean_abs_score_forks']:.3f} at forks, {s['mean_abs_score_non_forks']:.3f} at" in doc
+    assert s["mean_abs_score_forks"] <= s["mean_abs_score_non_forks"], "... no larger at forks than elsewhere"
