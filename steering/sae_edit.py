@@ -18,7 +18,10 @@ What it is:
   `add` a'_f = a_f + coef * t_f, `scale` a'_f = t_f ** coef * a_f (t = the base / RL ratio, capped).
   coef = 0 is the identity in every mode. `fire_threshold` makes the edit conditional on context:
   a feature is edited only where its pre-activation in the RL model exceeds the threshold (the
-  feature is "about to fire"), per feature.
+  feature is "about to fire"), per feature. Attention sinks (`probe.sae.sinks`), which the SAE
+  never saw, keep their activation: positions whose norm exceeds `sink_threshold` (the one the
+  SAE's training measured: `sinks_left_out` in the SAE stage's `train_state.json`), or 10x this
+  forward's median norm when it is None.
 - `diff_targets` (t from a fork feature diff: `probe.sae.features`, e.g. the `pruned` records of
   `forksight sae diff`'s metrics.json), `decoder_directions` / `resid_norm_targets` (decoder
   directions at `resid_norm` normalisation, through `steering.derive`, so that one coefficient
@@ -284,12 +287,13 @@ def resid_norm_targets(dictionary: FeatureDictionary, ref_norm: float) -> Float[
 
 class SAEFeatureEdit(Steering):
     """Moves `dictionary`'s features to `targets` (`mode`, `coef`) at the gated decision positions,
-    optionally only where a feature's pre-activation exceeds `fire_threshold` (float or [F])."""
+    optionally only where a feature's pre-activation exceeds `fire_threshold` (float or [F]),
+    never at attention sinks (norm above `sink_threshold`; None: 10x this forward's median norm)."""
 
     def __init__(self, model: Any, dictionary: FeatureDictionary, mode: str = "clamp",
                  targets: Sequence[float] | Tensor | None = None, coef: float = 1.0, *,
                  fire_threshold: float | Sequence[float] | Tensor | None = None, site: str | None = None,
-                 **kwargs: Any):
+                 sink_threshold: float | None = None, **kwargs: Any):
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is invalid: allowed {MODES}. Fix: e.g. mode='clamp' with the base "
                              "model's mean activations (diff_targets).")
@@ -307,6 +311,10 @@ class SAEFeatureEdit(Steering):
         super().__init__(model, [dictionary.hook_name], **kwargs)
         self.dictionary, self.mode, self.targets_, self.coef = dictionary, mode, t, float(coef)
         self.fire_threshold, self.trace_coef = thr, float(coef)
+        if sink_threshold is not None and not sink_threshold > 0:
+            raise ValueError(f"sink_threshold={sink_threshold!r}: give a positive activation norm (the SAE "
+                             "training's sinks_left_out.sink_threshold), or None for 10x each forward's median")
+        self.sink_threshold = sink_threshold
         self._dev: dict[tuple, tuple] = {}
 
     def _on(self, like: Tensor) -> tuple[FeatureDictionary, Tensor, Tensor | None]:
@@ -318,7 +326,7 @@ class SAEFeatureEdit(Steering):
 
     def edit(self, name: str, x: Float[Tensor, "batch seq d_model"],
              mask: Bool[Tensor, "batch seq"]) -> Float[Tensor, "batch seq d_model"]:
-        mask = mask & ~sink_mask(x)[0]  # attention sinks, which the SAE never saw, keep their activation
+        mask = mask & ~sink_mask(x, self.sink_threshold)[0]  # attention sinks, which the SAE never saw, keep theirs
         if not self.dictionary.features or not mask.any():
             return x
         d, t, thr = self._on(x)

@@ -283,3 +283,40 @@ def test_feature_edits_leave_attention_sinks_as_they_are(eos_lm):
         assert free[:, 0].abs().max() > 0, f"vacuous: the {edit.kind} edit reads the sink without a threshold"
         assert delta[:, 0].abs().max() == 0 and torch.equal(delta[:, 1:], free[:, 1:]), \
             f"the {edit.kind} edit leaves the sink alone and nothing else"
+
+
+def test_a_fixed_sink_threshold_finds_a_sink_the_forwards_own_median_cannot(eos_lm, tmp_path):
+    """One decoding row whose new token is a sink: it is its forward's median, so only the SAE
+    training's threshold (`sink_threshold_of`, read beside the SAE) tells it apart."""
+    import json
+
+    from experiments.study.sae_stage import TRAIN_STATE, sink_threshold_of
+
+    rl, d = eos_lm(0), FeatureDictionary.from_sae(make_sae(), FEATS)
+    x = resid(60).reshape(3, 20, 32)
+    (tmp_path / "sae").mkdir()
+    assert sink_threshold_of(tmp_path / "sae") is None, "an SAE trained elsewhere has no recorded threshold"
+    thr = 10 * x.norm(dim=-1).median().item()
+    (tmp_path / TRAIN_STATE).write_text(json.dumps({"train": {"sinks_left_out": {"sink_threshold": thr}}}))
+    assert sink_threshold_of(tmp_path / "sae") == thr
+    step = x[:1, :1] * 100  # [1, 1, d]: one row, one new token, a sink
+    one = torch.ones(1, 1, dtype=torch.bool)
+    per_forward = SAEFeatureEdit(rl, d, "add", torch.full((4,), 2.0), 1.0).edit(SITE, step, one)
+    fixed = SAEFeatureEdit(rl, d, "add", torch.full((4,), 2.0), 1.0, sink_threshold=thr).edit(SITE, step, one)
+    assert not torch.equal(per_forward, step), "the forward's own median misses the sink (the case this is for)"
+    assert torch.equal(fixed, step), "the training threshold leaves the sink alone"
+    ordinary = x[:1, 1:2]
+    assert not torch.equal(
+        SAEFeatureEdit(rl, d, "add", torch.full((4,), 2.0), 1.0, sink_threshold=thr).edit(SITE, ordinary, one), ordinary)
+    with pytest.raises(ValueError, match="sink_threshold"):
+        SAEFeatureEdit(rl, d, "add", torch.full((4,), 2.0), 1.0, sink_threshold=0.0)
+    # the sweep's SAE-edit cells read it beside the SAE they load
+    from experiments.study.candidates import sae_edit_cells
+    from probe.sae.dictionary import save_sae
+
+    save_sae(make_sae(), tmp_path / "sae")
+    diff = tmp_path / "diff.json"
+    diff.write_text(json.dumps({"hook_name": SITE, "pruned": [{"feature": f, "mean_base": 1.0, "mean_rl": 0.1}
+                                                              for f in FEATS]}))
+    (cell,) = sae_edit_cells(["add:4:always"], [1.0], rl, str(tmp_path / "sae"), str(diff), detector="")
+    assert cell.make().sink_threshold == thr

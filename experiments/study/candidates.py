@@ -97,16 +97,19 @@ def learned_cells(paths, coefs, rl: Any) -> list[Candidate]:
 def sae_edit_cells(specs, coefs, rl: Any, sae_dir: str, diff_path: str, detector: str) -> list[Candidate]:
     """Each "mode:n_features:gate" spec (e.g. "clamp:10:detector") at each coefficient: the top pruned
     features of the `forksight sae diff` run (chosen on the selection half) moved to the base
-    model's statistics at forks (`steering.sae_edit.diff_targets`) where the gate fires; the detector
-    gate reads the fork detector at the SAE's own layer (in the same forward pass)."""
+    model's statistics at forks (`steering.sae_edit.diff_targets`) where the gate fires, never at the
+    attention sinks the SAE's training left out; the detector gate reads the fork detector at the
+    SAE's own layer (in the same forward pass)."""
     if not specs:
         return []
+    from experiments.study.sae_stage import sink_threshold_of
     from probe.detector import ForkDetector
     from probe.sae.dictionary import load_sae
     from steering.sae_edit import FeatureDictionary, SAEFeatureEdit, diff_targets
 
     diff = json.loads(Path(diff_path).read_text())
     sae, layer = load_sae(sae_dir), int(diff["hook_name"].split(".")[1])
+    sinks = {"sink_threshold": sink_threshold_of(sae_dir)}  # the SAE's training threshold (None: per forward)
     out = []
     for spec in specs:
         mode, n, gate = spec.split(":")
@@ -114,6 +117,7 @@ def sae_edit_cells(specs, coefs, rl: Any, sae_dir: str, diff_path: str, detector
         fd = FeatureDictionary.from_sae(sae, feats, hook_name=diff["hook_name"])
         kw = {"gate": "detector", "detector": ForkDetector.load(detector), "detector_layer": layer} \
             if gate == "detector" else {"gate": gate}
+        kw |= sinks
         for c in coefs:
             out.append(Candidate("sae_edit", {"mode": mode, "features": int(n), "gate": gate, "coef": c},
                                  lambda fd=fd, t=t, c=c, kw=kw, m=mode: SAEFeatureEdit(rl, fd, m, t, c, **kw)))

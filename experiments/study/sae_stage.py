@@ -258,6 +258,17 @@ TRAIN_STATE = "train_state.json"
 """Written beside `sae/` once the SAE is trained: what an interrupted `sae train` resumes from."""
 
 
+def sink_threshold_of(sae_dir: str | Path) -> float | None:
+    """The attention-sink norm threshold the SAE in `sae_dir` was trained with (`sinks_left_out` of
+    the `train_state.json` beside it), for the edits that must leave those positions alone; None
+    for an SAE trained elsewhere or before sinks were left out."""
+    state = Path(sae_dir).parent / TRAIN_STATE
+    if not state.is_file():
+        return None
+    sinks = json.loads(state.read_text()).get("train", {}).get("sinks_left_out") or {}
+    return sinks.get("sink_threshold")
+
+
 def _train(cfg: SAETrainConfig, models: dict, task, prompts: list[str], n_rl: int, hook_name: str,
            out: Path) -> tuple[Any, dict]:
     """Sample, collect activations, train and save the SAE plus `train_state.json`; returns (sae, record)."""
