@@ -308,12 +308,12 @@ class SAEFeatureEdit(Steering):
         thr = None if fire_threshold is None else torch.as_tensor(fire_threshold, dtype=torch.float32).flatten()
         if thr is not None and thr.numel() not in (1, F):
             raise ValueError(f"fire_threshold has {thr.numel()} values; give one, or one per feature ({F})")
-        super().__init__(model, [dictionary.hook_name], **kwargs)
-        self.dictionary, self.mode, self.targets_, self.coef = dictionary, mode, t, float(coef)
-        self.fire_threshold, self.trace_coef = thr, float(coef)
         if sink_threshold is not None and not sink_threshold > 0:
             raise ValueError(f"sink_threshold={sink_threshold!r}: give a positive activation norm (the SAE "
                              "training's sinks_left_out.sink_threshold), or None for 10x each forward's median")
+        super().__init__(model, [dictionary.hook_name], **kwargs)
+        self.dictionary, self.mode, self.targets_, self.coef = dictionary, mode, t, float(coef)
+        self.fire_threshold, self.trace_coef = thr, float(coef)
         self.sink_threshold = sink_threshold
         self._dev: dict[tuple, tuple] = {}
 

@@ -70,22 +70,32 @@ def test_the_real_sae_section_is_the_shipped_sae():
     sae = json.loads((RESULTS_DIR / "real" / "sae" / "metrics.json").read_text())
     diff = json.loads((RESULTS_DIR / "real" / "sae" / "diff" / "metrics.json").read_text())
     doc = " ".join((RESULTS_DIR.parents[1] / "docs" / "real-pair.md").read_text().split())  # lines rewrapped
-    q, train = sae["quality"], sae["train"]
+    q, train, cfg = sae["quality"], sae["train"], sae["config"]
     assert f"`{sae['hook_name']}`" in doc and f"k = {sae['k']}" in doc and f"{sae['d_sae']:,} features" in doc
+    assert f"{sae['d_sae'] // sae['d_in']}x the width" in doc
     assert f"{train['n_activations']:,} activations of {train['n_trajectories']:,} base samples" in doc
     per = train["n_trajectories"] // train["n_problems"]
-    assert f"({train['n_problems']} training problems x {per}) for 4M samples ({train['seconds'] / 60:.0f} min here)" in doc
+    assert (f"({train['n_problems']} training problems x {per}) for {cfg['train_samples']:,} samples "
+            f"({train['seconds'] / 60:.0f} min here)") in doc
     sinks = train["sinks_left_out"]
     assert f"{sinks['max_to_median_norm']:.0f}x the median" in doc and f"{100 * sinks['sink_variance_share']:.0f}%" in doc
-    assert f"({sinks['n_sinks']:,} among the {train['n_trajectories']:,} trajectories)" in doc
+    assert f"({sinks['n_sinks']:,} in the {train['n_trajectories']:,} training trajectories)" in doc
+    assert f"({cfg['n_eval_problems']} x {cfg['eval_samples']} samples of each model" in doc
     assert f"FVU {q['base']['fvu']:.3f} / {q['rl']['fvu']:.3f} at L0 {q['base']['l0']:.0f}" in doc
+    prompt = {m: 100 * (1 - q[m]["n_answer_tokens"] / q[m]["n_tokens"]) for m in ("base", "rl")}
+    assert f"they are {prompt['base']:.0f}% of the base's scored tokens and {prompt['rl']:.0f}% of RL's" in doc
     assert f"+{q['base']['ce_loss_increase']:.2f} / +{q['rl']['ce_loss_increase']:.2f} nats" in doc
     assert f"({q['base']['ce_loss_recovered']:.3f} / {q['rl']['ce_loss_recovered']:.3f} of the loss" in doc
     assert sae["target"]["met"], "the doc reports an SAE within the FVU / L0 targets"
     s, forks = diff["summary"], diff["reconstruction"]["base"]["forks"]
-    assert f"({diff['n_forks']:,} of {diff['n_answer_tokens']:,} answer tokens; FVU {forks['fvu']:.3f} there)" in doc
-    assert f"of the {s['n_features_active_at_base_forks']} features active at" in doc
-    assert f"{s['n_lower_in_rl']} are lower in RL and {s['n_higher_in_rl']} higher, none by 3x" in doc
-    assert s["n_pruned_3x"] == 0 and s["n_amplified_3x"] == 0, "... none by 3x"
+    assert diff["sample_from"] == "base", "the doc says the diff reads the base's samples"
+    assert f"({diff['n_forks']:,} of {diff['n_answer_tokens']:,} answer tokens; the base's FVU there {forks['fvu']:.3f}" in doc
+    assert forks["fvu"] > sae["target"]["fvu_max"], "... above the 0.2 target"
+    assert (f"Of the {s['n_features_active_at_base_forks']} features active at {100 * s['min_freq']:.0f}% of those "
+            f"forks in the base, {s['n_lower_in_rl']} are weaker in RL; {s['n_higher_in_rl']} features active at") in doc
+    assert s["n_pruned_3x"] == 0 and s["n_amplified_3x"] == 0, "... none moves by 3x"
+    top = diff["pruned"][0]
+    assert (f"the largest drop (feature {top['feature']}) is {top['mean_base'] / top['mean_rl']:.1f}x" in doc
+            and f"(score {top['score']:.2f} at forks, {top['score_non_fork']:.2f} elsewhere)" in doc)
     assert f"(mean |score| {s['mean_abs_score_forks']:.3f} at forks, {s['mean_abs_score_non_forks']:.3f} at" in doc
     assert s["mean_abs_score_forks"] <= s["mean_abs_score_non_forks"], "... no larger at forks than elsewhere"

@@ -297,8 +297,12 @@ def test_a_fixed_sink_threshold_finds_a_sink_the_forwards_own_median_cannot(eos_
     (tmp_path / "sae").mkdir()
     assert sink_threshold_of(tmp_path / "sae") is None, "an SAE trained elsewhere has no recorded threshold"
     thr = 10 * x.norm(dim=-1).median().item()
-    (tmp_path / TRAIN_STATE).write_text(json.dumps({"train": {"sinks_left_out": {"sink_threshold": thr}}}))
+    (tmp_path / TRAIN_STATE).write_text(json.dumps({"train": {"sinks_left_out": {"n_sinks": 0, "sink_threshold": thr}}}))
+    assert sink_threshold_of(tmp_path / "sae") is None, "a training that found no sinks: nothing to leave out"
+    (tmp_path / TRAIN_STATE).write_text(json.dumps({"train": {"sinks_left_out": {"n_sinks": 3, "sink_threshold": thr}}}))
     assert sink_threshold_of(tmp_path / "sae") == thr
+    (tmp_path / "other").mkdir()
+    assert sink_threshold_of(tmp_path / "other") is None, "the state describes sae/ beside it, no other SAE"
     step = x[:1, :1] * 100  # [1, 1, d]: one row, one new token, a sink
     one = torch.ones(1, 1, dtype=torch.bool)
     per_forward = SAEFeatureEdit(rl, d, "add", torch.full((4,), 2.0), 1.0).edit(SITE, step, one)

@@ -345,7 +345,7 @@ def write_report(results: dict, path: str | Path) -> Path:
           f"{format_number(s['dead_fraction'])}, next-token loss increase {format_number(s['ce_loss_increase'])} nats"
           + (f" (attention sinks left out: {s['n_sink_tokens']} tokens, {format_number(s.get('sink_variance_share'))} of "
              "the variance)" if s.get("n_sink_tokens") else "") + "; "
-          f"{s['n_pruned_3x']} features fire >= 3x less often at forks under RL. Top pruned:", ""]
+          f"{s['n_pruned_3x']} features are >= 3x weaker at forks under RL (mean activation). Top pruned:", ""]
     L += [f"- feature {f['feature']}: fork frequency base {format_number(f['freq_base'])} -> RL {format_number(f['freq_rl'])} "
           f"(score {format_number(f['score'])})" for f in s["top_pruned"]]
     run = results.get("run", {})

@@ -260,13 +260,15 @@ TRAIN_STATE = "train_state.json"
 
 def sink_threshold_of(sae_dir: str | Path) -> float | None:
     """The attention-sink norm threshold the SAE in `sae_dir` was trained with (`sinks_left_out` of
-    the `train_state.json` beside it), for the edits that must leave those positions alone; None
-    for an SAE trained elsewhere or before sinks were left out."""
-    state = Path(sae_dir).parent / TRAIN_STATE
-    if not state.is_file():
+    the stage's `train_state.json`, which sits beside the `sae/` directory it describes), for the
+    edits that must leave those positions alone. None for an SAE the stage did not train (any other
+    directory), one trained before sinks were left out, or one whose training found none."""
+    sae_dir = Path(sae_dir).resolve()
+    state = sae_dir.parent / TRAIN_STATE
+    if sae_dir.name != "sae" or not state.is_file():
         return None
     sinks = json.loads(state.read_text()).get("train", {}).get("sinks_left_out") or {}
-    return sinks.get("sink_threshold")
+    return sinks.get("sink_threshold") if sinks.get("n_sinks") else None
 
 
 def _train(cfg: SAETrainConfig, models: dict, task, prompts: list[str], n_rl: int, hook_name: str,
