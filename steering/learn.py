@@ -176,16 +176,16 @@ def learn(rl_model: Any, tokenizer: Any, task: Task, prompts: Callable[[int, int
     opt = torch.optim.Adam(edit.parameters(), lr=cfg.lr)
     log: list[dict] = []
     start = 0
-    if edit.kind in ("lowrank", "sae"):
-        edit.sink_thresholds = sink_thresholds(rl_model, tokenizer, prompts(0, cfg.prompts_per_step),
-                                               dict(zip(map(str, edit.layers), edit.sites())))
     if state_path.is_file() and out.is_file():
         loaded = LearnedEdit.load(out)
         edit.load_state_dict(loaded.state_dict())
-        edit.sink_thresholds = loaded.sink_thresholds or edit.sink_thresholds
+        edit.sink_thresholds = loaded.sink_thresholds
         st = torch.load(state_path, weights_only=True)
         opt.load_state_dict(st["optimizer"])
         start, log = int(st["step"]), [dict(zip(st["log_keys"], row)) for row in st["log"].tolist()]
+    if edit.kind in ("lowrank", "sae") and not edit.sink_thresholds:
+        edit.sink_thresholds = sink_thresholds(rl_model, tokenizer, prompts(0, cfg.prompts_per_step),
+                                               dict(zip(map(str, edit.layers), edit.sites())))
     sample_steer = edit.apply(rl_model, where=cfg.where, fraction=None if cfg.fraction == 1 else cfg.fraction)
     steer = edit.apply(rl_model, where=cfg.where)  # teacher forcing: its buckets mark the steered rows
     m = sample_steer.steered_samples(cfg.group_size)
@@ -317,10 +317,10 @@ def _distill_terms(base_model: Any, c: _Batch, logits: Tensor) -> Tensor:
 
 
 def sink_thresholds(model: Any, tokenizer: Any, prompts: Sequence[str], sites: dict[str, str]) -> dict[str, float]:
-    """{key: `SINK_NORM_RATIO` x the median norm of the activation `sites[key]` over every token of
-    `prompts`} (one unsteered forward per prompt): the fixed norm above which a learned edit that
-    reads the residual leaves a position alone (`LearnedEdit.sink_thresholds`, `probe.sae.sinks`)."""
-    from probe.sae.sinks import SINK_NORM_RATIO
+    """{key: `probe.sae.sinks.sink_threshold` of the activation `sites[key]`'s norms over every token
+    of `prompts`} (one unsteered forward per prompt): the fixed norm above which a learned edit that
+    reads the residual leaves a position alone (`LearnedEdit.sink_thresholds`)."""
+    from probe.sae.sinks import sink_threshold
     from probe.sampling.sampler import as_token_lists
     from steering.sites import on_site
 
@@ -337,7 +337,7 @@ def sink_thresholds(model: Any, tokenizer: Any, prompts: Sequence[str], sites: d
     finally:
         for handle in handles:
             handle.remove()
-    return {k: SINK_NORM_RATIO * float(torch.cat(v).median()) for k, v in norms.items()}
+    return {k: sink_threshold(torch.cat(v)) for k, v in norms.items()}
 
 
 def novel_reward(keys: Sequence[Any], group_size: int, m: int) -> Float[Tensor, " rows"]:

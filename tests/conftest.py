@@ -62,6 +62,14 @@ def tiny_tokenizer():
                                    unk_token="<unk>")
 
 
+@pytest.fixture
+def tiny_model(tiny_lm, tiny_tokenizer):
+    """`tiny_lm("qwen2")` wrapped as a hooked model (nnsight backend, cpu): the SAE tests' subject."""
+    from probe.models.pair import wrap
+
+    return wrap(tiny_lm("qwen2"), tiny_tokenizer, backend="nnsight", device="cpu", name="tiny-qwen2")
+
+
 # --- steering: tiny models whose sampled rows end at different steps (steering/, patching) ----------
 
 @pytest.fixture

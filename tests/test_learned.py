@@ -3,6 +3,8 @@ path equals the sampler's, training lowers its objective, files round-trip, bad 
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -94,9 +96,11 @@ def test_teacher_forced_buckets_reproduce_the_sampler(tiny_lm, tiny_tokenizer, k
     torch.testing.assert_close(lp[traj.answer_mask], br.logprobs[br.mask], atol=2e-5, rtol=0)
 
 
-def test_edits_that_read_the_residual_measure_their_sink_threshold_and_keep_it(tiny_lm, tiny_tokenizer, tmp_path):
+def test_edits_that_read_the_residual_measure_their_sink_threshold_and_keep_it(tiny_lm, tiny_tokenizer, tmp_path,
+                                                                                monkeypatch):
     """learn() fixes the attention-sink threshold of a low-rank edit from the model (10x the median
-    residual norm at its layers over the first step's prompts), and the file keeps it."""
+    residual norm at its layers over the first step's prompts), the file keeps it, and a resumed run
+    reads it from the file instead of measuring again."""
     cfg = LearnConfig(objective="breadth", kind="lowrank", layers=(0, 1), rank=2, steps=1, prompts_per_step=3,
                       group_size=2, max_new_tokens=3, save_every=0)
     model = tiny_lm("qwen2", 0)
@@ -112,6 +116,14 @@ def test_edits_that_read_the_residual_measure_their_sink_threshold_and_keep_it(t
         norms = torch.cat([s.float().norm(dim=-1).flatten() for s in seen])
         assert edit.sink_thresholds[str(layer)] == pytest.approx(10 * norms.median().item(), rel=1e-6)
     assert LearnedEdit.load(tmp_path / "lr.st").sink_thresholds == edit.sink_thresholds
+
+    def measured_again(*_a, **_k):
+        raise AssertionError("a resumed run measured the sink thresholds again")
+
+    monkeypatch.setattr(sys.modules["steering.learn"], "sink_thresholds", measured_again)
+    resumed, log = learn(model, tiny_tokenizer, ToyTask(), lambda s, k: PROMPTS[:k],
+                         LearnConfig(**{**cfg.__dict__, "steps": 2}), tmp_path / "lr.st")
+    assert len(log) == 2 and resumed.sink_thresholds == edit.sink_thresholds
 
 
 def test_sae_kind_round_trips_with_its_dictionary(tmp_path, tiny_lm):

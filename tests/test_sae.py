@@ -10,7 +10,7 @@ import torch
 from nbrun import execute_notebook
 from sae_lens import SAE
 from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
-from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
+from saes import random_sae
 
 from probe.entropy import entropy_and_logprob, pair_stats, trajectories_from_branches
 from probe.models.hooks import HookSiteError
@@ -33,7 +33,6 @@ from probe.sae.features import (
     top_tokens,
 )
 from probe.sae.quality import hf_logits, reconstruction_stats, sae_quality, splice
-from probe.sae.sinks import sink_mask, sink_record
 from probe.sampling.sampler import SamplerConfig, sample_branches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,22 +49,6 @@ def planted(n: int = 20000, d: int = 32, m: int = 64, per: int = 3, seed: int = 
     idx = torch.rand(n, m, generator=g).argsort(1)[:, :per]
     codes.scatter_(1, idx, 0.5 + torch.rand(n, per, generator=g))
     return codes @ dirs, dirs
-
-
-def random_sae(d_in: int = 32, d_sae: int = 64, k: int = 4, hook: str | None = "blocks.0.hook_resid_post", seed=0):
-    torch.manual_seed(seed)
-    sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=k))
-    with torch.no_grad():
-        sae.W_dec.mul_(torch.rand(d_sae, 1) + 0.5)  # non-unit rows, so normalisation matters
-        sae.b_dec.normal_(0, 0.1)
-    if hook:
-        sae.cfg.metadata.hook_name = hook
-    return sae
-
-
-@pytest.fixture
-def tiny_model(tiny_lm, tiny_tokenizer):
-    return wrap(tiny_lm("qwen2"), tiny_tokenizer, backend="nnsight", device="cpu", name="tiny-qwen2")
 
 
 @pytest.mark.parametrize("arch, extra, n_samples", [("topk", {"k": 4}, 120_000),
@@ -198,55 +181,6 @@ def test_quality_metrics_equal_brute_force(tiny_model):
     gap = q["ce_loss_mean_ablated"] - q["ce_loss_clean"]
     want = (q["ce_loss_mean_ablated"] - q["ce_loss_spliced"]) / gap if gap > 0 else None  # random model: no gap
     assert q["ce_loss_recovered"] == (pytest.approx(want) if want is not None else None)
-
-
-def test_attention_sinks_are_left_out_of_the_scores_and_kept_by_the_splice(tiny_model):
-    """A pretrained LM's first token carries a vector of huge norm (SmolLM2: ~145x the median): it is
-    no row of the scores, and the splice leaves it as it is, replacing every other position."""
-    x = torch.randn(50, 8)
-    x[[3, 17]] *= 100
-    sink, thr = sink_mask(x)
-    assert sink.nonzero().squeeze(-1).tolist() == [3, 17] and thr == pytest.approx(10 * x.norm(dim=-1).median().item())
-    rec = sink_record(x, sink, thr)
-    c = x - x.mean(0)
-    assert rec["n_sinks"] == 2 and rec["sink_variance_share"] == pytest.approx(
-        (c[sink] ** 2).sum().item() / (c**2).sum().item(), rel=1e-5) and rec["sink_variance_share"] > 0.9
-
-    site = "blocks.1.hook_resid_post"
-    sae = random_sae(hook=site)
-    layer = tiny_model.hf.model.layers[1]
-    planted = torch.randn(32) * 1e3  # the same huge vector at position 0 of every row
-
-    def plant(_m, _a, out):
-        h = out[0] if isinstance(out, tuple) else out
-        h = h.clone()
-        h[:, 0] = planted
-        return (h, *out[1:]) if isinstance(out, tuple) else h
-
-    handle = layer.register_forward_hook(plant)
-    try:
-        tokens = torch.randint(3, 64, (4, 8))
-        attn = torch.ones_like(tokens, dtype=torch.bool)
-        answer = attn.clone()
-        answer[:, :3] = False
-        q, _ = sae_quality(sae, tiny_model, tokens, attn, answer, batch_size=3)
-        with torch.inference_mode():
-            acts = tiny_model.run_with_sites(tokens, [site], attn.long())[1][site]
-            rest = acts[:, 1:].reshape(-1, 32)
-            fvu = ((rest - sae(rest)) ** 2).sum() / ((rest - rest.mean(0)) ** 2).sum()
-            seen = []
-            with splice(tiny_model, sae, site, sink_threshold=q["sink_threshold"]):  # hooks run in order: plant, splice, grab
-                grab = layer.register_forward_hook(lambda _m, _a, out: seen.append(out[0] if isinstance(out, tuple) else out))
-                try:
-                    hf_logits(tiny_model, tokens, attn)
-                finally:
-                    grab.remove()
-    finally:
-        handle.remove()
-    assert q["n_sink_tokens"] == 4 and q["n_tokens"] == 4 * 7, "position 0 of each row is a sink, nothing else"
-    assert q["fvu"] == pytest.approx(fvu.item(), rel=1e-4), "FVU over the other tokens only"
-    assert torch.equal(seen[-1][:, 0], planted.expand(4, 32)), "the splice keeps the sink"
-    assert torch.allclose(seen[-1][:, 1:], sae(acts[:, 1:]), atol=1e-5), "and reconstructs every other position"
 
 
 def test_feature_diff_ranks_planted_pruned_and_amplified_features():

@@ -59,7 +59,7 @@ from probe.sae.plots import (
     plot_top_features,
 )
 from probe.sae.quality import reconstruction_stats, sae_quality
-from probe.sae.sinks import SINK_NORM_RATIO, sink_mask, sink_record
+from probe.sae.sinks import SINK_NORM_RATIO, find_sinks
 from probe.tasks import load_task
 
 FVU_TARGET, L0_TARGET = 0.2, 32
@@ -292,8 +292,7 @@ def _train(cfg: SAETrainConfig, models: dict, task, prompts: list[str], n_rl: in
             n_traj += traj.tokens.shape[0]
     x = torch.cat(acts)
     del acts
-    sink, thr = sink_mask(x)  # attention sinks: a huge vector on the first token would be most of the loss
-    sinks = sink_record(x, sink, thr)
+    sink, sinks = find_sinks(x)  # attention sinks: a huge vector on the first token would be most of the loss
     if sink.any():
         x = x[~sink]
     t_collect = time.time()

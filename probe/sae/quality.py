@@ -36,7 +36,7 @@ from probe.models.hooks import HookSiteError, hook_module, resolve_hook
 from probe.models.kv_cache import position_ids
 from probe.models.pair import HookedModel
 from probe.sae.dictionary import check_sae, collect_activations
-from probe.sae.sinks import sink_mask, sink_record
+from probe.sae.sinks import find_sinks, sink_mask
 
 
 @contextmanager
@@ -132,8 +132,8 @@ def sae_quality(
     name = check_sae(sae, model, hook_name).name
     attn = attention_mask.bool()
     x = collect_activations(model, tokens, attn, attn, name, batch_size)
-    sink, thr = sink_mask(x)
-    sinks = sink_record(x, sink, thr)
+    sink, sinks = find_sinks(x)
+    thr = sinks["sink_threshold"]
     x = x[~sink]
     rec, freq = reconstruction_stats(sae, x)
     args = (model, tokens, attn, answer_mask.bool(), batch_size)

@@ -20,22 +20,29 @@ SINK_NORM_RATIO = 10.0
 SmolLM2-135M the first token's is ~145x the median and every other token's is within 1.4x of it."""
 
 
+def sink_threshold(norms: Float[Tensor, "*positions"]) -> float:
+    """The norm above which an activation is an attention sink: `SINK_NORM_RATIO` x the median of
+    `norms` (the activations' L2 norms over the positions one rule should hold for)."""
+    return SINK_NORM_RATIO * float(norms.float().median())
+
+
 def sink_mask(x: Float[Tensor, "*rows d_model"], threshold: float | None = None) -> tuple[Bool[Tensor, "*rows"], float]:
     """(positions of `x` that are attention sinks, the norm threshold): norm > `threshold`, by
-    default `SINK_NORM_RATIO` x the median norm over all of `x`'s positions."""
+    default `sink_threshold` over all of `x`'s positions."""
     norms = x.float().norm(dim=-1)
-    thr = SINK_NORM_RATIO * float(norms.median()) if threshold is None else float(threshold)
+    thr = sink_threshold(norms) if threshold is None else float(threshold)
     return norms > thr, thr
 
 
-def sink_record(x: Float[Tensor, "n d_model"], sink: Bool[Tensor, " n"], threshold: float) -> dict:
-    """What leaving the sinks of `x` out removes: their count, the threshold, the largest norm over
-    the median, and the share of the activations' variance (around their mean) the sinks carry."""
+def find_sinks(x: Float[Tensor, "n d_model"]) -> tuple[Bool[Tensor, " n"], dict]:
+    """(`sink_mask(x)`, what leaving those sinks out removes: their count, the threshold, the largest
+    norm over the median, and the share of the activations' variance (around their mean) they carry)."""
+    sink, threshold = sink_mask(x)
     x64 = x.double()
     sq = (x64 * x64).sum(-1)  # ||x_i||^2
     norms = sq.sqrt()
     mu, n, ns = x64.mean(0), x.shape[0], int(sink.sum())
     total = float(sq.sum() - n * (mu @ mu))
     on_sinks = float(sq[sink].sum() - 2 * (mu @ x64[sink].sum(0)) + ns * (mu @ mu)) if ns else 0.0
-    return {"n_sinks": ns, "sink_threshold": threshold, "max_to_median_norm": float(norms.max() / norms.median()),
-            "sink_variance_share": on_sinks / total if total > 0 else 0.0}
+    return sink, {"n_sinks": ns, "sink_threshold": threshold, "max_to_median_norm": float(norms.max() / norms.median()),
+                  "sink_variance_share": on_sinks / total if total > 0 else 0.0}
