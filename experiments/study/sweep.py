@@ -52,7 +52,7 @@ from experiments.study.selection import (
     spliced,
 )
 from experiments.study.steer_stage import STUDY_GATES, DeriveConfig, derive_vectors, split_method
-from experiments.study.sweep_report import brief, write_outputs
+from experiments.study.sweep_report import brief, save_best, write_outputs
 from probe.metrics.breadth import warn_if_truncated
 from probe.models.checkpoint import checkpoint_present, load_causal_lm
 from probe.tasks import load_task
@@ -361,24 +361,6 @@ def mixture_at(base: list[dict], rl: list[dict], fraction: float) -> dict:
 def _mean(rows: list[dict], key: str) -> float | None:
     vals = [r.get(key) for r in rows]
     return None if any(v is None for v in vals) else sum(vals) / len(vals)
-
-
-def save_best(sw: Sweep, pick: dict | None) -> str | None:
-    """`best.safetensors`: the selection half's `best` pick as one self-contained intervention file
-    (`steering.save_selected`), when it has a file format (vectors, learned edits)."""
-    from steering.learned import LearnedEdit
-    from steering.selected import save_selected
-
-    cand, spec = (pick or {}).get("candidate"), (pick or {}).get("spec", {})
-    if cand is None or not ("vector" in cand.extra or "file" in cand.extra):
-        return None
-    inner = cand.extra["vector"] if "vector" in cand.extra else LearnedEdit.load(cand.extra["file"])
-    if spec.get("gate", "always") not in ("always", "entropy"):
-        return None
-    prov = {"chosen_by": "sweep `best` (selection half)", "cell": pick["id"], "sweep": "metrics.json"}
-    save_selected(inner, sw.out / "best.safetensors", coef=spec["coef"], gate=spec.get("gate", "always"),
-                  fraction=pick["fraction"], temperature=cand.temperature, provenance=prov)
-    return "best.safetensors"
 
 
 def run_sweep(cfg: SweepConfig) -> dict:

@@ -1,4 +1,5 @@
-"""What `forksight steer sweep` writes: metrics.json (with the goals), sweep.csv and the figures.
+"""What `forksight steer sweep` writes: metrics.json (with the goals), sweep.csv, the figures and
+best.safetensors (the `best` pick as one intervention file, `save_best`).
 
 `metrics.json` keys: `protocol` (halves, seeds, rules), `frontier` (the base/RL mixture curve on
 the test half, pooled over the test seeds), `base` / `rl` (test summaries), `picks` (per family
@@ -165,3 +166,21 @@ def findings_table(metrics: dict) -> list[str]:
                    f"{r['pass_at_1_change']:+.3f} {format_interval(r['pass_at_1_change_ci'], signed=True)} | "
                    f"{r['frontier_excess']:+.3f} {format_interval(r['frontier_excess_ci'], signed=True)} |")
     return out
+
+
+def save_best(sw: Any, pick: dict | None) -> str | None:
+    """`best.safetensors`: the selection half's `best` pick as one self-contained intervention file
+    (`steering.save_selected`), when it has a file format (vectors, learned edits)."""
+    from steering.learned import LearnedEdit
+    from steering.selected import save_selected
+
+    cand, spec = (pick or {}).get("candidate"), (pick or {}).get("spec", {})
+    if cand is None or not ("vector" in cand.extra or "file" in cand.extra):
+        return None
+    inner = cand.extra["vector"] if "vector" in cand.extra else LearnedEdit.load(cand.extra["file"])
+    if spec.get("gate", "always") not in ("always", "entropy"):
+        return None
+    prov = {"chosen_by": "sweep `best` (selection half)", "cell": pick["id"], "sweep": "metrics.json"}
+    save_selected(inner, sw.out / "best.safetensors", coef=spec["coef"], gate=spec.get("gate", "always"),
+                  fraction=pick["fraction"], temperature=cand.temperature, provenance=prov)
+    return "best.safetensors"
