@@ -248,26 +248,35 @@ def _chunks(cfg: LearnConfig, model: Any, b: _Batch) -> list[tuple[Tensor, int]]
 
 
 def _accumulate(cfg: LearnConfig, model: Any, steer: Any, b: _Batch, rec: dict, name: str,
-                where: Bool[Tensor, "rows T"], terms: Callable[[Tensor, _Batch, Tensor], Tensor]) -> float:
+                where: Bool[Tensor, "rows T"], terms: Callable[[Tensor, _Batch, Tensor, Tensor, Tensor], Tensor]) -> float:
     """Backpropagate mean(terms at `where`) + anchor * mean(KL(RL || steered) at the anchored
     tokens) over every row, chunk by chunk (`_chunks`; gradients accumulate; each mean's
     denominator is its count over the whole batch, so the gradient does not depend on the chunking).
-    `terms(rows, chunk, logits)` -> [len(rows), chunk length] per-token values (column t: the
-    prediction of token t) for the chunk `chunk = b.take(rows, length)`.
+    Logits are formed only at the chunk's prediction positions `cols` that some term reads
+    (`_logits_at`: the unembedding and the full-vocabulary KL never see a prompt position), and each
+    term only at its own (row, position) pairs.
+    `terms(rows, chunk, cols, logits, pick)` -> [pick.sum()] per-token values for the chunk `chunk =
+    b.take(rows, length)`: `logits` [len(rows), len(cols), V] are the steered predictions at positions
+    `cols` (column j predicts token cols[j] + 1), `pick` [len(rows), len(cols)] the pairs of `where`.
     Records the two means in `rec` (`name`, "anchor_kl"); returns the loss value."""
     sel = b.ans if cfg.anchor_role == "all" else b.ans & (b.roles == ROLE_CODE[cfg.anchor_role])
     n_main, n_anchor = int(where.sum()), int(sel.sum()) if cfg.anchor > 0 else 0
     main = anchor = 0.0
     for rows, length in _chunks(cfg, model, b):
         c = b.take(rows, length)
+        w, s = where[rows, 1:length], sel[rows, 1:length] & (n_anchor > 0)  # [r, length-1]: position t predicts t+1
+        cols = (w | s).any(0).nonzero().squeeze(-1)
+        if not len(cols):
+            continue  # nothing in this chunk is read: it adds nothing to either mean or the gradient
+        w, s = w[:, cols], s[:, cols]
         with steer, steer.positions(c.buckets):
-            logits = model(input_ids=c.tokens, attention_mask=c.attn).logits  # [r, length, V]
-        part = terms(rows, c, logits)[where[rows, :length]].sum() / max(n_main, 1)
+            logits = _logits_at(model, c, cols)  # [r, len(cols), V]
+        part = terms(rows, c, cols, logits, w).sum() / max(n_main, 1)
         loss = part
-        if n_anchor:
+        if s.any():
             with torch.no_grad():
-                plain = model(input_ids=c.tokens, attention_mask=c.attn).logits
-            a = kl(plain[:, :-1], logits[:, :-1])[sel[rows, 1:length]].sum() / n_anchor
+                plain = _logits_at(model, c, cols)[s]
+            a = kl(plain, logits[s]).sum() / n_anchor
             loss = loss + cfg.anchor * a
             anchor += a.item()
         if loss.requires_grad:
@@ -279,16 +288,33 @@ def _accumulate(cfg: LearnConfig, model: Any, steer: Any, b: _Batch, rec: dict, 
     return main + cfg.anchor * anchor
 
 
+def _logits_at(model: Any, c: _Batch, cols: Int[Tensor, " n"]) -> Float[Tensor, "rows n vocab"]:
+    """The chunk's logits at positions `cols` only: transformers' `logits_to_keep` (an index tensor)
+    where the model's forward takes it, so the unembedding runs on those positions alone (and any
+    logit scaling or soft-capping the model applies still happens); else the full logits, indexed."""
+    import inspect
+
+    if "logits_to_keep" in inspect.signature(type(model).forward).parameters:
+        return model(input_ids=c.tokens, attention_mask=c.attn, logits_to_keep=cols).logits
+    return model(input_ids=c.tokens, attention_mask=c.attn).logits[:, cols]
+
+
 def _backward(cfg: LearnConfig, rl_model: Any, base_model: Any, steer: Any, b: _Batch, scored: Any, m: int,
               rec: dict) -> float:
     """Accumulate the step's gradient (the objective's loss plus the anchor); returns the loss value."""
     if cfg.objective == "distill":
         where = _distill_positions(cfg, base_model, b)
         return _accumulate(cfg, rl_model, steer, b, rec, "kl_base_steered", where,
-                           lambda rows, c, logits: _distill_terms(base_model, c, logits))
+                           lambda rows, c, cols, logits, pick: _distill_terms(base_model, c, cols, logits, pick))
     adv = _breadth_advantages(cfg, scored, m, rec).to(b.tokens.device)
-    return _accumulate(cfg, rl_model, steer, b, rec, "pg_loss", b.ans, lambda rows, c, logits: -(
-        adv[rows, None] * entropy_and_logprob(logits, c.tokens, entropy_grad=False)[1]))
+
+    def pg(rows: Tensor, c: _Batch, cols: Tensor, logits: Tensor, pick: Tensor) -> Tensor:
+        """-advantage x log p(token) at the picked pairs (log-softmax over those rows only)."""
+        tok = c.tokens[:, cols + 1][pick]  # [k]
+        lp = logits[pick].float().log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1)
+        return -(adv[rows, None].expand_as(pick)[pick] * lp)
+
+    return _accumulate(cfg, rl_model, steer, b, rec, "pg_loss", b.ans, pg)
 
 
 def _distill_positions(cfg: LearnConfig, base_model: Any, b: _Batch) -> Bool[Tensor, "rows T"]:
@@ -307,13 +333,13 @@ def _distill_positions(cfg: LearnConfig, base_model: Any, b: _Batch) -> Bool[Ten
     return fork_mask(h, b.ans, cfg.rho)
 
 
-def _distill_terms(base_model: Any, c: _Batch, logits: Tensor) -> Tensor:
-    """KL(base || steered) of the prediction of each token of the chunk `c` (column t from
-    position t - 1; column 0 is 0)."""
+def _distill_terms(base_model: Any, c: _Batch, cols: Int[Tensor, " n"], logits: Float[Tensor, "rows n vocab"],
+                   pick: Bool[Tensor, "rows n"]) -> Float[Tensor, " k"]:
+    """KL(base || steered) of the predictions at the picked (row, position) pairs of the chunk `c`
+    (`logits`: the steered model's at positions `cols`)."""
     with torch.no_grad():
-        base_logits = base_model(input_ids=c.tokens, attention_mask=c.attn).logits
-    d = kl(base_logits[:, :-1], logits[:, :-1])  # [r, length-1]
-    return torch.cat([d.new_zeros(d.shape[0], 1), d], 1)
+        base_logits = _logits_at(base_model, c, cols)[pick]
+    return kl(base_logits, logits[pick])
 
 
 def sink_thresholds(model: Any, tokenizer: Any, prompts: Sequence[str], sites: dict[str, str]) -> dict[str, float]:

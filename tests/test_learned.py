@@ -295,3 +295,53 @@ def test_micro_batches_give_the_gradient_of_the_whole_batch(objective, tiny_lm, 
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6 * scale, msg="chunking the rows changed the gradient "
                                    "beyond the float summation order")
 
+
+
+@pytest.mark.parametrize("objective", ["distill", "breadth"])
+def test_a_step_gradient_equals_the_loss_over_full_logits(objective, tiny_lm, tiny_tokenizer, tmp_path, monkeypatch):
+    """The step forms logits only at the positions a term reads (`_logits_at`) and each KL or
+    log-prob only at its own tokens; the gradient is the one of the plain formula over the whole
+    batch's full logits, masked afterwards (here written out: KL(base || steered) at planning tokens
+    or -advantage x log p at answer tokens, plus the anchor's KL(RL || steered) at execution tokens)."""
+    from probe.metrics.evaluate import ROLE_CODE
+
+    mod = sys.modules["steering.learn"]
+    seen, backward = {}, mod._backward
+
+    def recording(cfg, rl_model, base_model, steer, b, scored, m, rec):
+        out = backward(cfg, rl_model, base_model, steer, b, scored, m, rec)
+        params = list(steer.edit_module.parameters())
+        seen["step"] = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        tokens, attn = b.tokens, b.attn
+        with steer, steer.positions(b.buckets):
+            q = rl_model(input_ids=tokens, attention_mask=attn).logits[:, :-1]
+        with torch.no_grad():
+            plain = rl_model(input_ids=tokens, attention_mask=attn).logits[:, :-1]
+        sel = (b.ans & (b.roles == ROLE_CODE["execution"]))[:, 1:]
+        if cfg.objective == "distill":
+            where = mod._distill_positions(cfg, base_model, b)[:, 1:]
+            with torch.no_grad():
+                p_base = base_model(input_ids=tokens, attention_mask=attn).logits[:, :-1]
+            main = kl(p_base, q)[where].sum() / where.sum()
+        else:
+            adv = mod._breadth_advantages(cfg, scored, m, {})
+            lp = q.float().log_softmax(-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+            where = b.ans[:, 1:]
+            main = -(adv[:, None] * lp)[where].sum() / where.sum()
+        (main + cfg.anchor * kl(plain, q)[sel].sum() / sel.sum()).backward()
+        seen["full"] = [p.grad.clone() for p in params]
+        assert where.any() and sel.any(), "vacuous: both terms must read some tokens"
+        return out
+
+    monkeypatch.setattr(mod, "_backward", recording)
+    cfg = LearnConfig(objective=objective, kind="lowrank", layers=(0, 1), rank=2, steps=1, prompts_per_step=3,
+                      group_size=8, max_new_tokens=6, anchor=0.5, distill_at="planning", micro_batch=5, save_every=0)
+    learn(tiny_lm("qwen2", 0), tiny_tokenizer, EvenTask(), lambda s, k: PROMPTS[:k], cfg, tmp_path / "g.st",
+          base_model=tiny_lm("qwen2", 1))
+    scale = max(g.abs().max().item() for g in seen["full"])
+    assert scale > 1e-4, "vacuous: the step must have a real gradient"
+    for a, b in zip(seen["full"], seen["step"]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6 * scale, msg="the step's gradient left the full-logits "
+                                   "formula beyond float summation order")
