@@ -336,10 +336,14 @@ def test_a_step_gradient_equals_the_loss_over_full_logits(objective, tiny_lm, ti
         return out
 
     monkeypatch.setattr(mod, "_backward", recording)
-    cfg = LearnConfig(objective=objective, kind="lowrank", layers=(0, 1), rank=2, steps=1, prompts_per_step=3,
-                      group_size=8, max_new_tokens=6, anchor=0.5, distill_at="planning", micro_batch=5, save_every=0)
-    learn(tiny_lm("qwen2", 0), tiny_tokenizer, EvenTask(), lambda s, k: PROMPTS[:k], cfg, tmp_path / "g.st",
-          base_model=tiny_lm("qwen2", 1))
+    # step 2 is compared (a fresh edit changes nothing, so at step 1 the anchor's gradient is 0); half
+    # the rows unsteered and chunks of 2 rows: some chunks have no token any term reads
+    cfg = LearnConfig(objective=objective, kind="lowrank", layers=(0, 1), rank=2, steps=2, lr=0.05,
+                      prompts_per_step=3, group_size=8, max_new_tokens=6, anchor=0.5, distill_at="planning",
+                      fraction=0.5, micro_batch=2, save_every=0)
+    _, log = learn(tiny_lm("qwen2", 0), tiny_tokenizer, EvenTask(), lambda s, k: PROMPTS[:k], cfg, tmp_path / "g.st",
+                   base_model=tiny_lm("qwen2", 1))
+    assert log[-1]["anchor_kl"] > 1e-6, "vacuous: the anchor must pull on the compared step"
     scale = max(g.abs().max().item() for g in seen["full"])
     assert scale > 1e-4, "vacuous: the step must have a real gradient"
     for a, b in zip(seen["full"], seen["step"]):
