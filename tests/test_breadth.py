@@ -16,7 +16,12 @@ import torch
 
 from experiments.study import claims as C
 from experiments.study.breadth_gap import distinct_gap_ci
-from experiments.study.report import flag_truncation, truncation_by_model, write_report
+from experiments.study.report import (
+    claim_models,
+    flag_truncation,
+    truncation_by_model,
+    write_report,
+)
 from probe.metrics.breadth import (
     TRUNCATION_LIMIT,
     TruncationWarning,
@@ -204,6 +209,10 @@ def test_truncation_by_model_pools_test_seeds_and_unknown_stays_unknown():
              cell("variant", {"method": "rl-x"}, 1000, 0.2)]
     shares, budgets = truncation_by_model(cells, ["runs/rl-x"])
     assert shares == {"base": pytest.approx(0.8), "rl": None, "rl-x": 0.2}
+    steer = {"best": {"truncated_share": 0.3}, "best_goal": None, "temperature_baseline": {"pass_at_1": 0.1}}
+    with_steered, _ = truncation_by_model(cells, ["runs/rl-x"], steer)
+    assert with_steered == {**shares, "rl steered (best)": 0.3, "rl at matched T": None}, \
+        "the steered test measurements join (unknown stays unknown; a missing pick adds no model)"
     assert budgets["base"] == {"16": pytest.approx(0.1), "32": pytest.approx(0.2)}
     assert budgets["rl"] is None and budgets["rl-x"] == {"16": pytest.approx(0.4), "32": pytest.approx(0.8)}
 
@@ -260,19 +269,29 @@ def test_the_report_flags_the_breadth_claims_when_a_model_is_truncated(tmp_path)
     c4 = C.claim_breadth(base, rl)
     c2 = C.Claim("C2", "forks", "holds", {"name": "share", "value": 0.6, "ci": [0.55, 0.65], "units": "", "resampled": ""},
                  "rule")
+    uses = claim_models(["runs/rl-x"])
     trunc = check_truncation({"base": 0.78, "rl": 0.01})
-    trunc["claims_flagged"] = flag_truncation([c2, c4], trunc)
-    assert trunc["claims_flagged"] == ["C4"] and c2.flags == [] and "base 78.0%" in c4.flags[-1]
+    trunc["claims_flagged"] = flag_truncation([c2, c4], trunc, uses)
+    assert trunc["claims_flagged"] == ["C2", "C4"] and "base 78.0%" in c4.flags[-1]
+    assert c4.flags[-1].startswith("token budget (base):") and "test-half samples" in c2.flags[-1]
     assert "lack solution_counts" in c4.flags[0], "these metrics predate solution_counts: C4 says it is not matched"
     report = write_report(_results([c2.to_dict(), c4.to_dict()], trunc), tmp_path / "report.md").read_text()
-    assert "## Warning: samples cut off by the token budget" in report and "Claims flagged: C4." in report
+    assert "## Warning: samples cut off by the token budget" in report and "Claims flagged: C2, C4." in report
     row = next(x for x in report.splitlines() if x.startswith("| C4:"))
     assert "(flagged: see its caveats)" in row and f"| **{c4.status}** |" in row
-    assert "**Caveat:** token budget:" in report
-    assert not next(x for x in report.splitlines() if x.startswith("| C2:")).count("flagged")
+    assert "**Caveat:** token budget (base):" in report
+
+    def claim(cid):
+        return C.Claim(cid, "s", "holds", {"name": "x", "value": 0.0, "ci": [0, 0], "units": "", "resampled": ""}, "r")
+
+    only_variant = check_truncation({"base": 0.0, "rl": 0.0, "rl-x": 0.5})
+    assert flag_truncation([claim("C4"), claim("C5"), claim("C6")], only_variant, uses) == ["C6"], \
+        "a truncated variant flags only the claim that reads it"
+    only_goal = check_truncation({"base": 0.0, "rl": 0.0, "rl steered (goal)": 0.4})
+    assert flag_truncation([claim("C2"), claim("C4"), claim("C5"), claim("C6")], only_goal, uses) == ["C5"]
     quiet = check_truncation({"base": 0.02, "rl": None})
     c4b = C.claim_breadth(base, rl)
-    assert flag_truncation([c4b], quiet) == [] and not any("token budget" in f for f in c4b.flags)
+    assert flag_truncation([c4b], quiet, uses) == [] and not any("token budget" in f for f in c4b.flags)
     report = write_report(_results([c4b.to_dict()], {**quiet, "claims_flagged": []}), tmp_path / "r2.md").read_text()
     assert "Warning" not in report and "**Caveat:** token budget" not in report
 

@@ -99,6 +99,10 @@ def test_sweep_end_to_end_and_resume_reuses_finished_cells(organism_pair, tmp_pa
                 t = pick["test"]
                 assert t["seeds"] == [1000, 1001] and len(t["frontier_excess_ci"]) == 2
                 assert t["frontier_excess"] == pytest.approx(t["restoration_distinct"] - t["frontier_restoration"])
+                assert t["truncated_share"] is not None, "every test measurement says how much the budget cut"
+    goal, goal_pick = m["goals"]["goal"], m["best_goal"] or {}
+    assert (goal["cell"] or {}).get("id") == goal_pick.get("id"), "the goal is judged on the goal pick alone"
+    assert not goal_pick or goal["pass_at_k_dominance"]["ks"] == list(range(1, 9)), "pass@k at every k = 1..n"
 
     dropped = [c["id"] for c in cells if c["family"] == "vector" and c["half"] == "selection"][:2]
     data = json.loads((out / "sweep.json").read_text())

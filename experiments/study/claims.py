@@ -260,6 +260,7 @@ def claim_breadth(base: dict, rl: dict, seed: int = 0) -> Claim:
                             **{m: [br["coverage_at_k"][m].get(k) for k in base["pass_at_k"]] for m in ("base", "rl")},
                             "note": COVERAGE_NOTE},
           "crossover_k_base_overtakes_rl": cross, "n_problems": len(pb["n_correct"]), "n_samples": n,
+          "truncated_share": br["truncated_share"],
           "distinct_measure": "matched" if use_matched else "paired", "n_problems_distinct": used["n_problems"]}
     flags = ([] if use_matched or not uncountable else
              ["distinct-correct over the paired subset: the task cannot count its solutions but the metrics lack "
@@ -275,7 +276,8 @@ def claim_breadth(base: dict, rl: dict, seed: int = 0) -> Claim:
 def _cell(m: dict | None) -> dict | None:
     keep = ("family", "spec", "fraction", "params", "pass_at_1", "pass_at_1_change", "pass_at_1_change_ci",
             "restoration_distinct", "restoration_distinct_ci", "frontier_restoration", "frontier_excess",
-            "frontier_excess_ci", "restoration_pass_at_64", "distinct_correct_subset")
+            "frontier_excess_ci", "restoration_pass_at_64", "distinct_correct_subset", "pass_at_k",
+            "fork_entropy_mean", "truncated_share")
     return None if m is None else {k: m.get(k) for k in keep}
 
 
@@ -369,6 +371,7 @@ def claim_recovery(steer: dict, base: dict, rl: dict, detector: dict | None, see
         "layer_restore_curve": [{"layer": c["spec"]["layer"], "restoration_distinct": c["restoration_distinct"],
                                  "pass_at_1_change": c["pass_at_1_change"]} for c in steer.get("layer_restore_curve") or [] if c],
         "goals": {k: v["met"] for k, v in (steer.get("goals") or {}).items()},
+        "goal": (steer.get("goals") or {}).get("goal"),
         "detector_auroc": det_auc, "detector_token_baseline_auroc": det_tok,
         "detector_best_layer": None if not detector else detector["best_layer"],
     }

@@ -38,8 +38,12 @@ from probe.models.checkpoint import checkpoint_provenance, own_directory
 from probe.stats import format_interval, format_number
 
 SCHEMA_VERSION = 2
-BREADTH_CLAIMS = ("C4", "C5", "C6")
-"""Claims whose numbers are pass@k or distinct-correct of sampled completions (flagged when truncated)."""
+BREADTH_CLAIMS = ("C2", "C4", "C5", "C6")
+"""Claims whose numbers read sampled completions (flagged when a model they read is truncated):
+C2 the probe's base and RL samples, C4 base and RL, C5 also the steered and matched-temperature
+cells, C6 RL and the entropy-preserving variants (`claim_models`)."""
+STEERED = {"best": "rl steered (best)", "best_goal": "rl steered (goal)", "temperature_baseline": "rl at matched T"}
+"""The sweep's test-half measurements whose truncated share joins the base's, RL's and the variants'."""
 QUESTION = ("Does entropy collapse in RL training narrow inference-time search, and can the lost breadth be "
             "recovered from the trained network?")
 
@@ -113,10 +117,12 @@ def _mean_by_key(dicts: list[dict | None]) -> dict[str, float] | None:
     return {k: sum(d[k] for d in dicts) / len(dicts) for k in dicts[0]}
 
 
-def truncation_by_model(cells: list[dict], variants: list[str] | tuple[str, ...]) -> tuple[dict, dict]:
+def truncation_by_model(cells: list[dict], variants: list[str] | tuple[str, ...],
+                        steer: dict | None = None) -> tuple[dict, dict]:
     """({model: share of samples that ended at the token budget}, {model: `eos_by_budget` dict}) per
     model (base, rl, each variant by directory name), over the sweep's test-half cells and seeds
-    (means); None where a cell does not record it."""
+    (means), plus the steered and matched-temperature test measurements of `steer` (the sweep's
+    metrics.json: `STEERED`, shares only) that exist; None where a cell does not record it."""
     specs = {"base": ("reference", {"model": "base"}), "rl": ("reference", {"model": "rl"}),
              **{Path(v).name: ("variant", {"method": Path(v).name}) for v in variants}}
     shares, budgets = {}, {}
@@ -124,7 +130,16 @@ def truncation_by_model(cells: list[dict], variants: list[str] | tuple[str, ...]
         rows = [c for c in cells if c["half"] == "test" and c["family"] == family and c["spec"] == spec]
         shares[name] = _mean_or_none([c.get("truncated_share") for c in rows])
         budgets[name] = _mean_by_key([c.get("eos_by_budget") for c in rows])
+    for key, name in STEERED.items():
+        if (steer or {}).get(key):
+            shares[name] = steer[key].get("truncated_share")
     return shares, budgets
+
+
+def claim_models(variants: list[str] | tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """Claim id -> the models (`truncation_by_model` names) whose samples its numbers read."""
+    return {"C2": ("base", "rl"), "C4": ("base", "rl"), "C5": ("base", "rl", *STEERED.values()),
+            "C6": ("rl", *(Path(v).name for v in variants))}
 
 
 def _matched_headline(matched: dict | None) -> dict | None:
@@ -135,14 +150,28 @@ def _matched_headline(matched: dict | None) -> dict | None:
             "mean_m": matched["per_problem_m_mean"]}
 
 
-def flag_truncation(claims: list, truncation: dict) -> list[str]:
-    """Add the truncation warning to every claim in `BREADTH_CLAIMS` (when some model is over the
-    limit); returns the ids flagged."""
-    if not truncation["message"]:
-        return []
-    flagged = [c for c in claims if c.id in BREADTH_CLAIMS]
+def _goal_headline(goal: dict | None) -> dict | None:
+    """The sweep's `goal` (the selection half's goal pick on the test half), flattened."""
+    if goal is None:
+        return None
+    cell, dom = goal.get("cell") or {}, goal.get("pass_at_k_dominance") or {}
+    return {"met": goal["met"], "interval_above_zero": goal.get("interval_above_zero"),
+            **{k: cell.get(k) for k in ("family", "spec", "fraction", "frontier_excess", "frontier_excess_ci",
+                                        "pass_at_1_change", "pass_at_1_change_ci", "truncated_share")},
+            "pass_at_k_dominance": dom.get("met"), "pass_at_k_worst_k": dom.get("worst_k"),
+            "pass_at_k_worst_margin": dom.get("worst_margin")}
+
+
+def flag_truncation(claims: list, truncation: dict, uses: dict[str, tuple[str, ...]]) -> list[str]:
+    """Add the truncation warning to every claim in `BREADTH_CLAIMS` that reads a model over the
+    limit (`uses`: `claim_models`); returns the ids flagged. C2's shares are the sweep's test-half
+    samples of the same models at the same budget (the probe's own samples record none)."""
+    over = set(truncation["over_limit"])
+    flagged = [c for c in claims if c.id in BREADTH_CLAIMS and over & set(uses.get(c.id, ()))]
     for c in flagged:
-        c.flags.append(f"token budget: {truncation['message']}")
+        who = ", ".join(m for m in uses[c.id] if m in over)
+        c.flags.append(f"token budget ({who}): {truncation['message']}"
+                       + (" (shares measured on the sweep's test-half samples)" if c.id == "C2" else ""))
     return [c.id for c in flagged]
 
 
@@ -183,9 +212,9 @@ def build_results(cfg, stage_cfgs: dict, out: str | Path) -> dict[str, Any]:
         curves["rl"] = next(iter(matches.values()))["pass_at_k_other"]  # every k' = 1..n
         plot_compute_match(curves, matches, out / "figures" / "compute_match.png", collapsed="rl")
         c6.figures = ["figures/compute_match.png"]
-    shares, by_budget = truncation_by_model(cells, variants)
+    shares, by_budget = truncation_by_model(cells, variants, steer)
     truncation = check_truncation(shares, by_budget=by_budget)
-    truncation["claims_flagged"] = flag_truncation([c1, c2, c3, c3b, c4, c5, c6], truncation)
+    truncation["claims_flagged"] = flag_truncation([c1, c2, c3, c3b, c4, c5, c6], truncation, claim_models(variants))
     claims = [c.to_dict() for c in (c1, c2, c3, c3b, c4, c5, c6)]
     for c in claims:
         missing = [f for f in c["figures"] if not (out / f).is_file()]
@@ -200,8 +229,13 @@ def build_results(cfg, stage_cfgs: dict, out: str | Path) -> dict[str, Any]:
         "distinct_correct_subset": (f"{c4.evidence['distinct_correct_mean']['n_problems']} problems, the same for both "
                                     f"({c4.evidence['distinct_correct_mean']['subset']})"),
         "distinct_correct_all_problems": {m: c4.evidence["distinct_correct_all_problems"][m] for m in ("base", "rl")},
+        "distinct_measure": c4.evidence["distinct_measure"],
+        "distinct_correct_paired": {**{m: c4.evidence["distinct_correct_paired"][m] for m in ("base", "rl")},
+                                    "n_problems": c4.evidence["distinct_correct_paired"]["n_problems"],
+                                    "subset": c4.evidence["distinct_correct_paired"]["subset"]},
         "distinct_correct_matched": _matched_headline(c4.evidence.get("distinct_correct_matched")),
         "truncated_share": {m: truncation["truncated_share"][m] for m in ("base", "rl")},
+        "goal": _goal_headline((steer.get("goals") or {}).get("goal")),
         "entropy_change_share_on_forks": c2.effect["value"],
         "law_r2": c1.effect["value"],
         "detector_auroc": ev5["detector_auroc"],

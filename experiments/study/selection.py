@@ -60,14 +60,19 @@ def judge(cell: Sequence[dict], base: Sequence[dict], rl: Sequence[dict], n_boot
 
 def spliced(cell: dict, rl: dict, fraction: float) -> dict:
     """Row-level application at `fraction`: samples 0..m-1 from `cell`, the rest from `rl`
-    (m = round(fraction * n)), as a row with the outcome metrics (entropies are not defined)."""
+    (m = round(fraction * n)), as a row with the outcome metrics (entropies are not defined; the
+    share of samples cut at the token budget is the two cells' weighted by m and n - m: its
+    expectation, since a cell's samples are exchangeable across sample indices)."""
     from probe.metrics.frontier import m_of_q
 
     c, r = Outcomes.from_json(cell["outcomes"]), Outcomes.from_json(rl["outcomes"])
-    o = splice(c, r, m_of_q(fraction, c.n))
+    m = m_of_q(fraction, c.n)
+    o = splice(c, r, m)
+    shares = (cell.get("truncated_share"), rl.get("truncated_share"))
     return {**{k: cell.get(k) for k in ("half", "seed", "n_problems", "n_samples", "temperature", "params")},
             **summary(o), "outcomes": o.to_json(), "fork_entropy_mean": None, "planning_entropy_mean": None,
-            "execution_entropy_mean": None}
+            "execution_entropy_mean": None,
+            "truncated_share": None if None in shares else (m * shares[0] + (c.n - m) * shares[1]) / c.n}
 
 
 def _ok(row: dict, tol: float) -> bool:

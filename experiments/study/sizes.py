@@ -56,7 +56,7 @@ class StudySize:
     curves_half: str = "test"
     """Half the patching and layer-restoration curves are measured on (`SweepConfig.curves_half`)."""
     problems: int = 0
-    """Held-out problems the sweep uses (0 = all; halved into selection and test)."""
+    """Held-out problems per half the sweep uses (0 = every problem of each half)."""
     n: int = 64
     """Samples per problem in the sweep."""
     derive_problems: int = 256
@@ -74,11 +74,13 @@ ORGANISM_QUICK = StudySize(probe_problems=8, probe_samples=4, sae_train_samples=
 # to ~30 min of sampling and collecting its ~311k activations): 4M samples are ~13 passes, 11 min here.
 REAL = StudySize(probe_problems=64, probe_samples=8, sae_train_samples=4_000_000, sae_train_problems=128,
                  sae_samples=8, sae_eval_problems=64, sae_eval_samples=8, d_sae=2304,
-                 learn={"steps": 30, "prompts_per_step": 8, "group_size": 8, "save_every": 5}, problems=128, n=16,
-                 derive_problems=128, curves_half="selection")
+                 learn={"steps": 30, "prompts_per_step": 8, "group_size": 8, "save_every": 5}, problems=64, n=16,
+                 temperatures=(1.1, 1.2, 1.35, 1.5), derive_problems=128, curves_half="selection")
 """Real pretrained models on a 2-core CPU: 64 + 64 held-out problems x 16 samples in the sweep (the
-issue's floor on the test half), 128 x 8 training-problem samples for the SAE (every token of a
-100-token prompt plus its completion is an activation: > 200k), learned edits saved every 5 steps so
+issue's floor on the test half), four temperatures for the baseline matched to the chosen cell's fork
+entropy (`experiments.study.selection.matched_temperature`: one temperature would match nothing), 128
+x 8 training-problem samples for the SAE (every token of a 100-token prompt plus its completion is an
+activation: > 200k), learned edits saved every 5 steps so
 that a stopped run loses little, and the patching / layer-restoration curves read from the selection
 half's cells (each point runs RL at base-like answer lengths, patching with the base beside it: six
 more such cells on the test half would cost about as much as the rest of the sweep)."""

@@ -52,7 +52,7 @@ from experiments.study.selection import (
     spliced,
 )
 from experiments.study.steer_stage import STUDY_GATES, DeriveConfig, derive_vectors, split_method
-from experiments.study.sweep_report import brief, save_best, write_outputs
+from experiments.study.sweep_report import brief, pass_at_k_every, save_best, write_outputs
 from probe.metrics.breadth import warn_if_truncated
 from probe.models.checkpoint import checkpoint_present, load_causal_lm
 from probe.tasks import load_task
@@ -312,16 +312,21 @@ def test(sw: Sweep, sel: dict[str, Any], cands: list[C.Candidate]) -> dict[str, 
     base = [sw.cell(REFERENCE["base"], "test", s) for s in seeds]
     rl = [sw.cell(REFERENCE["rl"], "test", s) for s in seeds]
 
+    def rows_of(pick: dict) -> list[dict]:
+        """The pick's test-half rows, one per test seed (a row-level fraction: spliced with RL's)."""
+        rows = [sw.cell(pick["candidate"], "test", s) for s in seeds]
+        if pick["fraction"] < 1:
+            return [{**spliced(r, q, pick["fraction"]), "seed": r["seed"]} for r, q in zip(rows, rl)]
+        return rows
+
     def measure(pick: dict | None) -> dict | None:
         if pick is None:
             return None
-        rows = [sw.cell(pick["candidate"], "test", s) for s in seeds]
-        extra = {}
-        if pick["fraction"] < 1:
-            rows = [{**spliced(r, q, pick["fraction"]), "seed": r["seed"]} for r, q in zip(rows, rl)]
-            extra["mixture_at_fraction"] = mixture_at(base, rl, pick["fraction"])
+        rows = rows_of(pick)
+        extra = {"mixture_at_fraction": mixture_at(base, rl, pick["fraction"])} if pick["fraction"] < 1 else {}
         return {**{k: pick.get(k) for k in ("family", "spec", "fraction", "params")}, "id": pick["id"],
-                "fork_entropy_mean": _mean(rows, "fork_entropy_mean"), **judge(rows, base, rl), **extra}
+                "fork_entropy_mean": _mean(rows, "fork_entropy_mean"),
+                "truncated_share": _mean(rows, "truncated_share"), **judge(rows, base, rl), **extra}
 
     picks = {f: {rule: {"selection": brief(p), "test": measure(p)} for rule, p in d.items()} for f, d in sel["picks"].items()}
     by = lambda fam: [c for c in cands if c.family == fam]  # noqa: E731
@@ -342,6 +347,7 @@ def test(sw: Sweep, sel: dict[str, Any], cands: list[C.Candidate]) -> dict[str, 
     return {
         "base": base, "rl": rl, "picks": picks,
         **{k: measure(sel[k]) for k in ("best", "best_restoration", "best_goal")},
+        "pass_at_k_every": {k: sel[k] and pass_at_k_every(rows_of(sel[k]), base, rl) for k in ("best", "best_goal")},
         "temperature": measure(sel["temperature"] and {**sel["temperature"], "fraction": 1.0}),
         "variants": {c.spec["method"]: measure(whole(c)) for c in by("variant")},
         "patching_curve": curve("patching"), "restore_curve": curve("layer_restore"),

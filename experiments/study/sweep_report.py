@@ -5,7 +5,8 @@ best.safetensors (the `best` pick as one intervention file, `save_best`).
 the test half, pooled over the test seeds), `base` / `rl` (test summaries), `picks` (per family
 and rule: the cell chosen on the selection half and its test measurement), `best` and `best_goal`
 (test), `temperature_baseline` (matched to the best cell's fork entropy), `variants`,
-`patching_curve` and `layer_restore_curve` (on `curves_half`), `goals` (issue #12's bars, computed),
+`patching_curve` and `layer_restore_curve` (on `curves_half`), `goals` (`goals`: the goal pick judged
+on the test half, with pass@k at every k, and issue #12's bars),
 `n_cells`, `n_cells_reused`, `engines` (which engine sampled the cells, `Sweep.engine_record`),
 `seconds`, `config`. Every test measurement holds restoration_distinct,
 restoration_pass_at_64, pass_at_1_change and frontier_excess, each with a `*_ci` interval.
@@ -33,7 +34,7 @@ BRIEF = ("family", "spec", "fraction", "params", "pass_at_1", "pass_at_1_change"
          "restoration_distinct", "restoration_distinct_ci", "restoration_pass_at_64", "restoration_pass_at_64_ci",
          "frontier_restoration", "frontier_excess", "frontier_excess_ci", "distinct_correct_mean", "distinct_measure",
          "distinct_gap", "distinct_gap_ci", "pass_at_64",
-         "pass_at_k", "fork_entropy_mean", "seeds", "id")
+         "pass_at_k", "fork_entropy_mean", "truncated_share", "seeds", "id")
 
 
 def brief(r: dict | None) -> dict | None:
@@ -50,34 +51,63 @@ def write_table(out: Path, rows: list[dict], columns: tuple[str, ...]) -> None:
     tmp.replace(out / "sweep.csv")
 
 
+def pass_at_k_every(cell: list[dict], base: list[dict], rl: list[dict]) -> dict[str, Any]:
+    """Pass@k of a cell, the base and RL at every k = 1..n (rows: one per test seed, pooled), and
+    whether the cell is at or above both at each: {"ks", "cell", "base", "rl" (lists over ks),
+    "met" (at every k), "worst_k", "worst_margin" (the cell minus max(base, RL) where it is least)}."""
+    from probe.metrics.passk import pass_at_k_curve
+
+    curves = {name: pass_at_k_curve(outcomes_of(rows)[0].correct) for name, rows in
+              (("cell", cell), ("base", base), ("rl", rl))}
+    ks = list(curves["cell"])
+    margin = {k: curves["cell"][k] - max(curves["base"][k], curves["rl"][k]) for k in ks}
+    worst = min(ks, key=lambda k: (margin[k], k))
+    return {"ks": ks, **{name: [c[k] for k in ks] for name, c in curves.items()},
+            "met": all(margin[k] >= -1e-12 for k in ks), "worst_k": worst, "worst_margin": margin[worst]}
+
+
 def goals(tst: dict, tol: float, gtol: float) -> dict[str, Any]:
-    """Issue #12's bars on the test half: a learned cell >= 0.45 within `tol`; an RL-alone cell on the
-    frontier (excess interval reaching 0) and above it (excess >= 0.10 within `gtol`); pass@k of the
-    best cell at or above both base's and RL's at every k."""
+    """The bars on the test half. `goal` (the real pair's, issue #19): the one cell the selection half
+    chose by the goal rule (`best_goal`: the most frontier excess at pass@1 >= RL - `gtol`), judged
+    on the test half: frontier excess >= 0.10 at pass@1 >= RL - `gtol`, with its intervals, and its
+    pass@k against base's and RL's at every k = 1..n. Issue #12's bars, kept as they were defined:
+    a learned pick >= 0.45 within `tol`; any RL-alone pick (family x rule, each chosen on the
+    selection half) on the frontier (excess interval reaching 0) or above it (excess >= 0.10 within
+    `gtol`): the best of several picks on the test half, so weaker evidence than `goal`; pass@k of
+    `best` at or above both base's and RL's at every k = 1..n."""
     learned = [p["test"] for p in (tst["picks"].get("learned") or {}).values() if p.get("test")]
     steered = [p["test"] for fam, d in tst["picks"].items() if fam != "temperature" for p in d.values() if p.get("test")]
     ok = lambda r, t: r["pass_at_1_change"] is not None and r["pass_at_1_change"] >= -t  # noqa: E731
     best_l = max((r for r in learned if ok(r, tol)), key=lambda r: r["restoration_distinct"] or -1e9, default=None)
     on = [r for r in steered if r.get("frontier_excess_ci") and r["frontier_excess_ci"][1] >= 0 and ok(r, tol)]
     above = [r for r in steered if (r.get("frontier_excess") or -1) >= 0.10 and ok(r, gtol)]
-    b, base, rl = tst["best"], summary(outcomes_of(tst["base"])[0]), summary(outcomes_of(tst["rl"])[0])
-    dom = None if b is None else all(b["pass_at_k"][k] >= max(base["pass_at_k"][k], rl["pass_at_k"][k]) - 1e-12
-                                     for k in b["pass_at_k"])
-    brief = lambda r: {k: r.get(k) for k in ("family", "spec", "fraction", "params", "pass_at_1_change",  # noqa: E731
+    every = tst.get("pass_at_k_every") or {}
+    dom = (every.get("best") or {}).get("met")
+    short = lambda r: {k: r.get(k) for k in ("family", "spec", "fraction", "params", "pass_at_1_change",  # noqa: E731
                                              "pass_at_1_change_ci", "restoration_distinct", "restoration_distinct_ci",
                                              "frontier_excess", "frontier_excess_ci")}
-    unique = lambda rows: list({r["id"]: brief(r) for r in rows}.values())  # noqa: E731
+    unique = lambda rows: list({r["id"]: short(r) for r in rows}.values())  # noqa: E731
+    g = tst.get("best_goal")
+    g_ci = (g or {}).get("frontier_excess_ci")
     return {
+        "goal": {"met": bool(g and (g.get("frontier_excess") or -1) >= 0.10 and ok(g, gtol)),
+                 "interval_above_zero": bool(g_ci and g_ci[0] > 0), "cell": brief(g),
+                 "pass_at_k_dominance": every.get("best_goal"),
+                 "rule": (f"the selection half's goal pick (most frontier excess at pass@1 >= RL - {gtol}) has, on "
+                          f"the test half, frontier_excess >= 0.10 at pass@1 >= RL - {gtol}; beyond it, its pass@k "
+                          "at or above both base's and RL's at every k = 1..n")},
         "learned_restoration_0.45": {"met": bool(best_l and best_l["restoration_distinct"] >= 0.45),
-                                     "cell": best_l and brief(best_l),
+                                     "cell": best_l and short(best_l),
                                      "rule": f"a learned pick with restoration_distinct >= 0.45 at pass@1 >= RL - {tol}"},
         "on_frontier": {"met": bool(on), "cells": unique(on),
                         "rule": f"an RL-alone pick whose frontier_excess interval reaches 0, pass@1 >= RL - {tol}"},
         "above_frontier": {"met": bool(above), "cells": unique(above),
                            "interval_above_zero": any(r["frontier_excess_ci"] and r["frontier_excess_ci"][0] > 0
                                                       for r in above),
-                           "rule": f"an RL-alone pick with frontier_excess >= 0.10 at pass@1 >= RL - {gtol}"},
-        "pass_at_k_dominance": {"met": dom, "rule": "the best cell's pass@k >= max(base, RL) at every k"},
+                           "rule": f"an RL-alone pick (any family and rule) with frontier_excess >= 0.10 at pass@1 >= "
+                                   f"RL - {gtol} on the test half"},
+        "pass_at_k_dominance": {"met": dom, "detail": every.get("best"),
+                                "rule": "the best cell's pass@k >= max(base, RL) at every k = 1..n"},
     }
 
 
