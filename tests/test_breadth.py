@@ -26,6 +26,7 @@ from probe.metrics.breadth import (
     TRUNCATION_LIMIT,
     TruncationWarning,
     budget_note,
+    budget_record,
     check_truncation,
     compare_breadth,
     eos_by_budget,
@@ -221,6 +222,11 @@ def test_eos_by_budget_counts_rows_ended_within_each_budget():
     lengths = torch.tensor([3, 16, 17, 40, 100, 100])
     finished = torch.tensor([True, True, True, True, True, False])
     assert eos_by_budget(lengths, finished, 100) == {"16": 2 / 6, "32": 3 / 6, "64": 4 / 6, "100": 5 / 6}
+    rec = budget_record(["eos"] * 5 + ["length"], lengths, 100)
+    assert rec == {"fraction_finished_eos": 5 / 6, "truncated_share": 1 / 6,
+                   "eos_by_budget": eos_by_budget(lengths, finished, 100)}
+    with pytest.raises(ValueError, match="one of each"):
+        budget_record(["eos"], lengths, 100)
     assert eos_by_budget(lengths[:1], finished[:1], 16) == {"16": 1.0}
     with pytest.raises(ValueError, match="same"):
         eos_by_budget(lengths, finished[:2], 100)

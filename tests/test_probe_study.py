@@ -60,6 +60,8 @@ def test_run_probe_writes_metrics_plots_and_a_loadable_detector(organism_pair, t
         assert rec["fork_overlap"]["jaccard"] is not None
         assert 0 <= rec["entropy_change"]["share_on_base_forks"] <= 1
         assert rec["kl"]["base_rl_mean"] > 0
+        assert rec["truncated_share"] + rec["fraction_finished_eos"] == pytest.approx(1.0)
+        assert list(rec["eos_by_budget"].values())[-1] == pytest.approx(rec["fraction_finished_eos"])
     det = metrics["detector"]
     assert set(det["layers"]) == {"0", "1"} and all(
         v["auroc_test"] is not None and v["auroc_control"] is not None for v in det["layers"].values()

@@ -45,6 +45,7 @@ from probe.forks import (
     role_split,
 )
 from probe.law import bootstrap_law, extrapolation_error, fit_entropy_law, read_train_log
+from probe.metrics.breadth import budget_record
 from probe.metrics.trajectories import sample_scored_trajectories
 from probe.models.budget import keep_fraction
 from probe.models.checkpoint import own_directory
@@ -233,6 +234,7 @@ def run_probe(cfg: ProbeConfig) -> dict:
         rec, forks = source_metrics(stats, traj, cfg.rho)
         own = stats.h_base if src == "base" else stats.h_rl
         rec["pass_rate"] = scored.correct.float().mean().item()
+        rec.update(budget_record(branches.finish_reason, branches.mask.sum(1).cpu(), branches.tokens.shape[1]))
         gap = (branches.entropy.cpu()[branches.mask.cpu()] - own[stats.mask]).abs().double()  # nats, per answer token
         rec["sampler_entropy_max_abs_diff"] = gap.max().item()  # bfloat16: the worst token; mean and p99 say how rare
         rec["sampler_entropy_mean_abs_diff"] = gap.mean().item()

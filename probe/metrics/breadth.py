@@ -147,6 +147,20 @@ def matched_distinct(counts: Mapping[str, Sequence[Sequence[int]] | None]) -> di
             "per_problem": scores}
 
 
+def budget_record(finish_reason: Sequence[str], lengths: Int[Tensor, " rows"], max_new_tokens: int) -> dict[str, Any]:
+    """How the token budget ended a set of samples: `fraction_finished_eos`, `truncated_share` (finish
+    reason "length": cut at `max_new_tokens` without eos) and `eos_by_budget` (`eos_by_budget`).
+    finish_reason: per row, as `probe.sampling.sampler.Branches` records it; lengths: generated
+    tokens per row."""
+    rows = len(finish_reason)
+    if rows == 0 or rows != len(lengths):
+        raise ValueError(f"{rows} finish reasons for {len(lengths)} lengths: one of each per sampled row")
+    at_eos = torch.tensor([f == "eos" for f in finish_reason], dtype=torch.bool)
+    return {"fraction_finished_eos": int(at_eos.sum()) / rows,
+            "truncated_share": sum(f == "length" for f in finish_reason) / rows,
+            "eos_by_budget": eos_by_budget(torch.as_tensor(lengths), at_eos, max_new_tokens)}
+
+
 def eos_by_budget(lengths: Int[Tensor, " rows"], finished: Bool[Tensor, " rows"], max_new_tokens: int,
                   budgets: Sequence[int] | None = None) -> dict[str, float]:
     """Share of rows that would have ended at eos under each smaller token budget, from one run.

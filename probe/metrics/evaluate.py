@@ -40,7 +40,7 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 
 from probe.forks import fork_mask
-from probe.metrics.breadth import eos_by_budget
+from probe.metrics.breadth import budget_record
 from probe.metrics.passk import (
     check_k,
     crossover_k,
@@ -222,10 +222,7 @@ def diversity_metrics(
         out["planning_entropy_mean"] = _mean_or_none(entropy, scored.planning & mask)
         out["execution_entropy_mean"] = _mean_or_none(entropy, scored.execution & mask)
         out["fork_entropy_mean"] = _mean_or_none(entropy, fork_mask(entropy, mask, rho))
-    at_eos = torch.tensor([f == "eos" for f in branches.finish_reason], dtype=torch.bool)  # (rows,)
-    out["fraction_finished_eos"] = int(at_eos.sum()) / rows
-    out["truncated_share"] = sum(f == "length" for f in branches.finish_reason) / rows
-    out["eos_by_budget"] = eos_by_budget(branches.mask.sum(1).cpu(), at_eos, branches.tokens.shape[1])
+    out.update(budget_record(branches.finish_reason, branches.mask.sum(1).cpu(), branches.tokens.shape[1]))
     out.update(n_problems=n_prompts, n_samples=n, temperature=temperature, seed=seed)
     if per_problem:
         out["per_problem"] = {"n_correct": counts.tolist(), "distinct_correct": distinct.tolist(),
