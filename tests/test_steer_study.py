@@ -46,6 +46,10 @@ def test_row_level_cell_is_the_splice_of_the_steered_cell_and_rl():
     assert back.keys == [["a", "b", "a", None], [None, "x", None, "x"]], "samples 0..1 steered, 2..3 from RL"
     assert row["distinct_correct_mean"] == pytest.approx((2 + 1) / 2) and row["seed"] == 1000
     assert row["params"] == 512, "a row-level cell keeps its intervention's parameter count"
+    shares = {"truncated_share": 0.5}, {"truncated_share": 0.1}
+    cut = spliced({"outcomes": steered.to_json(), **shares[0]}, {"outcomes": rl.to_json(), **shares[1]}, 0.25)
+    assert cut["truncated_share"] == pytest.approx((1 * 0.5 + 3 * 0.1) / 4), "m = 1 of 4 samples from the cell"
+    assert row["truncated_share"] is None, "unknown when a cell does not record it"
 
 
 def test_countdown_role_condition_says_execution_after_equals_until_semicolon():
@@ -101,7 +105,8 @@ def test_sweep_end_to_end_and_resume_reuses_finished_cells(organism_pair, tmp_pa
                 assert t["frontier_excess"] == pytest.approx(t["restoration_distinct"] - t["frontier_restoration"])
                 assert t["truncated_share"] is not None, "every test measurement says how much the budget cut"
     goal, goal_pick = m["goals"]["goal"], m["best_goal"] or {}
-    assert (goal["cell"] or {}).get("id") == goal_pick.get("id"), "the goal is judged on the goal pick alone"
+    assert (goal["cell"] or {}).get("id") == (m["selection"]["best_goal"] or {}).get("id"), \
+        "the goal is judged on the selection half's goal pick alone"
     assert not goal_pick or goal["pass_at_k_dominance"]["ks"] == list(range(1, 9)), "pass@k at every k = 1..n"
 
     dropped = [c["id"] for c in cells if c["family"] == "vector" and c["half"] == "selection"][:2]

@@ -7,8 +7,9 @@ Markdown; every figure it references is a path relative to the run directory tha
 
 Breadth is reported like with like (issue #23): the headline's distinct-correct is C4's paired
 subset (named beside it), and `truncation` records the share of each model's test-half samples
-that ended at the token budget; above `probe.metrics.breadth.TRUNCATION_LIMIT` for any model, the claims
-built on pass@k or distinct-correct (`BREADTH_CLAIMS`) carry a flag in results.json and the report.
+(and of the steered, matched-temperature and patched cells C5 reads) that ended at the token budget;
+above `probe.metrics.breadth.TRUNCATION_LIMIT` for a model, each claim that reads its samples
+(`BREADTH_CLAIMS`, `claim_models`) carries a flag in results.json and the report.
 Stage outputs written before `truncated_share` existed leave it unknown (None), flagging nothing.
 """
 
@@ -40,9 +41,10 @@ from probe.stats import format_interval, format_number
 SCHEMA_VERSION = 2
 BREADTH_CLAIMS = ("C2", "C4", "C5", "C6")
 """Claims whose numbers read sampled completions (flagged when a model they read is truncated):
-C2 the probe's base and RL samples, C4 base and RL, C5 also the steered and matched-temperature
-cells, C6 RL and the entropy-preserving variants (`claim_models`)."""
-STEERED = {"best": "rl steered (best)", "best_goal": "rl steered (goal)", "temperature_baseline": "rl at matched T"}
+C2 the base's samples (both models teacher-forced on them), C4 base and RL, C5 also the steered,
+matched-temperature and patched cells, C6 RL and the entropy-preserving variants (`claim_models`)."""
+STEERED = {"best": "rl steered (best)", "best_goal": "rl steered (goal)", "temperature_baseline": "rl at matched T",
+           "patching_upper_bound": "rl patched (upper bound)"}
 """The sweep's test-half measurements whose truncated share joins the base's, RL's and the variants'."""
 QUESTION = ("Does entropy collapse in RL training narrow inference-time search, and can the lost breadth be "
             "recovered from the trained network?")
@@ -138,7 +140,7 @@ def truncation_by_model(cells: list[dict], variants: list[str] | tuple[str, ...]
 
 def claim_models(variants: list[str] | tuple[str, ...]) -> dict[str, tuple[str, ...]]:
     """Claim id -> the models (`truncation_by_model` names) whose samples its numbers read."""
-    return {"C2": ("base", "rl"), "C4": ("base", "rl"), "C5": ("base", "rl", *STEERED.values()),
+    return {"C2": ("base",), "C4": ("base", "rl"), "C5": ("base", "rl", *STEERED.values()),
             "C6": ("rl", *(Path(v).name for v in variants))}
 
 

@@ -75,19 +75,20 @@ def spliced(cell: dict, rl: dict, fraction: float) -> dict:
             "truncated_share": None if None in shares else (m * shares[0] + (c.n - m) * shares[1]) / c.n}
 
 
-def _ok(row: dict, tol: float) -> bool:
+def within_tolerance(row: dict, tol: float) -> bool:
+    """pass@1 at or above RL - `tol` (float slack 1e-12): the accuracy bar of every choice rule."""
     return row["pass_at_1_change"] is not None and row["pass_at_1_change"] >= -tol - 1e-12
 
 
 def choose(rows: Sequence[dict], tol: float) -> dict | None:
     """TOLERANCE_RULE over judged rows (each with restoration_distinct, frontier_excess, pass_at_1_change)."""
-    ok = [r for r in rows if r.get("restoration_distinct") is not None and _ok(r, tol)]
+    ok = [r for r in rows if r.get("restoration_distinct") is not None and within_tolerance(r, tol)]
     return max(ok, key=lambda r: (r["restoration_distinct"], r.get("frontier_excess") or 0.0, r["id"]), default=None)
 
 
 def choose_goal(rows: Sequence[dict], tol: float) -> dict | None:
     """GOAL_RULE over judged rows."""
-    ok = [r for r in rows if r.get("frontier_excess") is not None and _ok(r, tol)]
+    ok = [r for r in rows if r.get("frontier_excess") is not None and within_tolerance(r, tol)]
     return max(ok, key=lambda r: (r["frontier_excess"], r["id"]), default=None)
 
 

@@ -18,8 +18,8 @@ Three rules pick cells, per family and over every RL-alone family (temperature e
 `restoration` (TOLERANCE_RULE: most restoration within `tolerance`), `excess` (GOAL_RULE at
 `tolerance`: most frontier excess within it) and `goal` (GOAL_RULE at `goal_tolerance`). `best` is
 the overall `excess` pick: the RL-alone cell that gives the most a mixture cannot, at a bounded
-accuracy cost (C5 of `forksight run` reports it). The goals of issue #12 are computed in
-`metrics.json["goals"]`. Resumable: finished cells live in
+accuracy cost (C5 of `forksight run` reports it). `metrics.json["goals"]` judges the `goal` pick
+on the test half (`sweep_report.goals`), beside issue #12's bars. Resumable: finished cells live in
 `sweep.json` (`experiments.study.cells`); vectors are derived once into `vectors/`.
 
 Engines (`--engine`, `experiments.study.engines`): with `vllm` every cell vLLM can apply is sampled
@@ -341,7 +341,8 @@ def test(sw: Sweep, sel: dict[str, Any], cands: list[C.Candidate]) -> dict[str, 
         s0 = sw.seeds["selection"][0]
         rows = [sw.cell(c, "selection", s0) for c in cs]
         return [{**{k: v for k, v in whole(c).items() if k != "candidate"}, "params": None, "half": "selection",
-                 "fork_entropy_mean": r.get("fork_entropy_mean"), **judge([r], [sel["base"]], [sel["rl"]])}
+                 "fork_entropy_mean": r.get("fork_entropy_mean"), "truncated_share": r.get("truncated_share"),
+                 **judge([r], [sel["base"]], [sel["rl"]])}
                 for c, r in zip(cs, rows)]
 
     return {

@@ -20,7 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from experiments.run_state import write_json_atomic
-from experiments.study.selection import GOAL_RULE, TOLERANCE_RULE, outcomes_of, parse_layers
+from experiments.study.selection import (
+    GOAL_RULE,
+    TOLERANCE_RULE,
+    outcomes_of,
+    parse_layers,
+    within_tolerance,
+)
 from probe.environment import environment
 from probe.metrics.frontier import mixture_curve, summary
 from probe.stats import format_interval
@@ -77,7 +83,7 @@ def goals(tst: dict, tol: float, gtol: float) -> dict[str, Any]:
     `best` at or above both base's and RL's at every k = 1..n."""
     learned = [p["test"] for p in (tst["picks"].get("learned") or {}).values() if p.get("test")]
     steered = [p["test"] for fam, d in tst["picks"].items() if fam != "temperature" for p in d.values() if p.get("test")]
-    ok = lambda r, t: r["pass_at_1_change"] is not None and r["pass_at_1_change"] >= -t  # noqa: E731
+    ok = within_tolerance  # the selection rules' own test (with their float slack), so a pick at the bound stays in
     best_l = max((r for r in learned if ok(r, tol)), key=lambda r: r["restoration_distinct"] or -1e9, default=None)
     on = [r for r in steered if r.get("frontier_excess_ci") and r["frontier_excess_ci"][1] >= 0 and ok(r, tol)]
     above = [r for r in steered if (r.get("frontier_excess") or -1) >= 0.10 and ok(r, gtol)]
