@@ -10,7 +10,7 @@ on one of two objectives:
   those samples (all answer tokens, or only the base model's forks: `distill_at="forks"`, the
   top-`rho` positions of the batch by base entropy). Needs the base model at training time only.
 - `breadth`: REINFORCE on the edit's parameters with a group-relative reward that pays for
-  *new* correct solutions. `reward="unique"`: a correct sample earns 1 / (how many samples of its
+  *new* correct solutions (`steering.breadth_reward`). `reward="unique"`: a correct sample earns 1 / (how many samples of its
   group share its canonical solution), so a group's total reward is its number of distinct correct
   solutions; `reward="pass_at_k"`: the pass@k advantage of arXiv:2508.10751 (Chen et al., "Pass@k
   Training"): a correct sample's advantage is the group's pass@k, 1 - C(n_wrong, k) / C(n, k),
@@ -47,14 +47,13 @@ from tqdm.auto import tqdm
 from probe.entropy import entropy_and_logprob, kl, trajectories_from_branches
 from probe.forks import fork_mask
 from probe.metrics.evaluate import ROLE_CODE, score_branches
-from probe.metrics.passk import distinct_solution_shares, pass_at_k_advantages
 from probe.models.budget import forward_rows, length_chunks
 from probe.sampling.sampler import SamplerConfig, sample_branches
 from probe.tasks.protocol import Task
+from steering.breadth_reward import REWARDS, breadth_advantages, unique_reward
 from steering.learned import KINDS, LearnedEdit
 
 OBJECTIVES = ("distill", "breadth")
-REWARDS = ("unique", "novel", "pass_at_k")
 DISTILL_AT = ("answer", "forks", "planning")
 
 
@@ -140,17 +139,6 @@ class LearnConfig:
         need(self.reward != "pass_at_k" or self.k <= self.group_size, f"k={self.k} exceeds group_size="
              f"{self.group_size}", "use k <= group_size")
         need(self.lr > 0 and self.anchor >= 0, f"lr={self.lr}, anchor={self.anchor}", "lr > 0 and anchor >= 0")
-
-
-unique_reward = distinct_solution_shares
-"""The "unique" breadth reward: `probe.metrics.passk.distinct_solution_shares` (1 / multiplicity of a
-correct sample's solution in its group, 0 if wrong; a group's rewards sum to its distinct correct count)."""
-
-
-def pass_at_k_advantage(correct: Bool[Tensor, " rows"], group_size: int, k: int) -> Float[Tensor, " rows"]:
-    """The "pass_at_k" breadth reward's advantage: `probe.metrics.passk.pass_at_k_advantages` divided
-    by the group's sigma = sqrt(R (1 - R)) (no epsilon; 1 where sigma = 0), float32."""
-    return pass_at_k_advantages(correct, group_size, k, std_normalize=True, eps=0.0)
 
 
 def learn(rl_model: Any, tokenizer: Any, task: Task, prompts: Callable[[int, int], list[str]], cfg: LearnConfig,
@@ -306,7 +294,11 @@ def _backward(cfg: LearnConfig, rl_model: Any, base_model: Any, steer: Any, b: _
         where = _distill_positions(cfg, base_model, b)
         return _accumulate(cfg, rl_model, steer, b, rec, "kl_base_steered", where,
                            lambda rows, c, cols, logits, pick: _distill_terms(base_model, c, cols, logits, pick))
-    adv = _breadth_advantages(cfg, scored, m, rec).to(b.tokens.device)
+    adv, mean_reward = breadth_advantages(cfg.reward, scored.correct, scored.canonical, cfg.group_size, m, k=cfg.k,
+                                          std_normalize=cfg.std_normalize)
+    if mean_reward is not None:
+        rec["reward"] = mean_reward
+    adv = adv.to(b.tokens.device)
 
     def pg(rows: Tensor, c: _Batch, cols: Tensor, logits: Tensor, pick: Tensor) -> Tensor:
         """-advantage x log p(token) at the picked pairs (log-softmax over those rows only)."""
@@ -364,42 +356,6 @@ def sink_thresholds(model: Any, tokenizer: Any, prompts: Sequence[str], sites: d
         for handle in handles:
             handle.remove()
     return {k: sink_threshold(torch.cat(v)) for k, v in norms.items()}
-
-
-def novel_reward(keys: Sequence[Any], group_size: int, m: int) -> Float[Tensor, " rows"]:
-    """Per row of prompt-major groups whose first `m` samples were steered: a steered correct sample
-    earns 1 / (its multiplicity among the steered samples) if no unsteered sample of its group found
-    its solution, else 0; unsteered rows get 0. A group's total = the solutions only steering found."""
-    out = torch.zeros(len(keys), dtype=torch.float32)
-    for g0 in range(0, len(keys), group_size):
-        ref = {k for k in keys[g0 + m:g0 + group_size] if k is not None}
-        new = [k if k is not None and k not in ref else None for k in keys[g0:g0 + m]]
-        out[g0:g0 + m] = unique_reward(new, m)
-    return out
-
-
-def _breadth_advantages(cfg: LearnConfig, scored: Any, m: int, rec: dict) -> Float[Tensor, " rows"]:
-    """Per-row advantage of the breadth reward (0 on unsteered rows); the loss is the token mean of
-    -A log p over the steered rows' answer tokens."""
-    g = cfg.group_size
-    if cfg.reward == "unique":
-        r = unique_reward(scored.canonical, g)
-    elif cfg.reward == "novel":
-        r = novel_reward(scored.canonical, g, m)
-    else:
-        r = None
-    if r is None:
-        adv = pass_at_k_advantage(scored.correct, g, cfg.k)
-    else:  # centre (and scale) over the steered rows of each group
-        rs = r.view(-1, g)[:, :m]
-        a = rs - rs.mean(1, keepdim=True)
-        if cfg.std_normalize and m > 1:
-            a = a / (rs.std(1, keepdim=True) + 1e-6)
-        adv = torch.zeros(r.numel() // g, g)
-        adv[:, :m] = a
-        adv = adv.view(-1)
-        rec["reward"] = rs.sum().item() / rs.shape[0]
-    return adv
 
 
 def _save(edit: LearnedEdit, opt, out: Path, state_path: Path, step: int, log: list[dict], cfg: LearnConfig,

@@ -10,7 +10,8 @@ import torch
 
 from probe.entropy import entropy_and_logprob, kl, trajectories_from_branches
 from probe.sampling.sampler import SamplerConfig, sample_branches
-from steering.learn import LearnConfig, learn, pass_at_k_advantage, unique_reward
+from steering.breadth_reward import breadth_advantages, pass_at_k_advantage, unique_reward
+from steering.learn import LearnConfig, learn
 from steering.learned import LearnedEdit, LearnedEditError, answer_buckets
 
 PROMPTS = ["w3 w4 w5", "w6 w7", "w8 w9 w10 w11"]
@@ -326,7 +327,7 @@ def test_a_step_gradient_equals_the_loss_over_full_logits(objective, tiny_lm, ti
                 p_base = base_model(input_ids=tokens, attention_mask=attn).logits[:, :-1]
             main = kl(p_base, q)[where].sum() / where.sum()
         else:
-            adv = mod._breadth_advantages(cfg, scored, m, {})
+            adv = breadth_advantages(cfg.reward, scored.correct, scored.canonical, cfg.group_size, m, k=cfg.k)[0]
             lp = q.float().log_softmax(-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
             where = b.ans[:, 1:]
             main = -(adv[:, None] * lp)[where].sum() / where.sum()

@@ -10,7 +10,7 @@ from probe.metrics.frontier import m_of_q, splice
 from probe.metrics.outcomes import Outcomes
 from probe.sampling.sampler import SamplerConfig, sample_branches
 from steering import SteeringVector
-from steering.learn import novel_reward
+from steering.breadth_reward import novel_reward
 
 PROMPTS = ["w3 w4 w5", "w6 w7", "w8 w9 w10 w11"]
 CFG = SamplerConfig(n=4, max_new_tokens=6, batch_size=5, seed=3, device="cpu")  # batches split prompts

@@ -136,7 +136,7 @@ def test_pass_at_k_advantages_are_exact_subset_averages_for_every_group_composit
 
 def test_both_trainers_use_the_one_implementation():
     from experiments.training import grpo_loss
-    from steering.learn import pass_at_k_advantage, unique_reward
+    from steering.breadth_reward import pass_at_k_advantage, unique_reward
 
     assert grpo_loss.pass_at_k_advantages is pass_at_k_advantages
     assert grpo_loss.shapley_distinct_shares is distinct_solution_shares is unique_reward
