@@ -16,12 +16,8 @@ import torch
 
 from experiments.study import claims as C
 from experiments.study.breadth_gap import distinct_gap_ci
-from experiments.study.report import (
-    claim_models,
-    flag_truncation,
-    truncation_by_model,
-    write_report,
-)
+from experiments.study.report import write_report
+from experiments.study.truncation import claim_models, flag_truncation, truncation_by_model
 from probe.metrics.breadth import (
     TRUNCATION_LIMIT,
     TruncationWarning,

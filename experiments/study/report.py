@@ -30,6 +30,13 @@ from experiments.study.claims import (
 )
 from experiments.study.claims_training import claim_phases, claim_regime, plot_phases
 from experiments.study.realism import realism_row, realism_table
+from experiments.study.truncation import (
+    claim_models,
+    flag_truncation,
+    mean_by_key,
+    mean_or_none,
+    truncation_by_model,
+)
 from probe.atomic import write_text_atomic
 from probe.environment import describe, environment
 from probe.metrics.breadth import check_truncation
@@ -39,13 +46,6 @@ from probe.models.checkpoint import checkpoint_provenance, own_directory
 from probe.stats import format_interval, format_number
 
 SCHEMA_VERSION = 2
-BREADTH_CLAIMS = ("C2", "C4", "C5", "C6")
-"""Claims whose numbers read sampled completions (flagged when a model they read is truncated):
-C2 the base's samples (both models teacher-forced on them), C4 base and RL, C5 also the steered,
-matched-temperature and patched cells, C6 RL and the entropy-preserving variants (`claim_models`)."""
-STEERED = {"best": "rl steered (best)", "best_goal": "rl steered (goal)", "temperature_baseline": "rl at matched T",
-           "patching_upper_bound": "rl patched (upper bound)"}
-"""The sweep's test-half measurements whose truncated share joins the base's, RL's and the variants'."""
 QUESTION = ("Does entropy collapse in RL training narrow inference-time search, and can the lost breadth be "
             "recovered from the trained network?")
 
@@ -88,7 +88,7 @@ def pooled_references(sweep_json: Path) -> tuple[dict, dict]:
             raise FileNotFoundError(f"{sweep_json} has no test-half {model} cell: the steer stage did not finish")
         mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
         pooled = {**rows[0], "pass_at_1": mean([r["pass_at_1"] for r in rows]),  # a model that solves nothing has
-                  "distinct_correct_mean": _mean_or_none([r["distinct_correct_mean"] for r in rows]),  # no mean
+                  "distinct_correct_mean": mean_or_none([r["distinct_correct_mean"] for r in rows]),  # no mean
                   "pass_at_k": {k: mean([r["pass_at_k"][k] for r in rows]) for k in rows[0]["pass_at_k"]},
                   "seeds": [r["seed"] for r in rows]}
         pp = [r["per_problem"] for r in rows]
@@ -101,47 +101,11 @@ def pooled_references(sweep_json: Path) -> tuple[dict, dict]:
             keys = [Outcomes.from_json(r["outcomes"]).keys for r in rows]
             pooled["per_problem"]["solution_counts"] = [solution_counts([k for seed in keys for k in seed[p]])
                                                         for p in range(len(keys[0]))]
-        pooled["truncated_share"] = _mean_or_none([r.get("truncated_share") for r in rows])
-        pooled["eos_by_budget"] = _mean_by_key([r.get("eos_by_budget") for r in rows])
+        pooled["truncated_share"] = mean_or_none([r.get("truncated_share") for r in rows])
+        pooled["eos_by_budget"] = mean_by_key([r.get("eos_by_budget") for r in rows])
         pooled.pop("outcomes", None)
         out.append(pooled)
     return out[0], out[1]
-
-
-def _mean_or_none(xs: list) -> float | None:
-    return None if not xs or any(x is None for x in xs) else sum(xs) / len(xs)
-
-
-def _mean_by_key(dicts: list[dict | None]) -> dict[str, float] | None:
-    """Key-wise mean of dicts with the same keys; None if any is missing (cells from before the key)."""
-    if not dicts or any(d is None for d in dicts):
-        return None
-    return {k: sum(d[k] for d in dicts) / len(dicts) for k in dicts[0]}
-
-
-def truncation_by_model(cells: list[dict], variants: list[str] | tuple[str, ...],
-                        steer: dict | None = None) -> tuple[dict, dict]:
-    """({model: share of samples that ended at the token budget}, {model: `eos_by_budget` dict}) per
-    model (base, rl, each variant by directory name), over the sweep's test-half cells and seeds
-    (means), plus the steered and matched-temperature test measurements of `steer` (the sweep's
-    metrics.json: `STEERED`, shares only) that exist; None where a cell does not record it."""
-    specs = {"base": ("reference", {"model": "base"}), "rl": ("reference", {"model": "rl"}),
-             **{Path(v).name: ("variant", {"method": Path(v).name}) for v in variants}}
-    shares, budgets = {}, {}
-    for name, (family, spec) in specs.items():
-        rows = [c for c in cells if c["half"] == "test" and c["family"] == family and c["spec"] == spec]
-        shares[name] = _mean_or_none([c.get("truncated_share") for c in rows])
-        budgets[name] = _mean_by_key([c.get("eos_by_budget") for c in rows])
-    for key, name in STEERED.items():
-        if (steer or {}).get(key):
-            shares[name] = steer[key].get("truncated_share")
-    return shares, budgets
-
-
-def claim_models(variants: list[str] | tuple[str, ...]) -> dict[str, tuple[str, ...]]:
-    """Claim id -> the models (`truncation_by_model` names) whose samples its numbers read."""
-    return {"C2": ("base",), "C4": ("base", "rl"), "C5": ("base", "rl", *STEERED.values()),
-            "C6": ("rl", *(Path(v).name for v in variants))}
 
 
 def _matched_headline(matched: dict | None) -> dict | None:
@@ -162,19 +126,6 @@ def _goal_headline(goal: dict | None) -> dict | None:
                                         "pass_at_1_change", "pass_at_1_change_ci", "truncated_share")},
             "pass_at_k_dominance": dom.get("met"), "pass_at_k_worst_k": dom.get("worst_k"),
             "pass_at_k_worst_margin": dom.get("worst_margin")}
-
-
-def flag_truncation(claims: list, truncation: dict, uses: dict[str, tuple[str, ...]]) -> list[str]:
-    """Add the truncation warning to every claim in `BREADTH_CLAIMS` that reads a model over the
-    limit (`uses`: `claim_models`); returns the ids flagged. C2's shares are the sweep's test-half
-    samples of the same models at the same budget (the probe's own samples record none)."""
-    over = set(truncation["over_limit"])
-    flagged = [c for c in claims if c.id in BREADTH_CLAIMS and over & set(uses.get(c.id, ()))]
-    for c in flagged:
-        who = ", ".join(m for m in uses[c.id] if m in over)
-        c.flags.append(f"token budget ({who}): {truncation['message']}"
-                       + (" (shares measured on the sweep's test-half samples)" if c.id == "C2" else ""))
-    return [c.id for c in flagged]
 
 
 def build_results(cfg, stage_cfgs: dict, out: str | Path) -> dict[str, Any]:
