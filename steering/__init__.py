@@ -8,7 +8,7 @@ application as a context manager and a sampler intervention), `gates` (what each
 exactly, and what it costs), `patching` (cross-model patching toward the base), `trace`
 (per-token record), `shadow` (a second model kept in step with the sampler), `sites` (hooking),
 `sae_edit` (gains on SAE features), `learn` / `learned` (small learned residual edits: training and
-the edit), `repulsion` (pushes the samples of one prompt apart), `layer_restore` (some decoder
+the edit), `breadth_reward` (the rewards breadth learning pays and their advantages), `repulsion` (pushes the samples of one prompt apart), `layer_restore` (some decoder
 blocks' weights taken from the base), `selected` (an intervention with its coefficient, gate and
 provenance in one file: `load_intervention(path).apply(model)`).
 

@@ -5,8 +5,10 @@ group-relative advantages the policy gradient uses. `reward="unique"`: a correct
 (how many samples of its group share its canonical solution), so a group's total is its number of
 distinct correct solutions; `"novel"`: the same among the steered samples, paid only for solutions
 no unsteered sample of the group found; `"pass_at_k"`: the pass@k advantage of arXiv:2508.10751
-(Chen et al., "Pass@k Training"). The rewards are `probe.metrics.passk`'s, the functions the GRPO
-trainer uses.
+(Chen et al., "Pass@k Training"): a correct sample's advantage is the group's pass@k,
+1 - C(n_wrong, k) / C(n, k), minus the mean, a wrong one's the pass@k it costs. "unique" and
+"pass_at_k" are `probe.metrics.passk`'s (the GRPO trainer's); "novel" is built here on
+`distinct_solution_shares`.
 
 What it is not: the training loop (`steering.learn`) or a metric (`probe.metrics.passk`).
 """
@@ -49,10 +51,12 @@ def novel_reward(keys: Sequence[Any], group_size: int, m: int) -> Float[Tensor, 
 
 def breadth_advantages(reward: str, correct: Bool[Tensor, " rows"], keys: Sequence[Any], group_size: int, m: int,
                        k: int = 8, std_normalize: bool = True) -> tuple[Float[Tensor, " rows"], float | None]:
-    """(per-row advantage of `reward` over prompt-major groups whose first `m` samples were steered
-    (0 on unsteered rows), the mean reward per group (None for "pass_at_k")). "unique" and "novel"
-    are centred over each group's steered rows (and divided by their std when `std_normalize` and
-    m > 1); "pass_at_k" is `pass_at_k_advantage` at `k`. keys: canonical solutions (None: wrong)."""
+    """(per-row advantage of `reward` over prompt-major groups whose first `m` samples were steered,
+    the mean reward per group (None for "pass_at_k")). "unique" and "novel": centred over each
+    group's steered rows (divided by their std when `std_normalize` and m > 1), 0 on unsteered rows;
+    "pass_at_k": `pass_at_k_advantage` at `k` over every row of the group (m and std_normalize
+    unused; the learning loop's loss reads the steered rows only). keys: canonical solutions (None:
+    wrong)."""
     if reward not in REWARDS:
         raise ValueError(f"reward={reward!r} is not one of {REWARDS}")
     if reward == "pass_at_k":

@@ -10,14 +10,9 @@ on one of two objectives:
   those samples (all answer tokens, or only the base model's forks: `distill_at="forks"`, the
   top-`rho` positions of the batch by base entropy). Needs the base model at training time only.
 - `breadth`: REINFORCE on the edit's parameters with a group-relative reward that pays for
-  *new* correct solutions (`steering.breadth_reward`). `reward="unique"`: a correct sample earns 1 / (how many samples of its
-  group share its canonical solution), so a group's total reward is its number of distinct correct
-  solutions; `reward="pass_at_k"`: the pass@k advantage of arXiv:2508.10751 (Chen et al., "Pass@k
-  Training"): a correct sample's advantage is the group's pass@k, 1 - C(n_wrong, k) / C(n, k),
-  minus the mean, and a wrong one's the pass@k it costs (the analytic form of their Sec. 3.3).
-  Both rewards are `probe.metrics.passk`'s, the functions the GRPO trainer uses.
-  Advantages are centred per group (and divided by the group's std unless `std_normalize=False`);
-  the loss is the token-mean of -advantage * log p(token) over the answer tokens. On-policy and one
+  *new* correct solutions: "unique", "novel" or "pass_at_k", defined with their advantages in
+  `steering.breadth_reward`. The loss is the token-mean of -advantage * log p(token) over the
+  steered samples' answer tokens. On-policy and one
   update per batch, so the PPO ratio is 1: plain policy gradient, no clipping.
   `anchor` > 0 adds anchor * KL(RL || steered RL) at the answer tokens of role `anchor_role`
   ("execution" by default: the tokens the rules force, where any change is an error), which

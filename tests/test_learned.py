@@ -167,6 +167,23 @@ def test_rewards_oracles():
         assert adv[j].item() * 0.5 == pytest.approx(sum(mine) / len(mine) - mean)
 
 
+def test_breadth_advantages_centre_the_steered_rows_and_say_the_mean_reward():
+    """Groups of 4 whose first m = 2 samples were steered: "unique" centres (and scales) the steered
+    rows' rewards, unsteered rows get 0, and the mean reward per group is returned; "pass_at_k" has
+    no such mean; an unknown reward is refused."""
+    keys = ["a", "b", "a", None, "c", "c", None, "d"]
+    correct = torch.tensor([k is not None for k in keys])
+    adv, mean = breadth_advantages("unique", correct, keys, 4, 2, std_normalize=False)
+    r = unique_reward(keys, 4).view(2, 4)[:, :2]  # [[1, 1], [0.5, 0.5]]
+    assert adv.view(2, 4)[:, 2:].abs().max().item() == 0.0, "unsteered rows carry no advantage"
+    assert torch.allclose(adv.view(2, 4)[:, :2], r - r.mean(1, keepdim=True))
+    assert mean == pytest.approx(r.sum().item() / 2)
+    pk, none = breadth_advantages("pass_at_k", correct, keys, 4, 2, k=2)
+    assert none is None and torch.equal(pk, pass_at_k_advantage(correct, 4, 2))
+    with pytest.raises(ValueError, match="reward='best'"):
+        breadth_advantages("best", correct, keys, 4, 2)
+
+
 def test_distillation_lowers_kl_to_the_base(tiny_lm, tiny_tokenizer, tmp_path):
     rl, base = tiny_lm("qwen2", 0), tiny_lm("qwen2", 1)
     fixed = sample_branches(rl, tiny_tokenizer, PROMPTS, SamplerConfig(n=4, max_new_tokens=6, seed=9, device="cpu"))
@@ -327,7 +344,8 @@ def test_a_step_gradient_equals_the_loss_over_full_logits(objective, tiny_lm, ti
                 p_base = base_model(input_ids=tokens, attention_mask=attn).logits[:, :-1]
             main = kl(p_base, q)[where].sum() / where.sum()
         else:
-            adv = breadth_advantages(cfg.reward, scored.correct, scored.canonical, cfg.group_size, m, k=cfg.k)[0]
+            adv = breadth_advantages(cfg.reward, scored.correct, scored.canonical, cfg.group_size, m, k=cfg.k,
+                                     std_normalize=cfg.std_normalize)[0]
             lp = q.float().log_softmax(-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
             where = b.ans[:, 1:]
             main = -(adv[:, None] * lp)[where].sum() / where.sum()

@@ -9,7 +9,7 @@ Breadth is reported like with like (issue #23): the headline's distinct-correct 
 subset (named beside it), and `truncation` records the share of each model's test-half samples
 (and of the steered, matched-temperature and patched cells C5 reads) that ended at the token budget;
 above `probe.metrics.breadth.TRUNCATION_LIMIT` for a model, each claim that reads its samples
-(`BREADTH_CLAIMS`, `claim_models`) carries a flag in results.json and the report.
+(`experiments.study.truncation`: `BREADTH_CLAIMS`, `claim_models`) carries a flag in results.json and the report.
 Stage outputs written before `truncated_share` existed leave it unknown (None), flagging nothing.
 """
 

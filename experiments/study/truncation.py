@@ -5,6 +5,9 @@ claims read (base, RL, each variant over the sweep's test-half cells; the steere
 matched-temperature and patched cells C5 reads, from the sweep's metrics.json), and the flag each
 claim gets when a model whose samples it reads is over `probe.metrics.breadth.TRUNCATION_LIMIT`.
 
+`mean_or_none` and `mean_by_key` (a mean that stays unknown when any value is) serve the report's
+pooled rows too.
+
 What it is not: the check itself (`probe.metrics.breadth.check_truncation`) or the report
 (`experiments.study.report`).
 """
