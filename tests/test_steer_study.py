@@ -115,9 +115,11 @@ def test_sweep_end_to_end_and_resume_reuses_finished_cells(organism_pair, tmp_pa
     (out / "sweep.json").write_text(json.dumps(data))
     calls = []
     real = steer_sweep.evaluate_cell
-    monkeypatch.setattr(steer_sweep, "evaluate_cell", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(steer_sweep, "evaluate_cell", lambda *a, **k: calls.append(k["parts_dir"]) or real(*a, **k))
     m2 = run_sweep(_cfg(organism_pair, out))
     assert len(calls) == len(dropped), "a restart must evaluate only the cells missing from the partial table"
+    assert all(p is not None and p.parent == out / "parts" for p in calls), "a cell samples in resumable parts"
+    assert not any((out / "parts").iterdir()), "a cell's parts are removed once the cell is cached"
     assert m2["n_cells"] == m["n_cells"] and m2["goals"] == m["goals"], "a resumed sweep gives the same result"
 
     calls.clear()  # curves on the selection half: read from its cells, nothing sampled again

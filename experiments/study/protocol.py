@@ -74,15 +74,18 @@ class Half:
 
 
 def evaluate_cell(model: Any, tokenizer: Any, task: Any, half: Half, *, n: int, seed: int, temperature: float = 1.0,
-                  batch_size: int = 1024, intervention: Any = None, engine: Any = None) -> dict[str, Any]:
+                  batch_size: int = 1024, intervention: Any = None, engine: Any = None, parts_dir: Any = None,
+                  identity: str = "") -> dict[str, Any]:
     """Metrics (`KEPT` keys), per-problem arrays, `outcomes` (Outcomes.to_json) and `engine` of one cell;
-    sampled from `model` by the built-in sampler, or by `engine` (a started `VLLMEngine`; `model` unused)."""
+    sampled from `model` by the built-in sampler, or by `engine` (a started `VLLMEngine`; `model` unused).
+    `parts_dir`, `identity`: the built-in sampler saves the cell's samples there part by part and resumes
+    from them (`probe.sampling.parts`), so a stopped cell loses one part, not the cell."""
     t0 = time.time()
     device = "auto" if engine is not None else str(next(model.parameters()).device)
     cfg = SamplerConfig(n=n, max_new_tokens=task.max_new_tokens, temperature=temperature, seed=seed,
                         batch_size=batch_size, device=device)
     m, _, scored = evaluate(model, tokenizer, half.prompts, task, cfg, intervention=intervention, engine=engine,
-                            n_boot=200, per_problem=True)
+                            parts_dir=parts_dir, identity=identity, n_boot=200, per_problem=True)
     out = {k: m.get(k) for k in KEPT}
     out["engine"] = "hf" if engine is None else engine.name
     out["per_problem"] = m["per_problem"]

@@ -30,6 +30,8 @@ all shut down at the end) and the rest on the HF engine, each cell recording whi
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,21 +210,30 @@ class Sweep:
             self._models[key] = load_causal_lm(key, device=self.cfg.device, dtype=self.cfg.dtype)[0]
         return self._models[key]
 
-    def cell(self, cand: C.Candidate, half: str, seed: int) -> dict:
-        return self.cache.get(f"{half}|s{seed}|{cand.key}", lambda: self.evaluate(cand, half, seed),
-                              half=half, seed=seed, family=cand.family, spec=cand.spec, rl_alone=cand.rl_alone,
-                              params=cand.params)
+    def parts_dir(self, cell_id: str) -> Path:
+        """Where a cell's samples are saved part by part while it runs (removed once the cell is cached)."""
+        return self.out / "parts" / hashlib.sha256(cell_id.encode()).hexdigest()[:16]
 
-    def evaluate(self, cand: C.Candidate, half: str, seed: int) -> dict:
-        """One cell on the configured engine; on the HF engine, saying why, where vLLM cannot apply it."""
+    def cell(self, cand: C.Candidate, half: str, seed: int) -> dict:
+        cid = f"{half}|s{seed}|{cand.key}"
+        row = self.cache.get(cid, lambda: self.evaluate(cand, half, seed, cid),
+                             half=half, seed=seed, family=cand.family, spec=cand.spec, rl_alone=cand.rl_alone,
+                             params=cand.params)
+        shutil.rmtree(self.parts_dir(cid), ignore_errors=True)
+        return row
+
+    def evaluate(self, cand: C.Candidate, half: str, seed: int, cell_id: str = "") -> dict:
+        """One cell on the configured engine; on the HF engine, saying why, where vLLM cannot apply it.
+        On the HF engine the samples are saved part by part under `parts_dir(cell_id)` and resumed from."""
         c = self.cfg
         intervention = cand.make() if cand.make else None
         refusal = vllm_refusal(intervention) if self.pool is not None else None
         engine = self.pool.get(self.checkpoint(cand.model)) if self.pool is not None and refusal is None else None
         model = None if engine is not None else self.model(cand.model)
+        parts = self.parts_dir(cell_id) if cell_id and engine is None else None
         row = evaluate_cell(model, self.tok, self.task, self.halves[half], n=c.n, seed=seed,
                             temperature=cand.temperature, batch_size=c.batch_size, intervention=intervention,
-                            engine=engine)
+                            engine=engine, parts_dir=parts, identity=f"{cell_id}|{self.checkpoint(cand.model)}")
         if refusal is not None:
             row["engine_note"] = f"sampled on the HF engine: {refusal}"
         return row

@@ -52,6 +52,7 @@ from probe.metrics.passk import (
     solution_counts,
     subset_label,
 )
+from probe.sampling.parts import sample_in_parts
 from probe.sampling.sampler import Branches, SamplerConfig, sample_branches
 from probe.stats import bootstrap_ci
 from probe.tasks.protocol import ROLES, Task
@@ -234,18 +235,24 @@ def diversity_metrics(
 
 def evaluate(
     model: Any, tokenizer: Any, prompts: Sequence[str], task: Task, cfg: SamplerConfig,
-    intervention: Any = None, engine: Any = None, **kw: Any
+    intervention: Any = None, engine: Any = None, parts_dir: str | os.PathLike | None = None, identity: str = "",
+    **kw: Any
 ) -> tuple[dict[str, Any], Branches, Scored]:
     """Sample `cfg.n` branches per prompt (with the sampler's `intervention`, e.g. a steering
     hook), score them, and compute `diversity_metrics` (kw go there).
 
     `engine`: None samples `model` with the built-in sampler; an engine with the same `sample(prompts,
     cfg, intervention)` (a `probe.sampling.vllm_engine.VLLMEngine`) samples instead, `model` unused.
-    Both return the same `Branches`, so the metrics are computed by the same code either way."""
+    Both return the same `Branches`, so the metrics are computed by the same code either way.
+    `parts_dir` (built-in sampler only): sample in parts saved there as they finish, resuming from the
+    parts already there (`probe.sampling.parts.sample_in_parts`, fingerprinted with `identity`)."""
     if len(prompts) == 0:
         raise ValueError("prompts is empty; pass at least one prompt")
     _check_ks(kw.get("ks"), cfg.n)  # fail before spending time on sampling
-    if engine is None:
+    if engine is None and parts_dir is not None:
+        branches = sample_in_parts(model, tokenizer, list(prompts), cfg, parts_dir, intervention=intervention,
+                                   identity=identity)
+    elif engine is None:
         branches = sample_branches(model, tokenizer, list(prompts), cfg, intervention=intervention)
     else:
         branches = engine.sample(list(prompts), cfg, intervention=intervention)
