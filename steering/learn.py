@@ -43,6 +43,7 @@ from probe.entropy import entropy_and_logprob, kl, trajectories_from_branches
 from probe.forks import fork_mask
 from probe.metrics.evaluate import ROLE_CODE, score_branches
 from probe.models.budget import forward_rows, length_chunks
+from probe.models.kv_cache import takes_logits_to_keep
 from probe.sampling.sampler import SamplerConfig, sample_branches
 from probe.tasks.protocol import Task
 from steering.breadth_reward import REWARDS, breadth_advantages, unique_reward
@@ -275,9 +276,7 @@ def _logits_at(model: Any, c: _Batch, cols: Int[Tensor, " n"]) -> Float[Tensor, 
     """The chunk's logits at positions `cols` only: transformers' `logits_to_keep` (an index tensor)
     where the model's forward takes it, so the unembedding runs on those positions alone (and any
     logit scaling or soft-capping the model applies still happens); else the full logits, indexed."""
-    import inspect
-
-    if "logits_to_keep" in inspect.signature(type(model).forward).parameters:
+    if takes_logits_to_keep(model):
         return model(input_ids=c.tokens, attention_mask=c.attn, logits_to_keep=cols).logits
     return model(input_ids=c.tokens, attention_mask=c.attn).logits[:, cols]
 

@@ -23,7 +23,6 @@ What it is not: a generic multi-model runner; both models must share the tokeniz
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -38,6 +37,7 @@ from probe.models.kv_cache import (
     position_ids,
     returned_cache,
     select_rows,
+    takes_logits_to_keep,
 )
 from probe.sampling.sampler import SamplingState
 
@@ -60,8 +60,7 @@ def hf_of(model: Any) -> Any:
 
 def cache_kw(hf: Any) -> tuple[str, dict[str, Any]]:
     """The name of `hf.forward`'s KV-cache argument and the extra kwargs of a cached step."""
-    params = inspect.signature(type(hf).forward).parameters
-    return cache_arg(hf), {"use_cache": True, **({"logits_to_keep": 1} if "logits_to_keep" in params else {})}
+    return cache_arg(hf), {"use_cache": True, **({"logits_to_keep": 1} if takes_logits_to_keep(hf) else {})}
 
 
 def forward_inputs(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor | None, Tensor | None, Any]:

@@ -324,3 +324,21 @@ def test_position_ids_count_each_rows_real_tokens_from_zero_on_either_padding_si
     assert position_ids(left).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
     assert position_ids(right).tolist() == [[0, 1, 2, 2, 2]]
     assert position_ids(right).dtype == torch.long
+
+
+
+def test_logits_to_keep_is_found_through_a_peft_wrapper(tiny_lm):
+    """`takes_logits_to_keep` looks through peft (PeftModel.forward takes **kwargs), so the GRPO loss and
+    the learned-edit trainer ask a LoRA-wrapped model for the logits they read only."""
+    from peft import LoraConfig, get_peft_model
+
+    from probe.models.kv_cache import takes_logits_to_keep
+
+    class NoKeep(torch.nn.Module):
+        def forward(self, input_ids):
+            return input_ids
+
+    peft_model = get_peft_model(tiny_lm("qwen2"), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    assert "logits_to_keep" not in __import__("inspect").signature(type(peft_model).forward).parameters
+    assert takes_logits_to_keep(peft_model) and takes_logits_to_keep(peft_model.get_base_model())
+    assert not takes_logits_to_keep(NoKeep())

@@ -53,3 +53,12 @@ def test_a_part_from_other_settings_is_refused(eos_lm, tiny_tokenizer, tmp_path,
 def test_bad_part_size(eos_lm, tiny_tokenizer, tmp_path):
     with pytest.raises(ValueError, match="problems_per_part"):
         P.sample_in_parts(eos_lm(), tiny_tokenizer, PROMPTS, CFG, tmp_path, problems_per_part=0)
+
+
+def test_an_unreadable_part_is_sampled_again(eos_lm, tiny_tokenizer, tmp_path):
+    model = eos_lm()
+    whole = P.sample_in_parts(model, tiny_tokenizer, PROMPTS, CFG, tmp_path, identity="m", problems_per_part=2)
+    (tmp_path / "part-0001.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\"")  # cut off mid-write
+    with pytest.warns(UserWarning, match="part-0001.safetensors cannot be read"):
+        again = P.sample_in_parts(model, tiny_tokenizer, PROMPTS, CFG, tmp_path, identity="m", problems_per_part=2)
+    same(again, whole)

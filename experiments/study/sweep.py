@@ -224,16 +224,19 @@ class Sweep:
 
     def evaluate(self, cand: C.Candidate, half: str, seed: int, cell_id: str = "") -> dict:
         """One cell on the configured engine; on the HF engine, saying why, where vLLM cannot apply it.
-        On the HF engine the samples are saved part by part under `parts_dir(cell_id)` and resumed from."""
+        On the HF engine on a CPU the samples are saved part by part under `parts_dir(cell_id)` and resumed from."""
         c = self.cfg
         intervention = cand.make() if cand.make else None
         refusal = vllm_refusal(intervention) if self.pool is not None else None
         engine = self.pool.get(self.checkpoint(cand.model)) if self.pool is not None and refusal is None else None
         model = None if engine is not None else self.model(cand.model)
-        parts = self.parts_dir(cell_id) if cell_id and engine is None else None
+        # parts on a CPU, where a cell takes half an hour; on an accelerator a cell is minutes, and parts would
+        # split its one forward batch into sequential pieces
+        on_cpu = model is not None and next(model.parameters()).device.type == "cpu"
+        parts = self.parts_dir(cell_id) if cell_id and on_cpu else None
         row = evaluate_cell(model, self.tok, self.task, self.halves[half], n=c.n, seed=seed,
                             temperature=cand.temperature, batch_size=c.batch_size, intervention=intervention,
-                            engine=engine, parts_dir=parts, identity=f"{cell_id}|{self.checkpoint(cand.model)}")
+                            engine=engine, parts_dir=parts, identity=f"{cell_id}|{Path(self.checkpoint(cand.model)).name}")
         if refusal is not None:
             row["engine_note"] = f"sampled on the HF engine: {refusal}"
         return row

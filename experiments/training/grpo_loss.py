@@ -65,6 +65,7 @@ from torch import Tensor
 from probe.entropy import entropy_and_logprob
 from probe.forks import fork_mask
 from probe.metrics.passk import distinct_solution_shares, pass_at_k_advantages
+from probe.models.kv_cache import takes_logits_to_keep
 
 INTERVENTIONS = ("none", "entropy-bonus", "clip-cov", "kl-cov", "forks-only", "nsr", "w-reinforce", "pass-at-k",
                  "vpo-distinct")
@@ -223,7 +224,7 @@ def policy_logprobs(
     # [rows, seq, vocab] softmax of a real model's long prompts are most of the loss's memory).
     first = int(batch.answer_mask.any(0).float().argmax()) if batch.answer_mask.any() else 1
     keep = batch.input_ids.shape[1] - max(first - 1, 0)
-    kwargs = {"logits_to_keep": keep} if keep < batch.input_ids.shape[1] and _takes_logits_to_keep(model) else {}
+    kwargs = {"logits_to_keep": keep} if keep < batch.input_ids.shape[1] and takes_logits_to_keep(model) else {}
     logits = model(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, **kwargs
     ).logits
@@ -233,13 +234,6 @@ def policy_logprobs(
         pad = logp.new_zeros(logp.shape[0], start)
         entropy, logp = torch.cat([pad, entropy], 1), torch.cat([pad, logp], 1)
     return logp, entropy
-
-
-def _takes_logits_to_keep(model) -> bool:
-    import inspect
-
-    inner = getattr(model, "get_base_model", lambda: model)()
-    return "logits_to_keep" in inspect.signature(type(inner).forward).parameters
 
 
 def grpo_loss(

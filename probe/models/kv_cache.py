@@ -21,6 +21,8 @@ What it is: the cache operations `probe.sampling.sampler` needs, for every famil
   would change a row's outputs, or None. The families in those tables are ones whose HF modelling
   code itself gives a padded or batched row other logits than the row alone (found by
   `bench/coverage.py`, which compares with HF `generate` on each prompt alone).
+- `takes_logits_to_keep(model)`: whether the forward computes logits at chosen positions only
+  (transformers' `logits_to_keep`), looking through a peft wrapper.
 - `position_ids(attention_mask)`: `cumsum(mask) - 1`, clamped at 0: each row's real tokens count
   from 0 whichever side it is padded on (padding positions, masked anyway, get 0 on the left and
   the last real position on the right).
@@ -80,6 +82,13 @@ def cache_arg(model: Any) -> str:
         f"{type(model).__name__}.forward takes no cache (none of {list(CACHE_ARGS)}): the sampler decodes "
         "with a KV cache. Fix: sample this model with transformers' generate, or add the name its forward uses "
         "to probe.models.kv_cache.CACHE_ARGS.")
+
+
+def takes_logits_to_keep(model: Any) -> bool:
+    """Whether `model.forward` (a peft model's base model's) takes `logits_to_keep`: an int (the last n
+    positions) or an index tensor, so the unembedding runs on those positions alone."""
+    inner = getattr(model, "get_base_model", lambda: model)()
+    return "logits_to_keep" in inspect.signature(type(inner).forward).parameters
 
 
 def padding_unsafe(model: Any) -> str | None:

@@ -12,7 +12,13 @@ batch composition, which the sampler's dropping of finished rows already varies.
 
 Each part file records a fingerprint (the sampler settings, the prompts' token ids and an `identity`
 string from the caller naming the model and intervention); a part whose fingerprint differs is an error
-naming the directory, never silently reused.
+naming the directory, never silently reused. A part file that cannot be read (a machine that lost
+power while writing it) is sampled again, with a warning.
+
+An intervention whose effect depends on the other prompts of its forward batch (an SAE edit without a
+stored sink threshold measures one over each prefill batch; repulsion between samples of one prompt
+split across batches) gives slightly different rows in parts than in one call; both already vary with
+`SamplerConfig.batch_size`.
 
 What it is not: a cache of metrics (`experiments.study.cells` caches whole cells) or a vLLM path (vLLM
 samples a cell in minutes; its engine keys its own seeds).
@@ -22,13 +28,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from probe.models.checkpoint import save_safetensors_atomic
@@ -98,10 +105,13 @@ def sample_in_parts(model: Any, tokenizer: Any, prompts: Sequence[str] | Sequenc
         chunk = ids[s : s + problems_per_part]
         fp, path = fingerprint(chunk, cfg, identity), d / f"part-{i:04d}.safetensors"
         if path.is_file():
-            parts.append(load_part(path, fp, cfg.n))
-            continue
+            try:
+                parts.append(load_part(path, fp, cfg.n))
+                continue
+            except (SafetensorError, OSError) as e:
+                warnings.warn(f"{path} cannot be read ({e}); sampling that part again", stacklevel=2)
         b = sample_branches(model, tokenizer, chunk, cfg, intervention=intervention,
                             prompt_keys=range(s, s + len(chunk)), progress=False)
         save_part(path, b, fp)
         parts.append(b)
-    return join(parts, cfg.n, model.get_input_embeddings().weight.device)
+    return join(parts, cfg.n, next(model.parameters()).device)

@@ -87,6 +87,7 @@ from probe.models.kv_cache import (
     position_ids,
     returned_cache,
     select_rows,
+    takes_logits_to_keep,
 )
 from probe.sampling.rng import counter_uniforms
 from probe.sampling.types import Branches, SamplerConfig, SamplingState
@@ -197,7 +198,7 @@ def sample_branches(
     check_context(model, tokenizer, ids, cfg.max_new_tokens)
     params = inspect.signature(type(model).forward).parameters
     fwd = (cache_arg(model),  # "cache" in transformers 5.x; some families name it otherwise
-           {"use_cache": True, **({"logits_to_keep": 1} if "logits_to_keep" in params else {})},
+           {"use_cache": True, **({"logits_to_keep": 1} if takes_logits_to_keep(model) else {})},
            {k for k in ("position_ids", "attention_mask") if k in params}, padding_unsafe(model), batch_unsafe(model))
     rows, n, steps = len(ids) * cfg.n, cfg.n, cfg.max_new_tokens
     out_tok = torch.full((rows, steps), pad, dtype=torch.long, device=dev)
