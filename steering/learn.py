@@ -21,7 +21,7 @@ on one of two objectives:
 Resumable: every `save_every` steps (and at the end) the edit is saved to `out` with its
 provenance and the loop state (`<out>.state.pt`: optimizer, step, log; `torch.load` with
 `weights_only=True`); a rerun with the same `out` continues from there. The log (one dict per step)
-is returned and stored in the provenance.
+is returned and stored in the provenance (`log`, with its last step again as `final`).
 
 What it is not: a trainer of the model's weights (see the organism's GRPO for that) or a sampler.
 """
@@ -357,7 +357,7 @@ def _save(edit: LearnedEdit, opt, out: Path, state_path: Path, step: int, log: l
     keys = sorted({k for r in log for k in r})
     prov = {"objective": cfg.objective, "steps": step, "seed": cfg.seed, "config": asdict(cfg),
             "n_params": edit.n_params(), **(provenance or {}),
-            "final": log[-1] if log else None}
+            "final": log[-1] if log else None, "log": log}
     edit.save(out, provenance=prov, recommended={"where": cfg.where, "coef": 1.0, "temperature": cfg.temperature})
     tmp = state_path.with_name(state_path.name + ".tmp")
     torch.save({"optimizer": opt.state_dict(), "step": step, "log_keys": keys,

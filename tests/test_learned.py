@@ -209,6 +209,8 @@ def test_distillation_lowers_kl_to_the_base(tiny_lm, tiny_tokenizer, tmp_path):
     loaded = LearnedEdit.load(tmp_path / "e.safetensors")
     assert loaded.meta["n_params"] == edit.n_params() == 2 * 4 * 32
     assert loaded.meta["provenance"]["objective"] == "distill" and loaded.meta["provenance"]["steps"] == 12
+    assert loaded.meta["provenance"]["log"] == log and loaded.meta["provenance"]["final"] == log[-1], \
+        "the file ships its whole training log"
     for a, b in zip(loaded.parameters(), edit.parameters()):
         assert torch.equal(a, b.detach().cpu()), "a file stores float32 parameters bit for bit (a promise)"
 
