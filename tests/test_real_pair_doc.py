@@ -99,3 +99,26 @@ def test_the_real_sae_section_is_the_shipped_sae():
             and f"(score {top['score']:.2f} at forks, {top['score_non_fork']:.2f} elsewhere)" in doc)
     assert f"(mean |score| {s['mean_abs_score_forks']:.3f} at forks, {s['mean_abs_score_non_forks']:.3f} at" in doc
     assert s["mean_abs_score_forks"] <= s["mean_abs_score_non_forks"], "... no larger at forks than elsewhere"
+
+
+def test_the_real_learn_section_is_the_shipped_edits():
+    from experiments.paths import RESULTS_DIR
+    from experiments.study.learn_stage import learn_table
+    from steering.learned import LearnedEdit
+
+    names = ("lowrank-distill", "position-distill", "sae-distill", "mode8-breadth")
+    paths = {n: RESULTS_DIR / "real" / "learn" / f"{n}.safetensors" for n in names}
+    doc = (RESULTS_DIR.parents[1] / "docs" / "real-pair.md").read_text()
+    assert "\n".join(learn_table(paths)) in doc, "docs/real-pair.md's learn table differs; paste learn_table again"
+    logs = {n: LearnedEdit.load(p).meta["provenance"]["log"] for n, p in paths.items()}
+
+    def window(n: str, k: str, last: bool) -> float:
+        rows = logs[n][-5:] if last else logs[n][:5]
+        return sum(r[k] for r in rows) / len(rows)
+    for n in ("lowrank-distill", "position-distill"):  # "most of the way to the base's ... solve fewer"
+        assert window(n, "kl_base_steered", True) < 0.5 * window(n, "kl_base_steered", False)
+        assert window(n, "pass_rate", True) < window(n, "pass_rate", False)
+    assert window("sae-distill", "kl_base_steered", True) > 0.8 * window("sae-distill", "kl_base_steered", False)
+    for k in ("distinct_per_group", "pass_rate"):  # mode8-breadth "raises both"
+        assert window("mode8-breadth", k, True) > window("mode8-breadth", k, False)
+    assert all(len(log) == 30 for log in logs.values()), "each edit trained 30 steps"

@@ -123,3 +123,30 @@ def run_learn(stage: LearnStageConfig, cfg: LearnConfig) -> dict:
                          f"is {MAX_PARAM_SHARE:.0%}. Fix: fewer layers, modes or positions, or a lower rank")
     return {"out": stage.out, "objective": cfg.objective, "kind": cfg.kind, "n_params": edit.n_params(),
             "param_share": share, "steps": len(log), "final": log[-1] if log else None}
+
+
+LOG_COLUMNS = {"kl_base_steered": "KL(base ‖ steered) at planning", "anchor_kl": "anchor KL(RL ‖ steered) at execution",
+               "pass_rate": "steered pass rate", "distinct_per_group": "distinct correct per group"}
+
+
+def learn_table(paths: dict[str, str | Path], window: int = 5) -> list[str]:
+    """Markdown lines for docs: per learned edit file (name -> path), its kind, parameters, steps and each
+    logged quantity's mean over the first and the last `window` steps of its training log (the
+    provenance's `log`; training prompts, 64 samples a step, so windows rather than single steps)."""
+    from steering.learned import LearnedEdit
+
+    lines = ["| edit | kind | parameters | steps | " + " | ".join(LOG_COLUMNS.values()) + " |",
+             "|---|---|---|---|" + "---|" * len(LOG_COLUMNS)]
+    for name, path in paths.items():
+        meta = LearnedEdit.load(path).meta
+        log = meta["provenance"].get("log") or []
+        if len(log) < 2 * window:
+            raise ValueError(f"{path} logs {len(log)} steps; the table compares the first and last {window}. Fix: "
+                             "a smaller window, or an edit trained by this forksight (its file ships the log)")
+
+        def mean(rows: list[dict], k: str) -> float:
+            return sum(r[k] for r in rows) / len(rows)
+        cells = [f"{mean(log[:window], k):.3f} -> {mean(log[-window:], k):.3f}" if k in log[0] else "not trained on"
+                 for k in LOG_COLUMNS]
+        lines.append(f"| {name} | {meta['kind']} | {meta['n_params']:,} | {len(log)} | " + " | ".join(cells) + " |")
+    return lines
