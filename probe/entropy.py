@@ -173,6 +173,9 @@ class PairStats:
     order of `mask` (so `resid[L][i]` goes with `h_base[mask][i]`); with `resid_keep`, of the kept
     answer tokens only, row-major order of `resid_keep`. In the model's dtype (bfloat16 models keep
     bfloat16 residuals: upcasting is exact, so consumers upcast only what they select)."""
+    resid_base: dict[int, Float[Tensor, "n_answer d_model"]] = field(default_factory=dict)
+    """The base model's residuals likewise (`pair_stats(base_resid=True)`, read in the same forward as its
+    entropies); else empty."""
 
 
 def pair_stats(
@@ -182,9 +185,10 @@ def pair_stats(
     resid_layers: Sequence[int] = (),
     resid_site: str = RESID_POST,
     resid_keep: Bool[Tensor, "rows pos"] | None = None,
+    base_resid: bool = False,
 ) -> PairStats:
     """Entropy, logprob and both KLs of base and RL on `traj`, plus RL residuals at `resid_layers`
-    for the answer tokens in `resid_keep` (default: all of them)."""
+    for the answer tokens in `resid_keep` (default: all of them), and the base's too if `base_resid`."""
     attention_mask, answer_mask = _check_masks(traj.tokens, traj.attention_mask, traj.answer_mask)
     for m in pair:
         m.check_context(traj.tokens.shape[1])
@@ -193,13 +197,17 @@ def pair_stats(
     shape = traj.tokens.shape
     out = {k: torch.zeros(shape) for k in ("h_base", "h_rl", "lp_base", "lp_rl", "kl_base_rl", "kl_rl_base")}
     resid: dict[int, list[Tensor]] = {layer: [] for layer in resid_layers}
+    resid_b: dict[int, list[Tensor]] = {layer: [] for layer in resid_layers} if base_resid else {}
     pred = torch.zeros_like(answer_mask)  # [rows, pos] positions predicting an answer token
     pred[:, :-1] = keep[:, 1:]
     with torch.inference_mode():
         for r0 in range(0, shape[0], batch_size):
             sl = slice(r0, r0 + batch_size)
             tok, attn = traj.tokens[sl], attention_mask[sl]
-            lb = pair.base.logits(tok, attn)  # [b, T, V]
+            if base_resid:
+                lb, acts_b = pair.base.run_with_resid(tok, list(resid_layers), attn, site=resid_site)  # [b, T, V]
+            else:
+                lb, acts_b = pair.base.logits(tok, attn), {}
             lr, acts = pair.rl.run_with_resid(tok, list(resid_layers), attn, site=resid_site)
             tok = tok.to(lb.device)
             (hb, pb), (hr, pr) = entropy_and_logprob(lb, tok), entropy_and_logprob(lr.to(lb.device), tok)
@@ -207,7 +215,9 @@ def pair_stats(
             zero = kbr.new_zeros(kbr.shape[0], 1)
             for k, v in zip(out, (hb, hr, pb, pr, torch.cat([zero, kbr], 1), torch.cat([zero, krb], 1))):
                 out[k][sl] = v.cpu()
-            for layer, a in acts.items():
-                resid[layer].append(a[pred[sl].to(a.device)].cpu())  # [n, d_model], the model's dtype
+            for got, store in ((acts, resid), (acts_b, resid_b)):
+                for layer, a in got.items():
+                    store[layer].append(a[pred[sl].to(a.device)].cpu())  # [n, d_model], the model's dtype
     stats = {k: torch.where(answer_mask, v, 0.0) for k, v in out.items()}
-    return PairStats(answer_mask, **stats, resid={k: torch.cat(v) for k, v in resid.items()})
+    return PairStats(answer_mask, **stats, resid={k: torch.cat(v) for k, v in resid.items()},
+                     resid_base={k: torch.cat(v) for k, v in resid_b.items()})

@@ -38,9 +38,7 @@ from torch import Tensor
 
 from probe.entropy import PairStats, Trajectories, pair_stats
 from probe.forks import ROLE_CODES, fork_mask
-from probe.models.budget import activation_rows
-from probe.models.hooks import site_name
-from probe.models.pair import RESID_POST, HookedModel, Pair
+from probe.models.pair import RESID_POST, Pair
 from steering.vectors import NORMALISATIONS, SteeringVector
 
 
@@ -62,34 +60,13 @@ class ForkResiduals:
     """Hook-site template the residuals were read at."""
 
 
-def answer_residuals(
-    model: HookedModel, traj: Trajectories, layers: Sequence[int], site: str = RESID_POST, batch_size: int = 32
-) -> dict[int, Float[Tensor, "n d_model"]]:
-    """`model`'s activation at `site` at the position predicting each answer token (CPU, the model's dtype),
-    in the order and convention of `pair_stats(...).resid`."""
-    pred = torch.zeros_like(traj.answer_mask)  # [rows, pos] positions predicting an answer token
-    pred[:, :-1] = traj.answer_mask[:, 1:]
-    out: dict[int, list[Tensor]] = {layer: [] for layer in layers}
-    names = {layer: site_name(site, layer) for layer in layers}
-    batch_size = min(batch_size, activation_rows(getattr(model, "hf", None), traj.tokens.shape[1], n_sites=len(names)))
-    with torch.inference_mode():
-        for r0 in range(0, traj.tokens.shape[0], batch_size):
-            sl = slice(r0, r0 + batch_size)
-            acts = model.activations(traj.tokens[sl], list(names.values()), traj.attention_mask[sl].long())
-            for layer, name in names.items():
-                a = acts[name]
-                out[layer].append(a[pred[sl].to(a.device)].cpu())  # the model's dtype: bfloat16 halves the memory
-    return {k: torch.cat(v) for k, v in out.items()}
-
-
 def collect(pair: Pair, traj: Trajectories, layers: Sequence[int], site: str = RESID_POST,
             batch_size: int = 32) -> ForkResiduals:
     """Both models' residuals at `layers` (site template `site`) plus the pair's stats on `traj`."""
     layers = [int(x) for x in layers]
-    stats = pair_stats(pair, traj, batch_size, resid_layers=layers, resid_site=site)
-    base = answer_residuals(pair.base, traj, layers, site, batch_size)
+    stats = pair_stats(pair, traj, batch_size, resid_layers=layers, resid_site=site, base_resid=True)
     m = stats.mask
-    return ForkResiduals(base, stats.resid, stats, traj.roles[m], (m.long().cumsum(1) - 1)[m],
+    return ForkResiduals(stats.resid_base, stats.resid, stats, traj.roles[m], (m.long().cumsum(1) - 1)[m],
                          torch.arange(m.shape[0])[:, None].expand_as(m)[m], site)
 
 

@@ -172,7 +172,7 @@ def test_teacher_forced_entropy_equals_the_samplers_and_padding_changes_nothing(
     branches = sample_branches(hf, tiny_tokenizer, [[5, 6, 7], [9, 10]], SamplerConfig(n=3, max_new_tokens=6, device="cpu"))
     traj = trajectories_from_branches(branches, pad_id=0)
     pair = load_pair((hf, tiny_tokenizer), (tiny_lm(arch, seed=1), tiny_tokenizer), backend="nnsight", device="cpu")
-    stats = pair_stats(pair, traj, batch_size=2, resid_layers=[0, 1])
+    stats = pair_stats(pair, traj, batch_size=2, resid_layers=[0, 1], base_resid=True)
     assert torch.allclose(stats.h_base[stats.mask], branches.entropy[branches.mask], atol=1e-4), \
         "teacher-forced entropy at token t must equal the entropy the sampler drew token t from"
     assert torch.allclose(stats.lp_base[stats.mask], branches.logprobs[branches.mask], atol=1e-4)
@@ -185,6 +185,9 @@ def test_teacher_forced_entropy_equals_the_samplers_and_padding_changes_nothing(
     pred = traj.answer_mask[0].nonzero().squeeze(1) - 1  # the positions predicting the answer tokens
     assert torch.allclose(resid[1][0, pred], stats.resid[1][: len(pred)], atol=1e-5), \
         "detector features are the residual at the position predicting each answer token"
+    _, resid = pair.base.run_with_resid(traj.tokens[:1], [0])
+    assert torch.allclose(resid[0][0, pred], stats.resid_base[0][: len(pred)], atol=1e-5), "the base's likewise"
+    assert stats.resid_base[1].shape == stats.resid[1].shape and not pair_stats(pair, traj).resid_base
 
 
 def test_mismatched_pairs_name_what_differs(tiny_lm, tiny_tokenizer):
