@@ -166,7 +166,7 @@ def learn(rl_model: Any, tokenizer: Any, task: Task, prompts: Callable[[int, int
         edit.sink_thresholds = loaded.sink_thresholds
         st = torch.load(state_path, weights_only=True)
         opt.load_state_dict(st["optimizer"])
-        start, log = int(st["step"]), [dict(zip(st["log_keys"], row)) for row in st["log"].tolist()]
+        start, log = int(st["step"]), [_log_entry(st["log_keys"], row) for row in st["log"].tolist()]
     if edit.kind in ("lowrank", "sae") and not edit.sink_thresholds:
         edit.sink_thresholds = sink_thresholds(rl_model, tokenizer, prompts(0, cfg.prompts_per_step),
                                                dict(zip(map(str, edit.layers), edit.sites())))
@@ -174,7 +174,7 @@ def learn(rl_model: Any, tokenizer: Any, task: Task, prompts: Callable[[int, int
     steer = edit.apply(rl_model, where=cfg.where)  # teacher forcing: its buckets mark the steered rows
     m = sample_steer.steered_samples(cfg.group_size)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    t0 = time.time()
+    t0 = time.time() - (log[-1]["seconds"] if log else 0.0)  # seconds count on across resumes
     for step in tqdm(range(start, cfg.steps), desc=f"learn {cfg.objective}", initial=start, total=cfg.steps):
         batch = prompts(step, cfg.prompts_per_step)
         scfg = SamplerConfig(n=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
@@ -350,6 +350,11 @@ def sink_thresholds(model: Any, tokenizer: Any, prompts: Sequence[str], sites: d
         for handle in handles:
             handle.remove()
     return {k: sink_threshold(torch.cat(v)) for k, v in norms.items()}
+
+
+def _log_entry(keys: list[str], row: list[float]) -> dict:
+    """One step of the log read back from the state file's float64 table: steps as ints, absent keys (NaN) dropped."""
+    return {k: int(v) if k == "step" else v for k, v in zip(keys, row) if v == v}
 
 
 def _save(edit: LearnedEdit, opt, out: Path, state_path: Path, step: int, log: list[dict], cfg: LearnConfig,

@@ -224,6 +224,10 @@ def test_breadth_learning_resumes_exactly(tiny_lm, tiny_tokenizer, tmp_path):
     resumed, log = learn(tiny_lm("qwen2", 0), tiny_tokenizer, ToyTask(), lambda s, k: PROMPTS[:k], cfg,
                          tmp_path / "b.st")
     assert len(log) == 6 and "anchor_kl" in log[-1]
+    assert [r["step"] for r in log] == list(range(6)) and all(type(r["step"]) is int for r in log)
+    assert LearnedEdit.load(tmp_path / "b.st").meta["provenance"]["log"] == log, "the file ships the resumed log"
+    secs = [r["seconds"] for r in log]
+    assert secs == sorted(secs), "seconds count on across the resume"
     for a, b in zip(full.parameters(), resumed.parameters()):  # `learn` promises a continuation, not bitwise
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg="the resumed edit left the uninterrupted run's "
                                    "path (atol 1e-6: rounding level, far below one step of lr 0.05)")

@@ -234,10 +234,11 @@ def test_transformer_lens_and_nnsight_agree_on_the_organism(tmp_path):
     prompts = ["3,5,12|24:", "1,2,3|6:", "4,4,9|7:"]
     branches = sample_branches(nn.base.hf, nn.base.tokenizer, prompts, SamplerConfig(n=4, max_new_tokens=12, device="cpu"))
     traj = trajectories_from_branches(branches, pad_id=0)
-    a, b = pair_stats(tl, traj, resid_layers=[0, 1]), pair_stats(nn, traj, resid_layers=[0, 1])
+    a, b = (pair_stats(p, traj, resid_layers=[0, 1], base_resid=True) for p in (tl, nn))
     for f in ("h_base", "h_rl", "lp_base", "kl_base_rl", "kl_rl_base"):
         assert torch.allclose(getattr(a, f), getattr(b, f), atol=1e-4), f"{f}: TL and nnsight disagree"
     assert all(torch.allclose(a.resid[L], b.resid[L], atol=1e-4) for L in (0, 1))
+    assert all(torch.allclose(a.resid_base[L], b.resid_base[L], atol=1e-4) for L in (0, 1))
     names = [t.replace("{L}", str(L)) for L in (0, 1) for t in ALL_SITES] + ["ln_final.hook_normalized"]
     with torch.inference_mode():
         lt, at = tl.rl.run_with_sites(traj.tokens, names, traj.attention_mask)
