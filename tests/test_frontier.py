@@ -20,6 +20,7 @@ from probe.metrics.frontier import (
     mixture_curve,
     mixture_per_problem,
     per_problem,
+    restoration,
     splice,
     summary,
 )
@@ -98,11 +99,11 @@ def test_vectorised_mixture_equals_splicing_and_restoration_ends(data):
         assert torch.equal(counts[:, m], c) and torch.equal(distinct[:, m], d), f"vectorised mixture wrong at m={m}"
     curve = mixture_curve(base, rl)
     b, r = summary(base)["distinct_correct_mean"], summary(rl)["distinct_correct_mean"]
-    if b is not None and b != r:
+    if b is not None and r is not None and b > r:
         assert curve[0]["restoration_distinct"] == 0 and curve[-1]["restoration_distinct"] == 1, (
             "the mixture's ends are RL and base: restoration must be exactly 0 and 1")
     else:
-        assert all(c["restoration_distinct"] is None for c in curve), "undefined when base == RL"
+        assert all(c["restoration_distinct"] is None for c in curve), "undefined unless base is broader than RL"
 
 
 HAND_CURVE = [{"pass_at_1": x, "restoration_distinct": y} for x, y in [(0.8, 0.0), (0.7, 0.5), (0.6, 0.9), (0.5, 1.0)]]
@@ -245,6 +246,25 @@ def test_undefined_restoration_when_base_equals_rl():
     assert res["restoration_distinct"] is None and res["frontier_excess_ci"] is None
     assert res["pass_at_1_change"] == 0 and res["pass_at_1_change_ci"] == [0, 0]
     assert not math.isnan(res["pass_at_1"])
+
+
+def test_restoration_is_undefined_where_rl_lost_no_breadth():
+    """RL broader than the base: nothing to restore. Dividing by the negative gap would rank a cell that adds
+    breadth below one that removes it, so restoration, frontier and excess are None; distinct_change is not."""
+    narrow, broad = collapsed_pair()  # here the "base" is the collapsed one: RL is the broader model
+    broad, narrow = narrow, broad
+    assert restoration(2.0, base=1.0, rl=1.5) is None and restoration(1.2, base=2.0, rl=1.0) == pytest.approx(0.2)
+    more = random_outcomes(64, 16, 13, 0.9, 16)  # even more breadth than RL
+    res = compare_to_frontier(more, narrow, broad, n_boot=50)
+    assert res["distinct_gap"] < 0
+    for k in ("restoration_distinct", "frontier_restoration", "frontier_excess"):
+        assert res[k] is None and res[f"{k}_ci"] is None, k
+    want = summary(more)["distinct_correct_mean"] - summary(broad)["distinct_correct_mean"]
+    assert res["distinct_change"] == pytest.approx(want, abs=1e-12) and res["distinct_change"] > 0
+    lo, hi = res["distinct_change_ci"]
+    assert lo <= res["distinct_change"] <= hi
+    assert all(row["restoration_distinct"] is None for row in mixture_curve(narrow, broad))
+    assert frontier_at(mixture_curve(narrow, broad), 0.5) is None
 
 
 def test_plot_writes_a_png(tmp_path):

@@ -51,7 +51,9 @@ def test_a_column_with_fewer_correct_samples_than_m_shows_at_most_those():
 def test_frontier_on_matched_counts_orders_base_above_rl():
     b_rule, r_rule = Outcomes(BASE_KEYS, [True] * 3), Outcomes(RL_KEYS, [True] * 3)  # a task that counts solutions
     paired = compare_to_frontier(b_rule, b_rule, r_rule, n_boot=50)
-    assert paired["distinct_measure"] == "paired" and paired["restoration_distinct"] == pytest.approx(1.0)
+    assert paired["distinct_measure"] == "paired" and paired["distinct_gap"] < 0, "counted, RL looks broader"
+    assert paired["restoration_distinct"] is None and paired["distinct_change"] == pytest.approx(paired["distinct_gap"]), \
+        "so nothing is restored: the base as a cell is the gap's distinct change, not a restoration"
     out = compare_to_frontier(BASE, BASE, RL, n_boot=50)
     assert out["distinct_measure"] == "matched" and out["distinct_correct_n_problems"] == 2
     assert out["restoration_distinct"] == pytest.approx(1.0), "the base restores all of its own gap"

@@ -9,7 +9,10 @@ m in 0..n) its pass@1, pass@k and distinct_correct_mean trace a polyline in the
 A steered cell is then compared with that polyline: does it buy breadth a mixture cannot?
 
 Definitions (issue #12):
-- restoration of a metric: (cell - RL) / (base - RL); None when base == RL (or a value is missing).
+- restoration of a metric: (cell - RL) / (base - RL); None unless base > RL (or when a value is
+  missing): where RL lost none of the metric there is nothing to restore, and dividing by a
+  negative gap would score a cell that adds breadth below one that removes it. `distinct_change`
+  (cell - RL, distinct-correct solutions per problem) is defined either way.
 - `frontier(p)`: the highest restoration_distinct on the polyline at pass@1 >= p. The polyline
   joins the grid points in order of m by straight segments; its part with pass@1 >= p is every
   vertex with pass@1 >= p plus, on each segment whose ends straddle p, the point at pass@1 == p
@@ -48,8 +51,8 @@ and every mixture point), vectorised as `probe.stats.bootstrap_weights` (a [repl
 count matrix, clusters of rows moving together) times per-problem columns. Sums of integer
 columns (correct counts, distinct counts) are exact in float64, so a cell that *is* a mixture
 point lands exactly on its vertex in every replicate. A replicate enters the interval of a
-restoration (and of the frontier and the excess) only if its base - RL gap has the sign of the
-full-sample gap and it holds an eligible problem; `n_boot_used` counts them.
+restoration (and of the frontier and the excess) only if its base - RL gap is positive, like the
+full-sample gap, and it holds an eligible problem; `n_boot_used` counts them.
 
 What it is not: a sampler, a scorer or a selection rule; `probe.metrics.evaluate` produces the `Scored`
 rows that `probe.metrics.outcomes.Outcomes.from_scored` turns into the outcomes read here.
@@ -213,9 +216,9 @@ def mixture_per_problem(
 
 
 def restoration(cell: float | None, *, base: float | None, rl: float | None) -> float | None:
-    """(cell - rl) / (base - rl); None when a value is missing / NaN or base == rl."""
+    """(cell - rl) / (base - rl); None when a value is missing / NaN or base <= rl (nothing lost)."""
     vals = (cell, base, rl)
-    if any(v is None or math.isnan(v) for v in vals) or base == rl:
+    if any(v is None or math.isnan(v) for v in vals) or base <= rl:
         return None
     return (cell - rl) / (base - rl)
 
@@ -310,8 +313,9 @@ def compare_to_frontier(
 ) -> dict[str, Any]:
     """A cell against the base/RL mixture frontier, with paired problem-bootstrap intervals.
 
-    Returns restoration_distinct, restoration_pass_at_64 (None if n < 64), pass_at_1_change (cell
-    minus RL, fraction), frontier_restoration (frontier at the cell's pass@1), frontier_excess
+    Returns restoration_distinct, restoration_pass_at_64 (None if n < 64; each None unless base > RL
+    in it), pass_at_1_change (cell minus RL, fraction), distinct_change (cell minus RL, distinct-correct
+    solutions per problem in the measure: defined whatever the gap's sign), frontier_restoration (frontier at the cell's pass@1), frontier_excess
     (restoration_distinct - frontier_restoration), each with `*_ci` [lo, hi] ((1 - alpha)
     percentile; None when undefined), plus pass_at_1, distinct_correct_mean, distinct_measure
     ("paired" or "matched": `breadth_measure`), distinct_gap (base minus RL distinct-correct in that
@@ -342,16 +346,17 @@ def compare_to_frontier(
     r_cell = r_all[:, -1]
     fr = frontier_value(p1[:, 2:-1], r_all[:, 2:-1], p1[:, -1])
     stats = {"restoration_distinct": r_cell, "restoration_pass_at_64": None,
-             "pass_at_1_change": p1[:, -1] - p1[:, 0], "frontier_restoration": fr, "frontier_excess": r_cell - fr}
-    ok = {k: (torch.sign(gap) == torch.sign(gap[0])) & (gap[0] != 0) & v.isfinite()
-          for k, v in stats.items() if v is not None}
+             "pass_at_1_change": p1[:, -1] - p1[:, 0], "frontier_restoration": fr, "frontier_excess": r_cell - fr,
+             "distinct_change": dm[:, -1] - dm[:, 0]}
+    ok = {k: (gap > 0) & (gap[0] > 0) & v.isfinite() for k, v in stats.items() if v is not None}
     ok["pass_at_1_change"] = torch.ones(n_boot + 1, dtype=torch.bool)
+    ok["distinct_change"] = stats["distinct_change"].isfinite()
     if n >= 64:
         p64 = torch.cat([pass_at_k_per_problem(c, n, 64)[:, None] for c in (mc[:, 0], mc[:, 1], cc)], 1)
         s = (w @ p64) / p_count  # (B+1, 3): RL, base, cell
         gap64 = s[:, 1] - s[:, 0]
         stats["restoration_pass_at_64"] = (s[:, 2] - s[:, 0]) / gap64
-        ok["restoration_pass_at_64"] = (torch.sign(gap64) == torch.sign(gap64[0])) & (gap64[0] != 0)
+        ok["restoration_pass_at_64"] = (gap64 > 0) & (gap64[0] > 0)
     out: dict[str, Any] = {}
     for name, v in stats.items():
         if v is None:  # n < 64
