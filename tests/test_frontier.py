@@ -250,7 +250,7 @@ def test_undefined_restoration_when_base_equals_rl():
 
 def test_restoration_is_undefined_where_rl_lost_no_breadth():
     """RL broader than the base: nothing to restore. Dividing by the negative gap would rank a cell that adds
-    breadth below one that removes it, so restoration, frontier and excess are None; distinct_change is not."""
+    breadth below one that removes it, so restoration, frontier and excess are None; distinct_minus_rl is not."""
     narrow, broad = collapsed_pair()  # here the "base" is the collapsed one: RL is the broader model
     broad, narrow = narrow, broad
     assert restoration(2.0, base=1.0, rl=1.5) is None and restoration(1.2, base=2.0, rl=1.0) == pytest.approx(0.2)
@@ -260,9 +260,9 @@ def test_restoration_is_undefined_where_rl_lost_no_breadth():
     for k in ("restoration_distinct", "frontier_restoration", "frontier_excess"):
         assert res[k] is None and res[f"{k}_ci"] is None, k
     want = summary(more)["distinct_correct_mean"] - summary(broad)["distinct_correct_mean"]
-    assert res["distinct_change"] == pytest.approx(want, abs=1e-12) and res["distinct_change"] > 0
-    lo, hi = res["distinct_change_ci"]
-    assert lo <= res["distinct_change"] <= hi
+    assert res["distinct_minus_rl"] == pytest.approx(want, abs=1e-12) and res["distinct_minus_rl"] > 0
+    lo, hi = res["distinct_minus_rl_ci"]
+    assert lo <= res["distinct_minus_rl"] <= hi
     assert all(row["restoration_distinct"] is None for row in mixture_curve(narrow, broad))
     assert frontier_at(mixture_curve(narrow, broad), 0.5) is None
 

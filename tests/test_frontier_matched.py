@@ -52,7 +52,7 @@ def test_frontier_on_matched_counts_orders_base_above_rl():
     b_rule, r_rule = Outcomes(BASE_KEYS, [True] * 3), Outcomes(RL_KEYS, [True] * 3)  # a task that counts solutions
     paired = compare_to_frontier(b_rule, b_rule, r_rule, n_boot=50)
     assert paired["distinct_measure"] == "paired" and paired["distinct_gap"] < 0, "counted, RL looks broader"
-    assert paired["restoration_distinct"] is None and paired["distinct_change"] == pytest.approx(paired["distinct_gap"]), \
+    assert paired["restoration_distinct"] is None and paired["distinct_minus_rl"] == pytest.approx(paired["distinct_gap"]), \
         "so nothing is restored: the base as a cell is the gap's distinct change, not a restoration"
     out = compare_to_frontier(BASE, BASE, RL, n_boot=50)
     assert out["distinct_measure"] == "matched" and out["distinct_correct_n_problems"] == 2

@@ -50,3 +50,15 @@ def test_the_goal_is_the_selection_halfs_goal_pick_on_the_test_half_and_no_other
     assert costly["met"] is False, "pass@1 more than 0.01 below RL"
     none = goals({**tst, "best_goal": None, "pass_at_k_every": {"best": None, "best_goal": None}}, 0.03, 0.01)
     assert none["goal"]["met"] is False and none["goal"]["cell"] is None and none["pass_at_k_dominance"]["met"] is None
+
+
+def test_learned_picks_without_a_restoration_do_not_break_the_bars():
+    """The selection half had a gap (learned cells were picked) but the test half has none: every test measurement's
+    restoration is None. The learned bar is then unmet, not a TypeError after hours of sampling."""
+    undefined = {**_cell("l", 0.0, 0.0, 0.0), "family": "learned", "restoration_distinct": None,
+                 "restoration_distinct_ci": None, "frontier_excess": None, "frontier_excess_ci": None}
+    tst = {"picks": {"learned": {"restoration": {"test": undefined}}}, "best": undefined, "best_goal": None,
+           "pass_at_k_every": {"best": None, "best_goal": None}}
+    g = goals(tst, 0.03, 0.01)
+    assert g["learned_restoration_0.45"]["met"] is False and g["learned_restoration_0.45"]["cell"] is None
+    assert g["on_frontier"]["met"] is False and g["above_frontier"]["met"] is False

@@ -276,7 +276,8 @@ def claim_breadth(base: dict, rl: dict, seed: int = 0) -> Claim:
 def _cell(m: dict | None) -> dict | None:
     keep = ("family", "spec", "fraction", "params", "pass_at_1", "pass_at_1_change", "pass_at_1_change_ci",
             "restoration_distinct", "restoration_distinct_ci", "frontier_restoration", "frontier_excess",
-            "frontier_excess_ci", "restoration_pass_at_64", "distinct_correct_subset", "pass_at_k",
+            "frontier_excess_ci", "restoration_pass_at_64", "distinct_minus_rl", "distinct_minus_rl_ci",
+            "distinct_correct_subset", "pass_at_k",
             "fork_entropy_mean", "truncated_share")
     return None if m is None else {k: m.get(k) for k in keep}
 
@@ -320,7 +321,11 @@ def claim_recovery(steer: dict, base: dict, rl: dict, detector: dict | None, see
         status, why = "inconclusive", (f"no breadth gap to restore: base minus RL distinct-correct{over} "
                                        f"{format_number(gap, 2)} {format_interval(gap_ci, missing='[n/a]')}")
     elif best is None or x_ci is None or r_ci is None:
-        status, why = "inconclusive", f"no RL-alone cell kept pass@1 within {tol} of RL on the selection half"
+        sel_gap = (steer.get("selection") or {}).get("distinct_gap")
+        status, why = "inconclusive", (
+            f"the selection half showed no breadth gap to restore (base minus RL {format_number(sel_gap, 2)}), so no "
+            "cell was chosen" if sel_gap is not None and sel_gap <= 0 else
+            f"no RL-alone cell kept pass@1 within {tol} of RL on the selection half")
     elif x_ci[0] > 0 and r_ci[0] > 0.1 and latent:
         status = "holds"
         why = (f"elicitation beyond the mixture: {what} restores {format_number(r, 2)} {format_interval(r_ci, 2)} of the distinct-correct gap at "

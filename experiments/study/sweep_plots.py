@@ -23,11 +23,11 @@ def _label(r: dict) -> str:
 
 
 def _frontier(ax, curve: list[dict]) -> None:
-    """The mixture frontier, or a note where it is undefined (base and RL find as many solutions)."""
+    """The mixture frontier, or a note where it is undefined (the base is not broader than RL)."""
     if any(c["restoration_distinct"] is not None for c in curve):
         plot_frontier(ax, curve)
     else:
-        ax.text(0.5, 0.5, "restoration undefined: base and RL find equally many distinct solutions",
+        ax.text(0.5, 0.5, "restoration undefined: the base finds no more distinct solutions than RL",
                 transform=ax.transAxes, ha="center", fontsize=8)
 
 

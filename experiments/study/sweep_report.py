@@ -39,7 +39,7 @@ COLUMNS = ("id", "half", "family", "spec", "fraction", "params", "n_problems", "
 BRIEF = ("family", "spec", "fraction", "params", "pass_at_1", "pass_at_1_change", "pass_at_1_change_ci",
          "restoration_distinct", "restoration_distinct_ci", "restoration_pass_at_64", "restoration_pass_at_64_ci",
          "frontier_restoration", "frontier_excess", "frontier_excess_ci", "distinct_correct_mean", "distinct_measure",
-         "distinct_gap", "distinct_gap_ci", "pass_at_64",
+         "distinct_gap", "distinct_gap_ci", "distinct_minus_rl", "distinct_minus_rl_ci", "pass_at_64",
          "pass_at_k", "fork_entropy_mean", "truncated_share", "seeds", "id")
 
 
@@ -84,14 +84,16 @@ def goals(tst: dict, tol: float, gtol: float) -> dict[str, Any]:
     learned = [p["test"] for p in (tst["picks"].get("learned") or {}).values() if p.get("test")]
     steered = [p["test"] for fam, d in tst["picks"].items() if fam != "temperature" for p in d.values() if p.get("test")]
     ok = within_tolerance  # the selection rules' own test (with their float slack), so a pick at the bound stays in
-    best_l = max((r for r in learned if ok(r, tol)), key=lambda r: r["restoration_distinct"] or -1e9, default=None)
+    best_l = max((r for r in learned if ok(r, tol) and r.get("restoration_distinct") is not None),
+                 key=lambda r: r["restoration_distinct"], default=None)
     on = [r for r in steered if r.get("frontier_excess_ci") and r["frontier_excess_ci"][1] >= 0 and ok(r, tol)]
     above = [r for r in steered if (r.get("frontier_excess") or -1) >= 0.10 and ok(r, gtol)]
     every = tst.get("pass_at_k_every") or {}
     dom = (every.get("best") or {}).get("met")
     short = lambda r: {k: r.get(k) for k in ("family", "spec", "fraction", "params", "pass_at_1_change",  # noqa: E731
                                              "pass_at_1_change_ci", "restoration_distinct", "restoration_distinct_ci",
-                                             "frontier_excess", "frontier_excess_ci")}
+                                             "frontier_excess", "frontier_excess_ci", "distinct_minus_rl",
+                                             "distinct_minus_rl_ci")}
     unique = lambda rows: list({r["id"]: short(r) for r in rows}.values())  # noqa: E731
     g = tst.get("best_goal")
     g_ci = (g or {}).get("frontier_excess_ci")
@@ -159,7 +161,8 @@ def write_outputs(sw: Any, sel: dict, tst: dict, seconds: float, best_file: str 
         "layer_restore_curve": tst["restore_curve"],
         "curves_half": cfg.curves_half,
         "goals": goals(tst, cfg.tolerance, cfg.goal_tolerance),
-        "selection": {k: brief(sel[k]) for k in ("best", "best_restoration", "best_goal", "temperature")},
+        "selection": {**{k: brief(sel[k]) for k in ("best", "best_restoration", "best_goal", "temperature")},
+                      "distinct_gap": next((r.get("distinct_gap") for r in sel["rows"]), None)},
         "n_cells": len(sw.cache.rows), "n_cells_reused": sw.cache.reused, "engines": sw.engine_record(),
         "seconds": seconds,
         "tables": ["sweep.csv", "sweep.json"],

@@ -11,7 +11,7 @@ A steered cell is then compared with that polyline: does it buy breadth a mixtur
 Definitions (issue #12):
 - restoration of a metric: (cell - RL) / (base - RL); None unless base > RL (or when a value is
   missing): where RL lost none of the metric there is nothing to restore, and dividing by a
-  negative gap would score a cell that adds breadth below one that removes it. `distinct_change`
+  negative gap would score a cell that adds breadth below one that removes it. `distinct_minus_rl`
   (cell - RL, distinct-correct solutions per problem) is defined either way.
 - `frontier(p)`: the highest restoration_distinct on the polyline at pass@1 >= p. The polyline
   joins the grid points in order of m by straight segments; its part with pass@1 >= p is every
@@ -314,7 +314,7 @@ def compare_to_frontier(
     """A cell against the base/RL mixture frontier, with paired problem-bootstrap intervals.
 
     Returns restoration_distinct, restoration_pass_at_64 (None if n < 64; each None unless base > RL
-    in it), pass_at_1_change (cell minus RL, fraction), distinct_change (cell minus RL, distinct-correct
+    in it), pass_at_1_change (cell minus RL, fraction), distinct_minus_rl (cell minus RL, distinct-correct
     solutions per problem in the measure: defined whatever the gap's sign), frontier_restoration (frontier at the cell's pass@1), frontier_excess
     (restoration_distinct - frontier_restoration), each with `*_ci` [lo, hi] ((1 - alpha)
     percentile; None when undefined), plus pass_at_1, distinct_correct_mean, distinct_measure
@@ -347,10 +347,10 @@ def compare_to_frontier(
     fr = frontier_value(p1[:, 2:-1], r_all[:, 2:-1], p1[:, -1])
     stats = {"restoration_distinct": r_cell, "restoration_pass_at_64": None,
              "pass_at_1_change": p1[:, -1] - p1[:, 0], "frontier_restoration": fr, "frontier_excess": r_cell - fr,
-             "distinct_change": dm[:, -1] - dm[:, 0]}
+             "distinct_minus_rl": dm[:, -1] - dm[:, 0]}
     ok = {k: (gap > 0) & (gap[0] > 0) & v.isfinite() for k, v in stats.items() if v is not None}
     ok["pass_at_1_change"] = torch.ones(n_boot + 1, dtype=torch.bool)
-    ok["distinct_change"] = stats["distinct_change"].isfinite()
+    ok["distinct_minus_rl"] = stats["distinct_minus_rl"].isfinite()
     if n >= 64:
         p64 = torch.cat([pass_at_k_per_problem(c, n, 64)[:, None] for c in (mc[:, 0], mc[:, 1], cc)], 1)
         s = (w @ p64) / p_count  # (B+1, 3): RL, base, cell
@@ -370,7 +370,7 @@ def compare_to_frontier(
     out["distinct_gap"] = None if gap[0].isnan() else gap[0].item()  # base minus RL: what restoration divides by
     out["distinct_gap_ci"] = list(percentile_interval(g_ok, alpha)) if out["distinct_gap"] is not None and g_ok.numel() else None
     out.update(pass_at_1=p1[0, -1].item(), distinct_correct_mean=None if dm[0, -1].isnan() else dm[0, -1].item(),
-               n_boot_used=int(ok["frontier_excess"][1:].sum()), n_boot=n_boot,
+               n_boot_used=int(ok["frontier_excess"][1:].sum()), n_boot=n_boot,  # the excess interval's replicates
                distinct_measure=measure, distinct_correct_subset=(
                    MATCHED_SUBSET if measure == "matched" else subset_label(base.eligible, paired=True)),
                distinct_correct_n_problems=int(unit[eligible].unique().numel()))

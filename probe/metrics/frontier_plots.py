@@ -21,7 +21,7 @@ def plot_frontier(ax: Axes, curve: Sequence[Mapping[str, Any]], *, label: str = 
     measured against, differs from the polyline only where the curve is not monotone)."""
     pts = [(c["pass_at_1"], c["restoration_distinct"], c["q"]) for c in curve if c["restoration_distinct"] is not None]
     if not pts:
-        raise ValueError("no point of the curve has a restoration (base == RL); nothing to draw")
+        raise ValueError("no point of the curve has a restoration (the base is not broader than RL); nothing to draw")
     x, y, _ = zip(*pts)
     ax.plot(x, y, color=color, lw=1.2, marker=".", ms=3, label=label)
     for xi, yi, qi in (pts[0], pts[-1]):
