@@ -230,7 +230,7 @@ class Sweep:
         refusal = vllm_refusal(intervention) if self.pool is not None else None
         engine = self.pool.get(self.checkpoint(cand.model)) if self.pool is not None and refusal is None else None
         model = None if engine is not None else self.model(cand.model)
-        # parts on a CPU, where a cell takes half an hour; on an accelerator a cell is minutes, and parts would
+        # parts on a CPU, where a cell takes up to ~20 min (the real base); on an accelerator a cell is minutes, and parts would
         # split its one forward batch into sequential pieces
         on_cpu = model is not None and next(model.parameters()).device.type == "cpu"
         parts = self.parts_dir(cell_id) if cell_id and on_cpu else None

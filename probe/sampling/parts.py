@@ -7,7 +7,7 @@ again; the parts are joined into the `Branches` one call over every prompt retur
 index in the whole list as its RNG key (`prompt_keys`), so its rows are the rows of the single call (the
 counter-based RNG, `probe.sampling.rng`, does not depend on the batch), up to the floating-point effect of
 batch composition, which the sampler's dropping of finished rows already varies. A CPU study's metric cell
-(64 problems x 16 samples of a 135M model, ~30 min) then loses at most one part to a stop, and
+(64 problems x 16 samples of a 135M model: 18 min for the real base here) then loses at most one part to a stop, and
 `progress` shows parts done.
 
 Each part file records a fingerprint (the sampler settings, the prompts' token ids and an `identity`
