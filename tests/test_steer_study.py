@@ -259,7 +259,14 @@ def test_cell_cache_stores_portable_paths_and_reuses_cells_after_a_move(tmp_path
 
     a, b = tmp_path / "a" / "sweep", tmp_path / "b" / "sweep"
     cache = CellCache(a, cfg(a))
+    parts = cache.parts_dir("c1")
+    assert parts.parent == a / "parts" and parts != cache.parts_dir("c2"), "one parts directory per cell"
+    parts.mkdir(parents=True)
     cache.get("c1", lambda: {"pass_at_1": 0.5})
+    assert not parts.exists(), "a cell's parts are removed once it is stored"
+    parts.mkdir(parents=True)  # a stop between storing the cell and removing its parts
+    cache.get("c1", lambda: pytest.fail("a cached cell must not be evaluated again"))
+    assert not parts.exists(), "parts left by a stop are removed when the stored cell is read"
     assert str(tmp_path) not in (a / "sweep.json").read_text(), "no absolute path in sweep.json"
     shutil.copytree(a, b)
     moved = CellCache(b, cfg(b))

@@ -5,12 +5,16 @@ every cell shares but its id does not name (checkpoints, n, seeds, problem count
 sampling engine) form the
 cache's fingerprint, and a sweep directory keeps one value of each: reusing cells made with other
 settings would mix them silently, so that is an error naming the settings that differ. Restarting
-an interrupted sweep with the same `--out` evaluates only the cells missing from the file.
+an interrupted sweep with the same `--out` evaluates only the cells missing from the file; a cell
+stopped midway resumes from its saved parts (`parts_dir`, `probe.sampling.parts`), removed once the
+cell is stored.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -53,16 +57,21 @@ class CellCache:
         self.invocations = [c for c in earlier if c != self.config] + [self.config]
         self.reused, self.evaluated = 0, 0
 
+    def parts_dir(self, cell_id: str) -> Path:
+        """Where a cell's samples are saved part by part while it runs (removed once the cell is stored)."""
+        return self.out / "parts" / hashlib.sha256(cell_id.encode()).hexdigest()[:16]
+
     def get(self, cell_id: str, evaluate: Callable[[], dict], **fields: Any) -> dict:
-        """The cached row `cell_id`, or `evaluate()` (a `protocol.evaluate_cell` dict) stored with `fields`."""
-        if cell_id in self.rows:
+        """The cached row `cell_id`, or `evaluate()` (a `protocol.evaluate_cell` dict) stored with `fields`;
+        the cell's parts directory is removed either way (a stop between storing and removing leaves it)."""
+        if cell_id not in self.rows:
+            self.rows[cell_id] = {"id": cell_id, **fields, **evaluate()}
+            self.evaluated += 1
+            self.save()
+        else:
             self.reused += 1
-            return self.rows[cell_id]
-        row = {"id": cell_id, **fields, **evaluate()}
-        self.rows[cell_id] = row
-        self.evaluated += 1
-        self.save()
-        return row
+        shutil.rmtree(self.parts_dir(cell_id), ignore_errors=True)
+        return self.rows[cell_id]
 
     def save(self) -> None:
         # compact: the cells hold per-sample outcomes (problems x samples), which indentation would bloat 10x

@@ -30,8 +30,6 @@ all shut down at the end) and the rest on the HF engine, each cell recording whi
 
 from __future__ import annotations
 
-import hashlib
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,21 +208,15 @@ class Sweep:
             self._models[key] = load_causal_lm(key, device=self.cfg.device, dtype=self.cfg.dtype)[0]
         return self._models[key]
 
-    def parts_dir(self, cell_id: str) -> Path:
-        """Where a cell's samples are saved part by part while it runs (removed once the cell is cached)."""
-        return self.out / "parts" / hashlib.sha256(cell_id.encode()).hexdigest()[:16]
-
     def cell(self, cand: C.Candidate, half: str, seed: int) -> dict:
         cid = f"{half}|s{seed}|{cand.key}"
-        row = self.cache.get(cid, lambda: self.evaluate(cand, half, seed, cid),
-                             half=half, seed=seed, family=cand.family, spec=cand.spec, rl_alone=cand.rl_alone,
-                             params=cand.params)
-        shutil.rmtree(self.parts_dir(cid), ignore_errors=True)
-        return row
+        return self.cache.get(cid, lambda: self.evaluate(cand, half, seed, cid),
+                              half=half, seed=seed, family=cand.family, spec=cand.spec, rl_alone=cand.rl_alone,
+                              params=cand.params)
 
     def evaluate(self, cand: C.Candidate, half: str, seed: int, cell_id: str = "") -> dict:
         """One cell on the configured engine; on the HF engine, saying why, where vLLM cannot apply it.
-        On the HF engine on a CPU the samples are saved part by part under `parts_dir(cell_id)` and resumed from."""
+        On the HF engine on a CPU the samples are saved part by part under `cache.parts_dir(cell_id)` and resumed from."""
         c = self.cfg
         intervention = cand.make() if cand.make else None
         refusal = vllm_refusal(intervention) if self.pool is not None else None
@@ -233,7 +225,7 @@ class Sweep:
         # parts on a CPU, where a cell takes up to ~20 min (the real base); on an accelerator a cell is minutes, and parts would
         # split its one forward batch into sequential pieces
         on_cpu = model is not None and next(model.parameters()).device.type == "cpu"
-        parts = self.parts_dir(cell_id) if cell_id and on_cpu else None
+        parts = self.cache.parts_dir(cell_id) if cell_id and on_cpu else None
         row = evaluate_cell(model, self.tok, self.task, self.halves[half], n=c.n, seed=seed,
                             temperature=cand.temperature, batch_size=c.batch_size, intervention=intervention,
                             engine=engine, parts_dir=parts, identity=f"{cell_id}|{Path(self.checkpoint(cand.model)).name}")
@@ -264,6 +256,8 @@ class Sweep:
 
 REFERENCE = {"base": C.Candidate("reference", {"model": "base"}, model="base"),
              "rl": C.Candidate("reference", {"model": "rl"})}
+
+
 def candidates(sw: Sweep) -> list[C.Candidate]:
     cfg = sw.cfg
     vecs = vectors(cfg)

@@ -67,19 +67,20 @@ def load_part(path: Path, print_: str, n: int) -> Branches:
             raise ValueError(f"{path} holds samples of other prompts, settings or model than this run's; "
                              f"reusing it would mix them. Fix: delete {path.parent} (or use another directory)")
         t = {k: f.get_tensor(k) for k in TENSORS}
-    rows = t["tokens"].shape[0]
-    r = torch.arange(rows)
-    return Branches(r // n, r % n, t["tokens"], t["mask"].bool(), t["logprobs"], t["entropy"],
-                    json.loads(meta["finish_reason"]), json.loads(meta["prompt_tokens"]))
+    t["mask"] = t["mask"].bool()
+    return _branches(t, json.loads(meta["finish_reason"]), json.loads(meta["prompt_tokens"]), n)
 
 
 def join(parts: Sequence[Branches], n: int, device: Any) -> Branches:
     """Concatenate parts (in prompt order) into one `Branches`, rows prompt-major over all prompts."""
     cat = {k: torch.cat([getattr(p, k).to(device) for p in parts]) for k in TENSORS}
-    rows = cat["tokens"].shape[0]
-    r = torch.arange(rows, device=device)
-    return Branches(r // n, r % n, cat["tokens"], cat["mask"], cat["logprobs"], cat["entropy"],
-                    [x for p in parts for x in p.finish_reason], [x for p in parts for x in p.prompt_tokens])
+    return _branches(cat, [x for p in parts for x in p.finish_reason], [x for p in parts for x in p.prompt_tokens], n)
+
+
+def _branches(t: dict[str, torch.Tensor], finish_reason: list, prompt_tokens: list, n: int) -> Branches:
+    """`Branches` of prompt-major rows (`n` per prompt) from the `TENSORS` in `t`."""
+    r = torch.arange(t["tokens"].shape[0], device=t["tokens"].device)
+    return Branches(r // n, r % n, t["tokens"], t["mask"], t["logprobs"], t["entropy"], finish_reason, prompt_tokens)
 
 
 def sample_in_parts(model: Any, tokenizer: Any, prompts: Sequence[str] | Sequence[Sequence[int]], cfg: SamplerConfig,
@@ -90,7 +91,7 @@ def sample_in_parts(model: Any, tokenizer: Any, prompts: Sequence[str] | Sequenc
 
     identity: names what the fingerprint cannot see (the model's checkpoint, the intervention and its
     strength): parts saved under another identity are refused. The part files stay: the caller removes
-    `parts_dir` once it has stored what it made of them (`experiments.study.sweep.Sweep.cell` does).
+    `parts_dir` once it has stored what it made of them (`experiments.study.cells.CellCache.get` does).
     """
     if problems_per_part < 1:
         raise ValueError(f"problems_per_part={problems_per_part} must be >= 1")
