@@ -323,3 +323,17 @@ def test_shipped_study_claims_follow_from_its_stage_outputs():
         assert c.status == by_id[c.id]["status"] and c.effect["value"] == pytest.approx(by_id[c.id]["effect"]["value"])
         assert c.effect["ci"] == pytest.approx(by_id[c.id]["effect"]["ci"])
     assert all((out / f).is_file() for f in res["figures"])
+
+
+def test_the_report_writes_nested_evidence_readably(tmp_path):
+    """Nested evidence (a cell's spec, the goal's pass@k curves over every k) reads as text, not Python reprs."""
+    from experiments.paths import RESULTS_DIR
+    from experiments.study.report import SERIES_SHOWN, write_report
+
+    results = json.loads((RESULTS_DIR / "study" / "results.json").read_text())
+    text = write_report(results, tmp_path / "report.md").read_text()
+    assert "{'" not in text and "'}" not in text, "no dict repr in the report"
+    dom = next(c for c in results["claims"] if c["id"] == "C5")["evidence"]["goal"]["pass_at_k_dominance"]
+    n = len(dom["ks"])
+    assert n > SERIES_SHOWN and f"ks ({n} values: 1 ... {n})" in text, "a long series shows its length and ends"
+    assert f"worst_k {dom['worst_k']}" in text, "the numbers a reader needs stay in full"

@@ -54,6 +54,7 @@ from typing import Any
 import torch
 
 from experiments.study.breadth_gap import breadth_gap, per_problem_of
+from experiments.study.sweep_report import spec_text
 from probe.law import read_log_keys
 from probe.metrics.breadth import COVERAGE_NOTE
 from probe.metrics.passk import crossover_k
@@ -314,7 +315,7 @@ def claim_recovery(steer: dict, base: dict, rl: dict, detector: dict | None, see
         det_auc = detector["layers"][str(detector["best_layer"])]["auroc_test"]
         det_tok = (detector.get("token_baseline") or {}).get("auroc_test")
     latent = det_auc is not None and det_tok is not None and det_auc > det_tok
-    what = "" if best is None else (f"{best['family']} {best['spec']}" + (f" on {best['fraction']:g} of the samples"
+    what = "" if best is None else (f"{best['family']} {spec_text(best['spec'])}" + (f" on {best['fraction']:g} of the samples"
                                                                           if (best.get("fraction") or 1) < 1 else ""))
     if gap_ci is None or gap_ci[0] <= 0:
         over = f" ({measure}, the sweep's test half)" if from_best else g["over"]

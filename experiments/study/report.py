@@ -262,18 +262,32 @@ def _value(e: dict) -> str:
     return _above(e) if e["value"] is None and e.get("cap") else format_number(e["value"])
 
 
+SERIES_SHOWN = 8
+"""A list of more numbers than this (a pass@k curve over every k) shows as its length and ends in the
+report; results.json keeps every value."""
+
+
+def _inline(v: Any) -> str:
+    """One evidence value on one line: nested dicts in parentheses, long numeric series summarised."""
+    if isinstance(v, dict):
+        return ", ".join(f"{k} ({_inline(x)})" if isinstance(x, dict) else f"{k} {_inline(x)}" for k, x in v.items())
+    if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+        return "; ".join(_inline(x) for x in v)
+    if isinstance(v, list) and len(v) > SERIES_SHOWN and all(isinstance(x, (int, float)) for x in v):
+        return f"({len(v)} values: {format_number(v[0])} ... {format_number(v[-1])})"
+    if isinstance(v, list) and any(isinstance(x, (dict, list)) for x in v):
+        return "[" + ", ".join(_inline(x) for x in v) + "]"
+    return format_number(v)
+
+
 def _evidence_lines(ev: dict, depth: int = 0) -> list[str]:
     lines = []
     for k, v in ev.items():
         if isinstance(v, dict) and depth == 0:
             lines.append(f"- {k}:")
             lines += ["  " + x for x in _evidence_lines(v, 1)]
-        elif isinstance(v, list) and v and isinstance(v[0], dict):
-            lines.append(f"- {k}: " + "; ".join(", ".join(f"{kk} {format_number(vv)}" for kk, vv in d.items()) for d in v))
-        elif isinstance(v, dict):
-            lines.append(f"- {k}: " + ", ".join(f"{kk} {format_number(vv)}" for kk, vv in v.items()))
         else:
-            lines.append(f"- {k}: {format_number(v)}")
+            lines.append(f"- {k}: {_inline(v)}")
     return lines
 
 
@@ -309,8 +323,7 @@ def write_report(results: dict, path: str | Path) -> Path:
           "what papers report for real pairs (`experiments.study.realism`):", "",
           realism_table({"this run": realism_row(results)})]
     L += ["", "## Headline numbers", ""]
-    L += [f"- {k}: " + (", ".join(f"{kk} {format_number(vv)}" for kk, vv in v.items()) if isinstance(v, dict) else
-                        (format_interval(v) if isinstance(v, list) else format_number(v))) for k, v in h.items()]
+    L += [f"- {k}: " + (format_interval(v) if isinstance(v, list) and len(v) == 2 else _inline(v)) for k, v in h.items()]
     for c in results["claims"]:
         e = c["effect"]
         L += ["", f"## {c['id']}: {c['statement']}", "",

@@ -180,15 +180,17 @@ def write_outputs(sw: Any, sel: dict, tst: dict, seconds: float, best_file: str 
     return metrics
 
 
+def spec_text(spec: dict) -> str:
+    """A cell's spec as report text: "method=lowrank-distill coef=0.5" (a list joined with "+")."""
+    return " ".join(f"{k}={'+'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in spec.items())
+
+
 def findings_table(metrics: dict) -> list[str]:
     """Markdown rows (header included) of a finished sweep's test-half headline: `best`, the learned
     restoration pick, each other family's restoration pick, the matched temperature and the variants;
     columns fraction steered, restoration of distinct-correct, pass@1 change and frontier excess, each
     with its 95% interval (signed, `probe.stats.format_interval`). The README's findings table is this
     function's output on the shipped sweep."""
-    def spec(s: dict) -> str:
-        return " ".join(f"{k}={'+'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in s.items())
-
     rows = [("`best` (excess rule, every family)", metrics["best"]),
             ("learned, restoration rule", metrics.get("best_restoration"))]
     rows += [(f"{fam}, restoration rule", (d.get("restoration") or {}).get("test"))
@@ -200,7 +202,7 @@ def findings_table(metrics: dict) -> list[str]:
     for label, r in rows:
         if not r or r.get("restoration_distinct") is None:
             continue
-        out.append(f"| {label} | {r['family']}: {spec(r['spec'])} | {r['fraction']:g} | "
+        out.append(f"| {label} | {r['family']}: {spec_text(r['spec'])} | {r['fraction']:g} | "
                    f"{r['restoration_distinct']:.3f} {format_interval(r['restoration_distinct_ci'], signed=True)} | "
                    f"{r['pass_at_1_change']:+.3f} {format_interval(r['pass_at_1_change_ci'], signed=True)} | "
                    f"{r['frontier_excess']:+.3f} {format_interval(r['frontier_excess_ci'], signed=True)} |")
