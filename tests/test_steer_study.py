@@ -241,6 +241,7 @@ def test_shipped_sweep_picks_follow_from_its_cells_and_its_best_file_applies():
 
 
 def test_cell_cache_stores_portable_paths_and_reuses_cells_after_a_move(tmp_path):
+    import hashlib
     import shutil
     from dataclasses import dataclass
 
@@ -261,6 +262,7 @@ def test_cell_cache_stores_portable_paths_and_reuses_cells_after_a_move(tmp_path
     cache = CellCache(a, cfg(a))
     parts = cache.parts_dir("c1")
     assert parts.parent == a / "parts" and parts != cache.parts_dir("c2"), "one parts directory per cell"
+    assert parts.name == hashlib.sha256(b"c1").hexdigest()[:16], "a running study's saved parts keep their directory"
     parts.mkdir(parents=True)
     cache.get("c1", lambda: {"pass_at_1": 0.5})
     assert not parts.exists(), "a cell's parts are removed once it is stored"

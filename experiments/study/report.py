@@ -30,6 +30,7 @@ from experiments.study.claims import (
 )
 from experiments.study.claims_training import claim_phases, claim_regime, plot_phases
 from experiments.study.realism import realism_row, realism_table
+from experiments.study.sweep_report import spec_text
 from experiments.study.truncation import (
     claim_models,
     flag_truncation,
@@ -268,15 +269,23 @@ report; results.json keeps every value."""
 
 
 def _inline(v: Any) -> str:
-    """One evidence value on one line: nested dicts in parentheses, long numeric series summarised."""
+    """One evidence value on one line: a cell's spec as `sweep_report.spec_text`, nested dicts and lists of
+    dicts in parentheses, numeric series longer than SERIES_SHOWN as their length and ends."""
+    def part(key: Any, x: Any) -> str:
+        if key == "spec" and isinstance(x, dict):
+            return spec_text(x)
+        nested = isinstance(x, dict) or (isinstance(x, list) and x and all(isinstance(y, dict) for y in x))
+        return f"({_inline(x)})" if nested else _inline(x)
+
     if isinstance(v, dict):
-        return ", ".join(f"{k} ({_inline(x)})" if isinstance(x, dict) else f"{k} {_inline(x)}" for k, x in v.items())
+        return ", ".join(f"{k} {part(k, x)}" for k, x in v.items())
     if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
         return "; ".join(_inline(x) for x in v)
-    if isinstance(v, list) and len(v) > SERIES_SHOWN and all(isinstance(x, (int, float)) for x in v):
+    if isinstance(v, list) and len(v) > SERIES_SHOWN and all(
+            x is None or (isinstance(x, (int, float)) and not isinstance(x, bool)) for x in v):
         return f"({len(v)} values: {format_number(v[0])} ... {format_number(v[-1])})"
     if isinstance(v, list) and any(isinstance(x, (dict, list)) for x in v):
-        return "[" + ", ".join(_inline(x) for x in v) + "]"
+        return "[" + ", ".join(part(None, x) for x in v) + "]"
     return format_number(v)
 
 
