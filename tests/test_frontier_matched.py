@@ -66,8 +66,54 @@ def test_frontier_on_matched_counts_orders_base_above_rl():
 def test_failing_never_buys_matched_breadth():
     nothing = Outcomes([[None] * N for _ in range(3)], [None] * 3)
     out = compare_to_frontier(nothing, BASE, RL, n_boot=50)
-    assert out["distinct_correct_mean"] == 0.0 and out["restoration_distinct"] < 0, (
-        "a cell that solves nothing scores 0 distinct, below RL, never toward the base")
+    assert out["distinct_correct_mean"] is None and out["restoration_distinct"] is None, (
+        "a cell that never solves a row twice has no matched breadth, never a restoration")
+    assert out["distinct_correct_n_problems"] == 0 and out["pass_at_1"] == 0.0
+    once = Outcomes([["a", "b", "c", "d", None, None, None, None], ["x", None, None, None, None, None, None, None],
+                     RL_KEYS[2]], [None] * 3)
+    values, eligible = matched_columns([once], BASE, RL, drawn=[once])
+    assert eligible.tolist() == [True, False, False], "a row the cell solves once leaves its comparison"
+    assert values[0, 0].item() == 3.0, "on the rows left, m is the fewest correct samples of base, RL and the cell"
+
+
+def _pair_drawn(seed: int, problems: int = 400, n: int = 16):
+    """A base that rarely solves but never repeats, an RL model that solves more with one dominant answer,
+    and `draw_rl`/`draw_base` to sample each again (a math file: no problem counts its solutions)."""
+    import random
+
+    rng = random.Random(seed)
+    rates = [rng.choice([0.08, 0.15, 0.3, 0.6]) for _ in range(problems)]
+
+    def draw_rl() -> Outcomes:
+        return Outcomes([[(("top" if rng.random() < 0.7 else f"s{rng.randrange(6)}") if rng.random() < r else None)
+                          for _ in range(n)] for r in rates], [None] * problems)
+
+    def draw_base() -> Outcomes:
+        return Outcomes([[(f"b{rng.randrange(50)}" if rng.random() < 0.1 else None) for _ in range(n)]
+                         for _ in range(problems)], [None] * problems)
+
+    return draw_base(), draw_rl(), draw_base, draw_rl
+
+
+def test_a_second_draw_of_rl_scores_like_rl():
+    """The rows are chosen on base's and RL's drawn counts; a cell drawn from RL's own distribution must
+    not score below RL for that (it did when the cell was capped at m instead of setting it)."""
+    base, rl, _, draw_rl = _pair_drawn(0)
+    again = draw_rl()
+    fair = compare_to_frontier(again, base, rl, n_boot=50)
+    assert abs(fair["distinct_minus_rl"]) < 0.1, f"a second draw of RL is RL: {fair['distinct_minus_rl']}"
+    values, eligible = matched_columns([rl, again], base, rl)  # capped at base's and RL's m instead
+    capped = (values[eligible, 1] - values[eligible, 0]).mean().item()
+    assert capped < fair["distinct_minus_rl"] - 0.1, f"capping scores RL's own second draw lower: {capped}"
+
+
+def test_a_fresh_draw_of_a_mixture_lies_on_the_matched_frontier():
+    """The mixture frontier splices base's and RL's own samples; the same mixture sampled afresh (an
+    intervention that behaved exactly like it) must land on the frontier, not below it."""
+    base, rl, draw_base, draw_rl = _pair_drawn(0)
+    excess = [compare_to_frontier(splice(draw_base(), draw_rl(), m), base, rl, n_boot=50)["frontier_excess"]
+              for m in (2, 4, 8)]
+    assert abs(sum(excess) / 3) < 0.1, f"a fresh mixture scores on its own frontier: {excess}"
 
 
 def test_a_mixture_point_lies_on_the_matched_frontier():

@@ -38,12 +38,19 @@ Matched breadth where solutions cannot be counted (`breadth_measure`): where the
 on any problem (a math file), nearly every correct completion is worded differently, so
 distinct-correct tracks how many samples are correct and a model that solves more looks broader for
 that alone. There every comparison's distinct-correct is *matched* instead (`matched_columns`): per
-row, m = the fewer correct samples of base and RL; rows with m >= 2 count (the same rows for every
-column); each column (base, RL, every mixture point, the cell) scores the expected distinct solutions
-among min(m, its correct samples) of its correct samples drawn without replacement
-(`probe.metrics.passk.rarefied_distinct`; 0 with none correct). A column with fewer than m correct
-samples can show at most that many solutions, so failing never raises its breadth. Restoration,
-frontier and excess then ask "more different solutions among the same number of correct ones".
+row, m = the fewest correct samples of the models sampled on their own (base, RL and, in
+`compare_to_frontier`, the cell); rows with m >= 2 count (the same rows for every column); each
+column (base, RL, every mixture point, the cell) scores the expected distinct solutions among
+min(m, its correct samples) of its correct samples drawn without replacement
+(`probe.metrics.passk.rarefied_distinct`; 0 with none correct). A mixture point (base's and RL's own
+samples spliced) with fewer than m correct samples can show at most that many solutions. The cell sets
+m and the rows like base and RL because the rows are chosen on base's and RL's *drawn* counts: a row
+where RL happened to get 2 correct counts, and a second draw of RL itself would often get fewer there,
+so capping the cell instead would score a second draw of RL below RL (`tests/test_frontier_matched.py`
+measures that bias). A cell that
+solves a row fewer than twice leaves that row out of its comparison (its pass@1 says what it lost);
+one that never does has no matched breadth (None). Restoration, frontier and excess then ask "more
+different solutions among the same number of correct ones".
 `distinct_measure` in every output says which measure was used.
 
 Intervals: paired percentile bootstrap over problems (same resampled indices for base, RL, cell
@@ -125,10 +132,11 @@ def resolved_eligible(
 
 
 MATCHED_MIN = 2
-"""A row counts toward the matched measure when base and RL each have at least this many correct samples."""
+"""A row counts toward the matched measure when base, RL (and the cell compared) each have at least this
+many correct samples."""
 
-MATCHED_SUBSET = (f"rows where base and RL each have >= {MATCHED_MIN} correct samples (n_solutions unknown: distinct "
-                  "solutions among the same number of correct samples, the fewer of base's and RL's)")
+MATCHED_SUBSET = (f"rows where base, RL and the cell each have >= {MATCHED_MIN} correct samples (n_solutions unknown: "
+                  "distinct solutions among the same number of correct samples, the fewest of theirs)")
 
 
 def breadth_measure(eligible: Sequence[bool | None]) -> str:
@@ -137,18 +145,20 @@ def breadth_measure(eligible: Sequence[bool | None]) -> str:
 
 
 def matched_columns(
-    columns: Sequence[Outcomes], base: Outcomes, rl: Outcomes
+    columns: Sequence[Outcomes], base: Outcomes, rl: Outcomes, drawn: Sequence[Outcomes] = ()
 ) -> tuple[Float[Tensor, "problems columns"], Bool[Tensor, " problems"]]:
     """Matched distinct-correct of each column, per row, and the rows that count (module docstring).
 
-    columns: outcomes of the same problems as base and RL (e.g. RL, base, mixtures, a cell). Returns
-    (values [P, len(columns)] float64: expected distinct among min(m, C) correct samples, C the
-    column's correct samples on the row, m = min(base's, RL's); eligible [P]: m >= `MATCHED_MIN`).
+    columns: outcomes of the same problems as base and RL (e.g. RL, base, mixtures, a cell). drawn:
+    the columns sampled on their own besides base and RL (a cell; not a mixture of their samples),
+    whose correct samples also set m and the rows. Returns (values [P, len(columns)] float64: expected
+    distinct among min(m, C) correct samples, C the column's correct samples on the row, m = the
+    fewest of base's, RL's and each drawn column's; eligible [P]: m >= `MATCHED_MIN`).
     """
-    for c in columns:
+    for c in (*columns, *drawn):
         check_comparable(c, base, "column, base")
     check_comparable(base, rl, "base, rl")
-    m = torch.minimum(base.correct.sum(1), rl.correct.sum(1))  # (P,)
+    m = torch.stack([o.correct.sum(1) for o in (base, rl, *drawn)]).amin(0)  # (P,)
     values = torch.zeros(base.n_problems, len(columns), dtype=torch.float64)
     for j, col in enumerate(columns):
         for p, keys in enumerate(col.keys):
@@ -240,10 +250,12 @@ def _distinct_columns(
 ) -> tuple[Tensor, Bool[Tensor, " problems"], str]:
     """Per-problem distinct-correct of the columns [RL, base, each grid mixture, *cells] in the
     task's measure, the rows that count, and the measure's name: `paired` (those columns' distinct
-    counts) over `resolved_eligible`, or `matched_columns` where `breadth_measure` says so."""
+    counts) over `resolved_eligible`, or `matched_columns` (the cells setting m and the rows with base
+    and RL) where `breadth_measure` says so."""
     measure = breadth_measure(base.eligible)
     if measure == "matched":
-        return (*matched_columns([rl, base, *(splice(base, rl, m) for m in grid), *cells], base, rl), measure)
+        return (*matched_columns([rl, base, *(splice(base, rl, m) for m in grid), *cells], base, rl, drawn=cells),
+                measure)
     return paired, resolved_eligible([base, rl], clusters), measure
 
 
