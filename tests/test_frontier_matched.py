@@ -76,7 +76,7 @@ def test_failing_never_buys_matched_breadth():
     assert values[0, 0].item() == 3.0, "on the rows left, m is the fewest correct samples of base, RL and the cell"
 
 
-def _pair_drawn(seed: int, problems: int = 400, n: int = 16):
+def _pair_drawn(seed: int, problems: int = 1000, n: int = 16):
     """A base that rarely solves but never repeats, an RL model that solves more with one dominant answer,
     and `draw_rl`/`draw_base` to sample each again (a math file: no problem counts its solutions)."""
     import random
@@ -100,20 +100,25 @@ def test_a_second_draw_of_rl_scores_like_rl():
     not score below RL for that (it did when the cell was capped at m instead of setting it)."""
     base, rl, _, draw_rl = _pair_drawn(0)
     again = draw_rl()
-    fair = compare_to_frontier(again, base, rl, n_boot=50)
-    assert abs(fair["distinct_minus_rl"]) < 0.1, f"a second draw of RL is RL: {fair['distinct_minus_rl']}"
+    fair = compare_to_frontier(again, base, rl, n_boot=20)
+    assert abs(fair["distinct_minus_rl"]) < 0.06, f"a second draw of RL is RL: {fair['distinct_minus_rl']}"
     values, eligible = matched_columns([rl, again], base, rl)  # capped at base's and RL's m instead
     capped = (values[eligible, 1] - values[eligible, 0]).mean().item()
-    assert capped < fair["distinct_minus_rl"] - 0.1, f"capping scores RL's own second draw lower: {capped}"
+    assert capped < fair["distinct_minus_rl"] - 0.08, f"capping scores RL's own second draw lower: {capped}"
 
 
 def test_a_fresh_draw_of_a_mixture_lies_on_the_matched_frontier():
     """The mixture frontier splices base's and RL's own samples; the same mixture sampled afresh (an
-    intervention that behaved exactly like it) must land on the frontier, not below it."""
+    intervention that behaved exactly like it) lands on the frontier, not below it. A row-level cell
+    (fresh steered samples spliced with RL's own) that behaves like a mixture lands slightly below it:
+    the bias left, against the cell (module docstring)."""
     base, rl, draw_base, draw_rl = _pair_drawn(0)
-    excess = [compare_to_frontier(splice(draw_base(), draw_rl(), m), base, rl, n_boot=50)["frontier_excess"]
-              for m in (2, 4, 8)]
-    assert abs(sum(excess) / 3) < 0.1, f"a fresh mixture scores on its own frontier: {excess}"
+    fresh = [compare_to_frontier(splice(draw_base(), draw_rl(), m), base, rl, n_boot=20)["frontier_excess"]
+             for m in (2, 4, 8)]
+    assert abs(sum(fresh) / 3) < 0.06, f"a fresh mixture scores on its own frontier: {fresh}"
+    row_level = [compare_to_frontier(splice(draw_base(), rl, m), base, rl, n_boot=20)["frontier_excess"]
+                 for m in (2, 4, 8)]
+    assert -0.15 < sum(row_level) / 3 < 0.0, f"a row-level mixture scores a little below the frontier: {row_level}"
 
 
 def test_a_mixture_point_lies_on_the_matched_frontier():

@@ -23,6 +23,7 @@ from experiments.run_state import write_json_atomic
 from experiments.study.selection import (
     GOAL_RULE,
     TOLERANCE_RULE,
+    judge,
     outcomes_of,
     parse_layers,
     within_tolerance,
@@ -150,7 +151,9 @@ def write_outputs(sw: Any, sel: dict, tst: dict, seconds: float, best_file: str 
         "base": summary(b, clusters), "rl": summary(r, clusters),  # each alone: distinct over its own solved problems
         "distinct_note": ("base and rl: distinct-correct over each model's own eligible problems; frontier, cells and "
                           "restorations: over the rows base and RL are compared on, in `distinct_measure` (paired, "
-                          "or matched numbers of correct samples where the task cannot count its solutions)"),
+                          "or matched numbers of correct samples where the task cannot count its solutions: there "
+                          "a cell's rows are those where it, too, has >= 2 correct samples, so its distinct_gap and "
+                          "distinct_correct_mean are over its own rows, and `frontier` here over base's and RL's)"),
         "best": tst["best"], "best_file": best_file, "best_restoration": tst["best_restoration"], "best_goal": tst["best_goal"],
         "picks": tst["picks"],
         "temperature_baseline": tst["temperature"],
@@ -162,7 +165,8 @@ def write_outputs(sw: Any, sel: dict, tst: dict, seconds: float, best_file: str 
         "curves_half": cfg.curves_half,
         "goals": goals(tst, cfg.tolerance, cfg.goal_tolerance),
         "selection": {**{k: brief(sel[k]) for k in ("best", "best_restoration", "best_goal", "temperature")},
-                      "distinct_gap": next((r.get("distinct_gap") for r in sel["rows"]), None)},
+                      # base minus RL over their own rows (a cell's gap is over the rows it solves too)
+                      "distinct_gap": judge([sel["base"]], [sel["base"]], [sel["rl"]], n_boot=200)["distinct_gap"]},
         "n_cells": len(sw.cache.rows), "n_cells_reused": sw.cache.reused, "engines": sw.engine_record(),
         "seconds": seconds,
         "tables": ["sweep.csv", "sweep.json"],

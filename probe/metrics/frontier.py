@@ -31,8 +31,9 @@ solutions. A None problem counts, in a comparison (`mixture_curve`, `compare_to_
 both the base and the RL model solved it at least once (over all rows of its cluster: all its
 seeds), the same problems for base, RL, every mixture point and the cell (a cell that misses one
 of them counts 0 there: it is measured on the reference pair's problems, so it cannot shrink its
-own average by failing problems); alone (`summary`), where that model solved it. Countdown has a
-rule for every problem, so nothing changes there.
+own average by failing problems; the matched measure below sets its rows differently); alone
+(`summary`), where that model solved it. Countdown has a rule for every problem, so nothing changes
+there.
 
 Matched breadth where solutions cannot be counted (`breadth_measure`): where the task has no rule
 on any problem (a math file), nearly every correct completion is worded differently, so
@@ -50,7 +51,11 @@ so capping the cell instead would score a second draw of RL below RL (`tests/tes
 measures that bias). A cell that
 solves a row fewer than twice leaves that row out of its comparison (its pass@1 says what it lost);
 one that never does has no matched breadth (None). Restoration, frontier and excess then ask "more
-different solutions among the same number of correct ones".
+different solutions among the same number of correct ones". One bias is left, against the cell: a
+row-level cell (steered samples spliced with RL's own) carries part of RL's conditioned draw, and a
+mixture point's base samples come from the base's conditioned draw, so a row-level cell that behaves
+exactly like a mixture scores slightly below the frontier (tested; conservative for any claim of
+excess).
 `distinct_measure` in every output says which measure was used.
 
 Intervals: paired percentile bootstrap over problems (same resampled indices for base, RL, cell
@@ -333,7 +338,8 @@ def compare_to_frontier(
     ("paired" or "matched": `breadth_measure`), distinct_gap (base minus RL distinct-correct in that
     measure, the denominator of every restoration) with distinct_gap_ci, n_boot_used, and
     `distinct_correct_subset` / `distinct_correct_n_problems` (units): the problems every
-    distinct-correct mean here is over, the same for base, RL, mixture and cell (module docstring).
+    distinct-correct mean here is over, the same for base, RL, mixture and cell (module docstring; on the
+    matched measure, rows where this cell too has >= 2 correct samples).
     clusters: the unit each row belongs to, resampled together (e.g. the problem id of each row of
     `stack`ed seeds, so a problem's seeds stay together); default: every row its own unit.
     """
